@@ -1,0 +1,3 @@
+"""leapalign-fast: LeapAlign trainer for FLUX."""
+
+__version__ = "0.1.0"
