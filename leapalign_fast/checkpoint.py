@@ -1,0 +1,165 @@
+"""Checkpoints: everything a run's future depends on, in safetensors + JSON, written atomically.
+
+Layout: `<output_dir>/checkpoints/step_00000008/` holding
+  trained.safetensors    trained parameters by name (LoRA or full)
+  ema.safetensors        EMA of the trained parameters (if enabled)
+  optimizer.safetensors  optimizer tensors;  optimizer.json its scalars and param groups
+  rng_rank<r>.safetensors / .json   every RNG state of rank r
+  state.json             step, prompt position, scheduler, config; written last: its presence marks a
+                         complete checkpoint
+A checkpoint is built in `.tmp-step_*` and renamed into place; leftovers of a crash are removed on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with state.json), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(output_dir: str | Path) -> list[Path]:
+    """Delete half-written checkpoints (temporary dirs, step dirs without state.json)."""
+    root = checkpoint_root(output_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or (_STEP_DIR.match(p.name) and not (p / "state.json").is_file())):
+                shutil.rmtree(p)
+                removed.append(p)
+    return removed
+
+
+# ---- optimizer state <-> (tensors, json) -------------------------------------------------------------
+
+
+def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---- RNG states ----------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- save / load ---------------------------------------------------------------------------------------
+
+
+def save_rank_rng(tmp_dir: Path, rank: int) -> None:
+    """Every rank writes its own RNG state into the checkpoint being built."""
+    tensors, meta = rng_state()
+    save_tensors_atomic(tensors, tmp_dir / f"rng_rank{rank}.safetensors")
+    write_json_atomic(tmp_dir / f"rng_rank{rank}.json", meta)
+
+
+def staging_dir(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(output_dir) / f".tmp-step_{step:08d}"
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    trained: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    optimizer_state: dict,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Rank 0: finish the staged checkpoint (ranks' RNG files are already there), rename it, prune old ones."""
+    tmp = staging_dir(output_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(trained, tmp / "trained.safetensors")
+    if ema is not None:
+        save_tensors_atomic(ema, tmp / "ema.safetensors")
+    opt_tensors, opt_meta = optimizer_to_files(optimizer_state)
+    save_tensors_atomic(opt_tensors, tmp / "optimizer.safetensors")
+    write_json_atomic(tmp / "optimizer.json", opt_meta)
+    write_json_atomic(tmp / "state.json", {"step": step, **state})  # last: marks the checkpoint complete
+    final = checkpoint_root(output_dir) / f"step_{step:08d}"
+    if final.exists():  # same step written again (e.g. final step after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_checkpoint(path: Path, rank: int) -> dict:
+    """Everything in a checkpoint directory, for this rank."""
+    out = {
+        "state": json.loads((path / "state.json").read_text()),
+        "trained": load_file(str(path / "trained.safetensors")),
+        "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
+        "optimizer": optimizer_from_files(
+            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        ),
+    }
+    rng = path / f"rng_rank{rank}.safetensors"
+    if rng.is_file():
+        out["rng"] = (load_file(str(rng)), json.loads((path / f"rng_rank{rank}.json").read_text()))
+    return out

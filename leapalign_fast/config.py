@@ -1,0 +1,217 @@
+"""Run configuration: TOML tables mapped onto dataclasses, `key=value` overrides, validated once.
+
+Precedence: CLI overrides > TOML file > dataclass defaults (the defaults are the tiny CPU run).
+An unknown key or a value of the wrong type is a UserError naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from leapalign_fast.errors import UserError
+from leapalign_fast.models.flux import TinyFluxConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# FLUX attention and MLP projections (double and single blocks), as diffusers' LoRA examples name them.
+FLUX_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp",
+]  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format FLUX directory
+    dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
+    max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
+    tiny: TinyFluxConfig = field(default_factory=TinyFluxConfig)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # true: LoRA adapters (peft); false: full fine-tune of the transformer
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
+
+
+@dataclass
+class MethodConfig:
+    name: str = "leapalign"
+    alpha: float = 0.3  # gradient discount of the nested term
+    tau: float = 0.1  # distance floor of the similarity weight
+    lam: float = 1.0  # hinge margin: loss = max(0, lam - reward)
+    index_window: list[int] = field(default_factory=list)  # [lo, hi) trajectory indices for (k, j); [] = all
+
+
+@dataclass
+class RewardConfig:
+    name: str = "colour"
+    options: dict = field(default_factory=dict)  # passed to the reward's builder (weights paths, ...)
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    max_steps: int = 400  # optimizer steps
+    batch_size: int = 8  # samples per process per micro-step
+    grad_accum: int = 1
+    num_steps: int = 8  # sampling steps N
+    resolution: int = 64  # image side in pixels
+    guidance: float = 3.5  # FLUX guidance embedding
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.995  # 0 disables the EMA
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+    checkpoint_every: int = 100  # optimizer steps; the last step always checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    prompt_file: str = ""  # one prompt per line; "" = the built-in colour prompts
+    eval_prompts: list[str] = field(
+        default_factory=lambda: ["a red square", "a green circle", "a blue triangle", "a yellow star"]
+    )
+    grid_every: int = 0  # image grid every n steps; 0 = only at start and end
+    tensorboard: bool = True
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def _keys(cls, prefix="") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        out.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _keys(hints[f.name], name + ".")
+    return out
+
+
+def _unknown(key: str, root_cls) -> UserError:
+    close = difflib.get_close_matches(key, _keys(root_cls), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/tiny.toml for the valid keys"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _check_type(key: str, value, hint):
+    origin = typing.get_origin(hint)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+    }
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list) and all(ok[item](v) for v in value):
+            return [float(v) if item is float else v for v in value]
+        want = f"a list of {item.__name__}"
+    else:
+        if ok[hint](value):
+            return float(value) if hint is float else value
+        want = ("an " if hint.__name__[0] in "aeiou" else "a ") + hint.__name__
+    raise UserError(f"config key '{key}' must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str, root_cls):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            raise _unknown(full, root_cls)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' is a table; write it as [{full}] with keys inside")
+            kwargs[key] = _build(hint, value, full + ".", root_cls)
+        else:
+            kwargs[key] = _check_type(full, value, hint)
+    return cls(**kwargs)
+
+
+def parse_value(text: str):
+    """A CLI override value as TOML (`3`, `1e-4`, `true`, `[0, 4]`, `"x"`), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key=value (dotted keys for tables, e.g. method.alpha=0.5)")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{item}': '{p}' is not a table")
+    node[parts[-1]] = parse_value(text.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or nothing: defaults), apply overrides, and validate every key and type."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found; pass an existing TOML file, e.g. configs/tiny.toml")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {p} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(data, item)
+    cfg = _build(Config, data, "", Config)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+
+    for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints"):
+        need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    need(0.0 <= cfg.method.alpha <= 1.0, f"method.alpha must be in [0, 1], got {cfg.method.alpha}")
+    need(cfg.method.tau > 0, f"method.tau must be > 0, got {cfg.method.tau}")
+    need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(len(cfg.adam_betas) == 2, f"adam_betas must have two values, got {cfg.adam_betas}")
+    need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got '{cfg.mixed_precision}'")
+    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+
+
+def config_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_toml(cfg: Config) -> str:
+    return tomli_w.dumps(config_dict(cfg))

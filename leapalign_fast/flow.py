@@ -1,0 +1,96 @@
+"""Rectified-flow math shared by every method: the FLUX schedule, the Euler step, and the leap.
+
+Conventions (diffusers' FLUX): `t` in [0, 1], `t = 1` is noise, `x_t = (1 - t) x_data + t noise`,
+the model predicts `v = noise - x_data`, and an Euler step from `t` to `s < t` is `x_s = x_t - (t - s) v`.
+Times are floats or (B,) tensors; latents are batch-first, e.g. (B, L, 64) packed FLUX latents.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from leapalign_fast.kernels import connect, connect_discount
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x (B, ...), t (B,)) -> (B, ...)
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's resolution-dependent shift `mu`, linear in the packed image token count."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
+    """(N + 1,) float32 times `1 = t_0 > ... > t_{N-1} > t_N = 0`, as FluxPipeline's scheduler builds them.
+
+    `linspace(1, 1/N, N)` in float32, exponentially shifted by `mu` from the token count, then 0 appended.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if shift:
+        mu = calculate_shift(image_seq_len)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def as_batch_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A time as a (B,) tensor on x's device (float32)."""
+    t = torch.as_tensor(t, device=x.device)
+    t = t.to(torch.promote_types(x.dtype, torch.float32) if t.is_floating_point() else torch.float32)
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against x."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def euler_step(x_t: torch.Tensor, v: torch.Tensor, t, s) -> torch.Tensor:
+    """`x_s = x_t - (t - s) v`, computed in at least float32 (as diffusers' scheduler), cast back to x's dtype.
+
+    Also the one-step leap prediction `xh_s` when `t - s` spans several trajectory steps.
+    """
+    acc = torch.promote_types(x_t.dtype, torch.float32)
+    dt = _per_sample(as_batch_time(t, x_t) - as_batch_time(s, x_t), x_t).to(acc)
+    return (x_t.to(acc) - dt * v.to(acc)).to(x_t.dtype)
+
+
+class LeapResult(NamedTuple):
+    x0: torch.Tensor  # (B, ...) value == x_0, gradient of the leap path
+    d_j: torch.Tensor  # (B,) float32 mean|x_j - xh_j|, no grad
+    d_0: torch.Tensor  # (B,) float32 mean|x_0 - xh_0|, no grad
+
+
+def leap_trajectory(
+    velocity: Velocity,
+    x_k: torch.Tensor,
+    x_j: torch.Tensor,
+    x_0: torch.Tensor,
+    k: float | torch.Tensor,
+    j: float | torch.Tensor,
+    alpha: float,
+) -> LeapResult:
+    """The two-step leap `x_k -> x_j -> x_0` of LeapAlign (arXiv 2604.15311), as a pure function.
+
+    `x_k`, `x_j`, `x_0` are real (detached) trajectory states at times `1 >= k > j > 0` and 0.
+    The returned `x0` equals `x_0` in value; its gradient w.r.t. the velocity's parameters is
+    `-j dv(x_j) - (k-j) dv(x_k) + alpha j (k-j) dv(x_j)/dx_j . dv(x_k)`.
+    """
+    k, j = as_batch_time(k, x_k), as_batch_time(j, x_k)
+    xh_j = euler_step(x_k, velocity(x_k, k), k, j)  # leap 1 (grad on)
+    x_jc, u_j, d_j = connect_discount(xh_j, x_j, alpha)  # value x_j; u_j carries alpha * grad
+    xh_0 = euler_step(x_jc, velocity(u_j, j), j, 0.0)  # leap 2
+    x0, d_0 = connect(xh_0, x_0)  # value x_0
+    return LeapResult(x0, d_j, d_0)

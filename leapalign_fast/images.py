@@ -1,0 +1,25 @@
+"""Image grids as PNG, written atomically."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from leapalign_fast.io import atomic_write
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
+    """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
+    b, _, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = torch.ones(3, rows * h, cols * w)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i].detach().float().cpu()
+    array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))

@@ -1,0 +1,217 @@
+"""FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), latent packing, velocity.
+
+One code path for every size: `build_tiny_flux` makes random-init components of the real classes,
+`load_flux` reads a local diffusers-format directory (FLUX.1-dev, or a tiny one written by `save_flux`).
+Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+from leapalign_fast.errors import UserError
+from leapalign_fast.models.text import TextStack, build_tiny_text_stack
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FluxComponents:
+    transformer: FluxTransformer2DModel
+    vae: AutoencoderKL
+    text: TextStack | None  # None once prompts are cached and the encoders are freed
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_hw(self, resolution: int) -> tuple[int, int]:
+        """VAE latent height/width for a square image; must be even to pack 2x2 patches."""
+        step = 2 * self.vae_scale_factor
+        if resolution % step:
+            raise UserError(
+                f"resolution {resolution} is not divisible by {step} (VAE factor {self.vae_scale_factor} x "
+                f"2x2 latent packing); use a multiple of {step}, e.g. {max(step, resolution // step * step)}"
+            )
+        return resolution // self.vae_scale_factor, resolution // self.vae_scale_factor
+
+
+@dataclass
+class TinyFluxConfig:
+    """Sizes of the tiny random FLUX used on CPU (same classes as FLUX.1-dev)."""
+
+    layers: int = 1
+    single_layers: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    text_dim: int = 32
+    vae_channels: int = 16
+    max_sequence_length: int = 32
+
+
+def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
+    """Random-init tiny FLUX: transformer, 16-channel VAE with 8x downsampling, CLIP + T5 encoders."""
+    if cfg.head_dim % 4:
+        raise UserError(f"model.tiny.head_dim={cfg.head_dim} must be divisible by 4 (rope axes split it)")
+    q = cfg.head_dim // 4
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=cfg.layers,
+        num_single_layers=cfg.single_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.text_dim,
+        pooled_projection_dim=cfg.text_dim,
+        guidance_embeds=True,
+        axes_dims_rope=(q, q, 2 * q),
+    )
+    c = cfg.vae_channels
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(c, c, c, c),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=min(8, c),
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text = build_tiny_text_stack(cfg.text_dim, cfg.max_sequence_length, seed + 1)
+    return FluxComponents(transformer, vae.eval(), text)
+
+
+# What a diffusers-format FLUX directory must hold; a weight entry is satisfied by any listed name.
+_REQUIRED = {
+    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
+    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
+    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
+    "text_encoder_2": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
+    "tokenizer": [("tokenizer.json", "vocab.json")],
+    "tokenizer_2": [("tokenizer.json", "spiece.model")],
+}
+
+
+def missing_files(root: Path, need_text: bool = True) -> list[str]:
+    """Paths (relative to root) that a FLUX directory lacks; alternatives are joined with ' or '."""
+    missing = []
+    for sub, entries in _REQUIRED.items():
+        if not need_text and sub.startswith(("text_encoder", "tokenizer")):
+            continue
+        for entry in entries:
+            names = (entry,) if isinstance(entry, str) else entry
+            if not any((root / sub / n).is_file() for n in names):
+                missing.append(" or ".join(f"{sub}/{n}" for n in names))
+    return missing
+
+
+def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> FluxComponents:
+    """Load FLUX from a local diffusers-format directory (no hub access)."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(
+            f"model.source: {root} is not a directory; give a local diffusers-format FLUX directory "
+            "(e.g. a snapshot of black-forest-labs/FLUX.1-dev) or 'tiny'"
+        )
+    missing = missing_files(root, need_text)
+    if missing:
+        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).eval()
+    text = None
+    if need_text:
+        text = TextStack(
+            CLIPTokenizer.from_pretrained(root / "tokenizer"),
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, local_files_only=True).eval(),
+            T5Tokenizer.from_pretrained(root / "tokenizer_2"),
+            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype, local_files_only=True).eval(),
+            max_sequence_length,
+        )
+    return FluxComponents(transformer, vae, text)
+
+
+def save_flux(components: FluxComponents, path: str | Path) -> None:
+    """Write components as a diffusers-format directory that `load_flux` and FluxPipeline read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root = Path(path)
+    components.transformer.save_pretrained(root / "transformer")
+    components.vae.save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(
+        root / "scheduler"
+    )
+    if components.text is not None:
+        t = components.text
+        t.clip.save_pretrained(root / "text_encoder")
+        t.t5.save_pretrained(root / "text_encoder_2")
+        t.clip_tokenizer.save_pretrained(root / "tokenizer")
+        t.t5_tokenizer.save_pretrained(root / "tokenizer_2")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C), FluxPipeline's 2x2 patch packing."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W), the inverse of `pack_latents`."""
+    b, _, c4 = x.shape
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(H/2 * W/2, 3) positional ids (0, row, col) as FluxPipeline builds them."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxVelocity:
+    """`v(x, t)` of a FLUX transformer for one batch of conditioning: the `velocity` of `flow`.
+
+    t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself.
+    """
+
+    def __init__(self, transformer, t5: torch.Tensor, pooled: torch.Tensor, img_ids: torch.Tensor, guidance: float | None):
+        self.transformer = transformer
+        self.t5 = t5  # (B, S, D)
+        self.pooled = pooled  # (B, Dp)
+        self.img_ids = img_ids  # (L, 3)
+        self.txt_ids = torch.zeros(t5.shape[1], 3, device=t5.device, dtype=img_ids.dtype)  # (S, 3)
+        self.guidance = None if guidance is None else torch.full((t5.shape[0],), float(guidance), device=t5.device)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=x,
+            timestep=t.to(x.dtype),
+            guidance=self.guidance,
+            pooled_projections=self.pooled.to(x.dtype),
+            encoder_hidden_states=self.t5.to(x.dtype),
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
+
+
+def decode_latents(vae: AutoencoderKL, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Packed latents (B, L, 64) -> images (B, 3, 8h, 8w) float in [0, 1], differentiable."""
+    z = unpack_latents(x, h, w)
+    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)

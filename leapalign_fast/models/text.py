@@ -1,0 +1,165 @@
+"""FLUX's text side: CLIP (pooled) + T5 (sequence) encoders and tokenizers, and the prompt-embedding cache.
+
+Real transformers classes only. Tiny tokenizers are built offline from an in-memory vocabulary
+(no hub): a CLIP byte-level BPE and a T5 unigram over the words of the tiny prompt language.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from leapalign_fast.io import save_tensors_atomic
+
+# Words the tiny tokenizers know as whole tokens; anything else falls back to characters.
+TINY_WORDS = (
+    "a an the of and with on in to at left right above below top bottom next one two three four five six "
+    "red green blue yellow orange purple pink white black gray grey brown cyan magenta "
+    "square circle triangle cross star ring ball cube box photo image picture painting small big large"
+).split()
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()"
+
+
+@dataclass
+class TextStack:
+    clip_tokenizer: CLIPTokenizer
+    clip: CLIPTextModel
+    t5_tokenizer: T5Tokenizer
+    t5: T5EncoderModel
+    max_sequence_length: int
+
+
+@dataclass
+class PromptEmbeds:
+    """Per-prompt conditioning: T5 sequence (P, S, D) and CLIP pooled (P, Dp)."""
+
+    prompts: list[str]
+    t5: torch.Tensor
+    pooled: torch.Tensor
+
+    def select(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return self.t5.index_select(0, index), self.pooled.index_select(0, index)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tiny_clip_tokenizer(words=TINY_WORDS) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges spell out each word of `words` (byte fallback for the rest)."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = parts[0]
+        for nxt in parts[1:]:
+            merge = (cur, nxt)
+            if merge not in merges:
+                merges.append(merge)
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_t5_tokenizer(words=TINY_WORDS) -> T5Tokenizer:
+    """A T5 unigram tokenizer: specials at T5's ids (pad 0, eos 1, unk 2), whole words, then characters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in _CHARS] + [("▁" + c, -4.0) for c in _CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_text_stack(hidden: int, max_sequence_length: int, seed: int) -> TextStack:
+    """Random-init CLIP and T5 encoders of the real classes, sized `hidden`, with the tiny tokenizers."""
+    clip_tok, t5_tok = build_tiny_clip_tokenizer(), build_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=hidden,
+            d_kv=hidden // 4,
+            d_ff=2 * hidden,
+            num_layers=1,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+    )
+    return TextStack(clip_tok, clip.eval(), t5_tok, t5.eval(), max_sequence_length)
+
+
+@torch.no_grad()
+def encode_prompts(text: TextStack, prompts: list[str], batch_size: int = 32) -> PromptEmbeds:
+    """Encode prompts as FluxPipeline does: T5 last hidden state (padded to max length), CLIP pooler output."""
+    t5_out, pooled_out = [], []
+    device = next(text.t5.parameters()).device
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        ids_t5 = text.t5_tokenizer(
+            chunk, padding="max_length", max_length=text.max_sequence_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        t5_out.append(text.t5(ids_t5.to(device), output_hidden_states=False)[0].float().cpu())
+        ids_clip = text.clip_tokenizer(
+            chunk, padding="max_length", max_length=text.clip_tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled_out.append(text.clip(ids_clip.to(device), output_hidden_states=False).pooler_output.float().cpu())
+    return PromptEmbeds(list(prompts), torch.cat(t5_out), torch.cat(pooled_out))
+
+
+def prompt_cache_key(model_id: str, prompts: list[str], max_sequence_length: int) -> str:
+    h = hashlib.sha256(json.dumps([model_id, max_sequence_length, prompts]).encode()).hexdigest()
+    return h[:16]
+
+
+def save_prompt_embeds(embeds: PromptEmbeds, path: Path) -> None:
+    save_tensors_atomic(
+        {"t5": embeds.t5.contiguous(), "pooled": embeds.pooled.contiguous()},
+        path,
+        metadata={"prompts": json.dumps(embeds.prompts)},
+    )
+
+
+def load_prompt_embeds(path: Path) -> PromptEmbeds:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+    tensors = load_file(str(path))
+    return PromptEmbeds(prompts, tensors["t5"], tensors["pooled"])

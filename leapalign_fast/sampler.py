@@ -1,0 +1,46 @@
+"""The shared Euler sampler: one trajectory `x_{t_0} = noise -> ... -> x_{t_N} = x_0`, without grad.
+
+Methods that train inside the loop pass a `step_hook(i, x_i)` that may run the model itself (with grad)
+at chosen steps; the value it returns drives the trajectory exactly as the no-grad forward would have,
+so the model is called once per step either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from leapalign_fast.flow import Velocity, as_batch_time, euler_step
+
+StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]  # (i, x_i) -> v_i (maybe with grad) or None
+
+
+@dataclass
+class Trajectory:
+    sigmas: torch.Tensor  # (N + 1,) times, t_0 = 1 ... t_N = 0
+    states: list[torch.Tensor] | None  # N + 1 detached states x_{t_i}, if kept
+    x0: torch.Tensor  # (B, L, C) final state, detached
+
+
+def sample_trajectory(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    step_hook: StepHook | None = None,
+    keep_states: bool = False,
+) -> Trajectory:
+    """Euler-integrate `velocity` from `noise` (at t = sigmas[0]) to t = sigmas[-1] = 0."""
+    x = noise.detach()
+    states = [x] if keep_states else None
+    for i in range(len(sigmas) - 1):
+        t = as_batch_time(sigmas[i], x)
+        v = step_hook(i, x) if step_hook is not None else None
+        if v is None:
+            with torch.no_grad():
+                v = velocity(x, t)
+        x = euler_step(x, v.detach(), sigmas[i], sigmas[i + 1])
+        if states is not None:
+            states.append(x)
+    return Trajectory(sigmas, states, x)

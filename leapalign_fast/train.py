@@ -1,0 +1,359 @@
+"""The training loop: build the run from a Config, then optimizer steps of the chosen method.
+
+accelerate owns devices, DDP/FSDP wrapping, mixed precision and gradient accumulation. Everything random
+in a step (noise, method draws) comes from a generator seeded by (seed, step, micro-step, rank), so a
+resumed run replays the very same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from leapalign_fast import checkpoint as ckpt
+from leapalign_fast.config import Config, config_dict, config_toml
+from leapalign_fast.errors import UserError
+from leapalign_fast.flow import flux_schedule
+from leapalign_fast.images import save_grid
+from leapalign_fast.io import write_text_atomic
+from leapalign_fast.methods import StepInputs, build_method
+from leapalign_fast.models.flux import (
+    DTYPES,
+    FluxComponents,
+    FluxVelocity,
+    build_tiny_flux,
+    decode_latents,
+    latent_image_ids,
+    load_flux,
+)
+from leapalign_fast.models.text import PromptEmbeds, encode_prompts, load_prompt_embeds, prompt_cache_key, save_prompt_embeds
+from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
+from leapalign_fast.rewards import build_reward
+from leapalign_fast.sampler import sample_trajectory
+
+# Config keys whose change alters the math of a resumed run.
+MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
+             "adam_betas", "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision",
+             "prompt_file", "model", "lora", "method", "reward")  # fmt: skip
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """CPU generator for one micro-step of one rank, independent of anything that ran before."""
+    s = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(s) & ((1 << 63) - 1))
+
+
+def load_components(cfg: Config) -> FluxComponents:
+    if cfg.model.source == "tiny":
+        return build_tiny_flux(cfg.model.tiny, cfg.seed)
+    dtype = DTYPES[cfg.model.dtype]
+    return load_flux(cfg.model.source, dtype, need_text=True, max_sequence_length=cfg.model.max_sequence_length)
+
+
+def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str], out: Path) -> PromptEmbeds:
+    """Encode every prompt once; cached as safetensors in output_dir, keyed by model and prompts."""
+    key = prompt_cache_key(f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}", prompts,
+                           cfg.model.max_sequence_length)
+    path = out / "prompt_cache" / f"{key}.safetensors"
+    if path.is_file():
+        return load_prompt_embeds(path)
+    embeds = encode_prompts(components.text, prompts)
+    save_prompt_embeds(embeds, path)
+    return embeds
+
+
+def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
+    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32."""
+    transformer.requires_grad_(False)
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
+                       target_modules=list(cfg.lora.target_modules))
+        )  # fmt: skip
+    else:
+        transformer.requires_grad_(True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"lora.target_modules {cfg.lora.target_modules} matched no transformer module")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def unwrap(model):
+    """Strip accelerate/DDP wrappers and torch.compile's `_orig_mod`."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def trained_state(transformer) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, kept in float32."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: t.detach().float().clone() for n, t in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor]) -> None:
+        for n, t in named.items():
+            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    components: FluxComponents
+    transformer: torch.nn.Module  # prepared (maybe DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[torch.nn.Parameter]
+    ema: EMA | None
+    reward: torch.nn.Module
+    prompts: list[str]
+    embeds: PromptEmbeds
+    eval_embeds: PromptEmbeds
+    sigmas: torch.Tensor
+    latent_hw: tuple[int, int]
+    out: Path
+
+
+def build_run(cfg: Config, accelerator: Accelerator) -> Run:
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out} is not writable ({e.strerror}); pick a directory you can write") from None
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    components = load_components(cfg)
+    latent_hw = components.latent_hw(cfg.resolution)
+    prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
+    if accelerator.is_main_process:
+        embeds = prompt_embeddings(cfg, components, prompts, out)
+        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts, out)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # read what rank 0 cached
+        embeds = prompt_embeddings(cfg, components, prompts, out)
+        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts, out)
+    components.text = None  # text encoders are not needed once prompts are embedded
+
+    reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
+    device, dtype = accelerator.device, DTYPES[cfg.model.dtype]
+    components.vae.requires_grad_(False)
+    for module in (components.vae, components.transformer):  # cast only when needed: diffusers warns on .to(dtype)
+        module.to(device)
+        if next(module.parameters()).dtype != dtype:
+            module.to(dtype)
+    transformer = components.transformer
+    torch.manual_seed(cfg.seed + 1)  # LoRA init, identical on every rank
+    params = add_trainable(transformer, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    h, w = latent_hw
+    sigmas = flux_schedule(cfg.num_steps, (h // 2) * (w // 2))
+    return Run(cfg, accelerator, components, transformer, optimizer, scheduler, params, ema, reward, prompts, embeds,
+               eval_embeds, sigmas, latent_hw, out)  # fmt: skip
+
+
+def velocity_for(run: Run, idx: list[int], embeds: PromptEmbeds) -> FluxVelocity:
+    t5, pooled = embeds.select(idx)
+    dev = run.accelerator.device
+    h, w = run.latent_hw
+    return FluxVelocity(run.transformer, t5.to(dev), pooled.to(dev), latent_image_ids(h, w, dev), run.cfg.guidance)
+
+
+def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, L, 64) packed Gaussian latents, drawn on CPU so every device gets the same numbers."""
+    h, w = run.latent_hw
+    noise = torch.randn(batch, (h // 2) * (w // 2), 64, generator=generator)
+    return noise.to(run.accelerator.device, DTYPES[run.cfg.model.dtype])
+
+
+def decoder(run: Run):
+    h, w = run.latent_hw
+    return lambda x: decode_latents(run.components.vae, x, h, w)
+
+
+@torch.no_grad()
+def write_grid(run: Run, step: int) -> Path:
+    """Images of the fixed evaluation prompts from fixed noise, with the current weights."""
+    n = len(run.cfg.eval_prompts)
+    velocity = velocity_for(run, list(range(n)), run.eval_embeds)
+    noise = make_noise(run, n, torch.Generator().manual_seed(run.cfg.seed + 12345))
+    x0 = sample_trajectory(velocity, noise, run.sigmas).x0
+    path = run.out / "grids" / f"step_{step:06d}.png"
+    save_grid(decoder(run)(x0), path)
+    return path
+
+
+def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
+    acc = run.accelerator
+    tmp = ckpt.staging_dir(run.out, step)
+    if acc.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    ckpt.save_rank_rng(tmp, acc.process_index)
+    acc.wait_for_everyone()
+    path = ckpt.checkpoint_root(run.out) / f"step_{step:08d}"
+    if acc.is_main_process:
+        state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
+                 "world_size": acc.num_processes}  # fmt: skip
+        ema = run.ema.shadow if run.ema is not None else None
+        ckpt.write_checkpoint(run.out, step, trained_state(run.transformer), ema, run.optimizer.state_dict(), state,
+                              run.cfg.keep_checkpoints)  # fmt: skip
+    acc.wait_for_everyone()
+    return path
+
+
+def config_differences(saved: dict, current: dict, keys=MATH_KEYS) -> list[str]:
+    diffs = []
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{k}.{d}" for d in config_differences(a, b, sorted(set(a) | set(b)))]
+        elif a != b:
+            diffs.append(f"{k} ({a!r} -> {b!r})")
+    return diffs
+
+
+def resume(run: Run) -> tuple[int, int]:
+    """Load the newest complete checkpoint; returns (step, prompts consumed). (0, 0) when there is none."""
+    if run.accelerator.is_main_process:
+        ckpt.remove_partial(run.out)
+    run.accelerator.wait_for_everyone()
+    found = ckpt.list_checkpoints(run.out)
+    if not found:
+        return 0, 0
+    data = ckpt.read_checkpoint(found[-1], run.accelerator.process_index)
+    diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
+    if diffs:
+        raise UserError(
+            f"cannot resume from {found[-1]}: its config differs in {', '.join(diffs)}; use the saved config "
+            f"({run.out / 'config.toml'}) or a new output_dir"
+        )
+    model = unwrap(run.transformer)
+    named = dict(model.named_parameters())
+    missing = [n for n in data["trained"] if n not in named]
+    if missing:
+        raise UserError(f"checkpoint {found[-1]} has weights the model lacks: {missing[:5]}; check model/lora config")
+    with torch.no_grad():
+        for n, t in data["trained"].items():
+            if named[n].shape != t.shape:
+                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
+            named[n].copy_(t)
+    run.optimizer.load_state_dict(data["optimizer"])
+    run.scheduler.load_state_dict(data["state"]["scheduler"])
+    if run.ema is not None and data["ema"] is not None:
+        run.ema.shadow = {n: t.to(run.accelerator.device) for n, t in data["ema"].items()}
+    if "rng" in data:
+        ckpt.set_rng_state(*data["rng"])
+    return int(data["state"]["step"]), int(data["state"]["consumed"])
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines after the resumed step, so the log has no duplicate steps."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config) -> dict:
+    """Run `cfg` to `max_steps`; returns a summary (first/last rewards, wall time, output paths)."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())  # fmt: skip
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    start_time = time.perf_counter()
+    run = build_run(cfg, accelerator)
+    method = build_method(cfg.method, cfg.num_steps)
+    metrics_path = run.out / "metrics.jsonl"
+    step, consumed = resume(run) if cfg.resume else (0, 0)
+    if accelerator.is_main_process:
+        write_text_atomic(run.out / "config.toml", config_toml(cfg))
+        if step == 0:
+            metrics_path.unlink(missing_ok=True)
+            write_grid(run, 0)
+        truncate_metrics(metrics_path, step)
+    writer = None
+    if cfg.tensorboard and accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=step + 1)
+    order = PromptOrder(len(run.prompts), cfg.seed, consumed)
+    world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.batch_size
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    rewards_log: list[float] = []
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        losses, rewards, extra = [], [], {}
+        for micro in range(cfg.grad_accum):
+            idx = order.take(B * world)[rank * B : (rank + 1) * B]  # this rank's prompts
+            gen = step_generator(cfg.seed, step, micro, rank)
+            with accelerator.accumulate(run.transformer):
+                inputs = StepInputs(velocity_for(run, idx, run.embeds), make_noise(run, B, gen), run.sigmas,
+                                    decoder(run), run.reward, [run.prompts[i] for i in idx], gen)  # fmt: skip
+                out = method(inputs)
+                accelerator.backward(out.loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.detach())
+            rewards.append(out.reward)
+            extra = out.metrics
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(trained_state(run.transformer))
+        step += 1
+        # Reduce across ranks for logging: these gathers and .item() calls are host sync points.
+        loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        reward_all = accelerator.gather(torch.cat(rewards).float())
+        record = {"step": step, "loss": loss, "reward": reward_all.mean().item(),
+                  "reward_std": reward_all.std().item() if reward_all.numel() > 1 else 0.0,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "lr": run.scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - t0, **extra}  # fmt: skip
+        rewards_log.append(record["reward"])
+        if accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, step)
+            bar.set_postfix(loss=f"{loss:.4f}", reward=f"{record['reward']:.4f}", s_step=f"{record['step_seconds']:.2f}")
+            bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(run, step, order.consumed)
+        if accelerator.is_main_process and cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
+            write_grid(run, step)
+    bar.close()
+    grid = write_grid(run, step) if accelerator.is_main_process else None
+    if writer is not None:
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"steps": step, "wall_seconds": time.perf_counter() - start_time, "rewards": rewards_log,
+            "output_dir": str(run.out), "grid": str(grid) if grid else None}  # fmt: skip
