@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> int:
             from leapalign_fast.train import train
 
             cfg = load_config(args.config or _default_config(), args.overrides)
-            summary = train(cfg)
-            r = summary["rewards"]
+            result = train(cfg)
+            r = result.rewards
             n = min(10, len(r))
             if r:
                 print(
-                    f"done: {summary['steps']} steps in {summary['wall_seconds']:.1f} s; mean reward first {n} "
-                    f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {summary['output_dir']}"
+                    f"done: {result.steps} steps in {result.wall_seconds:.1f} s; mean reward first {n} "
+                    f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)

@@ -280,8 +280,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def train(cfg: Config) -> dict:
-    """Run `cfg` to `max_steps`; returns a summary (first/last rewards, wall time, output paths)."""
+@dataclass
+class TrainResult:
+    steps: int
+    wall_seconds: float
+    rewards: list[float]  # mean reward of each optimizer step run in this call
+    output_dir: str
+    grid: str | None
+    run: Run
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run `cfg` to `max_steps`."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
     torch.use_deterministic_algorithms(cfg.deterministic)
@@ -355,5 +365,4 @@ def train(cfg: Config) -> dict:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"steps": step, "wall_seconds": time.perf_counter() - start_time, "rewards": rewards_log,
-            "output_dir": str(run.out), "grid": str(grid) if grid else None}  # fmt: skip
+    return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run)

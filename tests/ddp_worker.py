@@ -1,0 +1,16 @@
+"""Run by tests/test_train.py under `torchrun --nproc_per_node 2`: train, then dump this rank's weights."""
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from leapalign_fast.config import load_config
+from leapalign_fast.train import train, trained_state
+
+if __name__ == "__main__":
+    cfg = load_config(None, sys.argv[1:])
+    result = train(cfg)
+    rank = result.run.accelerator.process_index
+    weights = {k: v.cpu().contiguous() for k, v in trained_state(result.run.transformer).items()}
+    save_file(weights, str(Path(cfg.output_dir) / f"final_rank{rank}.safetensors"))

@@ -1,0 +1,74 @@
+"""Config: TOML + overrides onto dataclasses, and one clear error for every bad key or value."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leapalign_fast.config import Config, config_toml, load_config
+from leapalign_fast.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_toml_equals_defaults():
+    assert load_config(ROOT / "configs" / "tiny.toml") == Config()
+
+
+def test_overrides_dotted_and_typed():
+    cfg = load_config(None, ["lr=1e-4", "method.alpha=0.5", "method.index_window=[1, 5]", "resume=true",
+                             "output_dir=/tmp/x", "model.tiny.layers=2", "lora.target_modules=['attn.to_q']"])  # fmt: skip
+    assert cfg.lr == 1e-4 and cfg.method.alpha == 0.5 and cfg.method.index_window == [1, 5]
+    assert cfg.resume is True and cfg.output_dir == "/tmp/x" and cfg.model.tiny.layers == 2
+    assert cfg.lora.target_modules == ["attn.to_q"]
+
+
+def test_int_accepted_for_float_and_roundtrip(tmp_path):
+    cfg = load_config(None, ["lr=1", "guidance=4"])
+    assert isinstance(cfg.lr, float) and cfg.guidance == 4.0
+    path = tmp_path / "c.toml"
+    path.write_text(config_toml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lrr=1e-4"], "unknown config key 'lrr'; did you mean 'lr'"),
+        (["method.alhpa=0.1"], "unknown config key 'method.alhpa'; did you mean 'method.alpha'"),
+        (["model.tiny.layerz=3"], "did you mean 'model.tiny.layers'"),
+        (["batch_size=1.5"], "'batch_size' must be an int"),
+        (["resume=1"], "'resume' must be a bool"),
+        (["lr='fast'"], "'lr' must be a float"),
+        (["method.index_window=['a']"], "'method.index_window' must be a list of int"),
+        (["method=3"], "'method' is a table"),
+        (["num_steps=0"], "'num_steps' must be >= 1"),
+        (["method.alpha=1.5"], "method.alpha must be in"),
+        (["mixed_precision=fp8"], "mixed_precision must be"),
+        (["noequals"], "must look like key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_missing_and_invalid_config_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 3")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "leapalign_fast.cli", "train", "max_stepz=3"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "leapalign-fast: error: unknown config key 'max_stepz'; did you mean 'max_steps'?"
+    ]

@@ -1,0 +1,117 @@
+"""LeapAlign inside the sampling loop == the pure leap oracle, with exactly N model calls."""
+
+import pytest
+import torch
+
+from leapalign_fast.flow import as_batch_time, leap_trajectory
+from leapalign_fast.kernels import similarity_weight
+from leapalign_fast.methods.base import StepInputs, draw_two_indices, resolve_window
+from leapalign_fast.methods.leapalign import leapalign_loss
+from leapalign_fast.errors import UserError
+from leapalign_fast.sampler import sample_trajectory
+from test_flow import MLPVelocity
+
+
+class Counting:
+    def __init__(self, fn):
+        self.fn, self.calls, self.grad_calls = fn, 0, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        self.grad_calls += int(torch.is_grad_enabled())
+        return self.fn(x, t)
+
+
+def _reward(images, prompts):  # a smooth differentiable reward on (B, 3, H, W)
+    return torch.sigmoid(images.mean(dim=(1, 2, 3)) * 3.0) + 0.1 * images[:, 0].square().mean(dim=(1, 2))
+
+
+def _decode(x):  # (B, L, C) -> (B, 3, L, C // 3) "image"
+    b, l, c = x.shape
+    return torch.tanh(x[..., : 3 * (c // 3)]).reshape(b, l, 3, c // 3).permute(0, 2, 1, 3)
+
+
+def _oracle_loss(model, noise, sigmas, a, b, alpha, tau, lam):
+    traj = sample_trajectory(model, noise, sigmas, keep_states=True)
+    s = traj.states
+    res = leap_trajectory(model, s[a], s[b], s[-1], sigmas[a], sigmas[b], alpha)
+    w = similarity_weight(res.d_j, res.d_0, tau)
+    return (w * torch.relu(lam - _reward(_decode(res.x0), None))).mean(), traj.x0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_in_loop_equals_oracle_and_calls_model_n_times(seed):
+    torch.manual_seed(seed)
+    N, B = 7, 3
+    model = MLPVelocity(channels=6).double()
+    params = list(model.parameters())
+    sigmas = torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64) ** 1.3
+    noise = torch.randn(B, 5, 6, dtype=torch.float64)
+    alpha, tau, lam = 0.3, 0.01, 2.0
+
+    counted = Counting(model)
+    gen = torch.Generator().manual_seed(100 + seed)
+    out = leapalign_loss(
+        StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, gen), alpha, tau, lam, (0, N)
+    )
+    got = torch.autograd.grad(out.loss, params)
+    assert counted.calls == N and counted.grad_calls == 2
+
+    a, b = draw_two_indices(0, N, torch.Generator().manual_seed(100 + seed))
+    assert out.metrics["k"] == pytest.approx(float(sigmas[a])) and out.metrics["j"] == pytest.approx(float(sigmas[b]))
+    want_loss, x0 = _oracle_loss(model, noise, sigmas, a, b, alpha, tau, lam)
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(out.loss, want_loss, rtol=0, atol=1e-12)
+    # the in-loop trajectory is the no-grad one (up to the connectors' float round-off: xh + (x - xh))
+    torch.testing.assert_close(out.x0, x0, rtol=0, atol=1e-13)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_in_loop_on_tiny_flux_matches_oracle():
+    from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids
+
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    tr = comps.transformer
+    params = [p for p in tr.parameters()]
+    B, N = 2, 5
+    velocity = FluxVelocity(tr, torch.randn(B, 8, 32), torch.randn(B, 32), latent_image_ids(4, 4), 3.5)
+    noise = torch.randn(B, 4, 64)
+    from leapalign_fast.flow import flux_schedule
+
+    sigmas = flux_schedule(N, 4)
+    out = leapalign_loss(
+        StepInputs(velocity, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(3)),
+        0.3, 0.1, 2.0, (0, N),
+    )  # fmt: skip
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    a, b = draw_two_indices(0, N, torch.Generator().manual_seed(3))
+    want_loss, _ = _oracle_loss(velocity, noise, sigmas, a, b, 0.3, 0.1, 2.0)
+    want = torch.autograd.grad(want_loss, params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_index_draws_are_distinct_sorted_and_cover_window():
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(400):
+        a, b = draw_two_indices(2, 6, gen)
+        assert 2 <= a < b < 6
+        seen.add((a, b))
+    assert seen == {(a, b) for a in range(2, 6) for b in range(a + 1, 6)}
+
+
+@pytest.mark.parametrize("window", [[0, 9], [-1, 4], [3, 4], [5], [4, 2]])
+def test_bad_window_is_a_user_error(window):
+    with pytest.raises(UserError, match="index_window"):
+        resolve_window(window, 8)
+
+
+def test_window_default_is_whole_trajectory():
+    assert resolve_window([], 8) == (0, 8)
+    assert resolve_window([1, 3], 8) == (1, 3)

@@ -1,0 +1,106 @@
+"""The train loop end to end on the tiny model: outputs, resume, LoRA, 2-process DDP, the default run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leapalign_fast.config import load_config
+from leapalign_fast.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["batch_size=2", "tensorboard=false", "num_steps=4"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_outputs_of_a_short_run(tmp_path):
+    out = tmp_path / "run"
+    res = train(load_config(None, [f"output_dir={out}", "max_steps=5", "checkpoint_every=2", "tensorboard=true",
+                                   "keep_checkpoints=2", "batch_size=2", "num_steps=4"]))  # fmt: skip
+    assert res.steps == 5
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert {"loss", "reward", "step_seconds", "grad_norm", "k", "j", "weight"} <= set(r)
+        assert r["k"] > r["j"] > 0
+    assert load_config(out / "config.toml") == load_config(None, [f"output_dir={out}", "max_steps=5",
+        "checkpoint_every=2", "tensorboard=true", "keep_checkpoints=2", "batch_size=2", "num_steps=4"])  # fmt: skip
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_000000.png", "step_000005.png"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_00000004", "step_00000005"]  # keep_checkpoints=2
+    files = {p.name for p in (out / "checkpoints" / "step_00000005").iterdir()}
+    assert {"trained.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
+            "rng_rank0.safetensors", "rng_rank0.json"} <= files  # fmt: skip
+    assert any((out / "tensorboard").iterdir())
+    trained = load_file(str(out / "checkpoints" / "step_00000005" / "trained.safetensors"))
+    live = {n: p for n, p in res.run.transformer.named_parameters()}
+    for n, t in trained.items():
+        torch.testing.assert_close(t, live[n].detach().cpu(), rtol=0, atol=0)
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(None, [f"output_dir={straight}", "max_steps=6", "checkpoint_every=3", *FAST]))
+    train(load_config(None, [f"output_dir={split}", "max_steps=3", "checkpoint_every=3", *FAST]))
+    res = train(load_config(None, [f"output_dir={split}", "max_steps=6", "checkpoint_every=3", "resume=true", *FAST]))
+    a, b = _metrics(straight), _metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no duplicate or missing steps
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_file(str(straight / "checkpoints" / "step_00000006" / "trained.safetensors"))
+    wb = load_file(str(split / "checkpoints" / "step_00000006" / "trained.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert res.steps == 6
+
+
+def test_resume_refuses_a_changed_math_key(tmp_path):
+    from leapalign_fast.errors import UserError
+
+    train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *FAST]))
+    with pytest.raises(UserError, match=r"differs in lr \(0.001 -> 0.002\)"):
+        train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "resume=true", "lr=2e-3", *FAST]))
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "lora.enabled=true", "lora.rank=4",
+                                   "lr=1e-2", *FAST]))  # fmt: skip
+    trained = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "trained.safetensors"))
+    assert trained and all("lora_" in k for k in trained)
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in trained.items())
+    base = [p for n, p in res.run.transformer.named_parameters() if "lora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
+
+
+def test_two_process_ddp_ranks_end_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={tmp_path}", "max_steps=3", *FAST]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"final_rank{r}.safetensors")) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    init = train(load_config(None, [f"output_dir={tmp_path / 'init'}", "max_steps=1", "lr=1e-12", *FAST]))
+    moved = {n: p for n, p in init.run.transformer.named_parameters()}
+    assert any(not torch.allclose(r0[k], moved[k].detach()) for k in r0)  # training changed the weights
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_default_run_improves_reward(tmp_path):
+    """The README's first command: `leapalign-fast train` on configs/tiny.toml."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "leapalign_fast.cli", "train", f"output_dir={tmp_path}", "tensorboard=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rewards = [r["reward"] for r in _metrics(tmp_path)]
+    assert len(rewards) == 400
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.02, (first, last)
