@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,13 @@ from safetensors.torch import load_file
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+FAULT_ENV = "LEAPALIGN_FAULT"  # tests: "checkpoint_write:<step>" SIGKILLs the process mid-write of that step
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Crash-test hook: die hard at a named point when LEAPALIGN_FAULT asks for it (never set in real runs)."""
+    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -133,6 +141,7 @@ def write_checkpoint(
     tmp = staging_dir(output_dir, step)
     tmp.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(trained, tmp / "trained.safetensors")
+    _fault_point("checkpoint_write", step)
     if ema is not None:
         save_tensors_atomic(ema, tmp / "ema.safetensors")
     opt_tensors, opt_meta = optimizer_to_files(optimizer_state)

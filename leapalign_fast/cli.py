@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for tables (method.alpha=0.5)")
     args = parser.parse_args(argv)
+    from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+
     try:
         if args.command == "train":
             from leapalign_fast.config import load_config
@@ -40,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"leapalign-fast: training diverged: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:
+        print(f"leapalign-fast: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

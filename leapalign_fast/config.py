@@ -84,6 +84,8 @@ class Config:
     checkpoint_every: int = 100  # optimizer steps; the last step always checkpoints
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    resume_force: bool = False  # resume even if the checkpoint's config differs in a key that changes the math
+    max_nonfinite_steps: int = 5  # abort after this many consecutive steps with a non-finite loss or grad norm
     prompt_file: str = ""  # one prompt per line; "" = the built-in colour prompts
     eval_prompts: list[str] = field(
         default_factory=lambda: ["a red square", "a green circle", "a blue triangle", "a yellow star"]
@@ -197,7 +199,8 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise UserError(msg)
 
-    for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints"):
+    for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints",
+                "max_nonfinite_steps"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     need(0.0 <= cfg.method.alpha <= 1.0, f"method.alpha must be in [0, 1], got {cfg.method.alpha}")
     need(cfg.method.tau > 0, f"method.tau must be > 0, got {cfg.method.tau}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,43 @@ from leapalign_fast.sampler import sample_trajectory
 MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
              "adam_betas", "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision",
              "prompt_file", "model", "lora", "method", "reward")  # fmt: skip
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; rerun with resume=true
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite steps; the last good checkpoint is left in place."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was written."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped by signal at step {step}; checkpoint {path}; rerun with resume=true to continue")
+        self.step, self.path = step, path
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop after the current step. Second: exit at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -142,6 +180,11 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output_dir {out} is not writable ({e.strerror}); pick a directory you can write") from None
+    if not cfg.resume and ckpt.list_checkpoints(out):
+        raise UserError(
+            f"output_dir {out} already holds checkpoints of an earlier run; pass resume=true to continue it "
+            "or choose a new output_dir (nothing was changed)"
+        )
     torch.manual_seed(cfg.seed)  # same init on every rank
     components = load_components(cfg)
     latent_hw = components.latent_hw(cfg.resolution)
@@ -218,8 +261,9 @@ def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
     acc.wait_for_everyone()
     path = ckpt.checkpoint_root(run.out) / f"step_{step:08d}"
     if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
-                 "world_size": acc.num_processes}  # fmt: skip
+                 "world_size": acc.num_processes, "grad_scaler": scaler}  # fmt: skip
         ema = run.ema.shadow if run.ema is not None else None
         ckpt.write_checkpoint(run.out, step, trained_state(run.transformer), ema, run.optimizer.state_dict(), state,
                               run.cfg.keep_checkpoints)  # fmt: skip
@@ -248,10 +292,10 @@ def resume(run: Run) -> tuple[int, int]:
         return 0, 0
     data = ckpt.read_checkpoint(found[-1], run.accelerator.process_index)
     diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
-    if diffs:
+    if diffs and not run.cfg.resume_force:
         raise UserError(
             f"cannot resume from {found[-1]}: its config differs in {', '.join(diffs)}; use the saved config "
-            f"({run.out / 'config.toml'}) or a new output_dir"
+            f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
         )
     model = unwrap(run.transformer)
     named = dict(model.named_parameters())
@@ -265,6 +309,8 @@ def resume(run: Run) -> tuple[int, int]:
             named[n].copy_(t)
     run.optimizer.load_state_dict(data["optimizer"])
     run.scheduler.load_state_dict(data["state"]["scheduler"])
+    if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):
+        run.accelerator.scaler.load_state_dict(data["state"]["grad_scaler"])
     if run.ema is not None and data["ema"] is not None:
         run.ema.shadow = {n: t.to(run.accelerator.device) for n, t in data["ema"].items()}
     if "rng" in data:
@@ -276,7 +322,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines after the resumed step, so the log has no duplicate steps."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
@@ -291,13 +343,13 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run `cfg` to `max_steps`."""
+    """Run `cfg` to `max_steps`. Raises Preempted after a signal, TrainingDiverged after non-finite steps."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
     torch.use_deterministic_algorithms(cfg.deterministic)
     start_time = time.perf_counter()
+    method = build_method(cfg.method, cfg.num_steps)  # bad method settings fail before anything is written
     run = build_run(cfg, accelerator)
-    method = build_method(cfg.method, cfg.num_steps)
     metrics_path = run.out / "metrics.jsonl"
     step, consumed = resume(run) if cfg.resume else (0, 0)
     if accelerator.is_main_process:
@@ -315,50 +367,73 @@ def train(cfg: Config) -> TrainResult:
     world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.batch_size
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     rewards_log: list[float] = []
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        losses, rewards, extra = [], [], {}
-        for micro in range(cfg.grad_accum):
-            idx = order.take(B * world)[rank * B : (rank + 1) * B]  # this rank's prompts
-            gen = step_generator(cfg.seed, step, micro, rank)
-            with accelerator.accumulate(run.transformer):
-                inputs = StepInputs(velocity_for(run, idx, run.embeds), make_noise(run, B, gen), run.sigmas,
-                                    decoder(run), run.reward, [run.prompts[i] for i in idx], gen)  # fmt: skip
-                out = method(inputs)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach())
-            rewards.append(out.reward)
-            extra = out.metrics
-        run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update(trained_state(run.transformer))
-        step += 1
-        # Reduce across ranks for logging: these gathers and .item() calls are host sync points.
-        loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-        reward_all = accelerator.gather(torch.cat(rewards).float())
-        record = {"step": step, "loss": loss, "reward": reward_all.mean().item(),
-                  "reward_std": reward_all.std().item() if reward_all.numel() > 1 else 0.0,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                  "lr": run.scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - t0, **extra}  # fmt: skip
-        rewards_log.append(record["reward"])
-        if accelerator.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, step)
-            bar.set_postfix(loss=f"{loss:.4f}", reward=f"{record['reward']:.4f}", s_step=f"{record['step_seconds']:.2f}")
-            bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(run, step, order.consumed)
-        if accelerator.is_main_process and cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
-            write_grid(run, step)
+    nonfinite_in_row = 0
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            losses, rewards, extra, grad_norm, finite = [], [], {}, None, True
+            for micro in range(cfg.grad_accum):
+                idx = order.take(B * world)[rank * B : (rank + 1) * B]  # this rank's prompts
+                gen = step_generator(cfg.seed, step, micro, rank)
+                with accelerator.accumulate(run.transformer):
+                    inputs = StepInputs(velocity_for(run, idx, run.embeds), make_noise(run, B, gen), run.sigmas,
+                                        decoder(run), run.reward, [run.prompts[i] for i in idx], gen)  # fmt: skip
+                    out = method(inputs)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        # Gradients are all-reduced by now, so every rank sees the same norm and takes the same branch.
+                        grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                        loss_sum = accelerator.reduce(torch.stack([*losses, out.loss.detach()]).sum(), "sum")
+                        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))  # host sync
+                        if finite:
+                            run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                losses.append(out.loss.detach())
+                rewards.append(out.reward)
+                extra = out.metrics
+            if finite:
+                nonfinite_in_row = 0
+                run.scheduler.step()
+                if run.ema is not None:
+                    run.ema.update(trained_state(run.transformer))
+            else:
+                nonfinite_in_row += 1
+            step += 1
+            # Reduce across ranks for logging: these gathers and .item() calls are host sync points.
+            loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+            reward_all = accelerator.gather(torch.cat(rewards).float())
+            record = {"step": step, "loss": _finite_or_none(loss), "reward": _finite_or_none(reward_all.mean().item()),
+                      "reward_std": _finite_or_none(reward_all.std().item()) if reward_all.numel() > 1 else 0.0,
+                      "grad_norm": _finite_or_none(float(grad_norm)), "skipped": not finite,
+                      "nonfinite_in_row": nonfinite_in_row, "lr": run.scheduler.get_last_lr()[0],
+                      "step_seconds": time.perf_counter() - t0, **extra}  # fmt: skip
+            if record["reward"] is not None:
+                rewards_log.append(record["reward"])
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            writer.add_scalar(k, v, step)
+                bar.set_postfix(loss=f"{loss:.4f}", reward=f"{record['reward'] or math.nan:.4f}",
+                                s_step=f"{record['step_seconds']:.2f}")  # fmt: skip
+                bar.update(1)
+            if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"{nonfinite_in_row} consecutive steps had a non-finite loss or gradient norm (last at step "
+                    f"{step}); stopped without writing a checkpoint. Last good checkpoint: "
+                    f"{_newest(run.out)}. Lower lr, raise max_grad_norm headroom or check the reward."
+                )
+            # Any rank's signal stops every rank at the same step (a max-reduce: one more sync point).
+            stopping = accelerator.reduce(torch.tensor(float(stop.received is not None), device=accelerator.device), "max")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or bool(stopping):
+                path = save_checkpoint(run, step, order.consumed)
+                if bool(stopping):
+                    bar.close()
+                    raise Preempted(step, path)
+            if accelerator.is_main_process and cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
+                write_grid(run, step)
     bar.close()
     grid = write_grid(run, step) if accelerator.is_main_process else None
     if writer is not None:
@@ -366,3 +441,13 @@ def train(cfg: Config) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run)
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no NaN/inf: non-finite metrics are written as null."""
+    return x if math.isfinite(x) else None
+
+
+def _newest(out: Path) -> str:
+    found = ckpt.list_checkpoints(out)
+    return str(found[-1]) if found else "none"

@@ -127,16 +127,25 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
     missing = missing_files(root, need_text)
     if missing:
         raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    def load(what: str, fn):
+        try:
+            return fn()
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
+                            "matching config.json and weights") from e  # fmt: skip
+
     kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).eval()
+    transformer = load("transformer", lambda: FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)).eval()
     text = None
     if need_text:
+        tkw = dict(dtype=dtype, local_files_only=True)
         text = TextStack(
-            CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, local_files_only=True).eval(),
-            T5Tokenizer.from_pretrained(root / "tokenizer_2"),
-            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype, local_files_only=True).eval(),
+            load("tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer")),
+            load("text_encoder", lambda: CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **tkw)).eval(),
+            load("tokenizer_2", lambda: T5Tokenizer.from_pretrained(root / "tokenizer_2")),
+            load("text_encoder_2", lambda: T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **tkw)).eval(),
             max_sequence_length,
         )
     return FluxComponents(transformer, vae, text)
