@@ -22,7 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="fine-tune a FLUX model (default: configs/tiny.toml)")
     p_train.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for tables (method.alpha=0.5)")
-    args = parser.parse_args(argv)
+    # Options may come after overrides (`train lr=1e-4 --config x.toml`): collect the leftovers as overrides.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*getattr(args, "overrides", []), *rest]
     from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
 
     try:

@@ -114,11 +114,16 @@ def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
     transformer.requires_grad_(False)
     if cfg.lora.enabled:
         from peft import LoraConfig
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        transformer.add_adapter(
-            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
-                       target_modules=list(cfg.lora.target_modules))
-        )  # fmt: skip
+        try:
+            transformer.add_adapter(
+                LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
+                           target_modules=list(cfg.lora.target_modules))
+            )  # fmt: skip
+        except NoMatchingPeftModuleError as e:
+            raise UserError(f"lora.target_modules {cfg.lora.target_modules} matched no transformer module; use "
+                            "names such as 'attn.to_q', 'ff.net.2' (see configs/flux_leapalign.toml)") from e
     else:
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -199,6 +204,8 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     components.text = None  # text encoders are not needed once prompts are embedded
 
     reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
+    if hasattr(reward, "check_prompts"):  # fail now, not at the first step that draws a bad prompt
+        reward.check_prompts(prompts + list(cfg.eval_prompts))
     device, dtype = accelerator.device, DTYPES[cfg.model.dtype]
     components.vae.requires_grad_(False)
     for module in (components.vae, components.transformer):  # cast only when needed: diffusers warns on .to(dtype)

@@ -39,6 +39,10 @@ def prompt_colour(prompt: str) -> tuple[float, float, float]:
 
 
 class ColourReward(torch.nn.Module):
+    def check_prompts(self, prompts: list[str]) -> None:
+        for p in prompts:
+            prompt_colour(p)
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"colour reward expects images (B, 3, H, W), got {tuple(images.shape)}")
