@@ -90,3 +90,12 @@ def test_default_run_improves_reward(tmp_path):
     assert len(rewards) == 400
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.02, (first, last)
+
+
+def test_bf16_autocast_and_bf16_frozen_weights_with_lora(tmp_path):
+    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "mixed_precision=bf16",
+                                   "model.dtype=bfloat16", "lora.enabled=true", *FAST]))  # fmt: skip
+    params = dict(res.run.transformer.named_parameters())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)  # trained in fp32
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if not p.requires_grad)
+    assert all(r["loss"] is not None for r in _metrics(tmp_path))
