@@ -99,3 +99,11 @@ def test_bf16_autocast_and_bf16_frozen_weights_with_lora(tmp_path):
     assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)  # trained in fp32
     assert all(p.dtype == torch.bfloat16 for n, p in params.items() if not p.requires_grad)
     assert all(r["loss"] is not None for r in _metrics(tmp_path))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=3", "grad_accum=3", *FAST]))
+    state = res.run.optimizer.state_dict()["state"]
+    assert {float(s["step"]) for s in state.values()} == {3.0}  # 9 micro-steps, 3 updates
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] is not None for r in rows)
