@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
 from leapalign_fast import checkpoint as ckpt
@@ -351,6 +352,10 @@ class TrainResult:
 
 def train(cfg: Config) -> TrainResult:
     """Run `cfg` to `max_steps`. Raises Preempted after a signal, TrainingDiverged after non-finite steps."""
+    # accelerate keeps its settings in process-wide singletons; a second run in this process (tests, benchmarks)
+    # may use other ones. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
     torch.use_deterministic_algorithms(cfg.deterministic)

@@ -1,0 +1,126 @@
+"""Fused connector kernels vs the eager PyTorch reference at FLUX latent shapes.
+
+    python bench/kernels.py                      # CUDA: B in {1,4,8} x 4096 tokens x 64 channels, bf16
+    python bench/kernels.py --interpret-smoke    # CPU: tiny shapes under TRITON_INTERPRET=1 (checks the script)
+
+Reports p20/p50/p80 ms for forward, backward and forward+backward of `connect_discount` (the LeapAlign
+connector at x_j, the larger of the two), achieved HBM GB/s of the Triton path (bytes it must move: forward
+reads x_pred, x_real and writes x_conn, x_disc; backward reads two gradients and writes one) and the peak
+memory of forward+backward. Ratios are measured in this run. Writes JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU run under Triton's interpreter")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return p.parse_args()
+
+
+def _quantiles(fn, reps: int, cuda: bool) -> list[float]:
+    """p20/p50/p80 in ms over `reps` timed calls after 3 warm-ups."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [times[int(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8)]
+
+
+def main() -> int:
+    args = _args()
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        args.batch, args.tokens, args.channels, args.reps, args.dtype = [1, 3], 33, 64, 3, "float32"
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench.common import slug, write_result
+    from leapalign_fast.kernels import connect_discount
+
+    cuda = torch.cuda.is_available() and not args.interpret_smoke
+    if not cuda and not args.interpret_smoke:
+        print("bench/kernels.py needs a CUDA GPU; use --interpret-smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, args.dtype)
+    rows = []
+    for b in args.batch:
+        shape = (b, args.tokens, args.channels)
+        x_pred = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        x_real = torch.randn(shape, device=device, dtype=dtype)
+        g_conn, g_disc = torch.randn_like(x_real), torch.randn_like(x_real)
+        nbytes = x_real.numel() * x_real.element_size()
+        for impl in ("reference", "triton"):
+            def fwd():
+                with torch.no_grad():
+                    return connect_discount(x_pred, x_real, 0.3, impl=impl)
+
+            def full():
+                conn, disc, _ = connect_discount(x_pred, x_real, 0.3, impl=impl)
+                torch.autograd.backward([conn, disc], [g_conn, g_disc])
+
+            outs = connect_discount(x_pred, x_real, 0.3, impl=impl)
+
+            def bwd():
+                torch.autograd.backward(outs[:2], [g_conn, g_disc], retain_graph=True)
+
+            row = {"batch": b, "tokens": args.tokens, "channels": args.channels, "dtype": args.dtype, "impl": impl}
+            for mode, fn in (("forward", fwd), ("backward", bwd), ("full", full)):
+                row[f"{mode}_ms_p20_p50_p80"] = _quantiles(fn, args.reps, cuda)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                full()
+                torch.cuda.synchronize()
+                row["full_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row["forward_gbps"] = 4 * nbytes / (row["forward_ms_p20_p50_p80"][1] * 1e-3) / 1e9
+            row["backward_gbps"] = 3 * nbytes / (row["backward_ms_p20_p50_p80"][1] * 1e-3) / 1e9
+            rows.append(row)
+    for b in args.batch:
+        ref, tri = (next(r for r in rows if r["batch"] == b and r["impl"] == i) for i in ("reference", "triton"))
+        for mode in ("forward", "backward", "full"):
+            tri[f"{mode}_speedup_vs_reference"] = ref[f"{mode}_ms_p20_p50_p80"][1] / tri[f"{mode}_ms_p20_p50_p80"][1]
+    import torch as _t
+
+    gpu = _t.cuda.get_device_name(0) if cuda else ("cpu-interpret" if args.interpret_smoke else "cpu")
+    path = write_result(args.out / f"kernels_{slug(gpu)}.json", {"rows": rows, "interpret_smoke": args.interpret_smoke})
+    print(f"{'B':>3} {'impl':>9} {'fwd ms':>8} {'bwd ms':>8} {'full ms':>8} {'fwd GB/s':>9} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['batch']:>3} {r['impl']:>9} {r['forward_ms_p20_p50_p80'][1]:>8.3f} "
+              f"{r['backward_ms_p20_p50_p80'][1]:>8.3f} {r['full_ms_p20_p50_p80'][1]:>8.3f} "
+              f"{r['forward_gbps']:>9.1f} {r.get('full_speedup_vs_reference', 1.0):>8.2f}")  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
