@@ -55,6 +55,12 @@ class MethodConfig:
     tau: float = 0.1  # distance floor of the similarity weight
     lam: float = 1.0  # hinge margin: loss = max(0, lam - reward)
     index_window: list[int] = field(default_factory=list)  # [lo, hi) trajectory indices for (k, j); [] = all
+    # baselines (same hinge objective, same sampler)
+    late_steps: int = 2  # refl: the grad step is one of the last `late_steps` steps
+    draft_k: int = 1  # draft: backprop through the last K steps
+    renoise: int = 2  # draft_lv: re-noisings of the detached x_0
+    drtune_steps: int = 2  # drtune: trained steps drawn from index_window
+    checkpointing: bool = False  # draft/full: recompute grad forwards in the backward (activation checkpointing)
 
 
 @dataclass
@@ -210,6 +216,11 @@ def validate(cfg: Config) -> None:
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got '{cfg.mixed_precision}'")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    m, n = cfg.method, cfg.num_steps
+    need(1 <= m.late_steps <= n, f"method.late_steps must be in [1, num_steps={n}], got {m.late_steps}")
+    need(1 <= m.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {m.draft_k}")
+    need(m.renoise >= 0, f"method.renoise must be >= 0, got {m.renoise}")
+    need(m.drtune_steps >= 1, f"method.drtune_steps must be >= 1, got {m.drtune_steps}")
 
 
 def config_dict(cfg: Config) -> dict:

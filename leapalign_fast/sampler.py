@@ -44,3 +44,34 @@ def sample_trajectory(
         if states is not None:
             states.append(x)
     return Trajectory(sigmas, states, x)
+
+
+def integrate_with_grad(
+    velocity: Velocity,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    start: int,
+    stop: int,
+    trained: set[int] | None = None,
+    stop_input_grad: bool = False,
+    checkpoint: bool = False,
+) -> torch.Tensor:
+    """Euler steps `start -> stop` whose chain keeps the autograd graph (for backprop-through-sampling baselines).
+
+    At indices in `trained` (default: all) the model runs with grad, on `sg(x)` if `stop_input_grad` (DRTune);
+    elsewhere it runs without grad, and `x_s = x_t - dt v` still passes x's gradient through the identity term.
+    `checkpoint` recomputes each trained forward in the backward instead of keeping its activations.
+    """
+    for i in range(start, stop):
+        t = as_batch_time(sigmas[i], x)
+        if trained is None or i in trained:
+            x_in = x.detach() if stop_input_grad else x
+            if checkpoint:
+                v = torch.utils.checkpoint.checkpoint(velocity, x_in, t, use_reentrant=False)
+            else:
+                v = velocity(x_in, t)
+        else:
+            with torch.no_grad():
+                v = velocity(x.detach(), t)
+        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+    return x

@@ -1,0 +1,120 @@
+"""Each baseline's gradient vs a direct implementation of the method's defining formula (float64, MLP field)."""
+
+import pytest
+import torch
+
+from leapalign_fast.config import MethodConfig
+from leapalign_fast.methods import build_method
+from leapalign_fast.methods.base import StepInputs
+from leapalign_fast.sampler import sample_trajectory
+from test_flow import MLPVelocity
+from test_leapalign import Counting, _decode, _reward
+
+N, B, LAM = 6, 3, 2.0
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = MLPVelocity(channels=6).double()
+    sigmas = torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64) ** 1.5
+    noise = torch.randn(B, 5, 6, dtype=torch.float64)
+    return model, list(model.parameters()), sigmas, noise
+
+
+def _run(name, model, sigmas, noise, seed=7, **kw):
+    counted = Counting(model)
+    fn = build_method(MethodConfig(name=name, lam=LAM, **kw), N)
+    out = fn(StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(seed)))
+    return out, counted
+
+
+def _hinge(x0):
+    return torch.relu(LAM - _reward(_decode(x0), None)).mean()
+
+
+def _plain_with_grad(model, x, sigmas, start, stop):
+    for i in range(start, stop):
+        x = x - (sigmas[i] - sigmas[i + 1]) * model(x, sigmas[i].expand(B))
+    return x
+
+
+def _states(model, sigmas, noise):
+    return sample_trajectory(model, noise, sigmas, keep_states=True).states
+
+
+def _close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in got)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_full_equals_autograd_through_the_plain_sampler(setup, checkpointing):
+    model, params, sigmas, noise = setup
+    out, counted = _run("full", model, sigmas, noise, checkpointing=checkpointing)
+    assert counted.grad_calls == N
+    got = torch.autograd.grad(out.loss, params)
+    assert counted.grad_calls == (2 * N if checkpointing else N)  # checkpointing re-runs each forward
+    want = torch.autograd.grad(_hinge(_plain_with_grad(model, noise, sigmas, 0, N)), params)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_k_backprops_through_the_last_k_steps(setup, k):
+    model, params, sigmas, noise = setup
+    out, counted = _run("draft", model, sigmas, noise, draft_k=k)
+    got = torch.autograd.grad(out.loss, params)
+    assert counted.calls == N and counted.grad_calls == k
+    x = _states(model, sigmas, noise)[N - k]
+    _close(got, torch.autograd.grad(_hinge(_plain_with_grad(model, x, sigmas, N - k, N)), params))
+
+
+def test_refl_one_step_prediction_at_a_late_step(setup):
+    model, params, sigmas, noise = setup
+    out, counted = _run("refl", model, sigmas, noise, late_steps=3, seed=11)
+    got = torch.autograd.grad(out.loss, params)
+    i = N - 1 - int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(11)))
+    assert out.metrics["t"] == pytest.approx(float(sigmas[i])) and counted.calls == i + 1 and counted.grad_calls == 1
+    x_t = _states(model, sigmas, noise)[i]
+    x0 = x_t - sigmas[i] * model(x_t, sigmas[i].expand(B))
+    _close(got, torch.autograd.grad(_hinge(x0), params))
+
+
+def test_draft_lv_averages_the_last_step_and_renoisings(setup):
+    model, params, sigmas, noise = setup
+    out, _ = _run("draft_lv", model, sigmas, noise, renoise=2, seed=5)
+    got = torch.autograd.grad(out.loss, params)
+    x = _states(model, sigmas, noise)[N - 1]
+    x0 = _plain_with_grad(model, x, sigmas, N - 1, N)
+    s, g = sigmas[N - 1], torch.Generator().manual_seed(5)
+    losses = [_hinge(x0)]
+    for _ in range(2):
+        x_s = (1 - s) * x0.detach() + s * torch.randn(x0.shape, generator=g).double()
+        losses.append(_hinge(x_s - s * model(x_s, s.expand(B))))
+    _close(got, torch.autograd.grad(torch.stack(losses).mean(), params))
+
+
+def test_drtune_has_no_nested_terms(setup):
+    model, params, sigmas, noise = setup
+    out, counted = _run("drtune", model, sigmas, noise, drtune_steps=3, seed=3)
+    got = torch.autograd.grad(out.loss, params)
+    picks = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:3].tolist()
+    assert counted.calls == N and counted.grad_calls == 3
+    states = _states(model, sigmas, noise)
+    x0 = states[-1].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_hinge(x0), x0)  # dL/dx_0 at the real x_0
+    # dx_0/dtheta = -sum_i dt_i dv(x_i)/dtheta over trained steps only: no dv/dx products.
+    want = [torch.zeros_like(p) for p in params]
+    for i in picks:
+        v = model(states[i], sigmas[i].expand(B))
+        for acc, d in zip(want, torch.autograd.grad(-(sigmas[i] - sigmas[i + 1]) * (g * v).sum(), params)):
+            acc += d
+    _close(got, want)
+
+
+def test_unknown_method_names_the_known_ones():
+    from leapalign_fast.errors import UserError
+
+    with pytest.raises(UserError, match="known methods: draft, draft_lv, drtune, full, leapalign, refl"):
+        build_method(MethodConfig(name="dpo"), N)
