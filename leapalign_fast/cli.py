@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="fine-tune a FLUX model (default: configs/tiny.toml)")
     p_train.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for tables (method.alpha=0.5)")
+    p_enc = sub.add_parser("encode-prompts", help="cache the prompt embeddings so training never loads text encoders")
+    p_enc.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
+    p_enc.add_argument("overrides", nargs="*", help="key=value overrides")
     # Options may come after overrides (`train lr=1e-4 --config x.toml`): collect the leftovers as overrides.
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
@@ -45,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"done: {result.steps} steps in {result.wall_seconds:.1f} s; mean reward first {n} "
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
+        elif args.command == "encode-prompts":
+            from leapalign_fast.config import load_config
+            from leapalign_fast.train import encode_prompt_cache
+
+            for path in encode_prompt_cache(load_config(args.config or _default_config(), args.overrides)):
+                print(f"wrote {path}")
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2

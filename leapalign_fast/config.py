@@ -37,6 +37,11 @@ class ModelConfig:
     source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format FLUX directory
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
+    attention: str = "auto"  # auto (FlashAttention on CUDA if installed, else SDPA) | native | flash | _flash_3 | ...
+    compile: str = "none"  # none | regional (each transformer block) | full
+    compile_backend: str = "inductor"
+    cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)
+    gradient_checkpointing: bool = False  # recompute the grad-enabled forwards' activations in the backward
     tiny: TinyFluxConfig = field(default_factory=TinyFluxConfig)
 
 
@@ -215,6 +220,7 @@ def validate(cfg: Config) -> None:
     need(len(cfg.adam_betas) == 2, f"adam_betas must have two values, got {cfg.adam_betas}")
     need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got '{cfg.mixed_precision}'")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
+    need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     m, n = cfg.method, cfg.num_steps
     need(1 <= m.late_steps <= n, f"method.late_steps must be in [1, num_steps={n}], got {m.late_steps}")

@@ -28,6 +28,8 @@ from leapalign_fast.flow import flux_schedule
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
 from leapalign_fast.methods import StepInputs, build_method
+from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
+from leapalign_fast.models.lora_export import export_lora
 from leapalign_fast.models.flux import (
     DTYPES,
     FluxComponents,
@@ -91,23 +93,44 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int(s) & ((1 << 63) - 1))
 
 
-def load_components(cfg: Config) -> FluxComponents:
+def load_components(cfg: Config, need_text: bool = True) -> FluxComponents:
+    """The model's components; the text encoders only when some prompt embeddings are not cached yet."""
     if cfg.model.source == "tiny":
         return build_tiny_flux(cfg.model.tiny, cfg.seed)
     dtype = DTYPES[cfg.model.dtype]
-    return load_flux(cfg.model.source, dtype, need_text=True, max_sequence_length=cfg.model.max_sequence_length)
+    return load_flux(cfg.model.source, dtype, need_text=need_text, max_sequence_length=cfg.model.max_sequence_length)
 
 
-def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str], out: Path) -> PromptEmbeds:
-    """Encode every prompt once; cached as safetensors in output_dir, keyed by model and prompts."""
+def train_prompts(cfg: Config) -> list[str]:
+    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
+
+
+def prompt_cache_path(cfg: Config, prompts: list[str]) -> Path:
+    """Where the embeddings of `prompts` are cached: output_dir/prompt_cache, keyed by model and prompts."""
     key = prompt_cache_key(f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}", prompts,
                            cfg.model.max_sequence_length)
-    path = out / "prompt_cache" / f"{key}.safetensors"
+    return Path(cfg.output_dir) / "prompt_cache" / f"{key}.safetensors"
+
+
+def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str]) -> PromptEmbeds:
+    """Encode every prompt once (`leapalign-fast encode-prompts` does it ahead of training)."""
+    path = prompt_cache_path(cfg, prompts)
     if path.is_file():
         return load_prompt_embeds(path)
     embeds = encode_prompts(components.text, prompts)
     save_prompt_embeds(embeds, path)
     return embeds
+
+
+def encode_prompt_cache(cfg: Config) -> list[Path]:
+    """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    components = load_components(cfg, need_text=True)
+    paths = []
+    for prompts in (train_prompts(cfg), list(cfg.eval_prompts)):
+        prompt_embeddings(cfg, components, prompts)
+        paths.append(prompt_cache_path(cfg, prompts))
+    return paths
 
 
 def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
@@ -175,6 +198,7 @@ class Run:
     sigmas: torch.Tensor
     latent_hw: tuple[int, int]
     out: Path
+    graphed: GraphedVelocity | None = None  # CUDA-graph replays of the no-grad forwards
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
@@ -192,16 +216,17 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
             "or choose a new output_dir (nothing was changed)"
         )
     torch.manual_seed(cfg.seed)  # same init on every rank
-    components = load_components(cfg)
+    prompts = train_prompts(cfg)
+    cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))
+    components = load_components(cfg, need_text=not cached)
     latent_hw = components.latent_hw(cfg.resolution)
-    prompts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
     if accelerator.is_main_process:
-        embeds = prompt_embeddings(cfg, components, prompts, out)
-        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts, out)
+        embeds = prompt_embeddings(cfg, components, prompts)
+        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # read what rank 0 cached
-        embeds = prompt_embeddings(cfg, components, prompts, out)
-        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts, out)
+        embeds = prompt_embeddings(cfg, components, prompts)
+        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
     components.text = None  # text encoders are not needed once prompts are embedded
 
     reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
@@ -216,6 +241,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     transformer = components.transformer
     torch.manual_seed(cfg.seed + 1)  # LoRA init, identical on every rank
     params = add_trainable(transformer, cfg)
+    switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then DDP
+    if accelerator.is_main_process:
+        print(f"leapalign-fast: transformer {switches}", flush=True)
+    graphed = GraphedVelocity(transformer) if cfg.model.cuda_graph and device.type == "cuda" else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
     warmup = cfg.warmup_steps
@@ -225,14 +254,15 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     h, w = latent_hw
     sigmas = flux_schedule(cfg.num_steps, (h // 2) * (w // 2))
     return Run(cfg, accelerator, components, transformer, optimizer, scheduler, params, ema, reward, prompts, embeds,
-               eval_embeds, sigmas, latent_hw, out)  # fmt: skip
+               eval_embeds, sigmas, latent_hw, out, graphed)  # fmt: skip
 
 
-def velocity_for(run: Run, idx: list[int], embeds: PromptEmbeds) -> FluxVelocity:
+def velocity_for(run: Run, idx: list[int], embeds: PromptEmbeds):
     t5, pooled = embeds.select(idx)
     dev = run.accelerator.device
     h, w = run.latent_hw
-    return FluxVelocity(run.transformer, t5.to(dev), pooled.to(dev), latent_image_ids(h, w, dev), run.cfg.guidance)
+    velocity = FluxVelocity(run.transformer, t5.to(dev), pooled.to(dev), latent_image_ids(h, w, dev), run.cfg.guidance)
+    return run.graphed.bind(velocity) if run.graphed is not None else velocity
 
 
 def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -448,6 +478,10 @@ def train(cfg: Config) -> TrainResult:
                 write_grid(run, step)
     bar.close()
     grid = write_grid(run, step) if accelerator.is_main_process else None
+    if accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: FluxPipeline.load_lora_weights
+        export_lora(unwrap(run.transformer), run.out / "lora")
+        if run.ema is not None:
+            export_lora(unwrap(run.transformer), run.out / "lora_ema", run.ema.shadow)
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()

@@ -161,6 +161,18 @@ def save_flux(components: FluxComponents, path: str | Path) -> None:
     FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(
         root / "scheduler"
     )
+    import diffusers
+
+    from leapalign_fast.io import write_json_atomic
+
+    write_json_atomic(root / "model_index.json", {  # what FluxPipeline.from_pretrained reads first
+        "_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    })  # fmt: skip
     if components.text is not None:
         t = components.text
         t.clip.save_pretrained(root / "text_encoder")

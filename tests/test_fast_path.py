@@ -1,0 +1,151 @@
+"""The FLUX fast path on CPU: FluxPipeline equivalence, compile without graph breaks, LoRA export that
+diffusers loads, the prompt cache that frees training from the text encoders, the CUDA-graph velocity."""
+
+import shutil
+
+import pytest
+import torch
+
+from leapalign_fast.cli import main
+from leapalign_fast.config import load_config
+from leapalign_fast.errors import UserError
+from leapalign_fast.flow import flux_schedule
+from leapalign_fast.models.fast import GraphedVelocity, compile_transformer, resolve_attention
+from leapalign_fast.models.flux import (
+    FluxVelocity,
+    TinyFluxConfig,
+    build_tiny_flux,
+    latent_image_ids,
+    save_flux,
+)
+from leapalign_fast.models.text import encode_prompts
+from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.train import train, unwrap
+
+RES, N = 64, 6
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux")
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    save_flux(comps, d)
+    return d, comps
+
+
+def _pipeline(path):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True)
+
+
+def _ours(transformer, embeds, noise):
+    ids = latent_image_ids(8, 8)
+    velocity = FluxVelocity(transformer, embeds.t5, embeds.pooled, ids, 3.5)
+    with torch.no_grad():
+        return sample_trajectory(velocity, noise, flux_schedule(N, noise.shape[1])).x0
+
+
+def _theirs(pipe, embeds, noise):
+    with torch.no_grad():
+        return pipe(prompt_embeds=embeds.t5, pooled_prompt_embeds=embeds.pooled, latents=noise, height=RES, width=RES,
+                    num_inference_steps=N, guidance_scale=3.5, output_type="latent", return_dict=False)[0]  # fmt: skip
+
+
+def test_sampler_reproduces_flux_pipeline(flux_dir):
+    path, comps = flux_dir
+    embeds = encode_prompts(comps.text, ["a red square", "two blue circles"])
+    noise = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    ours, theirs = _ours(comps.transformer, embeds, noise), _theirs(_pipeline(path), embeds, noise)
+    assert theirs.shape == ours.shape == (2, 16, 64)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_lora_export_loads_in_flux_pipeline(flux_dir, tmp_path):
+    path, comps = flux_dir
+    res = train(load_config(None, [f"output_dir={tmp_path}", f"model.source={path}", "lora.enabled=true",
+                                   "lora.rank=4", "lr=5e-2", "max_steps=2", "batch_size=2", "num_steps=4",
+                                   "tensorboard=false"]))  # fmt: skip
+    trained = unwrap(res.run.transformer)
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in trained.named_parameters())
+    pipe = _pipeline(path)
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="leap")
+    embeds = encode_prompts(comps.text, ["a red square"])
+    noise = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
+    ours, theirs = _ours(trained, embeds, noise), _theirs(pipe, embeds, noise)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    base = _ours(comps.transformer, embeds, noise)
+    assert (ours - base).abs().max() > 1e-4  # the adapter changed the samples
+
+
+@pytest.mark.parametrize("mode", ["full", "regional"])
+def test_compiled_transformer_has_no_graph_breaks_and_equals_eager(mode):
+    torch._dynamo.reset()
+    eager = build_tiny_flux(TinyFluxConfig(), seed=0).transformer
+    compiled = build_tiny_flux(TinyFluxConfig(), seed=0).transformer
+    compile_transformer(compiled, mode, backend="aot_eager")  # fullgraph=True: a graph break raises
+    t5, pooled = torch.randn(2, 8, 32), torch.randn(2, 32)
+    x, t, ids = torch.randn(2, 16, 64), torch.tensor([0.7, 0.2]), latent_image_ids(8, 8)
+    ve, vc = FluxVelocity(eager, t5, pooled, ids, 3.5), FluxVelocity(compiled, t5, pooled, ids, 3.5)
+    with torch.no_grad():
+        torch.testing.assert_close(vc(x, t), ve(x, t), rtol=1e-5, atol=1e-5)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ge = torch.autograd.grad(ve(xe, t).square().sum(), [xe, *eager.parameters()])
+    gc = torch.autograd.grad(vc(xc, t).square().sum(), [xc, *compiled.parameters()])
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_prompts_then_train_without_text_encoders(flux_dir, tmp_path, capsys):
+    path, _ = flux_dir
+    model = tmp_path / "flux-no-text"
+    shutil.copytree(path, model)
+    args = [f"output_dir={tmp_path / 'run'}", f"model.source={model}", "max_steps=1", "batch_size=2",
+            "num_steps=4", "tensorboard=false"]  # fmt: skip
+    assert main(["encode-prompts", *args]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.rmtree(model / sub)
+    assert main(["train", *args]) == 0  # the cache stands in for the encoders
+    code = main(["train", *args[1:], f"output_dir={tmp_path / 'other'}"])  # no cache there: encoders needed
+    assert code == 2 and "text_encoder/config.json" in capsys.readouterr().err
+
+
+def test_attention_backend_resolution():
+    assert resolve_attention("auto", torch.device("cpu")) == "native"
+    with pytest.raises(UserError, match="not one of"):
+        resolve_attention("xformers2", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            with pytest.raises(UserError, match="needs the flash-attn package"):
+                resolve_attention("flash", torch.device("cpu"))
+
+
+def test_graphed_velocity_is_eager_on_cpu():
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    v = FluxVelocity(comps.transformer, torch.randn(2, 8, 32), torch.randn(2, 32), latent_image_ids(8, 8), 3.5)
+    g = GraphedVelocity(comps.transformer).bind(v)
+    x, t = torch.randn(2, 16, 64), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, t), v(x, t), rtol=0, atol=0)
+    assert g.graphs == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_velocity_replays_equal_eager_on_gpu():
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    tr = comps.transformer.cuda()
+    g = GraphedVelocity(tr)
+    ids = latent_image_ids(8, 8, "cuda")
+    for seed in range(3):  # new conditioning and inputs each time: one capture, three replays
+        gen = torch.Generator().manual_seed(seed)
+        v = FluxVelocity(tr, torch.randn(2, 8, 32, generator=gen).cuda(), torch.randn(2, 32, generator=gen).cuda(), ids, 3.5)
+        x, t = torch.randn(2, 16, 64, generator=gen).cuda(), torch.rand(2, generator=gen).cuda()
+        with torch.no_grad():
+            torch.testing.assert_close(g.bind(v)(x, t), v(x, t), rtol=1e-5, atol=1e-5)
+    assert len(g.graphs) == 1
+    x.requires_grad_(True)
+    assert g.bind(v)(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
