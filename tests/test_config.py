@@ -72,3 +72,13 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "leapalign-fast: error: unknown config key 'max_stepz'; did you mean 'max_steps'?"
     ]
+
+
+@pytest.mark.parametrize("name", ["flux_leapalign.toml", "flux_leapalign_full.toml"])
+def test_flux_configs_hold_the_paper_settings(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert (cfg.num_steps, cfg.guidance, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.max_grad_norm) == (
+        25, 3.5, 1e-5, 1e-4, 0.995, 1.0)  # fmt: skip
+    assert (cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.reward.name) == (0.3, 0.1, 0.55, "hpsv2.1")
+    assert cfg.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16" and cfg.resolution % 16 == 0
+    assert cfg.lora.enabled == (name == "flux_leapalign.toml")
