@@ -149,3 +149,18 @@ def test_graphed_velocity_replays_equal_eager_on_gpu():
     assert len(g.graphs) == 1
     x.requires_grad_(True)
     assert g.bind(v)(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
+
+
+def test_bench_sampler_quick(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "sampler.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "sampler_tiny_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["flux_pipeline_eager", "ours_eager"]
+    assert all(r["images_per_second"] > 0 and r["max_abs_diff_vs_pipeline"] < 1e-5 for r in rows)

@@ -1,0 +1,159 @@
+"""Sampler throughput and peak memory: ours (eager, compiled, compiled + CUDA graph) vs diffusers' FluxPipeline
+eager, same transformer, dtype, steps, resolution and prompt embeddings.
+
+    python bench/sampler.py                 # GPU: full-size FLUX.1-dev transformer config, RANDOM bf16 weights and
+                                            # prompt embeddings (speed and memory do not depend on the values),
+                                            # 512 and 1024 px, 28 steps
+    python bench/sampler.py --quick         # CPU: tiny FLUX, eager vs FluxPipeline (checks the script)
+
+On the GPU machine (no diffusers there), carry wheels downloaded here and install them first:
+    pip download --no-deps -d wheels diffusers  &&  (on the GPU) pip install --no-deps wheels/*.whl
+Both paths denoise only (the VAE decode is the same code in both and is excluded); images/s counts trajectories.
+Writes JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import slug, write_result  # noqa: E402
+from leapalign_fast.flow import flux_schedule  # noqa: E402
+from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
+from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids  # noqa: E402
+from leapalign_fast.sampler import sample_trajectory  # noqa: E402
+
+
+def build(kind: str, device: str):
+    """(transformer, vae_scale_factor, text_len, text_dim, pooled_dim)"""
+    if kind == "tiny":
+        return build_tiny_flux(TinyFluxConfig(), seed=0).transformer.to(device), 8, 32, 32, 32
+    from diffusers import FluxTransformer2DModel
+
+    from bench.memory import FLUX_DEV
+
+    with torch.device(device):
+        tr = FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16).eval()
+    return tr.requires_grad_(False), 8, 512, 4096, 768
+
+
+def pipeline_runner(transformer, steps, res, embeds):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    # output_type="latent": the pipeline reads only the VAE's config (8x, scaling/shift): a tiny one of the same
+    # layout stands in for the 84M-parameter FLUX VAE.
+    vae = build_tiny_flux(TinyFluxConfig(vae_channels=8), seed=0).vae.to(transformer.device)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    t5, pooled, noise = embeds
+
+    def run():
+        with torch.no_grad():
+            return pipe(prompt_embeds=t5, pooled_prompt_embeds=pooled, latents=noise, height=res, width=res,
+                        num_inference_steps=steps, guidance_scale=3.5, output_type="latent", return_dict=False)[0]  # fmt: skip
+
+    return run
+
+
+def ours_runner(transformer, steps, res, embeds, graphed: bool):
+    t5, pooled, noise = embeds
+    h = res // 8
+    velocity = FluxVelocity(transformer, t5, pooled, latent_image_ids(h, h, noise.device), 3.5)
+    if graphed:
+        velocity = GraphedVelocity(transformer).bind(velocity)
+    sigmas = flux_schedule(steps, noise.shape[1])
+
+    def run():
+        with torch.no_grad():
+            return sample_trajectory(velocity, noise, sigmas).x0
+
+    return run
+
+
+def timed(run, reps: int, cuda: bool) -> dict:
+    for _ in range(2):  # warm-up: compilation, graph capture, allocator
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    mean = sum(times) / len(times)
+    var = sum((t - mean) ** 2 for t in times) / max(1, len(times) - 1)
+    out = {"seconds_mean": mean, "seconds_std": var**0.5, "reps": reps}
+    if cuda:
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.quick
+    if not cuda and not args.quick:
+        print("bench/sampler.py needs a CUDA GPU; --quick checks the script on CPU", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    kind = "flux-dev" if cuda else "tiny"
+    res_list = args.resolutions or ([512, 1024] if cuda else [64])
+    steps = args.steps if cuda else 6
+    rows = []
+    for res in res_list:
+        transformer, vsf, text_len, text_dim, pooled_dim = build(kind, device)
+        dtype = next(transformer.parameters()).dtype
+        g = torch.Generator().manual_seed(0)
+        tokens = (res // vsf // 2) ** 2
+        embeds = (torch.randn(args.batch, text_len, text_dim, generator=g).to(device, dtype),
+                  torch.randn(args.batch, pooled_dim, generator=g).to(device, dtype),
+                  torch.randn(args.batch, tokens, 64, generator=g).to(device, dtype))  # fmt: skip
+        variants = [("flux_pipeline_eager", pipeline_runner(transformer, steps, res, embeds)),
+                    ("ours_eager", ours_runner(transformer, steps, res, embeds, graphed=False))]  # fmt: skip
+        reference = variants[0][1]()
+        if cuda:
+            compile_transformer(transformer, "regional")
+            variants += [("ours_compiled", ours_runner(transformer, steps, res, embeds, graphed=False)),
+                         ("ours_compiled_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True))]  # fmt: skip
+        for name, run in variants:
+            r = {"variant": name, "resolution": res, "steps": steps, "batch": args.batch, "dtype": str(dtype)}
+            r.update(timed(run, args.reps, cuda))
+            r["images_per_second"] = args.batch / r["seconds_mean"]
+            r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
+            rows.append(r)
+            print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s  peak {r.get('peak_mib', float('nan')):.0f} MiB  "
+                  f"max|diff| {r['max_abs_diff_vs_pipeline']:.2e}", flush=True)  # fmt: skip
+        base = next(r for r in rows if r["resolution"] == res and r["variant"] == "flux_pipeline_eager")
+        for r in rows:
+            if r["resolution"] == res:
+                r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
+        del transformer
+        if cuda:
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    path = write_result(args.out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
+                        "note": "random weights and prompt embeddings; denoising only"})  # fmt: skip
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
