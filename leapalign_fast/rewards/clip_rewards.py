@@ -1,0 +1,197 @@
+"""CLIP-family rewards on transformers' CLIPModel, loaded from local paths only, preprocessed in torch.
+
+- `clip`:      CLIP score, cosine of image and text embeddings, any local CLIP checkpoint (HF format).
+- `pickscore`: PickScore_v1 (a CLIP-H), `logit_scale.exp() * cos`, as its authors score.
+- `hpsv2.1`:   HPS v2.1: open_clip ViT-H-14 fine-tuned; its open_clip-format checkpoint is mapped key by key
+               onto the HF CLIP-H architecture; score = cosine, as the HPSv2 package computes it.
+- `aesthetic`: the LAION aesthetic predictor: an MLP on L2-normalised CLIP ViT-L/14 image embeddings.
+
+Images (B, 3, H, W) in [0, 1] are resized (shortest side, bicubic, antialiased), centre-cropped and normalised
+as CLIP's published preprocessing does, in torch, so gradients reach the pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from leapalign_fast.errors import UserError
+from leapalign_fast.rewards import register_reward
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised: shortest side to `size`, centre crop."""
+    h, w = images.shape[-2:]
+    # The long side as the reference processors compute it: int(size * long / short), truncated.
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
+    if not path:
+        raise UserError(f"reward '{reward}' needs reward.options.{what}: a local directory ({source})")
+    p = Path(path)
+    missing = [n for n in ("config.json",) if not (p / n).is_file()]
+    if not any((p / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    if not any((p / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        missing.append("tokenizer.json")
+    if not p.is_dir() or missing:
+        raise UserError(f"reward '{reward}': {p} lacks {', '.join(missing) if p.is_dir() else 'everything (not a directory)'}; "
+                        f"download {source} to a local directory beforehand and pass it as reward.options.{what}")  # fmt: skip
+    return p
+
+
+class ClipReward(torch.nn.Module):
+    """Score = scale * cos(image embedding, text embedding); scale = exp(logit_scale) for PickScore, 1 else."""
+
+    def __init__(self, model, tokenizer, use_logit_scale: bool):
+        super().__init__()
+        self.model, self.tokenizer, self.use_logit_scale = model, tokenizer, use_logit_scale
+        self.size = model.config.vision_config.image_size
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = clip_preprocess(images, self.size).to(self.model.dtype)
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+
+    def text_features(self, prompts: list[str], device) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.model.config.text_config.max_position_embeddings,
+                             return_tensors="pt").input_ids.to(device)  # fmt: skip
+        return F.normalize(self.model.get_text_features(input_ids=ids).pooler_output.float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        cos = (self.image_features(images) * self.text_features(prompts, images.device)).sum(-1)
+        return cos * self.model.logit_scale.exp().float() if self.use_logit_scale else cos
+
+
+def _load_clip(path: Path, dtype: str):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True), CLIPTokenizer.from_pretrained(path)
+
+
+@register_reward("clip")
+def build_clip(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    p = _need_dir(path, "clip", "path", "any CLIP checkpoint in Hugging Face format, e.g. openai/clip-vit-large-patch14")
+    return ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
+
+
+@register_reward("pickscore")
+def build_pickscore(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    p = _need_dir(path, "pickscore", "path", "yuvalkirstain/PickScore_v1 (model) with the tokenizer of "
+                  "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")  # fmt: skip
+    return ClipReward(*_load_clip(p, dtype), use_logit_scale=True)
+
+
+# ---- HPS v2.1: open_clip ViT-H-14 state dict -> transformers CLIPModel ------------------------------------
+
+_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+
+
+def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and split/transpose where the layouts differ) an open_clip CLIP state dict to HF CLIPModel keys."""
+    out = {}
+    for key, value in state.items():
+        k = key.removeprefix("module.")
+        tower, rest = ("vision_model", k[len("visual."):]) if k.startswith("visual.") else ("text_model", k)
+        if rest.startswith("transformer.resblocks."):
+            i, sub = rest[len("transformer.resblocks."):].split(".", 1)
+            base = f"{tower}.encoder.layers.{i}."
+            if sub.startswith("attn.in_proj_"):
+                kind = sub.rsplit("_", 1)[1]  # weight | bias
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    out[f"{base}self_attn.{name}.{kind}"] = part
+                continue
+            mod, kind = sub.rsplit(".", 1)
+            out[f"{base}{_BLOCK[mod]}.{kind}"] = value
+            continue
+        simple = {
+            "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+            "class_embedding": "vision_model.embeddings.class_embedding",
+            "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+            "logit_scale": "logit_scale",
+        }
+        if rest in simple:
+            out[simple[rest]] = value
+        elif rest == "positional_embedding":
+            out[f"{tower}.embeddings.position_embedding.weight"] = value
+        elif rest.startswith(("ln_pre.", "ln_post.", "ln_final.")):
+            name, kind = rest.split(".")
+            hf = {"ln_pre": "vision_model.pre_layrnorm", "ln_post": "vision_model.post_layernorm",
+                  "ln_final": "text_model.final_layer_norm"}[name]  # fmt: skip
+            out[f"{hf}.{kind}"] = value
+        elif rest == "proj":
+            out["visual_projection.weight"] = value.t().contiguous()
+        elif rest == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif rest == "attn_mask":
+            continue  # open_clip's causal mask buffer; HF builds its own
+        else:
+            raise UserError(f"HPS checkpoint has an unexpected key '{key}'; is it an open_clip ViT-H-14 state dict?")
+    return out
+
+
+@register_reward("hpsv2.1")
+def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    p = _need_dir(clip, "hpsv2.1", "clip", "the CLIP-H architecture and tokenizer: laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    ck = Path(checkpoint or "")
+    if not checkpoint or not ck.is_file():
+        raise UserError(f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
+                        f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found")  # fmt: skip
+    model, tokenizer = _load_clip(p, dtype)
+    state = torch.load(ck, map_location="cpu", weights_only=True)  # a plain tensor dict: no pickle code runs
+    state = state.get("state_dict", state)
+    converted = open_clip_to_hf(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in converted and not k.endswith("position_ids")]
+    wrong = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
+    if missing or wrong:
+        raise UserError(f"HPS checkpoint {ck} does not fit {p}: missing {missing[:4]}, wrong shapes {wrong[:4]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in converted.items() if k in own}, strict=False)
+    return ClipReward(model, tokenizer, use_logit_scale=False)
+
+
+# ---- LAION aesthetic predictor -------------------------------------------------------------------------------
+
+
+class AestheticReward(torch.nn.Module):
+    """LAION aesthetic MLP (768-1024-128-64-16-1, dropout in training) on normalised CLIP ViT-L/14 embeddings."""
+
+    def __init__(self, clip_reward: ClipReward, width: int):
+        super().__init__()
+        self.clip = clip_reward
+        dims = [width, 1024, 128, 64, 16, 1]
+        layers = []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < 3:
+                layers.append(torch.nn.Dropout(0.2 if i < 2 else 0.1))
+        self.layers = torch.nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.layers(self.clip.image_features(images)).squeeze(-1)
+
+
+@register_reward("aesthetic")
+def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    p = _need_dir(clip, "aesthetic", "clip", "openai/clip-vit-large-patch14")
+    if not mlp or not Path(mlp).is_file():
+        raise UserError("reward 'aesthetic' needs reward.options.mlp: the file sac+logos+ava1-l14-linearMSE.pth "
+                        f"(LAION improved-aesthetic-predictor); {mlp!r} not found")  # fmt: skip
+    clip_reward = ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
+    model = AestheticReward(clip_reward, clip_reward.model.config.projection_dim)
+    state = torch.load(mlp, map_location="cpu", weights_only=True)
+    model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    return model
