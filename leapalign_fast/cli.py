@@ -22,6 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="fine-tune a FLUX model (default: configs/tiny.toml)")
     p_train.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for tables (method.alpha=0.5)")
+    p_eval = sub.add_parser("eval", help="sample a prompt file with a checkpoint and score it with rewards")
+    p_eval.add_argument("--config", type=Path, default=None, help="the run's TOML config (default: configs/tiny.toml)")
+    p_eval.add_argument("--checkpoint", default="latest", help="'latest' (default), 'base' or a checkpoint directory")
+    p_eval.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p_eval.add_argument("--prompts", default=None, help="prompt file (default: the config's eval_prompts)")
+    p_eval.add_argument("--rewards", default=None, help="comma-separated reward names (default: the config's reward)")
+    p_eval.add_argument("--steps", type=int, default=50, help="sampling steps (the paper evaluates with 50)")
+    p_eval.add_argument("--batch", type=int, default=4)
+    p_eval.add_argument("--out", type=Path, default=None, help="default: <output_dir>/eval/<checkpoint>")
+    p_eval.add_argument("overrides", nargs="*", help="key=value overrides")
     p_enc = sub.add_parser("encode-prompts", help="cache the prompt embeddings so training never loads text encoders")
     p_enc.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_enc.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -48,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"done: {result.steps} steps in {result.wall_seconds:.1f} s; mean reward first {n} "
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
+        elif args.command == "eval":
+            from leapalign_fast.config import load_config
+            from leapalign_fast.evaluate import evaluate
+
+            cfg = load_config(args.config or _default_config(), args.overrides)
+            rewards = [r.strip() for r in (args.rewards or cfg.reward.name).split(",") if r.strip()]
+            result = evaluate(cfg, args.prompts, rewards, args.checkpoint, args.ema, args.steps, args.batch, out=args.out)
+            for name, s in result["scores"].items():
+                print(f"{name}: {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']}, {result['checkpoint']})")
         elif args.command == "encode-prompts":
             from leapalign_fast.config import load_config
             from leapalign_fast.train import encode_prompt_cache

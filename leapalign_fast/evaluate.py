@@ -1,0 +1,93 @@
+"""`leapalign-fast eval`: sample a prompt file with a checkpoint (or the base model), score every image with a
+list of rewards, write a JSON table (mean and std per reward) and PNG grids.
+
+Same building blocks as training: the model loader, the prompt-embedding cache, the sampler and the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from leapalign_fast import checkpoint as ckpt
+from leapalign_fast.config import Config
+from leapalign_fast.errors import UserError
+from leapalign_fast.flow import flux_schedule
+from leapalign_fast.images import save_grid
+from leapalign_fast.io import write_json_atomic
+from leapalign_fast.models.flux import DTYPES, FluxVelocity, decode_latents, latent_image_ids
+from leapalign_fast.prompts import read_prompt_file
+from leapalign_fast.rewards import build_reward
+from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.train import add_trainable, load_components, prompt_cache_path, prompt_embeddings
+
+
+def resolve_checkpoint(cfg: Config, which: str) -> Path | None:
+    """`latest` (newest in output_dir, or the base model when there is none), `base`, or a checkpoint path."""
+    if which == "base":
+        return None
+    if which == "latest":
+        found = ckpt.list_checkpoints(cfg.output_dir)
+        return found[-1] if found else None
+    path = Path(which)
+    if not (path / "trained.safetensors").is_file():
+        raise UserError(f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
+                        f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'")  # fmt: skip
+    return path
+
+
+def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: str = "latest", ema: bool = False,
+             num_steps: int = 50, batch_size: int = 4, seed: int = 0, out: Path | None = None) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
+    path = resolve_checkpoint(cfg, which)
+    scorers = {}
+    for name in rewards:  # fail on a bad reward before any sampling
+        opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
+        scorers[name] = build_reward(name, **opts).to(device)
+    comps = load_components(cfg, need_text=not prompt_cache_path(cfg, prompts).is_file())
+    embeds = prompt_embeddings(cfg, comps, prompts)
+    comps.text = None
+    dtype = DTYPES[cfg.model.dtype]
+    transformer = comps.transformer.to(device, dtype) if next(comps.transformer.parameters()).dtype != dtype else comps.transformer.to(device)
+    if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
+        add_trainable(transformer, cfg)
+        weights = load_file(str(path / ("ema.safetensors" if ema else "trained.safetensors")))
+        named = dict(transformer.named_parameters())
+        unknown = [k for k in weights if k not in named]
+        if unknown:
+            raise UserError(f"checkpoint {path} does not fit this model/lora config (e.g. {unknown[0]}); "
+                            "evaluate with the config the run was trained with")  # fmt: skip
+        with torch.no_grad():
+            for k, v in weights.items():
+                named[k].copy_(v)
+    transformer.eval()
+    vae = comps.vae.to(device)
+    h, w = comps.latent_hw(cfg.resolution)
+    sigmas = flux_schedule(num_steps, (h // 2) * (w // 2))
+    out = Path(out or Path(cfg.output_dir) / "eval" / (f"{path.name}{'_ema' if ema else ''}" if path else "base"))
+    scores = {name: [] for name in rewards}
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        t5, pooled = embeds.select(idx)
+        velocity = FluxVelocity(transformer, t5.to(device), pooled.to(device), latent_image_ids(h, w, device), cfg.guidance)
+        noise = torch.randn(len(idx), (h // 2) * (w // 2), 64, generator=gen).to(device, dtype)
+        with torch.no_grad():
+            images = decode_latents(vae, sample_trajectory(velocity, noise, sigmas).x0, h, w)
+            for name, scorer in scorers.items():
+                scores[name] += scorer(images, [prompts[i] for i in idx]).float().cpu().tolist()
+        save_grid(images, out / f"grid_{start // batch_size:04d}.png")
+    table = {name: {"mean": sum(v) / len(v), "std": _std(v), "n": len(v)} for name, v in scores.items()}
+    result = {"checkpoint": str(path) if path else "base", "ema": ema, "num_steps": num_steps, "seed": seed,
+              "prompts": prompts, "scores": table, "per_prompt": scores}  # fmt: skip
+    write_json_atomic(out / "scores.json", result)
+    return result
+
+
+def _std(v: list[float]) -> float:
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
