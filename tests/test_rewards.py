@@ -166,3 +166,58 @@ def test_missing_weights_name_the_file_and_source(tmp_path):
         build_reward("clip")
     with pytest.raises(UserError, match="bad reward.options"):
         build_reward("colour", weights="x")
+
+
+def _blip_checkpoint(tmp_path):
+    """A tiny ImageReward checkpoint in the official (BLIP-code) key layout, from random HF BLIP modules."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from leapalign_fast.rewards.imagereward import make_mlp
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "blue", "ball", "cat", "dog"]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer.from_pretrained(tmp_path / "bert")
+    torch.manual_seed(4)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(tok) + 2, hidden_size=64, encoder_hidden_size=64,
+                                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+                                        max_position_embeddings=40, is_decoder=True), add_pooling_layer=False)
+    mlp = make_mlp(64)
+    state = {}
+    for k, v in vision.state_dict().items():
+        k = k.replace("embeddings.class_embedding", "cls_token").replace("embeddings.position_embedding", "pos_embed")
+        k = k.replace("embeddings.patch_embedding", "patch_embed.proj").replace("encoder.layers.", "blocks.")
+        k = k.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2").replace("self_attn.qkv", "attn.qkv")
+        k = k.replace("self_attn.projection", "attn.proj").replace("post_layernorm", "norm")
+        state["blip.visual_encoder." + k] = v
+    state.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items() if "position_ids" not in k})
+    state.update({f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()})
+    state["blip.vision_proj.weight"] = torch.randn(8, 64)  # unused by the reward, present in the real file
+    torch.save(state, tmp_path / "ImageReward.pt")
+    return vision.eval(), text.eval(), mlp.eval(), tok
+
+
+def test_imagereward_checkpoint_maps_key_by_key_and_scores(tmp_path):
+    vision, text, mlp, tok = _blip_checkpoint(tmp_path)
+    reward = build_reward("imagereward", checkpoint=str(tmp_path / "ImageReward.pt"), tokenizer=str(tmp_path / "bert"))
+    for ours, ref in ((reward.vision, vision), (reward.text, text), (reward.mlp, mlp)):
+        own = ours.state_dict()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(own[k], v), k
+    images = torch.rand(2, 3, 48, 40, requires_grad=True)
+    prompts = ["a red square", "a blue ball"]
+    score = reward(images, prompts)
+    # The published computation, step by step, on the original modules.
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    t = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        emb = vision(pixel_values=clip_preprocess(images.detach(), 32)).last_hidden_state
+        cls = text(input_ids=t.input_ids, attention_mask=t.attention_mask, encoder_hidden_states=emb,
+                   encoder_attention_mask=torch.ones(emb.shape[:-1], dtype=torch.long)).last_hidden_state[:, 0]
+    want = ((mlp(cls) - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
+    torch.testing.assert_close(score.detach(), want, atol=1e-5, rtol=1e-5)
+    assert score.shape == (2,) and torch.autograd.grad(score.sum(), images)[0].abs().sum() > 0
+    with pytest.raises(UserError, match="ImageReward.pt"):
+        build_reward("imagereward", checkpoint=str(tmp_path / "missing.pt"), tokenizer=str(tmp_path / "bert"))

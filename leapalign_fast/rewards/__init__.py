@@ -80,4 +80,4 @@ def build_reward(name: str, **options) -> torch.nn.Module:
     return model
 
 
-from leapalign_fast.rewards import clip_rewards, colour  # noqa: E402,F401  (registers built-in rewards)
+from leapalign_fast.rewards import clip_rewards, colour, imagereward  # noqa: E402,F401  (registers built-in rewards)
