@@ -211,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reward", default="colour", help="reward name (its weights count in the memory)")
+    p.add_argument("--reward-options", default="{}", help='JSON, e.g. \'{"clip": "...", "checkpoint": "...", '
+                   '"dtype": "bfloat16"}\' for hpsv2.1')  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
@@ -221,7 +224,10 @@ def main(argv=None) -> int:
     comps.vae.to(device)
     if kind == "tiny":  # train everything, as the tiny default does
         comps.transformer.requires_grad_(True)
-    reward = build_reward("colour").to(device)
+    import json
+
+    reward = build_reward(args.reward, **json.loads(args.reward_options)).to(device)
+    reward_mib = sum(t.numel() * t.element_size() for t in reward.state_dict().values()) / 2**20
     rows = []
     t0 = time.perf_counter()
     for res in res_list:
@@ -235,6 +241,7 @@ def main(argv=None) -> int:
     name = f"memory_{kind}_{slug(gpu)}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_result(args.out / f"{name}.json", {"model": kind, "device": device, "rows": rows,
+                                                    "reward": args.reward, "reward_weights_mib": reward_mib,
                                                     "wall_seconds": time.perf_counter() - t0,
                                                     "note": "random weights and prompt embeddings"})  # fmt: skip
     extra = write_outputs(rows, args.out, name)

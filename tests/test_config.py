@@ -82,3 +82,7 @@ def test_flux_configs_hold_the_paper_settings(name):
     assert (cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.reward.name) == (0.3, 0.1, 0.55, "hpsv2.1")
     assert cfg.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16" and cfg.resolution % 16 == 0
     assert cfg.lora.enabled == (name == "flux_leapalign.toml")
+    from leapalign_fast.rewards import build_reward
+
+    with pytest.raises(UserError, match="hpsv2.1.*lacks everything"):  # options fit the builder; files are local
+        build_reward(cfg.reward.name, **cfg.reward.options)
