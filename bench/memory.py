@@ -182,8 +182,9 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
             md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | OOM | OOM | | | | | |")
             continue
         s = r["seconds"]
+        peak = f"{r['peak_mib']:.1f}" if "peak_mib" in r else "n/a"
         md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['activation_mib']:.1f} | "
-                  f"{r.get('peak_mib', float('nan')):.1f} | {r['step_seconds']:.3f} | {s['sampling']:.3f} | "
+                  f"{peak} | {r['step_seconds']:.3f} | {s['sampling']:.3f} | "
                   f"{s['grad_forwards']:.3f} | {s['backward']:.3f} | {s['reward']:.3f} |")  # fmt: skip
     paths = [out / f"{name}.md"]
     paths[0].write_text("\n".join(md) + "\n")
