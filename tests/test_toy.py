@@ -1,0 +1,79 @@
+"""Toy benchmark pieces: the rule-based evaluator on hand-made scenes of known content, and the procedural
+dataset's captions agreeing with its images."""
+
+import random
+
+import numpy as np
+import pytest
+
+from leapalign_fast.models.text import TINY_WORDS
+from leapalign_fast.toy.evaluator import detect, evaluate_images, judge
+from leapalign_fast.toy.scenes import CATEGORIES, Obj, Spec, caption, prompt_set, render, sample_scene
+
+RED_SQ = Obj("square", "red", 16, 32, 14)
+BLUE_CI = Obj("circle", "blue", 48, 32, 14)
+
+
+def test_detects_hand_made_scene():
+    found = sorted(detect(render([RED_SQ, BLUE_CI])), key=lambda f: f.cx)
+    assert [(f.colour, f.shape) for f in found] == [("red", "square"), ("blue", "circle")]
+    assert abs(found[0].cx - 16) < 1 and abs(found[0].cy - 32) < 1 and abs(found[1].cx - 48) < 1
+    assert found[0].area == 14 * 14
+
+
+@pytest.mark.parametrize("spec, truth", [
+    (Spec("single", ((None, "circle"),)), True),
+    (Spec("single", ((None, "triangle"),)), False),
+    (Spec("colours", (("red", "square"),)), True),
+    (Spec("colours", (("blue", "square"),)), False),
+    (Spec("two", ((None, "square"), (None, "circle"))), True),
+    (Spec("two", ((None, "square"), (None, "triangle"))), False),
+    (Spec("binding", (("red", "square"), ("blue", "circle"))), True),
+    (Spec("binding", (("blue", "square"), ("red", "circle"))), False),  # attributes swapped
+    (Spec("position", (("red", "square"), ("blue", "circle")), relation="left of"), True),
+    (Spec("position", (("red", "square"), ("blue", "circle")), relation="right of"), False),
+    (Spec("position", (("blue", "circle"), ("red", "square")), relation="right of"), True),
+    (Spec("position", (("red", "square"), ("blue", "circle")), relation="above"), False),
+])  # fmt: skip
+def test_judges_hand_made_scene(spec, truth):
+    assert judge(render([RED_SQ, BLUE_CI]), spec) is truth
+
+
+def test_counting_and_vertical_relations():
+    tris = [Obj("triangle", "green", x, 20, 14) for x in (12, 32, 52)]
+    img = render(tris + [Obj("square", "yellow", 32, 50, 14)])
+    assert judge(img, Spec("counting", (("green", "triangle"),), count=3))
+    assert not judge(img, Spec("counting", (("green", "triangle"),), count=2))
+    assert judge(img, Spec("position", (("yellow", "square"), ("green", "triangle")), relation="below"))
+    assert not judge(img, Spec("position", (("yellow", "square"), ("green", "triangle")), relation="above"))
+
+
+def test_robust_to_noise_and_empty_images():
+    rng = np.random.default_rng(0)
+    noisy = np.clip(render([RED_SQ, BLUE_CI]) + rng.normal(0, 0.05, (3, 64, 64)), 0, 1)
+    assert judge(noisy, Spec("binding", (("red", "square"), ("blue", "circle"))))
+    assert detect(np.zeros((3, 64, 64))) == []
+    assert not judge(np.zeros((3, 64, 64)), Spec("single", ((None, "circle"),)))
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_generated_scene_satisfies_its_caption(category):
+    rng = random.Random(hash(category) % 1000)
+    words = set(TINY_WORDS)
+    for _ in range(60):
+        scene = sample_scene(rng, category)
+        assert scene.caption == caption(scene.spec) and scene.spec.category == category
+        assert judge(render(scene.objects), scene.spec), scene
+        assert all(w in words or (w.endswith("s") and w[:-1] in words) for w in scene.caption.split())
+
+
+def test_evaluate_images_and_prompt_set():
+    specs = [Spec("single", ((None, "circle"),)), Spec("single", ((None, "triangle"),)),
+             Spec("colours", (("red", "square"),))]  # fmt: skip
+    img = render([RED_SQ, BLUE_CI])
+    table = evaluate_images([img, img, img], specs)
+    assert table == {"single": 0.5, "colours": 1.0, "overall": 0.75}
+    prompts = prompt_set(5, seed=0)
+    # 'single' has only 3 distinct captions (one per shape); every other category has more than 5
+    assert len(prompts) == 3 + 5 * 5 and len({c for c, _ in prompts}) == len(prompts)
+    assert prompt_set(5, seed=0) == prompts
