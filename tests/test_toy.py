@@ -77,3 +77,30 @@ def test_evaluate_images_and_prompt_set():
     # 'single' has only 3 distinct captions (one per shape); every other category has more than 5
     assert len(prompts) == 3 + 5 * 5 and len({c for c, _ in prompts}) == len(prompts)
     assert prompt_set(5, seed=0) == prompts
+
+
+def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
+    import torch
+
+    from leapalign_fast.errors import UserError
+    from leapalign_fast.rewards import build_reward
+    from leapalign_fast.toy.reward import perturb, save_toy_reward, train_toy_reward, training_batch
+    from leapalign_fast.toy.scenes import sample_spec
+
+    rng = random.Random(0)
+    for cat in CATEGORIES:  # every negative caption differs from the positive one
+        for _ in range(20):
+            spec = sample_spec(cat, rng)
+            assert caption(perturb(spec, rng)) != caption(spec)
+    images, captions, labels = training_batch(rng, 3)
+    assert images.shape == (6, 3, 64, 64) and labels.tolist() == [1, 0] * 3
+    model = train_toy_reward(steps=3, batch=4, seed=0, log=lambda *_: None)
+    save_toy_reward(model, tmp_path / "reward.safetensors")
+    loaded = build_reward("toy", path=str(tmp_path / "reward.safetensors"))
+    x = images.clone().requires_grad_(True)
+    score = loaded(x, captions)
+    torch.testing.assert_close(score, model(images, captions), rtol=0, atol=0)
+    assert score.shape == (6,) and ((score > 0) & (score < 1)).all()
+    assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
+    with pytest.raises(UserError, match="reward.safetensors"):
+        build_reward("toy", path=str(tmp_path / "missing.safetensors"))

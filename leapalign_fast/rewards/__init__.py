@@ -81,3 +81,4 @@ def build_reward(name: str, **options) -> torch.nn.Module:
 
 
 from leapalign_fast.rewards import clip_rewards, colour, imagereward  # noqa: E402,F401  (registers built-in rewards)
+from leapalign_fast.toy import reward as _toy_reward  # noqa: E402,F401  (registers 'toy')
