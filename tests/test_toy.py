@@ -104,3 +104,29 @@ def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
     assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
     with pytest.raises(UserError, match="reward.safetensors"):
         build_reward("toy", path=str(tmp_path / "missing.safetensors"))
+
+
+def test_pretrain_script_writes_a_directory_the_trainer_loads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from leapalign_fast.config import load_config
+    from leapalign_fast.train import train
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "flux"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps",
+                           "2", "--batch", "4", "--bank", "256", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    meta = json.loads((tmp_path / "flux.json").read_text())
+    assert meta["flow_steps"] == 2 and meta["environment"]["torch"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square and a green triangle\n")
+    res = train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.source={out}", f"prompt_file={prompts}",
+                                   "eval_prompts=['a red circle']", "max_steps=2", "batch_size=2", "num_steps=4",
+                                   "tensorboard=false"]))  # fmt: skip
+    assert res.steps == 2 and len(res.rewards) == 2

@@ -1,0 +1,156 @@
+"""Pretrain the toy benchmark's tiny FLUX (the real diffusers classes) on procedural captioned scenes.
+
+    python bench/pretrain_toy.py --vae-steps 1500 --flow-steps 4000 --seed 0 --out assets/toy/flux
+
+Stage 1 trains a 16-channel AutoencoderKL (8x downsampling: 64 px -> 8x8 latents) on rendered scenes and sets its
+FLUX-style `scaling_factor`/`shift_factor` from the latent statistics. Stage 2 trains a FluxTransformer2DModel
+with rectified-flow matching (x_t = (1-t) x_0 + t eps, target eps - x_0, logit-normal t) on the packed latents,
+conditioned on frozen random-init CLIP/T5 text encoders of the real classes (distinct embeddings per word).
+The result is a diffusers-format directory that `model.source=<dir>` loads; a JSON beside it records the
+command, seed, steps and losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+from leapalign_fast.models.flux import FluxComponents, FluxVelocity, latent_image_ids, pack_latents, save_flux  # noqa: E402
+from leapalign_fast.models.text import build_tiny_text_stack, encode_prompts  # noqa: E402
+from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
+
+
+def scenes(rng: random.Random, n: int):
+    batch = [sample_scene(rng) for _ in range(n)]
+    images = torch.from_numpy(np.stack([render(s.objects) for s in batch]))
+    return images, [s.caption for s in batch]
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+
+
+def build_transformer(width: int, layers: int):
+    from diffusers import FluxTransformer2DModel
+
+    heads = width // 16
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=layers,
+                                  attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))  # fmt: skip
+
+
+def train_vae(vae, steps: int, batch: int, rng, log) -> list[float]:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        images, _ = scenes(rng, batch)
+        x = images * 2 - 1
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}: loss {np.mean(losses[-50:]):.5f}")
+    with torch.no_grad():  # FLUX-style latent normalisation from the data
+        z = torch.cat([vae.encode(scenes(rng, 64)[0] * 2 - 1).latent_dist.mode() for _ in range(4)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    return losses
+
+
+@torch.no_grad()
+def latent_bank(vae, text, n: int, rng):
+    """n scenes encoded once: packed normalised latents (n, 16, 64), T5 (n, S, D), pooled (n, Dp)."""
+    sf, sh = vae.config.scaling_factor, vae.config.shift_factor
+    xs, captions = [], []
+    for _ in range(0, n, 256):
+        images, caps = scenes(rng, 256)
+        xs.append(pack_latents((vae.encode(images * 2 - 1).latent_dist.mode() - sh) * sf))
+        captions += caps
+    unique = list(dict.fromkeys(captions))
+    e = encode_prompts(text, unique)
+    index = torch.tensor([unique.index(c) for c in captions])
+    return torch.cat(xs), e.t5[index], e.pooled[index]
+
+
+def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192) -> list[float]:
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    ids = latent_image_ids(8, 8)
+    bank_x, bank_t5, bank_pooled = latent_bank(vae, text, bank_size, rng)
+    log(f"latent bank: {tuple(bank_x.shape)}, std {bank_x.std():.3f}")
+    losses = []
+    for step in range(steps):
+        pick = torch.randint(len(bank_x), (batch,))
+        x0, t5, pooled = bank_x[pick], bank_t5[pick], bank_pooled[pick]
+        eps = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(batch))  # logit-normal times, as SD3/FLUX training
+        xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
+        v = FluxVelocity(transformer, t5, pooled, ids, 3.5)(xt, t)
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"flow step {step}: loss {np.mean(losses[-50:]):.5f}")
+    return losses
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--flow-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bank", type=int, default=8192, help="scenes encoded once for the flow stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    vae = build_vae()
+    vae_losses = train_vae(vae, args.vae_steps, args.batch, rng, log)
+    vae.eval().requires_grad_(False)
+    text = build_tiny_text_stack(32, 32, seed=args.seed + 1)
+    transformer = build_transformer(args.width, args.layers)
+    flow_losses = train_flow(transformer, vae, text, args.flow_steps, args.batch, args.lr, rng, log, args.bank)
+    save_flux(FluxComponents(transformer.eval(), vae, text), args.out)
+    write_result(args.out.parent / f"{args.out.name}.json", {
+        "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "batch": args.batch,
+        "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
+        "train_seconds": time.perf_counter() - t0,
+        "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
+    })  # fmt: skip
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
