@@ -39,20 +39,18 @@ def resolve_checkpoint(cfg: Config, which: str) -> Path | None:
     return path
 
 
-def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: str = "latest", ema: bool = False,
-             num_steps: int = 50, batch_size: int = 4, seed: int = 0, out: Path | None = None) -> dict:
+def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool = False, num_steps: int = 50,
+                  batch_size: int = 4, seed: int = 0):
+    """Yield (indices, images (b, 3, H, W) in [0, 1]) for `prompts`, sampled with the checkpoint at `path`
+    (its trained or EMA weights) or the base model (`path` None), from noise seeded by `seed`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
-    path = resolve_checkpoint(cfg, which)
-    scorers = {}
-    for name in rewards:  # fail on a bad reward before any sampling
-        opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
-        scorers[name] = build_reward(name, **opts).to(device)
     comps = load_components(cfg, need_text=not prompt_cache_path(cfg, prompts).is_file())
     embeds = prompt_embeddings(cfg, comps, prompts)
     comps.text = None
     dtype = DTYPES[cfg.model.dtype]
-    transformer = comps.transformer.to(device, dtype) if next(comps.transformer.parameters()).dtype != dtype else comps.transformer.to(device)
+    transformer = comps.transformer.to(device)
+    if next(transformer.parameters()).dtype != dtype:
+        transformer.to(dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
         add_trainable(transformer, cfg)
         weights = load_file(str(path / ("ema.safetensors" if ema else "trained.safetensors")))
@@ -68,8 +66,6 @@ def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: st
     vae = comps.vae.to(device)
     h, w = comps.latent_hw(cfg.resolution)
     sigmas = flux_schedule(num_steps, (h // 2) * (w // 2))
-    out = Path(out or Path(cfg.output_dir) / "eval" / (f"{path.name}{'_ema' if ema else ''}" if path else "base"))
-    scores = {name: [] for name in rewards}
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
@@ -77,10 +73,25 @@ def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: st
         velocity = FluxVelocity(transformer, t5.to(device), pooled.to(device), latent_image_ids(h, w, device), cfg.guidance)
         noise = torch.randn(len(idx), (h // 2) * (w // 2), 64, generator=gen).to(device, dtype)
         with torch.no_grad():
-            images = decode_latents(vae, sample_trajectory(velocity, noise, sigmas).x0, h, w)
+            yield idx, decode_latents(vae, sample_trajectory(velocity, noise, sigmas).x0, h, w)
+
+
+def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: str = "latest", ema: bool = False,
+             num_steps: int = 50, batch_size: int = 4, seed: int = 0, out: Path | None = None) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
+    path = resolve_checkpoint(cfg, which)
+    scorers = {}
+    for name in rewards:  # fail on a bad reward before any sampling
+        opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
+        scorers[name] = build_reward(name, **opts).to(device)
+    out = Path(out or Path(cfg.output_dir) / "eval" / (f"{path.name}{'_ema' if ema else ''}" if path else "base"))
+    scores = {name: [] for name in rewards}
+    for idx, images in sample_images(cfg, prompts, path, ema, num_steps, batch_size, seed):
+        with torch.no_grad():
             for name, scorer in scorers.items():
                 scores[name] += scorer(images, [prompts[i] for i in idx]).float().cpu().tolist()
-        save_grid(images, out / f"grid_{start // batch_size:04d}.png")
+        save_grid(images, out / f"grid_{idx[0] // batch_size:04d}.png")
     table = {name: {"mean": sum(v) / len(v), "std": _std(v), "n": len(v)} for name, v in scores.items()}
     result = {"checkpoint": str(path) if path else "base", "ema": ema, "num_steps": num_steps, "seed": seed,
               "prompts": prompts, "scores": table, "per_prompt": scores}  # fmt: skip
