@@ -106,27 +106,56 @@ def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
         build_reward("toy", path=str(tmp_path / "missing.safetensors"))
 
 
-def test_pretrain_script_writes_a_directory_the_trainer_loads(tmp_path):
+@pytest.fixture(scope="module")
+def toy_assets(tmp_path_factory):
+    """A (barely) pretrained toy FLUX directory and toy reward, from the repo's own scripts."""
     import subprocess
     import sys
     from pathlib import Path
 
+    root = Path(__file__).resolve().parent.parent
+    d = tmp_path_factory.mktemp("toy")
+    for cmd in ([str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps", "2", "--batch", "4",
+                 "--bank", "256", "--out", str(d / "flux")],
+                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--out",
+                 str(d / "reward.safetensors")]):  # fmt: skip
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return d
+
+
+def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_path):
+    import json
+
     from leapalign_fast.config import load_config
     from leapalign_fast.train import train
 
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "flux"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps",
-                           "2", "--batch", "4", "--bank", "256", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-
-    meta = json.loads((tmp_path / "flux.json").read_text())
+    meta = json.loads((toy_assets / "flux.json").read_text())
     assert meta["flow_steps"] == 2 and meta["environment"]["torch"]
+    assert 0.0 <= json.loads((toy_assets / "reward.json").read_text())["pairwise_accuracy"] <= 1.0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square and a green triangle\n")
-    res = train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.source={out}", f"prompt_file={prompts}",
-                                   "eval_prompts=['a red circle']", "max_steps=2", "batch_size=2", "num_steps=4",
-                                   "tensorboard=false"]))  # fmt: skip
+    res = train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.source={toy_assets / 'flux'}",
+                                   f"prompt_file={prompts}", "eval_prompts=['a red circle']", "max_steps=2",
+                                   "batch_size=2", "num_steps=4", "tensorboard=false", "reward.name=toy",
+                                   f"reward.options={{path = '{toy_assets / 'reward.safetensors'}'}}"]))  # fmt: skip
     assert res.steps == 2 and len(res.rewards) == 2
+
+
+def test_quality_bench_quick(toy_assets, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--quick", "--model",
+                           str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
+                           "--methods", "leapalign", "refl", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((tmp_path / "quality_toy_quick.json").read_text())["table"]
+    assert set(table) == {"base", "leapalign", "refl"}
+    assert set(table["leapalign"]) == set(CATEGORIES) | {"overall"}
+    assert all(0.0 <= v[0] <= 1.0 for row in table.values() for v in row.values())
+    assert (tmp_path / "quality_toy_quick_reward_curves.png").is_file()

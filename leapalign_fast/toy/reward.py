@@ -88,15 +88,17 @@ def perturb(spec: Spec, rng: random.Random) -> Spec:
     return Spec(spec.category, tuple(objs), spec.count, spec.relation)
 
 
-def training_batch(rng: random.Random, n: int, noise: float = 0.1):
-    """n positives and n one-attribute negatives: (images (2n, 3, 64, 64), captions, labels (2n,))."""
+def training_batch(rng: random.Random, n: int, noise: float = 0.1, hard: float = 0.5):
+    """n positives and n negatives, a fraction `hard` of them one-attribute perturbations and the rest another
+    scene's caption: (images (2n, 3, 64, 64), captions, labels (2n,))."""
     images, captions, labels = [], [], []
     for _ in range(n):
         scene = sample_scene(rng)
         img = render(scene.objects)
         img = np.clip(img + np.random.default_rng(rng.randrange(2**31)).normal(0, noise * rng.random(), img.shape), 0, 1)
+        negative = caption(perturb(scene.spec, rng)) if rng.random() < hard else sample_scene(rng).caption
         images += [img, img]
-        captions += [scene.caption, caption(perturb(scene.spec, rng))]
+        captions += [scene.caption, negative if negative != scene.caption else caption(perturb(scene.spec, rng))]
         labels += [1.0, 0.0]
     return torch.from_numpy(np.stack(images)).float(), captions, torch.tensor(labels)
 
@@ -120,7 +122,7 @@ def train_toy_reward(steps: int, batch: int, seed: int, lr: float = 2e-3, log=pr
 @torch.no_grad()
 def accuracy(model: ToyReward, n: int, seed: int) -> float:
     """Pairwise accuracy on fresh scenes: the true caption scores above its one-attribute negative."""
-    images, captions, _ = training_batch(random.Random(seed), n, noise=0.0)
+    images, captions, _ = training_batch(random.Random(seed), n, noise=0.0, hard=1.0)
     s = model(images, captions)
     return float((s[0::2] > s[1::2]).float().mean())
 
