@@ -38,7 +38,7 @@ def run_config(args, method: str, seed: int, out: Path, prompt_file: Path) -> li
     return [f"output_dir={out}", f"model.source={args.model}", f"prompt_file={prompt_file}", f"seed={seed}",
             f"method.name={method}", f"max_steps={args.steps}", f"batch_size={args.batch}", f"num_steps={args.n}",
             f"lr={args.lr}", "reward.name=toy", f"reward.options={{path = \"{args.reward}\"}}", "tensorboard=false",
-            f"checkpoint_every={args.steps}", "keep_checkpoints=1", "ema_decay=0.0", "method.lam=1.0",
+            f"checkpoint_every={args.steps}", "keep_checkpoints=1", "ema_decay=0.0", f"method.lam={args.lam}",
             "eval_prompts=['a red circle', 'a blue square and a green triangle']"]  # fmt: skip
 
 
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=10, help="training sampling steps")
     p.add_argument("--eval-n", type=int, default=20, help="evaluation sampling steps")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lam", type=float, default=4.0, help="hinge margin on the toy reward's logit")
     p.add_argument("--train-prompts", type=int, default=40, help="per category")
     p.add_argument("--eval-prompts", type=int, default=30, help="per category")
     p.add_argument("--quick", action="store_true")

@@ -100,7 +100,7 @@ def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
     x = images.clone().requires_grad_(True)
     score = loaded(x, captions)
     torch.testing.assert_close(score, model(images, captions), rtol=0, atol=0)
-    assert score.shape == (6,) and ((score > 0) & (score < 1)).all()
+    assert score.shape == (6,) and torch.isfinite(score).all()
     assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
     with pytest.raises(UserError, match="reward.safetensors"):
         build_reward("toy", path=str(tmp_path / "missing.safetensors"))

@@ -1,9 +1,10 @@
 """`toy`: a small differentiable image-caption scorer trained on the procedural scenes (never the evaluator).
 
-Image: 3 strided convolutions; caption: token embeddings (tiny CLIP tokenizer) through a GRU; the caption
-vector modulates the image features (FiLM) before pooling; output sigmoid(logit) in [0, 1], "does this image
-show this caption". Trained with binary cross-entropy on (scene, its caption) vs (scene, a caption that differs in
-one attribute: colour, shape, count or relation).
+Image: strided convolutions; caption: token embeddings (tiny CLIP tokenizer) through a GRU; the caption
+vector modulates the image features (FiLM), coordinates are appended, then max/mean pooling and an MLP; output the
+logit of "does this image show this caption". Trained with binary cross-entropy on (scene, its caption) vs
+(scene, another caption or one differing in one attribute: colour, shape, count or relation), on crisp and
+blurred renders.
 """
 
 from __future__ import annotations
@@ -61,7 +62,20 @@ class ToyReward(torch.nn.Module):
         return self.head(pooled).squeeze(-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.sigmoid(self.logits(images, prompts))
+        """The logit of "this image shows this caption": unbounded, so a hinge `max(0, lam - r)` keeps a
+        constant gradient until the margin is reached (a sigmoid would saturate on poor samples)."""
+        return self.logits(images, prompts)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 3, H, W): the soft edges a small generator draws."""
+    radius = max(1, int(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(images.device)
+    c = images.shape[1]
+    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def perturb(spec: Spec, rng: random.Random) -> Spec:
@@ -110,6 +124,8 @@ def train_toy_reward(steps: int, batch: int, seed: int, lr: float = 2e-3, log=pr
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
         images, captions, labels = training_batch(rng, batch)
+        if rng.random() < 0.7:  # generated images are soft-edged: train on blurred scenes too
+            images = gaussian_blur(images, rng.uniform(0.5, 2.0))
         loss = F.binary_cross_entropy_with_logits(model.logits(images, captions), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
