@@ -22,7 +22,7 @@ from leapalign_fast.models.flux import DTYPES, FluxVelocity, decode_latents, lat
 from leapalign_fast.prompts import read_prompt_file
 from leapalign_fast.rewards import build_reward
 from leapalign_fast.sampler import sample_trajectory
-from leapalign_fast.train import add_trainable, load_components, prompt_cache_path, prompt_embeddings
+from leapalign_fast.train import add_trainable, load_components, load_trained, prompt_cache_path, prompt_embeddings
 
 
 def resolve_checkpoint(cfg: Config, which: str) -> Path | None:
@@ -53,15 +53,7 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
         transformer.to(dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
         add_trainable(transformer, cfg)
-        weights = load_file(str(path / ("ema.safetensors" if ema else "trained.safetensors")))
-        named = dict(transformer.named_parameters())
-        unknown = [k for k in weights if k not in named]
-        if unknown:
-            raise UserError(f"checkpoint {path} does not fit this model/lora config (e.g. {unknown[0]}); "
-                            "evaluate with the config the run was trained with")  # fmt: skip
-        with torch.no_grad():
-            for k, v in weights.items():
-                named[k].copy_(v)
+        load_trained(transformer, load_file(str(path / ("ema.safetensors" if ema else "trained.safetensors"))), path)
     transformer.eval()
     vae = comps.vae.to(device)
     h, w = comps.latent_hw(cfg.resolution)

@@ -164,6 +164,20 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy checkpointed parameters into `model` by name; names or shapes that do not fit are a UserError."""
+    named = dict(model.named_parameters())
+    missing = [n for n in weights if n not in named]
+    if missing:
+        raise UserError(f"checkpoint {source} has weights the model lacks (e.g. {missing[0]}); train, resume and "
+                        "evaluate with the model/lora config the run was trained with")  # fmt: skip
+    with torch.no_grad():
+        for n, t in weights.items():
+            if named[n].shape != t.shape:
+                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
+            named[n].copy_(t)
+
+
 def trained_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
 
@@ -335,16 +349,7 @@ def resume(run: Run) -> tuple[int, int]:
             f"cannot resume from {found[-1]}: its config differs in {', '.join(diffs)}; use the saved config "
             f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
         )
-    model = unwrap(run.transformer)
-    named = dict(model.named_parameters())
-    missing = [n for n in data["trained"] if n not in named]
-    if missing:
-        raise UserError(f"checkpoint {found[-1]} has weights the model lacks: {missing[:5]}; check model/lora config")
-    with torch.no_grad():
-        for n, t in data["trained"].items():
-            if named[n].shape != t.shape:
-                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
-            named[n].copy_(t)
+    load_trained(unwrap(run.transformer), data["trained"], found[-1])
     run.optimizer.load_state_dict(data["optimizer"])
     run.scheduler.load_state_dict(data["state"]["scheduler"])
     if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from leapalign_fast.flow import as_batch_time, leap_trajectory
+from leapalign_fast.flow import leap_trajectory
 from leapalign_fast.kernels import similarity_weight
 from leapalign_fast.methods.base import StepInputs, draw_two_indices, resolve_window
 from leapalign_fast.methods.leapalign import leapalign_loss
