@@ -1,12 +1,14 @@
 """Toy-scale alignment benchmark: every method from the same pretrained tiny FLUX, same reward, prompts and budget,
 scored by the rule-based evaluator (never the training reward) per GenEval-style category, over seeds.
 
-    python bench/quality.py --model assets/toy/flux --reward assets/toy/reward.safetensors \
-        --methods leapalign refl draft_lv drtune --seeds 0 1 2 --steps 200
-    python bench/quality.py ... --quick      # 1 seed, few steps, few prompts: checks the pipeline (CI)
+    python bench/quality.py                  # configs/tiny.toml's model, reward and settings; every method, 3 seeds
+    python bench/quality.py --set lr=1e-4 method.lam=2.0 --steps 200   # any config override
+    python bench/quality.py --quick          # 1 seed, few steps, few prompts: checks the pipeline (CI)
 
-Budget: the same number of optimizer steps, batch size and sampling steps N for every method (so the same
-number of sampled trajectories); the grad-enabled forwards per trajectory differ by method, as in the paper.
+Every run starts from the config (`--config`, default configs/tiny.toml: the shipped toy FLUX and toy reward) and
+differs only in method and seed. Budget: the same number of optimizer steps, batch size and sampling steps N for
+every method (so the same number of sampled trajectories); the grad-enabled forwards per trajectory differ by
+method, as in the paper.
 Writes JSON, a markdown table (mean ± std over seeds) and reward curves under bench/results/.
 """
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
 from leapalign_fast import checkpoint as ckpt  # noqa: E402
-from leapalign_fast.config import load_config  # noqa: E402
+from leapalign_fast.config import config_dict, load_config  # noqa: E402
 from leapalign_fast.evaluate import sample_images  # noqa: E402
 from leapalign_fast.toy.evaluator import evaluate_images  # noqa: E402
 from leapalign_fast.toy.scenes import CATEGORIES, prompt_set  # noqa: E402
@@ -34,57 +36,66 @@ from leapalign_fast.train import train  # noqa: E402
 METHODS = ["leapalign", "refl", "draft_lv", "drtune", "draft"]
 
 
-def run_config(args, method: str, seed: int, out: Path, prompt_file: Path) -> list[str]:
-    return [f"output_dir={out}", f"model.source={args.model}", f"prompt_file={prompt_file}", f"seed={seed}",
-            f"method.name={method}", f"max_steps={args.steps}", f"batch_size={args.batch}", f"num_steps={args.n}",
-            f"lr={args.lr}", "reward.name=toy", f"reward.options={{path = \"{args.reward}\"}}", "tensorboard=false",
-            f"checkpoint_every={args.steps}", "keep_checkpoints=1", "ema_decay=0.0", f"method.lam={args.lam}",
-            "eval_prompts=['a red circle', 'a blue square and a green triangle']"]  # fmt: skip
+def run_config(args, method: str, seed: int, out: Path, prompt_file: Path):
+    overrides = [f"output_dir={out}", f"prompt_file={prompt_file}", f"seed={seed}", f"method.name={method}",
+                 f"max_steps={args.steps}", "tensorboard=false", f"checkpoint_every={args.steps}", "keep_checkpoints=1",
+                 "eval_prompts=['a red circle', 'a blue square and a green triangle']"]  # fmt: skip
+    if args.model:
+        overrides.append(f"model.source={args.model}")
+    if args.reward:
+        overrides.append(f"reward.options.path={args.reward}")
+    return load_config(args.config, overrides + list(args.set))
 
 
 def score(cfg, path, prompts, specs, args, seed) -> dict[str, float]:
     images = np.concatenate([im.cpu().numpy() for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n,
-                                                                            batch_size=16, seed=1000 + seed)])  # fmt: skip
+                                                                            batch_size=60, seed=1000 + seed)])  # fmt: skip
     return evaluate_images(images, specs)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "assets" / "toy" / "flux")
-    p.add_argument("--reward", type=Path, default=ROOT / "assets" / "toy" / "reward.safetensors")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml")
+    p.add_argument("--model", type=Path, default=None, help="model.source (default: the config's)")
+    p.add_argument("--reward", type=Path, default=None, help="reward.options.path (default: the config's)")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (equal for every method)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--n", type=int, default=10, help="training sampling steps")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, equal for every method "
+                   "(default: the config's max_steps)")
     p.add_argument("--eval-n", type=int, default=20, help="evaluation sampling steps")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--lam", type=float, default=4.0, help="hinge margin on the toy reward's logit")
+    p.add_argument("--eval-images", type=int, default=2, help="images per evaluation prompt (different noise)")
     p.add_argument("--train-prompts", type=int, default=40, help="per category")
     p.add_argument("--eval-prompts", type=int, default=30, help="per category")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.n, args.eval_n, args.train_prompts, args.eval_prompts = [0], 3, 4, 4, 4, 2
+        args.seeds, args.steps, args.eval_n, args.train_prompts, args.eval_prompts, args.eval_images = [0], 3, 4, 4, 2, 1
+        args.set = ["num_steps=4", *args.set]
+    args.steps = args.steps or load_config(args.config, list(args.set)).max_steps
     train_set = prompt_set(args.train_prompts, seed=0)
     # Drawn independently of the training prompts; the caption space is small (3 single-object captions in all),
     # so the two sets can overlap. Every evaluation image comes from fresh noise either way.
     eval_set = prompt_set(args.eval_prompts, seed=1)
-    eval_prompts, eval_specs = [c for c, _ in eval_set], [s for _, s in eval_set]
+    eval_prompts = [c for c, _ in eval_set for _ in range(args.eval_images)]
+    eval_specs = [s for _, s in eval_set for _ in range(args.eval_images)]
     work = Path(tempfile.mkdtemp(prefix="quality-"))
     prompt_file = work / "train_prompts.txt"
     prompt_file.write_text("\n".join(c for c, _ in train_set) + "\n")
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {"base": []}
     curves: dict[str, list[list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
     for seed in args.seeds:
-        cfg = load_config(None, run_config(args, "leapalign", seed, work / "base", prompt_file))
+        cfg = run_config(args, "leapalign", seed, work / "base", prompt_file)
         results["base"].append(score(cfg, None, eval_prompts, eval_specs, args, seed))
         for m in args.methods:
             out = work / f"{m}_{seed}"
-            cfg = load_config(None, run_config(args, m, seed, out, prompt_file))
+            cfg = run_config(args, m, seed, out, prompt_file)
+            t1 = time.perf_counter()
             res = train(cfg)
+            seconds.setdefault(m, []).append(time.perf_counter() - t1)
             curves.setdefault(m, []).append(res.rewards)
             results.setdefault(m, []).append(score(cfg, ckpt.list_checkpoints(out)[-1], eval_prompts, eval_specs, args, seed))
             print(f"{m} seed {seed}: overall {results[m][-1]['overall']:.3f} (base {results['base'][-1]['overall']:.3f}), "
@@ -112,7 +123,8 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(args.out / f"{name}_reward_curves.png", dpi=100)
     write_result(args.out / f"{name}.json", {"table": table, "per_seed": results, "curves": curves,
-                 "settings": {k: str(v) for k, v in vars(args).items()}, "wall_seconds": time.perf_counter() - t0,
+                 "settings": {k: str(v) for k, v in vars(args).items()}, "config": config_dict(cfg),
+                 "wall_seconds": time.perf_counter() - t0, "seconds_per_method": seconds,
                  "budget": "equal optimizer steps, batch size and sampling steps per method"})  # fmt: skip
     print("\n".join(md))
     return 0

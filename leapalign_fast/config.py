@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ def _keys(cls, prefix="") -> list[str]:
 
 def _unknown(key: str, root_cls) -> UserError:
     close = difflib.get_close_matches(key, _keys(root_cls), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/tiny.toml for the valid keys"
+    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/defaults.toml for every key"
     return UserError(f"unknown config key '{key}'{hint}")
 
 
@@ -187,6 +188,27 @@ def apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = parse_value(text.strip())
 
 
+def _relative(value) -> bool:
+    return isinstance(value, str) and value not in ("", "tiny") and not Path(value).is_absolute()
+
+
+def resolve_file_paths(data: dict, base: Path) -> None:
+    """Relative paths written in a config file are relative to that file's directory (so `configs/tiny.toml` finds
+    `../assets/toy` from any working directory): `model.source` (unless "tiny"), `prompt_file` and the reward's
+    `path` option (a path or a list of paths). Paths in command-line overrides stay relative to the working
+    directory."""
+    model, reward = data.get("model"), data.get("reward")
+    if isinstance(model, dict) and _relative(model.get("source")):
+        model["source"] = os.path.normpath(base / model["source"])
+    if _relative(data.get("prompt_file")):
+        data["prompt_file"] = os.path.normpath(base / data["prompt_file"])
+    options = reward.get("options") if isinstance(reward, dict) else None
+    if isinstance(options, dict) and isinstance(options.get("path"), list):
+        options["path"] = [os.path.normpath(base / x) if _relative(x) else x for x in options["path"]]
+    elif isinstance(options, dict) and _relative(options.get("path")):
+        options["path"] = os.path.normpath(base / options["path"])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or nothing: defaults), apply overrides, and validate every key and type."""
     data: dict = {}
@@ -198,6 +220,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {p} is not valid TOML: {e}") from None
+        resolve_file_paths(data, p.resolve().parent)
     for item in overrides:
         apply_override(data, item)
     cfg = _build(Config, data, "", Config)

@@ -12,8 +12,37 @@ from leapalign_fast.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_tiny_toml_equals_defaults():
-    assert load_config(ROOT / "configs" / "tiny.toml") == Config()
+def test_defaults_toml_equals_the_library_defaults():
+    assert load_config(ROOT / "configs" / "defaults.toml") == Config()
+
+
+def test_tiny_toml_is_the_shipped_toy_setup_from_any_directory(tmp_path, monkeypatch):
+    """The embedded default trains the shipped toy model on the toy reward; its relative paths are relative to the
+    file, so it loads the same from any working directory."""
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    assert cfg.model.source == str(ROOT / "assets" / "toy" / "flux") and cfg.reward.name == "toy"
+    assert Path(cfg.reward.options["path"]).is_file() and Path(cfg.prompt_file).is_file()
+    assert (Path(cfg.model.source) / "model_index.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert load_config(ROOT / "configs" / "tiny.toml") == cfg
+    # every other key keeps the library default unless the file sets it
+    assert cfg.method.name == Config().method.name and cfg.guidance == Config().guidance
+
+
+def test_relative_paths_in_a_file_resolve_against_it_and_overrides_against_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.toml"
+    path.write_text('prompt_file = "p.txt"\n[model]\nsource = "../m"\n[reward]\nname = "toy"\n'
+                    'options = { path = "r.safetensors" }\n')
+    cfg = load_config(path)
+    assert (cfg.prompt_file, cfg.model.source) == (str(tmp_path / "sub" / "p.txt"), str(tmp_path / "m"))
+    assert cfg.reward.options["path"] == str(tmp_path / "sub" / "r.safetensors")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, ["prompt_file=q.txt", "model.source=tiny"])
+    assert (cfg.prompt_file, cfg.model.source) == ("q.txt", "tiny")
+    assert load_config(None, ["model.source=/abs/m"]).model.source == "/abs/m"
+    path.write_text('[reward]\nname = "toy"\noptions = { path = ["a.safetensors", "/abs/b.safetensors"] }\n')
+    assert load_config(path).reward.options["path"] == [str(tmp_path / "sub" / "a.safetensors"), "/abs/b.safetensors"]
 
 
 def test_overrides_dotted_and_typed():

@@ -117,8 +117,45 @@ def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
     torch.testing.assert_close(score, model(images, captions), rtol=0, atol=0)
     assert score.shape == (6,) and torch.isfinite(score).all()
     assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
-    with pytest.raises(UserError, match="reward.safetensors"):
+    with pytest.raises(UserError, match="missing.safetensors not found"):
         build_reward("toy", path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UserError, match="needs reward.options.path"):
+        build_reward("toy")
+    with pytest.raises(UserError, match="combine must be 'mean' or 'min'"):
+        build_reward("toy", path=[str(tmp_path / "reward.safetensors")] * 2, combine="max")
+    # an ensemble of two copies scores like one; min and mean of equal members agree
+    for combine in ("mean", "min"):
+        pair = build_reward("toy", path=[str(tmp_path / "reward.safetensors")] * 2, combine=combine)
+        torch.testing.assert_close(pair(images, captions), score.detach(), rtol=1e-6, atol=1e-5)
+    # contrast: minus the mean logit of near-miss captions, computed from the same image features
+    contrast = build_reward("toy", path=str(tmp_path / "reward.safetensors"), contrast=3)
+    from leapalign_fast.toy.reward import near_misses
+
+    expect = model.logits(images, captions) - torch.stack(
+        [model.logits(images, [near_misses(c, 3)[k] for c in captions]) for k in range(3)]).mean(0)  # fmt: skip
+    torch.testing.assert_close(contrast(images, captions), expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="cannot parse prompt 'a photo of a dog'"):
+        contrast(images[:1], ["a photo of a dog"])
+    # generator images (a bank) as positives
+    bank = (images[:2].numpy(), [sample_scene(rng), sample_scene(rng)])
+    imgs, caps, labels = training_batch(random.Random(1), 8, bank=bank, bank_frac=1.0, junk=1.0)
+    assert any(np.array_equal(imgs[i].numpy(), bank[0][0]) or np.array_equal(imgs[i].numpy(), bank[0][1]) for i in range(0, 16, 2))
+    assert caps[0::2] == caps[1::2] and labels.tolist() == [1, 0] * 8  # junk negatives keep the caption
+
+
+def test_parse_caption_inverts_caption_and_near_misses_are_fixed():
+    from leapalign_fast.toy.reward import near_misses
+    from leapalign_fast.toy.scenes import parse_caption
+
+    rng = random.Random(0)
+    for _ in range(600):
+        scene = sample_scene(rng)
+        assert parse_caption(scene.caption) == scene.spec
+    for text in ["a dog", "a red circle and a square", "two circles", "a circle left of a square", "", "red circle"]:
+        assert parse_caption(text) is None, text
+    misses = near_misses("a red circle left of a blue square", 4)
+    assert misses == near_misses("a red circle left of a blue square", 4) and len(misses) == 4
+    assert all(parse_caption(m) is not None and m != "a red circle left of a blue square" for m in misses)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +169,8 @@ def toy_assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
     for cmd in ([str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps", "2", "--batch", "4",
                  "--bank", "256", "--out", str(d / "flux")],
-                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--out",
-                 str(d / "reward.safetensors")]):  # fmt: skip
+                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--bank-model",
+                 str(d / "flux"), "--bank", "8", "--bank-steps", "2", "--out", str(d / "reward.safetensors")]):  # fmt: skip
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return d

@@ -61,6 +61,35 @@ def caption(spec: Spec) -> str:
     return f"{noun(c0, s0)} and {noun(c1, s1)}"
 
 
+def parse_caption(text: str) -> Spec | None:
+    """The Spec a caption of this grammar states (the inverse of `caption`), or None for any other text."""
+    words = text.strip().split()
+    numbers = {v: k for k, v in NUMBERS.items()}
+
+    def noun(ws):  # "a [colour] shape" -> (colour or None, shape)
+        if len(ws) == 2 and ws[0] == "a" and ws[1] in SHAPES:
+            return None, ws[1]
+        if len(ws) == 3 and ws[0] == "a" and ws[1] in COLOURS and ws[2] in SHAPES:
+            return ws[1], ws[2]
+        return None
+
+    if len(words) == 3 and words[0] in numbers and words[1] in COLOURS and words[2][:-1] in SHAPES and words[2][-1] == "s":
+        return Spec("counting", ((words[1], words[2][:-1]),), count=numbers[words[0]])
+    one = noun(words)
+    if one:
+        return Spec("colours" if one[0] else "single", (one,))
+    for rel in list(RELATIONS) + ["and"]:
+        r = rel.split()
+        for i in range(1, len(words)):
+            if words[i : i + len(r)] == r:
+                a, b = noun(words[:i]), noun(words[i + len(r) :])
+                if a and b and rel != "and" and a[0] and b[0]:
+                    return Spec("position", (a, b), relation=rel)
+                if a and b and rel == "and" and bool(a[0]) == bool(b[0]):
+                    return Spec("binding" if a[0] else "two", (a, b))
+    return None
+
+
 def render(objects: list[Obj], size: int = SIZE) -> np.ndarray:
     """(3, size, size) float32 in [0, 1]: shapes painted in order on black."""
     img = np.zeros((3, size, size), dtype=np.float32)
