@@ -1,6 +1,7 @@
 """Train the toy benchmark's differentiable reward (leapalign_fast.toy.reward) on procedural scenes.
 
-    python bench/train_toy_reward.py --steps 3000 --batch 32 --seed 0 --out assets/toy/reward.safetensors
+    python bench/train_toy_reward.py --seed 0 --threads 2     # writes assets/toy/reward_0.safetensors
+    python bench/train_toy_reward.py --seed 1 --threads 2     # the second member of the shipped ensemble
 
 Half the positives are drawn by the pretrained toy generator (`--bank-model`) from known scenes: each scene is
 rendered, encoded by the generator's VAE, noised to a time t in `--bank-t` and denoised by the generator with its
@@ -61,7 +62,7 @@ def generator_bank(model_dir: Path, n: int, t_range: tuple[float, float], steps:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -70,12 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("--smooth", type=float, default=1.0, help="Gaussian blur (sigma, px) the scorer applies to its input")
     p.add_argument("--bank-model", type=Path, default=ROOT / "assets" / "toy" / "flux",
                    help="the toy generator whose SDEdit images are half the positives ('' for renders only)")
-    p.add_argument("--bank", type=int, default=4096, help="generator images drawn once")
-    p.add_argument("--bank-t", type=float, nargs=2, default=(0.2, 0.6))
+    p.add_argument("--bank", type=int, default=2048, help="generator images drawn once")
+    p.add_argument("--bank-t", type=float, nargs=2, default=(0.15, 0.5))
     p.add_argument("--bank-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "reward.safetensors")
+    p.add_argument("--out", type=Path, default=None, help="default: assets/toy/reward_<seed>.safetensors")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "assets" / "toy" / f"reward_{args.seed}.safetensors"
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     log = lambda m: print(m, flush=True)  # noqa: E731

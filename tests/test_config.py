@@ -21,7 +21,7 @@ def test_tiny_toml_is_the_shipped_toy_setup_from_any_directory(tmp_path, monkeyp
     file, so it loads the same from any working directory."""
     cfg = load_config(ROOT / "configs" / "tiny.toml")
     assert cfg.model.source == str(ROOT / "assets" / "toy" / "flux") and cfg.reward.name == "toy"
-    assert Path(cfg.reward.options["path"]).is_file() and Path(cfg.prompt_file).is_file()
+    assert all(Path(p).is_file() for p in cfg.reward.options["path"]) and Path(cfg.prompt_file).is_file()
     assert (Path(cfg.model.source) / "model_index.json").is_file()
     monkeypatch.chdir(tmp_path)
     assert load_config(ROOT / "configs" / "tiny.toml") == cfg

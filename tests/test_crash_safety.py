@@ -159,3 +159,13 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     good = list_checkpoints(tmp_path)[-1]
     weights = load_file(str(good / "trained.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())  # only good states were checkpointed
+
+
+def test_atomic_writes_leave_usual_permissions_and_no_temporaries(tmp_path):
+    from leapalign_fast.io import UMASK, save_tensors_atomic, write_json_atomic
+
+    save_tensors_atomic({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    for name in ("a.safetensors", "a.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
