@@ -41,7 +41,7 @@ from leapalign_fast.models.flux import (
 )
 from leapalign_fast.models.text import PromptEmbeds, encode_prompts, load_prompt_embeds, prompt_cache_key, save_prompt_embeds
 from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
-from leapalign_fast.rewards import build_reward
+from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.sampler import sample_trajectory
 
 # Config keys whose change alters the math of a resumed run.
@@ -229,6 +229,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
             f"output_dir {out} already holds checkpoints of an earlier run; pass resume=true to continue it "
             "or choose a new output_dir (nothing was changed)"
         )
+    check_reward_name(cfg.reward.name)  # a typo fails before the model is loaded
     torch.manual_seed(cfg.seed)  # same init on every rank
     prompts = train_prompts(cfg)
     cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))

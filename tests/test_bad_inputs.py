@@ -12,7 +12,10 @@ from leapalign_fast.config import load_config
 from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux, save_flux
 from leapalign_fast.train import train
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "max_steps=2"]
+# The CLI on the library defaults (a random tiny FLUX, colour reward): these tests are about inputs, not the toy.
+CLI = ["--config", str(ROOT / "configs" / "defaults.toml"), *FAST]
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -91,7 +94,7 @@ def test_bad_input_one_clear_line(case, files, tmp_path, capsys):
     argv = [a.format(d=files) for a in argv]
     if not any(a.startswith("output_dir=") for a in argv):
         argv.append(f"output_dir={tmp_path / 'out'}")
-    code, err = _run([*FAST, *argv], capsys)
+    code, err = _run([*CLI, *argv], capsys)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("leapalign-fast: error: "), err
     assert expected.format(d=files) in err[0]
@@ -102,15 +105,15 @@ def test_bad_input_leaves_existing_checkpoints_intact(case, files, existing_run,
     _, argv, _ = case
     argv = [a.format(d=files) for a in argv]
     before = _digest(existing_run / "checkpoints")
-    code, err = _run([*FAST, f"output_dir={existing_run}", "resume=true", *argv], capsys)
+    code, err = _run([*CLI, f"output_dir={existing_run}", "resume=true", *argv], capsys)
     assert code != 0 and len(err) == 1, err
     assert _digest(existing_run / "checkpoints") == before
 
 
 def test_changed_math_key_and_fresh_run_over_checkpoints(existing_run, capsys):
     before = _digest(existing_run / "checkpoints")
-    code, err = _run([f"output_dir={existing_run}", *FAST, "resume=true", "lr=5e-4", "num_steps=6"], capsys)
+    code, err = _run([*CLI, f"output_dir={existing_run}", "resume=true", "lr=5e-4", "num_steps=6"], capsys)
     assert code == 2 and "differs in num_steps (4 -> 6), lr (0.001 -> 0.0005)" in err[0]
-    code, err = _run([f"output_dir={existing_run}", *FAST], capsys)
+    code, err = _run([*CLI, f"output_dir={existing_run}"], capsys)
     assert code == 2 and "already holds checkpoints" in err[0]
     assert _digest(existing_run / "checkpoints") == before

@@ -44,7 +44,9 @@ def _assert_same_run(a, b, step):
 
 
 def _cli(args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", *args], cwd=ROOT,
+    """`leapalign-fast train` on the library defaults (the random tiny FLUX), as the in-process runs use."""
+    return subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", "--config",
+                             str(ROOT / "configs" / "defaults.toml"), *args], cwd=ROOT,
                             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, **kw)  # fmt: skip
 

@@ -1,12 +1,14 @@
 """`leapalign-fast eval`: checkpoint or base model, a prompt file, several rewards -> JSON table and grids."""
 
 import json
+from pathlib import Path
 
 from leapalign_fast.cli import main
 from leapalign_fast.config import load_config
 from leapalign_fast.train import train
 
 FAST = ["batch_size=2", "num_steps=4", "tensorboard=false"]
+DEFAULTS = str(Path(__file__).resolve().parent.parent / "configs" / "defaults.toml")  # the library defaults
 
 
 def test_eval_base_and_checkpoint(tmp_path, capsys):
@@ -15,7 +17,7 @@ def test_eval_base_and_checkpoint(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\na green star\n")
     for which in ("base", "latest"):
-        code = main(["eval", f"output_dir={out}", *FAST, "--checkpoint", which, "--prompts", str(prompts),
+        code = main(["eval", "--config", DEFAULTS, f"output_dir={out}", *FAST, "--checkpoint", which, "--prompts", str(prompts),
                      "--rewards", "colour,colour:0.5", "--steps", "4", "--batch", "2"])  # fmt: skip
         assert code == 0
     base = json.loads((out / "eval" / "base" / "scores.json").read_text())
@@ -29,5 +31,5 @@ def test_eval_base_and_checkpoint(tmp_path, capsys):
 
 
 def test_eval_bad_checkpoint_is_a_user_error(tmp_path, capsys):
-    code = main(["eval", f"output_dir={tmp_path}", *FAST, "--checkpoint", str(tmp_path / "nope")])
+    code = main(["eval", "--config", DEFAULTS, f"output_dir={tmp_path}", *FAST, "--checkpoint", str(tmp_path / "nope")])
     assert code == 2 and "is not a checkpoint directory" in capsys.readouterr().err

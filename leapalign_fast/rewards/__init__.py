@@ -55,6 +55,15 @@ def parse_mixture(spec: str) -> dict[str, float]:
     return out
 
 
+def check_reward_name(name: str) -> None:
+    """Raise the unknown-reward error now (before any model is loaded) if `name` or a part of a mixture is unknown."""
+    for part in parse_mixture(name) if ("," in name or ":" in name) else [name]:
+        if part not in _REGISTRY:
+            close = difflib.get_close_matches(part, _REGISTRY, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown reward '{part}'; known rewards: {', '.join(reward_names())}.{hint}")
+
+
 def build_reward(name: str, **options) -> torch.nn.Module:
     """Build a registered reward (or a weighted mixture "a:1,b:0.5", options per part as tables named by part),
     frozen (eval mode, requires_grad False)."""
@@ -66,10 +75,7 @@ def build_reward(name: str, **options) -> torch.nn.Module:
                 raise UserError(f"reward.options.{part} must be a table of that reward's options")
             parts[part] = (weight, build_reward(part, **opts))
         return WeightedSum(parts).eval().requires_grad_(False)
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown reward '{name}'; known rewards: {', '.join(reward_names())}.{hint}")
+    check_reward_name(name)
     builder = _REGISTRY[name]
     try:
         inspect.signature(builder).bind(**options)
