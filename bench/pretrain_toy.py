@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast.models.flux import FluxComponents, FluxVelocity, latent_image_ids, pack_latents, save_flux  # noqa: E402
+from leapalign_fast.models.flux import FluxComponents, FluxVelocity, encode_images, latent_image_ids, save_flux  # noqa: E402
 from leapalign_fast.models.text import build_tiny_text_stack, encode_prompts  # noqa: E402
 from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
 
@@ -79,11 +79,10 @@ def train_vae(vae, steps: int, batch: int, rng, log) -> list[float]:
 @torch.no_grad()
 def latent_bank(vae, text, n: int, rng):
     """n scenes encoded once: packed normalised latents (n, 16, 64), T5 (n, S, D), pooled (n, Dp)."""
-    sf, sh = vae.config.scaling_factor, vae.config.shift_factor
     xs, captions = [], []
     for _ in range(0, n, 256):
         images, caps = scenes(rng, 256)
-        xs.append(pack_latents((vae.encode(images * 2 - 1).latent_dist.mode() - sh) * sf))
+        xs.append(encode_images(vae, images))
         captions += caps
     unique = list(dict.fromkeys(captions))
     e = encode_prompts(text, unique)

@@ -197,16 +197,18 @@ def resolve_file_paths(data: dict, base: Path) -> None:
     `../assets/toy` from any working directory): `model.source` (unless "tiny"), `prompt_file` and the reward's
     `path` option (a path or a list of paths). Paths in command-line overrides stay relative to the working
     directory."""
+    def fix(value):
+        return os.path.normpath(base / value) if _relative(value) else value
+
     model, reward = data.get("model"), data.get("reward")
-    if isinstance(model, dict) and _relative(model.get("source")):
-        model["source"] = os.path.normpath(base / model["source"])
-    if _relative(data.get("prompt_file")):
-        data["prompt_file"] = os.path.normpath(base / data["prompt_file"])
+    if isinstance(model, dict) and "source" in model:
+        model["source"] = fix(model["source"])
+    if "prompt_file" in data:
+        data["prompt_file"] = fix(data["prompt_file"])
     options = reward.get("options") if isinstance(reward, dict) else None
-    if isinstance(options, dict) and isinstance(options.get("path"), list):
-        options["path"] = [os.path.normpath(base / x) if _relative(x) else x for x in options["path"]]
-    elif isinstance(options, dict) and _relative(options.get("path")):
-        options["path"] = os.path.normpath(base / options["path"])
+    if isinstance(options, dict) and "path" in options:
+        path = options["path"]
+        options["path"] = [fix(x) for x in path] if isinstance(path, list) else fix(path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -230,6 +230,13 @@ class FluxVelocity:
         )[0]
 
 
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> packed FLUX-normalised latents (B, L, 64): the VAE posterior mode, the
+    inverse of `decode_latents`."""
+    z = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist.mode()
+    return pack_latents((z - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
 def decode_latents(vae: AutoencoderKL, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Packed latents (B, L, 64) -> images (B, 3, 8h, 8w) float in [0, 1], differentiable."""
     z = unpack_latents(x, h, w)
