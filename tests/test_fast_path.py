@@ -1,10 +1,14 @@
 """The FLUX fast path on CPU: FluxPipeline equivalence, compile without graph breaks, LoRA export that
 diffusers loads, the prompt cache that frees training from the text encoders, the CUDA-graph velocity."""
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from leapalign_fast.cli import main
 from leapalign_fast.config import load_config
@@ -133,22 +137,95 @@ def test_graphed_velocity_is_eager_on_cpu():
     assert g.graphs == {}
 
 
+class _ExternalReads(TorchFunctionMode):
+    """Records every tensor an op reads that was made outside this mode and is no weight: a graph's inputs."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.made, self.read = {id(w) for w in weights}, [], {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        made = {id(m) for m in self.made}
+        for a in tree_leaves((args, kwargs)):
+            if isinstance(a, torch.Tensor) and id(a) not in made and id(a) not in self.weights:
+                self.read[id(a)] = weakref.ref(a)
+        out = func(*args, **kwargs)
+        self.made += [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]  # kept: ids stay unique
+        return out
+
+
+def cpu_graph(transformer):
+    """A CPU stand-in for a CUDA graph: capture records what the forward reads from outside (weak references
+    only, as a graph holds raw addresses); replay fails if any of it was freed, then recomputes."""
+    weights = [*transformer.parameters(), *transformer.buffers()]
+    log = {}
+
+    def capture(forward, warmup):
+        with _ExternalReads(weights) as mode:
+            out = forward()
+        log["reads"] = list(mode.read.values())
+
+        def replay():
+            alive = [r() for r in log["reads"]]
+            assert all(a is not None for a in alive), "a graph input was freed after capture"
+            out.copy_(forward())
+
+        return replay, out
+
+    return capture, log
+
+
+def test_graphed_velocity_binds_every_input_to_static_buffers():
+    """The issue-18 bug: img_ids and guidance were read by reference and txt_ids made inside the capture, so a
+    replay on a GPU read freed memory. The shipped binding fails this test (wrong values on the 2nd bind)."""
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    tr = comps.transformer
+    capture, log = cpu_graph(tr)
+    g = GraphedVelocity(tr, capture=capture, device_types=("cpu",))
+    for seed in range(3):  # new conditioning, guidance and positions each time: one capture, three replays
+        gen = torch.Generator().manual_seed(seed)
+        t5, pooled, ids = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 32, generator=gen), latent_image_ids(8, 8)
+        x, t = torch.randn(2, 16, 64, generator=gen), torch.rand(2, generator=gen)
+        g.bind(FluxVelocity(tr, t5.clone(), pooled.clone(), ids + seed, 3.5 + seed))  # the caller drops its refs
+        gc.collect()
+        garbage = [torch.full((4096,), float(i)) for i in range(64)]  # allocations between binds and replays
+        fresh = FluxVelocity(tr, t5, pooled, ids + seed, 3.5 + seed)
+        with torch.no_grad():
+            out = g(x, t)
+            torch.testing.assert_close(out, fresh(x, t), rtol=0, atol=0)
+        del garbage
+    assert len(g.graphs) == 1
+    (_, static), = g.graphs.values()
+    buffers = {id(b) for b in static.values() if b is not None}
+    reads = [r() for r in log["reads"]]
+    assert all(r is not None and id(r) in buffers for r in reads), "the graph reads a tensor it does not own"
+    assert {n for n, b in static.items() if b is not None and any(r is b for r in reads)} >= {
+        "x", "t", "t5", "pooled", "img_ids", "txt_ids", "guidance"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_velocity_replays_equal_eager_on_gpu():
     comps = build_tiny_flux(TinyFluxConfig(), seed=0)
     tr = comps.transformer.cuda()
     g = GraphedVelocity(tr)
-    ids = latent_image_ids(8, 8, "cuda")
-    for seed in range(3):  # new conditioning and inputs each time: one capture, three replays
+    for seed in range(4):  # new conditioning, guidance, positions and inputs each time: one capture, four replays
         gen = torch.Generator().manual_seed(seed)
-        v = FluxVelocity(tr, torch.randn(2, 8, 32, generator=gen).cuda(), torch.randn(2, 32, generator=gen).cuda(), ids, 3.5)
+        t5, pooled = torch.randn(2, 8, 32, generator=gen).cuda(), torch.randn(2, 32, generator=gen).cuda()
+        ids = latent_image_ids(8, 8, "cuda") + seed
         x, t = torch.randn(2, 16, 64, generator=gen).cuda(), torch.rand(2, generator=gen).cuda()
+        g.bind(FluxVelocity(tr, t5.clone(), pooled.clone(), ids.clone(), 3.5 + seed))  # caller's tensors die
+        gc.collect()
+        garbage = [torch.full((1 << 16,), float(i), device="cuda") for i in range(64)]  # reuse freed blocks
         with torch.no_grad():
-            torch.testing.assert_close(g.bind(v)(x, t), v(x, t), rtol=1e-5, atol=1e-5)
+            got = g(x, t)
+            del garbage
+            garbage = [torch.full((1 << 16,), -1.0, device="cuda") for _ in range(64)]
+            torch.testing.assert_close(got, FluxVelocity(tr, t5, pooled, ids, 3.5 + seed)(x, t), rtol=1e-5, atol=1e-5)
     assert len(g.graphs) == 1
     x.requires_grad_(True)
-    assert g.bind(v)(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
+    assert g(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
 
 
 def test_bench_sampler_quick(tmp_path):

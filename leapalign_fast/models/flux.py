@@ -206,20 +206,40 @@ def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.
 class FluxVelocity:
     """`v(x, t)` of a FLUX transformer for one batch of conditioning: the `velocity` of `flow`.
 
-    t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself.
+    t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself. Every tensor the forward
+    reads besides x, t and the weights is one of `CONDITIONING`, so a CUDA graph can hold all of them in static
+    buffers (`models.fast.GraphedVelocity`).
     """
 
-    def __init__(self, transformer, t5: torch.Tensor, pooled: torch.Tensor, img_ids: torch.Tensor, guidance: float | None):
+    CONDITIONING = ("t5", "pooled", "img_ids", "txt_ids", "guidance")
+
+    def __init__(self, transformer, t5: torch.Tensor, pooled: torch.Tensor, img_ids: torch.Tensor,
+                 guidance: float | torch.Tensor | None, txt_ids: torch.Tensor | None = None):  # fmt: skip
         self.transformer = transformer
         self.t5 = t5  # (B, S, D)
         self.pooled = pooled  # (B, Dp)
         self.img_ids = img_ids  # (L, 3)
-        self.txt_ids = torch.zeros(t5.shape[1], 3, device=t5.device, dtype=img_ids.dtype)  # (S, 3)
-        self.guidance = None if guidance is None else torch.full((t5.shape[0],), float(guidance), device=t5.device)
+        if txt_ids is None:
+            txt_ids = torch.zeros(t5.shape[1], 3, device=t5.device, dtype=img_ids.dtype)
+        self.txt_ids = txt_ids  # (S, 3)
+        if guidance is not None and not isinstance(guidance, torch.Tensor):
+            guidance = torch.full((t5.shape[0],), float(guidance), device=t5.device)
+        self.guidance = guidance  # (B,) or None
+
+    def conditioning(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in self.CONDITIONING}
+
+    def with_conditioning(self, conditioning: dict[str, torch.Tensor | None]) -> "FluxVelocity":
+        """The same velocity reading exactly the given tensors (e.g. a CUDA graph's static buffers)."""
+        return FluxVelocity(self.transformer, **conditioning)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # Both trained forwards then present the same autograd state to torch.compile (LeapAlign's x_k is
+            # detached, its u_j carries grad): one compiled graph per block, not two. Grad to this leaf is dropped.
+            x = x.detach().requires_grad_(True)
         return self.transformer(
-            hidden_states=x,
+            hidden_states=x.contiguous(),
             timestep=t.to(x.dtype),
             guidance=self.guidance,
             pooled_projections=self.pooled.to(x.dtype),
