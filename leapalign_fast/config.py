@@ -38,7 +38,7 @@ class ModelConfig:
     source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format FLUX directory
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
-    attention: str = "auto"  # auto (FlashAttention on CUDA if installed, else SDPA) | native | flash | _flash_3 | ...
+    attention: str = "auto"  # auto (FlashAttention 2 on CUDA for bf16/fp16 weights if usable, else SDPA) | native | flash | ...
     compile: str = "none"  # none | regional (each transformer block) | full
     compile_backend: str = "inductor"
     cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)

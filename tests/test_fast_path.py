@@ -119,12 +119,37 @@ def test_attention_backend_resolution():
     assert resolve_attention("auto", torch.device("cpu")) == "native"
     with pytest.raises(UserError, match="not one of"):
         resolve_attention("xformers2", torch.device("cpu"))
-    if not torch.cuda.is_available():
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("flash_attn") is None:
-            with pytest.raises(UserError, match="needs the flash-attn package"):
-                resolve_attention("flash", torch.device("cpu"))
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match="needs the flash-attn package"):
+            resolve_attention("flash", torch.device("cuda"), torch.bfloat16)
+
+
+def test_auto_attention_picks_flash_only_where_it_runs_and_refuses_forward_only_backends(monkeypatch):
+    from leapalign_fast.models import fast
+
+    cuda, cpu, bf16, f32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
+    monkeypatch.setattr(fast, "_diffusers_problem", lambda name: None)  # as if flash-attn were installed
+    monkeypatch.setattr(fast, "_flash_attn_version", lambda: (2, 8))
+    assert resolve_attention("auto", cuda, bf16) == "flash"
+    assert resolve_attention("auto", cuda, torch.float16, compile="regional") == "flash"
+    assert resolve_attention("auto", cuda, f32) == "native"  # the tiny default: flash needs bf16/fp16
+    assert resolve_attention("auto", cpu, bf16) == "native"
+    with pytest.raises(UserError, match="bfloat16 or float16"):
+        resolve_attention("flash", cuda, f32)
+    with pytest.raises(UserError, match="no backward"):
+        resolve_attention("_flash_3", cuda, bf16)
+    assert resolve_attention("_flash_3", cuda, bf16, training=False) == "_flash_3"  # fine for sampling only
+    monkeypatch.setattr(fast, "_flash_attn_version", lambda: (2, 6))  # too old for a fullgraph compile
+    assert resolve_attention("auto", cuda, bf16, compile="regional") == "native"
+    assert resolve_attention("auto", cuda, bf16) == "flash"
+    with pytest.raises(UserError, match=">= 2.7"):
+        resolve_attention("flash", cuda, bf16, compile="full")
+    monkeypatch.setattr(fast, "_diffusers_problem", lambda name: "the version is too old")  # diffusers says no
+    assert resolve_attention("auto", cuda, bf16) == "native"
+    with pytest.raises(UserError, match="too old"):
+        resolve_attention("flash", cuda, bf16)
 
 
 def test_graphed_velocity_is_eager_on_cpu():

@@ -17,22 +17,70 @@ from leapalign_fast.errors import UserError
 log = logging.getLogger("leapalign_fast")
 
 ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "_native_flash", "_native_cudnn", "flex")
+# diffusers runs these as forward-only custom ops (no autograd formula): LeapAlign's backward would fail.
+NO_BACKWARD = ("_flash_3", "_flash_varlen_3")
+HALF_ONLY = ("flash", "_flash_3", "_native_flash", "_native_cudnn")  # q, k, v must be bf16/fp16
+PACKAGES = {"flash": "flash-attn", "_flash_3": "FlashAttention 3 (flash_attn_interface)"}
+FLASH_COMPILE_VERSION = (2, 7)  # flash-attn registers its ops for torch.compile (fullgraph) from 2.7 on
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
-    """`auto`: FlashAttention (flash-attn package) on CUDA when installed, else PyTorch SDPA (`native`)."""
+def _diffusers_problem(name: str) -> str | None:
+    """diffusers' own verdict on a backend (installed package, version, import), or None when usable."""
+    try:
+        from diffusers.models import attention_dispatch as ad
+
+        ad._check_attention_backend_requirements(ad.AttentionBackendName(name))
+    except RuntimeError as e:
+        return str(e)
+    except (ImportError, AttributeError, ValueError):  # another diffusers layout: fall back to the package alone
+        module = {"flash": "flash_attn", "_flash_3": "flash_attn_interface"}.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            return f"the {module} package is not installed"
+    return None
+
+
+def _flash_attn_version() -> tuple[int, ...]:
+    try:
+        from importlib.metadata import version
+
+        return tuple(int(p) for p in version("flash-attn").split(".")[:2])
+    except Exception:  # not installed, or a local build with an odd version string
+        return (0,)
+
+
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype = torch.float32, training: bool = True,
+                      compile: str = "none") -> str:  # fmt: skip
+    """The diffusers attention backend to use. `auto`: FlashAttention 2 (flash-attn package) only on CUDA, for
+    bf16/fp16 weights, when diffusers reports it usable (and, under torch.compile, flash-attn >= 2.7); else
+    PyTorch SDPA (`native`), which takes any dtype and device. Explicit names are checked the same way."""
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"model.attention='{name}' is not one of {', '.join(ATTENTION_BACKENDS)}")
+    half = dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
-        return "flash" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "native"
-    if name in ("flash", "_flash_3") and importlib.util.find_spec("flash_attn" if name == "flash" else "flash_attn_interface") is None:
-        raise UserError(f"model.attention='{name}' needs the flash-attn package; install it or use 'native' (SDPA)")
+        usable = device.type == "cuda" and half and _diffusers_problem("flash") is None
+        if usable and compile != "none" and _flash_attn_version() < FLASH_COMPILE_VERSION:
+            usable = False
+        return "flash" if usable else "native"
+    if training and name in NO_BACKWARD:
+        raise UserError(f"model.attention='{name}' has no backward in diffusers (forward-only op), so training "
+                        "cannot use it; use 'flash' (FlashAttention 2) or 'native' (SDPA)")  # fmt: skip
+    problem = _diffusers_problem(name)
+    if problem is not None:
+        raise UserError(f"model.attention='{name}' needs the {PACKAGES.get(name, name)} package, which diffusers "
+                        f"reports unusable here ({problem.rstrip('.')}); install it or use 'native' (SDPA)")  # fmt: skip
+    if name in HALF_ONLY and not half:
+        raise UserError(f"model.attention='{name}' needs bfloat16 or float16 weights (model.dtype={str(dtype)[6:]}); "
+                        "set model.dtype=bfloat16 or use 'native' (SDPA)")  # fmt: skip
+    if name == "flash" and compile != "none" and _flash_attn_version() < FLASH_COMPILE_VERSION:
+        raise UserError("model.attention='flash' with model.compile needs flash-attn >= 2.7 (earlier versions break "
+                        "the fullgraph compile); upgrade it, or use model.compile=none or attention 'native'")  # fmt: skip
     return name
 
 
 def prepare_transformer(transformer, model_cfg, device: torch.device) -> str:
     """Apply the configured switches in place; returns a one-line description for the run log."""
-    backend = resolve_attention(model_cfg.attention, device)
+    dtype = getattr(torch, model_cfg.dtype)
+    backend = resolve_attention(model_cfg.attention, device, dtype, training=True, compile=model_cfg.compile)
     if backend != "native":
         transformer.set_attention_backend(backend)
     parts = [f"attention={backend}"]
