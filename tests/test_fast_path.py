@@ -100,6 +100,24 @@ def test_compiled_transformer_has_no_graph_breaks_and_equals_eager(mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_regional_compile_count_is_bounded_over_a_run_with_grids(tmp_path):
+    """Each FLUX block compile takes about a minute on an H100. A LoRA + bf16 LeapAlign run whose grids (4 eval
+    prompts) differ from the train batch (2) compiled 12 graphs before (per block kind: grad mode, batch size,
+    requires-grad, contiguity and view-ness of the first block's inputs vs the rest); now 3 per kind: no-grad,
+    no-grad with a dynamic batch (after the second size), grad."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", "batch_size=2", "num_steps=3", "grid_every=0",
+                             "tensorboard=false", "ema_decay=0", "mixed_precision=bf16", "model.dtype=bfloat16",
+                             "lora.enabled=true", "lora.rank=4", "model.tiny.layers=2", "model.tiny.single_layers=2",
+                             "model.compile=regional", "model.compile_backend=eager"]))  # fmt: skip
+    compiles = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert 0 < compiles <= 6, compiles
+
+
 def test_encode_prompts_then_train_without_text_encoders(flux_dir, tmp_path, capsys):
     path, _ = flux_dir
     model = tmp_path / "flux-no-text"

@@ -6,6 +6,7 @@ Order (torchtitan's): activation checkpointing, then compile, then DDP/FSDP wrap
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from typing import Callable
@@ -93,16 +94,56 @@ def prepare_transformer(transformer, model_cfg, device: torch.device) -> str:
     return ", ".join(parts)
 
 
+# Compiled variants a whole run needs per block class (regional) or for the model (full): grad mode x
+# {static first batch size, dynamic batch once a second size (grids) appears}. Above dynamo's default of 8, so
+# that fullgraph=True, which turns the limit into an error, never fires inside that bound; tests count them.
+RECOMPILE_LIMIT = 16
+
+
 def compile_transformer(transformer, mode: str, backend: str = "inductor") -> None:
     """`regional`: each repeated block compiled with fullgraph=True (fast to compile, same speed);
-    `full`: the whole forward with fullgraph=True. In place (nn.Module.compile), so names and state_dict keys,
-    LoRA and checkpoints are unchanged."""
+    `full`: the whole forward with fullgraph=True. In place, so names and state_dict keys, LoRA and checkpoints
+    are unchanged.
+
+    Each FLUX block compile takes about a minute on an H100, so block inputs are made uniform before the
+    compiled code sees them (`_uniform_block_inputs`): otherwise the first block of each kind (inputs without
+    grad under LoRA, contiguous) and the rest (grad, the single blocks' non-contiguous slices) each need their
+    own compile, in each grad mode and batch size.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     if mode == "regional":
-        transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+        classes = set(getattr(transformer, "_repeated_blocks", ()))
+        blocks = [m for m in transformer.modules() if type(m).__name__ in classes]
+        if not blocks:
+            raise UserError(f"model.compile='regional': {type(transformer).__name__} names no repeated blocks; "
+                            "use model.compile=full")  # fmt: skip
+        for block in blocks:
+            compiled = torch.compile(block.forward, fullgraph=True, backend=backend)
+            block.forward = functools.partial(_uniform_block_inputs, compiled)
     elif mode == "full":
         transformer.compile(fullgraph=True, backend=backend)
     else:
         raise UserError(f"model.compile='{mode}' must be none, regional or full")
+
+
+def _uniform_block_inputs(forward, *args, **kwargs):
+    """Call a compiled block with contiguous tensor inputs that are no views (dynamo guards a view's base, e.g.
+    the first block's input, a Linear's output) and, in grad mode, all require grad: one set of guards for every
+    block instance. An input without grad has no path back to a trained parameter, so making it a fresh leaf
+    changes no gradient. The copies cost one memory pass over a block's input, a small part of its work."""
+
+    def uniform(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        if a._is_view() or not a.is_contiguous():
+            a = a.clone(memory_format=torch.contiguous_format)
+        if torch.is_grad_enabled() and a.is_floating_point() and not a.requires_grad:
+            a = a.detach().requires_grad_(True)
+        return a
+
+    return forward(*map(uniform, args), **{k: uniform(v) for k, v in kwargs.items()})
 
 
 def capture_cuda_graph(forward: Callable[[], torch.Tensor], warmup: int) -> tuple[Callable[[], None], torch.Tensor]:
