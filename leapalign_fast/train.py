@@ -394,6 +394,8 @@ def train(cfg: Config) -> TrainResult:
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
+    if cfg.deterministic and torch.cuda.is_available():  # else cuBLAS matmuls raise under deterministic mode
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
     torch.use_deterministic_algorithms(cfg.deterministic)
     start_time = time.perf_counter()
     method = build_method(cfg.method, cfg.num_steps)  # bad method settings fail before anything is written

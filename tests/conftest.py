@@ -9,3 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trainer tests exercise the real kernel code. This must happen before anything imports triton.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# On a GPU host the in-process runs with deterministic=true go to CUDA, where deterministic cuBLAS needs this set
+# before the first cuBLAS handle exists (the trainer sets it too, but a handle may predate it in this process).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,6 +1,13 @@
-"""Run by tests/test_train.py under `torchrun --nproc_per_node 2`: train, then dump this rank's weights."""
+"""Run by tests/test_train.py under `torchrun --nproc_per_node 2`: train, then dump this rank's weights.
 
+Always on CPU (gloo): on a one-GPU host both ranks would otherwise claim CUDA devices 0 and 1
+("invalid device ordinal"). Hidden before torch is imported.
+"""
+
+import os
 import sys
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 from pathlib import Path
 
 from safetensors.torch import save_file

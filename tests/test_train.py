@@ -74,7 +74,7 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     init = train(load_config(None, [f"output_dir={tmp_path / 'init'}", "max_steps=1", "lr=1e-12", *FAST]))
     moved = {n: p for n, p in init.run.transformer.named_parameters()}
-    assert any(not torch.allclose(r0[k], moved[k].detach()) for k in r0)  # training changed the weights
+    assert any(not torch.allclose(r0[k], moved[k].detach().cpu()) for k in r0)  # training changed the weights
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
 
