@@ -30,10 +30,11 @@ def calculate_shift(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
-def flux_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
+def flux_schedule(num_steps: int, image_seq_len: int, shift: bool = True, device=None) -> torch.Tensor:
     """(N + 1,) float32 times `1 = t_0 > ... > t_{N-1} > t_N = 0`, as FluxPipeline's scheduler builds them.
 
     `linspace(1, 1/N, N)` in float32, exponentially shifted by `mu` from the token count, then 0 appended.
+    Put it on the latents' device: every Euler step reads it, and a CPU schedule is a host copy per read.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -42,11 +43,12 @@ def flux_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> tor
         mu = calculate_shift(image_seq_len)
         sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
     sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
-    return torch.cat([sigmas, torch.zeros(1)])
+    return torch.cat([sigmas, torch.zeros(1)]).to(device)
 
 
 def as_batch_time(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A time as a (B,) tensor on x's device (float32)."""
+    """A time as a (B,) tensor on x's device (float32). A float or a tensor on another device is copied to x's
+    device: keep schedules on the device (`sample_trajectory` moves its schedule once per trajectory)."""
     t = torch.as_tensor(t, device=x.device)
     t = t.to(torch.promote_types(x.dtype, torch.float32) if t.is_floating_point() else torch.float32)
     return t.expand(x.shape[0]) if t.dim() == 0 else t

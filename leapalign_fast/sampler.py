@@ -31,8 +31,11 @@ def sample_trajectory(
     step_hook: StepHook | None = None,
     keep_states: bool = False,
 ) -> Trajectory:
-    """Euler-integrate `velocity` from `noise` (at t = sigmas[0]) to t = sigmas[-1] = 0."""
+    """Euler-integrate `velocity` from `noise` (at t = sigmas[0]) to t = sigmas[-1] = 0.
+
+    The schedule moves to the latents' device once, so the steps make no host copies or syncs."""
     x = noise.detach()
+    sigmas = sigmas.to(x.device)
     states = [x] if keep_states else None
     for i in range(len(sigmas) - 1):
         t = as_batch_time(sigmas[i], x)
@@ -62,6 +65,7 @@ def integrate_with_grad(
     elsewhere it runs without grad, and `x_s = x_t - dt v` still passes x's gradient through the identity term.
     `checkpoint` recomputes each trained forward in the backward instead of keeping its activations.
     """
+    sigmas = sigmas.to(x.device)  # once, not a host copy per step
     for i in range(start, stop):
         t = as_batch_time(sigmas[i], x)
         if trained is None or i in trained:

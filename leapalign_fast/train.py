@@ -267,7 +267,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     h, w = latent_hw
-    sigmas = flux_schedule(cfg.num_steps, (h // 2) * (w // 2))
+    sigmas = flux_schedule(cfg.num_steps, (h // 2) * (w // 2), device=device)  # read every step: on the device
     return Run(cfg, accelerator, components, transformer, optimizer, scheduler, params, ema, reward, prompts, embeds,
                eval_embeds, sigmas, latent_hw, out, graphed)  # fmt: skip
 
