@@ -39,7 +39,7 @@ from leapalign_fast.models.flux import (
     latent_image_ids,
     load_flux,
 )
-from leapalign_fast.models.text import PromptEmbeds, encode_prompts, load_prompt_embeds, prompt_cache_key, save_prompt_embeds
+from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.sampler import sample_trajectory
@@ -106,29 +106,45 @@ def train_prompts(cfg: Config) -> list[str]:
 
 
 def prompt_cache_path(cfg: Config, prompts: list[str]) -> Path:
-    """Where the embeddings of `prompts` are cached: output_dir/prompt_cache, keyed by model and prompts."""
+    """The index of the cached embeddings of `prompts`: output_dir/prompt_cache/<key>/index.json, keyed by model
+    and prompts, written last (its presence means the cache is complete)."""
     key = prompt_cache_key(f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}", prompts,
                            cfg.model.max_sequence_length)
-    return Path(cfg.output_dir) / "prompt_cache" / f"{key}.safetensors"
+    return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
 
 
-def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str]) -> PromptEmbeds:
-    """Encode every prompt once (`leapalign-fast encode-prompts` does it ahead of training)."""
+def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str], device=None) -> PromptCache:
+    """Encode every prompt once, on `device` (the accelerator; `leapalign-fast encode-prompts` does it ahead of
+    training), then read them per batch from the cache."""
     path = prompt_cache_path(cfg, prompts)
-    if path.is_file():
-        return load_prompt_embeds(path)
-    embeds = encode_prompts(components.text, prompts)
-    save_prompt_embeds(embeds, path)
-    return embeds
+    if not path.is_file():
+        text = components.text
+        if device is not None:  # T5-XXL on a CPU takes hours for a large prompt set
+            text.clip.to(device)
+            text.t5.to(device)
+        write_prompt_cache(text, prompts, path)
+    return PromptCache(path)
+
+
+def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> None:
+    """Wait for rank 0 to write `paths`, polling the file system: a collective (barrier) would hit the process
+    group's timeout while rank 0 encodes a large prompt set. If rank 0 dies, torchrun stops this rank."""
+    start = time.monotonic()
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() - start > timeout_s:
+            raise UserError(f"waited {timeout_s / 3600:.1f} h for rank 0 to write the prompt cache {paths[0]}; run "
+                            "`leapalign-fast encode-prompts` with the same config before training")  # fmt: skip
+        time.sleep(poll_s)
 
 
 def encode_prompt_cache(cfg: Config) -> list[Path]:
     """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     components = load_components(cfg, need_text=True)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
     paths = []
     for prompts in (train_prompts(cfg), list(cfg.eval_prompts)):
-        prompt_embeddings(cfg, components, prompts)
+        prompt_embeddings(cfg, components, prompts, device)
         paths.append(prompt_cache_path(cfg, prompts))
     return paths
 
@@ -207,8 +223,8 @@ class Run:
     ema: EMA | None
     reward: torch.nn.Module
     prompts: list[str]
-    embeds: PromptEmbeds
-    eval_embeds: PromptEmbeds
+    embeds: PromptCache
+    eval_embeds: PromptCache
     sigmas: torch.Tensor
     latent_hw: tuple[int, int]
     out: Path
@@ -235,14 +251,15 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))
     components = load_components(cfg, need_text=not cached)
     latent_hw = components.latent_hw(cfg.resolution)
-    if accelerator.is_main_process:
-        embeds = prompt_embeddings(cfg, components, prompts)
-        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
+    if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
+        for p in (prompts, list(cfg.eval_prompts)):
+            prompt_embeddings(cfg, components, p, accelerator.device)
+    else:
+        wait_for_files([prompt_cache_path(cfg, p) for p in (prompts, list(cfg.eval_prompts))])
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:  # read what rank 0 cached
-        embeds = prompt_embeddings(cfg, components, prompts)
-        eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
     components.text = None  # text encoders are not needed once prompts are embedded
+    # Every rank reads its batches from the cache files (memory-mapped), not the whole cache.
+    embeds, eval_embeds = prompt_embeddings(cfg, components, prompts), prompt_embeddings(cfg, components, cfg.eval_prompts)
 
     reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
     if hasattr(reward, "check_prompts"):  # fail now, not at the first step that draws a bad prompt
@@ -272,7 +289,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
                eval_embeds, sigmas, latent_hw, out, graphed)  # fmt: skip
 
 
-def velocity_for(run: Run, idx: list[int], embeds: PromptEmbeds):
+def velocity_for(run: Run, idx: list[int], embeds: PromptCache):
     t5, pooled = embeds.select(idx)
     dev = run.accelerator.device
     h, w = run.latent_hw

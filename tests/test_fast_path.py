@@ -144,6 +144,39 @@ def test_sampler_makes_no_host_copies_per_step():
         assert traj.x0.device.type == "meta" and HostCopies.count == copies, HostCopies.count
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_cache_equals_flux_pipeline_encoding_read_per_batch(tmp_path, dtype):
+    """The cache holds what FluxPipeline.encode_prompt gives (full padded T5 sequence: FLUX attends over the
+    padding without a mask), in the encoders' dtype (bf16 for FLUX.1-dev: half the fp32 bytes, nothing lost),
+    in chunk files read row by row."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from leapalign_fast.models.text import PromptCache, build_tiny_text_stack, write_prompt_cache
+
+    text = build_tiny_text_stack(32, 32, seed=1)
+    text.clip.to(dtype)
+    text.t5.to(dtype)
+    prompts = ["a red square", "two blue circles", "a green star", "a cube", "a small yellow ring left of a box"]
+    write_prompt_cache(text, prompts, tmp_path / "cache" / "index.json", chunk=2)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "chunk_00000.safetensors", "chunk_00001.safetensors", "chunk_00002.safetensors", "index.json"]
+    cache = PromptCache(tmp_path / "cache" / "index.json")
+    assert cache.prompts == prompts
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=comps.vae, text_encoder=text.clip,
+                        tokenizer=text.clip_tokenizer, text_encoder_2=text.t5, tokenizer_2=text.t5_tokenizer,
+                        transformer=comps.transformer)  # fmt: skip
+    idx = [4, 0, 3]
+    with torch.no_grad():
+        want_t5, want_pooled, _ = pipe.encode_prompt([prompts[i] for i in idx], None, max_sequence_length=32)
+    t5, pooled = cache.select(idx)
+    assert t5.dtype == pooled.dtype == dtype and t5.shape == (3, 32, 32)
+    torch.testing.assert_close(t5, want_t5, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=0)
+    lengths = cache.lengths(idx).tolist()
+    assert lengths[1] < lengths[0] and all(0 < n <= 32 for n in lengths)
+
+
 def test_encode_prompts_then_train_without_text_encoders(flux_dir, tmp_path, capsys):
     path, _ = flux_dir
     model = tmp_path / "flux-no-text"

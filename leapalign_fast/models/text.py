@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from leapalign_fast.io import save_tensors_atomic
+from leapalign_fast.io import save_tensors_atomic, write_json_atomic
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to characters.
 TINY_WORDS = (
@@ -37,11 +37,12 @@ class TextStack:
 
 @dataclass
 class PromptEmbeds:
-    """Per-prompt conditioning: T5 sequence (P, S, D) and CLIP pooled (P, Dp)."""
+    """Per-prompt conditioning: T5 sequence (P, S, D) and CLIP pooled (P, Dp), in the encoders' dtype."""
 
     prompts: list[str]
     t5: torch.Tensor
     pooled: torch.Tensor
+    lengths: torch.Tensor | None = None  # (P,) int32 T5 tokens before padding (incl. </s>)
 
     def select(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(idx, dtype=torch.long)
@@ -126,21 +127,24 @@ def build_tiny_text_stack(hidden: int, max_sequence_length: int, seed: int) -> T
 
 @torch.no_grad()
 def encode_prompts(text: TextStack, prompts: list[str], batch_size: int = 32) -> PromptEmbeds:
-    """Encode prompts as FluxPipeline does: T5 last hidden state (padded to max length), CLIP pooler output."""
-    t5_out, pooled_out = [], []
+    """Encode prompts as FluxPipeline does: T5 last hidden state (padded to max length, no attention mask: FLUX
+    reads the padding's states too), CLIP pooler output. On the encoders' device; results on CPU in their dtype
+    (FluxPipeline casts to it as well, so a bf16 T5 loses nothing)."""
+    t5_out, pooled_out, lengths = [], [], []
     device = next(text.t5.parameters()).device
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        ids_t5 = text.t5_tokenizer(
+        tok = text.t5_tokenizer(
             chunk, padding="max_length", max_length=text.max_sequence_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        t5_out.append(text.t5(ids_t5.to(device), output_hidden_states=False)[0].float().cpu())
+        )
+        lengths.append(tok.attention_mask.sum(1).to(torch.int32))
+        t5_out.append(text.t5(tok.input_ids.to(device), output_hidden_states=False)[0].cpu())
         ids_clip = text.clip_tokenizer(
             chunk, padding="max_length", max_length=text.clip_tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids
-        pooled_out.append(text.clip(ids_clip.to(device), output_hidden_states=False).pooler_output.float().cpu())
-    return PromptEmbeds(list(prompts), torch.cat(t5_out), torch.cat(pooled_out))
+        pooled_out.append(text.clip(ids_clip.to(device), output_hidden_states=False).pooler_output.cpu())
+    return PromptEmbeds(list(prompts), torch.cat(t5_out), torch.cat(pooled_out), torch.cat(lengths))
 
 
 def prompt_cache_key(model_id: str, prompts: list[str], max_sequence_length: int) -> str:
@@ -163,3 +167,48 @@ def load_prompt_embeds(path: Path) -> PromptEmbeds:
         prompts = json.loads(f.metadata()["prompts"])
     tensors = load_file(str(path))
     return PromptEmbeds(prompts, tensors["t5"], tensors["pooled"])
+
+
+# Prompts per cache file: 2 GiB of bf16 T5 states at FLUX.1-dev's 512 x 4096, the most a writer holds in memory.
+CACHE_CHUNK = 512
+
+
+def write_prompt_cache(text: TextStack, prompts: list[str], index: Path, chunk: int = CACHE_CHUNK) -> None:
+    """Encode `prompts` into chunk files beside `index` (a JSON list of prompts and files), each written
+    atomically; the index comes last, so its presence means the cache is complete."""
+    files = []
+    for n, start in enumerate(range(0, len(prompts), chunk)):
+        e = encode_prompts(text, prompts[start : start + chunk])
+        files.append(f"chunk_{n:05d}.safetensors")
+        save_tensors_atomic({"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}, index.parent / files[-1])
+    write_json_atomic(index, {"prompts": list(prompts), "chunk": chunk, "files": files,
+                              "max_sequence_length": text.max_sequence_length})  # fmt: skip
+
+
+class PromptCache:
+    """Prompt embeddings read per batch from the chunk files of `write_prompt_cache` (memory-mapped
+    safetensors): a rank holds only the rows it asks for, never the whole cache."""
+
+    def __init__(self, index: Path):
+        meta = json.loads(Path(index).read_text())
+        self.prompts: list[str] = meta["prompts"]
+        self.chunk, self.files, self.root = meta["chunk"], meta["files"], Path(index).parent
+        self._open: dict[int, object] = {}
+
+    def _rows(self, name: str, idx: list[int]) -> torch.Tensor:
+        rows = []
+        for i in idx:
+            n, r = divmod(i, self.chunk)
+            if n not in self._open:
+                from safetensors import safe_open
+
+                self._open[n] = safe_open(str(self.root / self.files[n]), framework="pt")
+            rows.append(self._open[n].get_slice(name)[r : r + 1])
+        return torch.cat(rows)
+
+    def select(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 (b, S, D), pooled (b, Dp)) of prompts `idx`, on CPU in the stored dtype."""
+        return self._rows("t5", idx), self._rows("pooled", idx)
+
+    def lengths(self, idx: list[int]) -> torch.Tensor:
+        return self._rows("t5_lengths", idx)
