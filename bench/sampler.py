@@ -1,5 +1,6 @@
-"""Sampler throughput and peak memory: ours (eager, compiled, compiled + CUDA graph) vs diffusers' FluxPipeline
-eager, same transformer, dtype, steps, resolution and prompt embeddings.
+"""Sampler throughput and peak memory: ours (eager, eager + CUDA graph, compiled, compiled + CUDA graph) vs
+diffusers' FluxPipeline eager, same transformer, dtype, steps, resolution and prompt embeddings. The eager
+variants are timed before the (in-place) compile; within a phase, repeats are interleaved and medians reported.
 
     python bench/sampler.py                 # GPU: full-size FLUX.1-dev transformer config, RANDOM bf16 weights and
                                             # prompt embeddings (speed and memory do not depend on the values),
@@ -15,6 +16,7 @@ Writes JSON under bench/results/.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -39,8 +41,13 @@ def build(kind: str, device: str):
 
     from bench.memory import FLUX_DEV
 
-    with torch.device(device):
-        tr = FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 build would first take 48 GiB
+    try:
+        with torch.device(device):
+            tr = FluxTransformer2DModel(**FLUX_DEV).eval()
+    finally:
+        torch.set_default_dtype(previous)
     return tr.requires_grad_(False), 8, 512, 4096, 768
 
 
@@ -70,7 +77,7 @@ def ours_runner(transformer, steps, res, embeds, graphed: bool):
     velocity = FluxVelocity(transformer, t5, pooled, latent_image_ids(h, h, noise.device), 3.5)
     if graphed:
         velocity = GraphedVelocity(transformer).bind(velocity)
-    sigmas = flux_schedule(steps, noise.shape[1])
+    sigmas = flux_schedule(steps, noise.shape[1], device=noise.device)
 
     def run():
         with torch.no_grad():
@@ -79,25 +86,75 @@ def ours_runner(transformer, steps, res, embeds, graphed: bool):
     return run
 
 
-def timed(run, reps: int, cuda: bool) -> dict:
-    for _ in range(2):  # warm-up: compilation, graph capture, allocator
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+def timed_interleaved(variants: list[tuple[str, callable]], reps: int, cuda: bool) -> dict[str, dict]:
+    """Warm every variant up (compilation, graph capture, allocator), measure each one's peak memory alone, then
+    time them interleaved (A B C, A B C, ...) so drift (clocks, heat, other load) hits all alike; p20/p50/p80."""
+    stats = {}
+    for name, run in variants:
+        for _ in range(2):
+            run()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    mean = sum(times) / len(times)
-    var = sum((t - mean) ** 2 for t in times) / max(1, len(times) - 1)
-    out = {"seconds_mean": mean, "seconds_std": var**0.5, "reps": reps}
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            stats[name] = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+        else:
+            stats[name] = {}
+    times = {name: [] for name, _ in variants}
+    for _ in range(reps):
+        for name, run in variants:
+            t0 = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        stats[name].update({"seconds_p20": quantile(ts, 0.2), "seconds_median": quantile(ts, 0.5),
+                            "seconds_p80": quantile(ts, 0.8), "reps": reps})  # fmt: skip
+    return stats
+
+
+def bench_resolution(kind: str, device: str, res: int, steps: int, batch: int, reps: int, cuda: bool) -> list[dict]:
+    transformer, vsf, text_len, text_dim, pooled_dim = build(kind, device)
+    dtype = next(transformer.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    tokens = (res // vsf // 2) ** 2
+    embeds = (torch.randn(batch, text_len, text_dim, generator=g).to(device, dtype),
+              torch.randn(batch, pooled_dim, generator=g).to(device, dtype),
+              torch.randn(batch, tokens, 64, generator=g).to(device, dtype))  # fmt: skip
+    # Eager variants first: compiling is in place, so anything timed after it runs compiled.
+    phases = [[("flux_pipeline_eager", pipeline_runner(transformer, steps, res, embeds)),
+               ("ours_eager", ours_runner(transformer, steps, res, embeds, graphed=False))]]  # fmt: skip
     if cuda:
-        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+        phases[0].append(("ours_eager_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True)))
+    reference = phases[0][0][1]()
+    rows = []
+    for variants in phases + ([None] if cuda else []):
+        if variants is None:  # the compiled phase, built only after the eager one is timed
+            compile_transformer(transformer, "regional")
+            variants = [("ours_compiled", ours_runner(transformer, steps, res, embeds, graphed=False)),
+                        ("ours_compiled_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True))]  # fmt: skip
+        for name, stat in timed_interleaved(variants, reps, cuda).items():
+            run = dict(variants)[name]
+            r = {"variant": name, "resolution": res, "steps": steps, "batch": batch, "dtype": str(dtype), **stat}
+            r["images_per_second"] = batch / r["seconds_median"]
+            r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
+            rows.append(r)
+            print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s (median of {reps})  "
+                  f"peak {r.get('peak_mib', float('nan')):.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
+                  flush=True)  # fmt: skip
+    base = next(r for r in rows if r["variant"] == "flux_pipeline_eager")
+    for r in rows:
+        r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
+    return rows
 
 
 def main(argv=None) -> int:
@@ -106,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
@@ -119,38 +176,16 @@ def main(argv=None) -> int:
     steps = args.steps if cuda else 6
     rows = []
     for res in res_list:
-        transformer, vsf, text_len, text_dim, pooled_dim = build(kind, device)
-        dtype = next(transformer.parameters()).dtype
-        g = torch.Generator().manual_seed(0)
-        tokens = (res // vsf // 2) ** 2
-        embeds = (torch.randn(args.batch, text_len, text_dim, generator=g).to(device, dtype),
-                  torch.randn(args.batch, pooled_dim, generator=g).to(device, dtype),
-                  torch.randn(args.batch, tokens, 64, generator=g).to(device, dtype))  # fmt: skip
-        variants = [("flux_pipeline_eager", pipeline_runner(transformer, steps, res, embeds)),
-                    ("ours_eager", ours_runner(transformer, steps, res, embeds, graphed=False))]  # fmt: skip
-        reference = variants[0][1]()
+        # One 12B model alive at a time: the previous resolution's model and graphs are gone before this build.
+        rows += bench_resolution(kind, device, res, steps, args.batch, args.reps if cuda else 3, cuda)
+        gc.collect()
         if cuda:
-            compile_transformer(transformer, "regional")
-            variants += [("ours_compiled", ours_runner(transformer, steps, res, embeds, graphed=False)),
-                         ("ours_compiled_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True))]  # fmt: skip
-        for name, run in variants:
-            r = {"variant": name, "resolution": res, "steps": steps, "batch": args.batch, "dtype": str(dtype)}
-            r.update(timed(run, args.reps, cuda))
-            r["images_per_second"] = args.batch / r["seconds_mean"]
-            r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
-            rows.append(r)
-            print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s  peak {r.get('peak_mib', float('nan')):.0f} MiB  "
-                  f"max|diff| {r['max_abs_diff_vs_pipeline']:.2e}", flush=True)  # fmt: skip
-        base = next(r for r in rows if r["resolution"] == res and r["variant"] == "flux_pipeline_eager")
-        for r in rows:
-            if r["resolution"] == res:
-                r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
-        del transformer
-        if cuda:
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     path = write_result(args.out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
-                        "note": "random weights and prompt embeddings; denoising only"})  # fmt: skip
+                        "note": "random weights and prompt embeddings; denoising only; times are medians of "
+                                "interleaved repeats"})  # fmt: skip
     print("wrote", path)
     return 0
 
