@@ -259,7 +259,8 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     accelerator.wait_for_everyone()
     components.text = None  # text encoders are not needed once prompts are embedded
     # Every rank reads its batches from the cache files (memory-mapped), not the whole cache.
-    embeds, eval_embeds = prompt_embeddings(cfg, components, prompts), prompt_embeddings(cfg, components, cfg.eval_prompts)
+    embeds = prompt_embeddings(cfg, components, prompts)
+    eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
 
     reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
     if hasattr(reward, "check_prompts"):  # fail now, not at the first step that draws a bad prompt

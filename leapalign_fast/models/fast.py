@@ -17,7 +17,8 @@ from leapalign_fast.errors import UserError
 
 log = logging.getLogger("leapalign_fast")
 
-ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "_native_flash", "_native_cudnn", "flex")
+ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "_native_flash", "_native_cudnn", "_native_efficient",
+                      "flex")  # fmt: skip
 # diffusers runs these as forward-only custom ops (no autograd formula): LeapAlign's backward would fail.
 NO_BACKWARD = ("_flash_3", "_flash_varlen_3")
 HALF_ONLY = ("flash", "_flash_3", "_native_flash", "_native_cudnn")  # q, k, v must be bf16/fp16
@@ -68,13 +69,15 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype = torc
     problem = _diffusers_problem(name)
     if problem is not None:
         raise UserError(f"model.attention='{name}' needs the {PACKAGES.get(name, name)} package, which diffusers "
-                        f"reports unusable here ({problem.rstrip('.')}); install it or use 'native' (SDPA)")  # fmt: skip
+                        f"reports unusable here ({problem.rstrip('.')}); install it or use 'native' "
+                        "(SDPA)")  # fmt: skip
     if name in HALF_ONLY and not half:
         raise UserError(f"model.attention='{name}' needs bfloat16 or float16 weights (model.dtype={str(dtype)[6:]}); "
                         "set model.dtype=bfloat16 or use 'native' (SDPA)")  # fmt: skip
     if name == "flash" and compile != "none" and _flash_attn_version() < FLASH_COMPILE_VERSION:
         raise UserError("model.attention='flash' with model.compile needs flash-attn >= 2.7 (earlier versions break "
-                        "the fullgraph compile); upgrade it, or use model.compile=none or attention 'native'")  # fmt: skip
+                        "the fullgraph compile); upgrade it, or use model.compile=none or attention "
+                        "'native'")  # fmt: skip
     return name
 
 
