@@ -70,7 +70,7 @@ def test_lora_export_loads_in_flux_pipeline(flux_dir, tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", f"model.source={path}", "lora.enabled=true",
                                    "lora.rank=4", "lr=5e-2", "max_steps=2", "batch_size=2", "num_steps=4",
                                    "tensorboard=false"]))  # fmt: skip
-    trained = unwrap(res.run.transformer)
+    trained = unwrap(res.run.transformer).cpu()  # on a GPU host the run trained on CUDA; the pipeline is on CPU
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in trained.named_parameters())
     pipe = _pipeline(path)
     pipe.load_lora_weights(tmp_path / "lora", adapter_name="leap")
@@ -287,7 +287,8 @@ def test_graphed_velocity_binds_every_input_to_static_buffers():
     g = GraphedVelocity(tr, capture=capture, device_types=("cpu",))
     for seed in range(3):  # new conditioning, guidance and positions each time: one capture, three replays
         gen = torch.Generator().manual_seed(seed)
-        t5, pooled, ids = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 32, generator=gen), latent_image_ids(8, 8)
+        t5, pooled = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 32, generator=gen)
+        ids = latent_image_ids(8, 8)
         x, t = torch.randn(2, 16, 64, generator=gen), torch.rand(2, generator=gen)
         g.bind(FluxVelocity(tr, t5.clone(), pooled.clone(), ids + seed, 3.5 + seed))  # the caller drops its refs
         gc.collect()

@@ -107,7 +107,8 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
     prompts, specs = [c for c, _ in held_out for _ in range(2)], [s for _, s in held_out for _ in range(2)]
 
     def accuracy(path):
-        images = [im.numpy() for _, im in sample_images(cfg, prompts, path, num_steps=20, batch_size=60, seed=1000)]
+        samples = sample_images(cfg, prompts, path, num_steps=20, batch_size=60, seed=1000)
+        images = [im.cpu().numpy() for _, im in samples]  # CUDA tensors on a GPU host
         return evaluate_images(np.concatenate(images), specs)["overall"]
 
     before, after = accuracy(None), accuracy(ckpt.list_checkpoints(tmp_path)[-1])
