@@ -249,7 +249,8 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     torch.manual_seed(cfg.seed)  # same init on every rank
     prompts = train_prompts(cfg)
     cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))
-    components = load_components(cfg, need_text=not cached)
+    # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank).
+    components = load_components(cfg, need_text=not cached and accelerator.is_main_process)
     latent_hw = components.latent_hw(cfg.resolution)
     if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
         for p in (prompts, list(cfg.eval_prompts)):
