@@ -357,3 +357,18 @@ def test_flux_configs_checkpoint_blocks_to_fit_80gb(name):
     assert (cfg.resolution, cfg.batch_size) in {(720, 4), (512, 8)}
     assert (cfg.num_steps, cfg.lr, cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.mixed_precision) == (
         25, 1e-5, 0.3, 0.1, 0.55, "bf16")  # fmt: skip
+
+
+def test_other_ranks_wait_for_the_prompt_cache_on_the_file_system(tmp_path):
+    """Not a barrier: a collective would time out while rank 0 encodes a large prompt set."""
+    import threading
+
+    from leapalign_fast.train import wait_for_files
+
+    index = tmp_path / "cache" / "index.json"
+    timer = threading.Timer(0.2, lambda: (index.parent.mkdir(), index.write_text("{}")))
+    timer.start()
+    wait_for_files([index], timeout_s=10, poll_s=0.05)
+    timer.join()
+    with pytest.raises(UserError, match="encode-prompts"):
+        wait_for_files([tmp_path / "never.json"], timeout_s=0.1, poll_s=0.05)
