@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from leapalign_fast.config import MethodConfig
-from leapalign_fast.methods import build_method
+from leapalign_fast.methods import METHODS, build_method, method_settings
+from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.methods.base import StepInputs
 from leapalign_fast.sampler import sample_trajectory
 from test_flow import MLPVelocity
@@ -24,7 +24,7 @@ def setup():
 
 def _run(name, model, sigmas, noise, seed=7, **kw):
     counted = Counting(model)
-    fn = build_method(MethodConfig(name=name, lam=LAM, **kw), N)
+    fn = build_method(method_settings(name, lam=LAM, **kw), N)
     out = fn(StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(seed)))
     return out, counted
 
@@ -70,11 +70,13 @@ def test_draft_k_backprops_through_the_last_k_steps(setup, k):
     _close(got, torch.autograd.grad(_hinge(_plain_with_grad(model, x, sigmas, N - k, N)), params))
 
 
-def test_refl_one_step_prediction_at_a_late_step(setup):
+@pytest.mark.parametrize("kw, count", [({}, 3), ({"late_steps": 2}, 2), ({"late_fraction": 1.0}, N)],
+                         ids=["published", "late_steps", "whole"])  # fmt: skip
+def test_refl_one_step_prediction_at_a_late_step(setup, kw, count):
     model, params, sigmas, noise = setup
-    out, counted = _run("refl", model, sigmas, noise, late_steps=3, seed=11)
+    out, counted = _run("refl", model, sigmas, noise, seed=11, **kw)  # published: round(0.44 * 6) = 3 steps
     got = torch.autograd.grad(out.loss, params)
-    i = N - 1 - int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(11)))
+    i = N - 1 - int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(11)))
     assert out.metrics["t"] == pytest.approx(float(sigmas[i])) and counted.calls == i + 1 and counted.grad_calls == 1
     x_t = _states(model, sigmas, noise)[i]
     x0 = x_t - sigmas[i] * model(x_t, sigmas[i].expand(B))
@@ -95,9 +97,13 @@ def test_draft_lv_averages_the_last_step_and_renoisings(setup):
     _close(got, torch.autograd.grad(torch.stack(losses).mean(), params))
 
 
-def test_drtune_has_no_nested_terms(setup):
+def test_refl_published_count_scales_with_n():
+    assert [method_settings("refl").count(n) for n in (25, 50, 8, 1)] == [11, 22, 4, 1]  # 11 of 25 published
+
+
+def test_drtune_uniform_variant_has_no_nested_terms(setup):
     model, params, sigmas, noise = setup
-    out, counted = _run("drtune", model, sigmas, noise, drtune_steps=3, seed=3)
+    out, counted = _run("drtune", model, sigmas, noise, variant="uniform", drtune_steps=3, seed=3)
     got = torch.autograd.grad(out.loss, params)
     picks = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:3].tolist()
     assert counted.calls == N and counted.grad_calls == 3
@@ -113,8 +119,45 @@ def test_drtune_has_no_nested_terms(setup):
     _close(got, want)
 
 
+@pytest.mark.parametrize("seed", [3, 4, 9])
+def test_drtune_published_early_stop_and_equally_spaced_steps(setup, seed):
+    """-sum_{i in T, i < e} dt_i dv(x_i) - [e in T] t_e dv(x_e), applied to dL/dx0_pred at the one-step prediction."""
+    model, params, sigmas, noise = setup
+    out, counted = _run("drtune", model, sigmas, noise, seed=seed)  # K = 3, early stop among the last round(0.4 N)
+    got = torch.autograd.grad(out.loss, params)
+    g = torch.Generator().manual_seed(seed)
+    e = N - int(torch.randint(1, round(0.4 * N) + 1, (1,), generator=g))
+    stride = (e + 1) // 3
+    start = int(torch.randint(0, e - 2 * stride + 1, (1,), generator=g))
+    picks = [start, start + stride, start + 2 * stride]
+    assert out.metrics["early_stop"] == e and counted.calls == e + 1 and counted.grad_calls == 3
+    states = _states(model, sigmas, noise)
+    x_e = states[e]
+    x0_pred = (x_e - sigmas[e] * model(x_e, sigmas[e].expand(B))).detach().requires_grad_(True)
+    (gx,) = torch.autograd.grad(_hinge(x0_pred), x0_pred)
+    want = [torch.zeros_like(p) for p in params]
+    for i in picks:
+        coef = sigmas[e] if i == e else sigmas[i] - sigmas[i + 1]
+        v = model(states[i], sigmas[i].expand(B))
+        for acc, d in zip(want, torch.autograd.grad(-coef * (gx * v).sum(), params)):
+            acc += d
+    _close(got, want)
+
+
+def test_drtune_draws_match_the_published_ranges():
+    g = torch.Generator().manual_seed(0)
+    es = [draw_early_stop(25, 0.4, g) for _ in range(300)]
+    assert set(es) == set(range(15, 25))  # the last 40% of 25 steps
+    assert draw_early_stop(25, 0.0, g) == 24
+    for total in range(1, 26):
+        for _ in range(5):
+            picks = draw_equally_spaced(total, 3, g)
+            assert len(set(picks)) == min(3, total) and 0 <= min(picks) and max(picks) < total
+            assert len({b - a for a, b in zip(picks, picks[1:])}) <= 1  # equally spaced
+
+
 def test_unknown_method_names_the_known_ones():
     from leapalign_fast.errors import UserError
 
-    with pytest.raises(UserError, match="known methods: draft, draft_lv, drtune, full, leapalign, refl"):
-        build_method(MethodConfig(name="dpo"), N)
+    with pytest.raises(UserError, match="known methods: " + ", ".join(sorted(METHODS))):
+        build_method(method_settings("leapalign").__class__(name="dpo"), N)

@@ -88,7 +88,8 @@ def quadrature_weights(times: list[float], t_start: float, t_end: float, scheme:
     out = []
     for p, tp in enumerate(times):
         others = [t for q, t in enumerate(times) if q != p]
-        basis = np.polynomial.Polynomial.fromroots(others) / np.prod([tp - t for t in others])
+        roots = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
+        basis = roots / np.prod([tp - t for t in others])  # L_p: 1 at t_p, 0 at the other nodes
         prim = basis.integ()
         out.append(float(prim(t_end) - prim(t_start)))
     return out
