@@ -183,7 +183,7 @@ def test_lagrange_is_two_quadrature_leaps_with_a_nested_term(setup, seed, kw):
     parts += [[lam_a * f_kj * c(p, a) * w_kj[p] * d for d in F.vjp_theta(p, h)] for p in act_kj]
     if s.tau < 1e-3:  # the weight comes from float32 distances, summed in another order here
         for x, y in zip(got, _sum_grads(parts)):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6 * float(y.abs().max()))
     else:
         _close(got, _sum_grads(parts))
 
