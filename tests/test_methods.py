@@ -161,3 +161,22 @@ def test_unknown_method_names_the_known_ones():
 
     with pytest.raises(UserError, match="known methods: " + ", ".join(sorted(METHODS))):
         build_method(method_settings("leapalign").__class__(name="dpo"), N)
+
+
+PUBLISHED_BATCH = {"refl": 4, "draft_lv": 4, "drtune": 4, "flowbp_sparse": 4, "flowbp_bridge": 8, "flowbp_lagrange": 8}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BATCH))
+def test_flux_configs_hold_the_published_settings(name):
+    """configs/flux_<method>.toml: FlowBP's FLUX.1 settings, and the method's defaults are the published ones."""
+    import dataclasses
+    from pathlib import Path
+
+    from leapalign_fast.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"flux_{name}.toml")
+    assert (cfg.resolution, cfg.num_steps, cfg.guidance, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.ema_decay,
+            cfg.max_grad_norm, cfg.max_steps) == (512, 25, 4.0, PUBLISHED_BATCH[name], 1e-5, 1e-4, 0.995, 1.0, 300)  # fmt: skip
+    assert cfg.mixed_precision == "bf16" and not cfg.lora.enabled and cfg.reward.name == "hpsv2.1"
+    assert cfg.method.name == name and cfg.method.lam == 0.55
+    assert dataclasses.replace(cfg.method, lam=1.0) == method_settings(name)  # the defaults are the published setting
