@@ -180,3 +180,22 @@ def test_flux_configs_hold_the_published_settings(name):
     assert cfg.mixed_precision == "bf16" and not cfg.lora.enabled and cfg.reward.name == "hpsv2.1"
     assert cfg.method.name == name and cfg.method.lam == 0.55
     assert dataclasses.replace(cfg.method, lam=1.0) == method_settings(name)  # the defaults are the published setting
+
+
+def test_method_table_builds_the_chosen_methods_settings(tmp_path):
+    from leapalign_fast.config import config_toml, load_config
+    from leapalign_fast.errors import UserError
+
+    cfg = load_config(None, ["method.name=refl", "method.alpha=0.5", "method.late_steps=3"])  # alpha: not refl's
+    assert cfg.method == method_settings("refl", late_steps=3) and not hasattr(cfg.method, "alpha")
+    (tmp_path / "c.toml").write_text(config_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg  # the saved config reads back as the same settings
+    with pytest.raises(UserError) as err:
+        load_config(None, ["num_steps=1"])  # LeapAlign needs two steps; no other method's key is named
+    assert "num_steps >= 2" in str(err.value) and "late_steps" not in str(err.value)
+    with pytest.raises(UserError, match=r"method.late_steps must be in \[0, num_steps=4\]"):
+        load_config(None, ["method.name=refl", "method.late_steps=9", "num_steps=4"])
+    with pytest.raises(UserError, match="unknown config key 'method.num_active_step'; did you mean 'method.num_active_steps'"):
+        load_config(None, ["method.name=flowbp_sparse", "method.num_active_step=2"])
+    with pytest.raises(UserError, match="'method.support_scale' must be a float"):
+        load_config(None, ["method.name=flowbp_lagrange", "method.support_scale='x'"])
