@@ -175,7 +175,8 @@ def _build_method(data, prefix: str) -> MethodSettings:
             kwargs[key] = _check_type(prefix + key, value, hints[key])
         elif key not in others:
             close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {', '.join(sorted(own))}"
+            takes = ", ".join(sorted(own))
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {takes}"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
     return cls(**kwargs)
 

@@ -74,7 +74,10 @@ def _close(got, want):
     assert any(g.abs().sum() > 0 for g in got)
 
 
-@pytest.mark.parametrize("seed, kw", [(1, {}), (2, {"grad_rescale": 0.0}), (3, {"num_active_steps": 5, "late_bias": 0.0})])
+SPARSE_CASES = [(1, {}), (2, {"grad_rescale": 0.0}), (3, {"num_active_steps": 5, "late_bias": 0.0})]
+
+
+@pytest.mark.parametrize("seed, kw", SPARSE_CASES)
 def test_sparse_is_the_euler_weighted_sum_of_k_active_steps(setup, seed, kw):
     model, params, sigmas, noise, states = setup
     out, counted, got = _run("flowbp_sparse", model, sigmas, noise, seed, **kw)
@@ -89,8 +92,11 @@ def test_sparse_is_the_euler_weighted_sum_of_k_active_steps(setup, seed, kw):
     torch.testing.assert_close(out.x0, states[-1], rtol=0, atol=0)  # the real trajectory
 
 
-@pytest.mark.parametrize("seed, kw", [(1, {}), (5, {"alpha": 0.7, "grad_rescale": 0.0}), (6, {"index_sampler": "dirichlet"}),
-                                      (8, {"num_active_steps": 2})])  # fmt: skip
+BRIDGE_CASES = [(1, {}), (5, {"alpha": 0.7, "grad_rescale": 0.0}), (6, {"index_sampler": "dirichlet"}),
+                (8, {"num_active_steps": 2})]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed, kw", BRIDGE_CASES)
 def test_bridge_adds_one_nested_path_through_x_j(setup, seed, kw):
     model, params, sigmas, noise, states = setup
     out, counted, got = _run("flowbp_bridge", model, sigmas, noise, seed, **kw)
@@ -193,7 +199,8 @@ def test_dirichlet_pair_stays_in_the_window_and_follows_the_concentrations():
     pairs = [draw_dirichlet_pair(0, 25, [2.5, 6.0, 2.0], g) for _ in range(2000)]
     assert all(0 <= a < b < 24 for a, b in pairs)  # at least one step after j and one before k
     a, b = np.array(pairs).T
-    # run lengths 24 - b (after j), b - a (gap), a + 1 (k and before); expected n * conc / sum(conc) = 25 * (2.5, 6, 2) / 10.5: after j 5.95, gap 14.3, before k 4.76
+    # run lengths 24 - b (after j), b - a (gap), a + 1 (k and before); expected n * conc / sum(conc):
+    # 25 * (2.5, 6, 2) / 10.5 = after j 5.95, gap 14.3, before k 4.76
     assert abs((24 - b).mean() - 25 * 2.5 / 10.5) < 0.5 and abs((b - a).mean() - 25 * 6 / 10.5) < 0.5
     assert abs((a + 1).mean() - 25 * 2 / 10.5) < 0.5  # k = (steps before k) - 1
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

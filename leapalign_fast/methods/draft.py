@@ -15,7 +15,8 @@ class DraftSettings(MethodSettings):
     checkpointing: bool = False  # recompute the grad forwards in the backward (activation checkpointing)
 
     def validate(self, num_steps: int) -> None:
-        need(1 <= self.draft_k <= num_steps, f"method.draft_k must be in [1, num_steps={num_steps}], got {self.draft_k}")
+        n = num_steps
+        need(1 <= self.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {self.draft_k}")
 
 
 def draft_loss(inp: StepInputs, s: DraftSettings) -> StepOutput:

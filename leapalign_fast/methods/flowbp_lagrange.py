@@ -62,8 +62,9 @@ class LagrangeSettings(PairSettings):
         need(self.max_active_supports >= 0, f"method.max_active_supports must be >= 0, got {self.max_active_supports}")
         need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
         need(0.0 <= self.anchor_lambda <= 1.0, f"method.anchor_lambda must be in [0, 1], got {self.anchor_lambda}")
+        schemes = ", ".join(WEIGHT_SCHEMES)
         need(self.weight_scheme in WEIGHT_SCHEMES,
-             f"method.weight_scheme must be one of {', '.join(WEIGHT_SCHEMES)}, got '{self.weight_scheme}'")  # fmt: skip
+             f"method.weight_scheme must be one of {schemes}, got '{self.weight_scheme}'")  # fmt: skip
         super().validate(num_steps)
 
 
