@@ -107,10 +107,9 @@ class Interval:
     factor: float
 
     @classmethod
-    def build(cls, start: int, end: int, sigmas: torch.Tensor, s: LagrangeSettings) -> "Interval":
+    def build(cls, start: int, end: int, times: list[float], s: LagrangeSettings) -> "Interval":
         sup = interval_supports(start, end, s.connector_order)
-        w = quadrature_weights([float(sigmas[p]) for p in sup], float(sigmas[start]), float(sigmas[end]),
-                               s.weight_scheme)  # fmt: skip
+        w = quadrature_weights([times[p] for p in sup], times[start], times[end], s.weight_scheme)
         weights = dict(zip(sup, w))
         active = active_supports(sup, s.support_mode, s.max_active_supports)
         return cls(start, sup, weights, active, rescale_factor(weights, active, s.grad_rescale))
@@ -126,7 +125,8 @@ def lagrange_loss(inp: StepInputs, s: LagrangeSettings) -> StepOutput:
     n = len(inp.sigmas) - 1
     a, b = s.draw(n, inp.generator)
     k, j = inp.sigmas[a], inp.sigmas[b]
-    kj, j0 = Interval.build(a, b, inp.sigmas, s), Interval.build(b, n, inp.sigmas, s)
+    times = inp.sigmas.tolist()  # one host sync on the (N + 1,) schedule
+    kj, j0 = Interval.build(a, b, times, s), Interval.build(b, n, times, s)
     acc = torch.promote_types(inp.noise.dtype, torch.float32)  # the quadrature sums in at least float32
     v: dict[int, torch.Tensor] = {}  # support index -> its velocity (grad-enabled if active)
     leap: dict[str, torch.Tensor] = {}
@@ -135,7 +135,7 @@ def lagrange_loss(inp: StepInputs, s: LagrangeSettings) -> StepOutput:
         t = as_batch_time(inp.sigmas[i], x)
         if i == b:
             x_k = leap["x_k"].to(acc)
-            euler = x_k + float(j - k) * v[a].to(acc)  # LeapAlign's one-step leap, v(x_k) unscaled
+            euler = x_k + (times[b] - times[a]) * v[a].to(acc)  # LeapAlign's one-step leap, v(x_k) unscaled
             lagr = x_k + kj.integral(v, acc)
             xh_j = lagr if s.anchor_lambda == 1.0 else euler + s.anchor_lambda * (lagr - euler)
             leap["x_jc"], u_j, leap["d_j"] = connect_discount(xh_j.to(x.dtype), x, s.alpha)
