@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import slug, write_result  # noqa: E402
-from leapalign_fast.config import FLUX_LORA_TARGETS, MethodConfig  # noqa: E402
+from leapalign_fast.config import FLUX_LORA_TARGETS  # noqa: E402
 from leapalign_fast.flow import flux_schedule  # noqa: E402
-from leapalign_fast.methods import StepInputs, build_method  # noqa: E402
+from leapalign_fast.methods import METHODS as REGISTRY, StepInputs, build_method, method_settings  # noqa: E402
 from leapalign_fast.models.flux import (  # noqa: E402
     FluxComponents,
     FluxVelocity,
@@ -44,7 +44,7 @@ from leapalign_fast.models.flux import (  # noqa: E402
 )
 from leapalign_fast.rewards import build_reward  # noqa: E402
 
-METHODS = ["leapalign", "refl", "draft", "draft_lv", "drtune", "full"]
+METHODS = list(REGISTRY)  # every registered method, each with its own (published) defaults
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))  # fmt: skip
@@ -115,7 +115,7 @@ def measure(method: str, n: int, res: int, comps, dims, batch: int, device: str,
     h = w = res // comps.vae_scale_factor
     dtype = next(comps.transformer.parameters()).dtype
     params = [p for p in comps.transformer.parameters() if p.requires_grad]
-    fn = build_method(MethodConfig(name=method, lam=1.0), n)
+    fn = build_method(method_settings(method, lam=1.0), n)
     sigmas = flux_schedule(n, (h // 2) * (w // 2))
     row = {"method": method, "num_steps": n, "resolution": res, "batch": batch}
 

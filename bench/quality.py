@@ -29,11 +29,12 @@ from bench.common import write_result  # noqa: E402
 from leapalign_fast import checkpoint as ckpt  # noqa: E402
 from leapalign_fast.config import config_dict, load_config  # noqa: E402
 from leapalign_fast.evaluate import sample_images  # noqa: E402
+from leapalign_fast.methods import METHODS as REGISTRY  # noqa: E402
 from leapalign_fast.toy.evaluator import evaluate_images  # noqa: E402
 from leapalign_fast.toy.scenes import CATEGORIES, prompt_set  # noqa: E402
 from leapalign_fast.train import train  # noqa: E402
 
-METHODS = ["leapalign", "refl", "draft_lv", "drtune", "draft"]
+METHODS = [m for m, spec in REGISTRY.items() if not spec.reference]  # every alignment method (not `full`)
 
 
 def run_config(args, method: str, seed: int, out: Path, prompt_file: Path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import tomli_w
 
 from leapalign_fast.errors import UserError
+from leapalign_fast.methods import METHODS, MethodSettings, method_settings, method_spec
 from leapalign_fast.models.flux import TinyFluxConfig
 
 if sys.version_info >= (3, 11):
@@ -54,19 +55,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
 
 
-@dataclass
-class MethodConfig:
-    name: str = "leapalign"
-    alpha: float = 0.3  # gradient discount of the nested term
-    tau: float = 0.1  # distance floor of the similarity weight
-    lam: float = 1.0  # hinge margin: loss = max(0, lam - reward)
-    index_window: list[int] = field(default_factory=list)  # [lo, hi) trajectory indices for (k, j); [] = all
-    # baselines (same hinge objective, same sampler)
-    late_steps: int = 2  # refl: the grad step is one of the last `late_steps` steps
-    draft_k: int = 1  # draft: backprop through the last K steps
-    renoise: int = 2  # draft_lv: re-noisings of the detached x_0
-    drtune_steps: int = 2  # drtune: trained steps drawn from index_window
-    checkpointing: bool = False  # draft/full: recompute grad forwards in the backward (activation checkpointing)
+# `[method]`: `name` picks a method from the registry (leapalign_fast.methods.METHODS); the table's other keys are
+# that method's settings dataclass (each method module declares its own), checked and validated only for it.
+MethodConfig = MethodSettings
 
 
 @dataclass
@@ -107,7 +98,7 @@ class Config:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodSettings = field(default_factory=lambda: method_settings("leapalign"))
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -158,12 +149,35 @@ def _build(cls, data: dict, prefix: str, root_cls):
         if key not in names:
             raise _unknown(full, root_cls)
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if hint is MethodSettings:
+            kwargs[key] = _build_method(value, full + ".")
+        elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{full}' is a table; write it as [{full}] with keys inside")
             kwargs[key] = _build(hint, value, full + ".", root_cls)
         else:
             kwargs[key] = _check_type(full, value, hint)
+    return cls(**kwargs)
+
+
+def _build_method(data, prefix: str) -> MethodSettings:
+    """The `[method]` table as the chosen method's settings. Keys that belong only to other methods are ignored, so
+    one file can switch methods with `method.name=...`; errors name only the chosen method's keys."""
+    if not isinstance(data, dict):
+        raise UserError(f"config key '{prefix[:-1]}' is a table; write it as [{prefix[:-1]}] with keys inside")
+    name = _check_type(prefix + "name", data.get("name", "leapalign"), str)
+    cls = method_spec(name).settings
+    hints, own = typing.get_type_hints(cls), set(cls.keys())
+    others = {k for m in METHODS.values() for k in m.settings.keys()} - own
+    kwargs = {}
+    for key, value in data.items():
+        if key in own:
+            kwargs[key] = _check_type(prefix + key, value, hints[key])
+        elif key not in others:
+            close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
+            takes = ", ".join(sorted(own))
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {takes}"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
     return cls(**kwargs)
 
 
@@ -238,8 +252,6 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints",
                 "max_nonfinite_steps"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
-    need(0.0 <= cfg.method.alpha <= 1.0, f"method.alpha must be in [0, 1], got {cfg.method.alpha}")
-    need(cfg.method.tau > 0, f"method.tau must be > 0, got {cfg.method.tau}")
     need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(len(cfg.adam_betas) == 2, f"adam_betas must have two values, got {cfg.adam_betas}")
@@ -247,11 +259,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    m, n = cfg.method, cfg.num_steps
-    need(1 <= m.late_steps <= n, f"method.late_steps must be in [1, num_steps={n}], got {m.late_steps}")
-    need(1 <= m.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {m.draft_k}")
-    need(m.renoise >= 0, f"method.renoise must be >= 0, got {m.renoise}")
-    need(m.drtune_steps >= 1, f"method.drtune_steps must be >= 1, got {m.drtune_steps}")
+    cfg.method.validate(cfg.num_steps)  # only the chosen method's keys
 
 
 def config_dict(cfg: Config) -> dict:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from leapalign_fast.methods import METHODS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -14,12 +16,12 @@ def test_memory_bench_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "memory_tiny_cpu.json").read_text())
     rows = {(r["method"], r["num_steps"]): r for r in data["rows"]}
-    assert set(rows) == {(m, n) for m in ["leapalign", "refl", "draft", "draft_lv", "drtune", "full"] for n in (10, 50)}
+    assert set(rows) == {(m, n) for m in METHODS for n in (10, 50)}  # every registered method
     for r in data["rows"]:
         assert not r["oom"] and r["activation_mib"] > 0 and set(r["seconds"]) == {"sampling", "grad_forwards",
                                                                                     "backward", "reward"}
     la10, la50 = rows["leapalign", 10]["activation_mib"], rows["leapalign", 50]["activation_mib"]
     assert abs(la50 - la10) <= 0.10 * la10  # flat in N
     assert rows["full", 50]["activation_mib"] > 1.5 * rows["full", 10]["activation_mib"]  # grows with N
-    assert (tmp_path / "memory_tiny_cpu.md").read_text().count("\n") == 2 + 12
+    assert (tmp_path / "memory_tiny_cpu.md").read_text().count("\n") == 2 + 2 * len(METHODS)
     assert (tmp_path / "memory_tiny_cpu_64px.png").stat().st_size > 1000

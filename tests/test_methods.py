@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from leapalign_fast.config import MethodConfig
-from leapalign_fast.methods import build_method
+from leapalign_fast.methods import METHODS, build_method, method_settings
+from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.methods.base import StepInputs
 from leapalign_fast.sampler import sample_trajectory
 from test_flow import MLPVelocity
@@ -24,7 +24,7 @@ def setup():
 
 def _run(name, model, sigmas, noise, seed=7, **kw):
     counted = Counting(model)
-    fn = build_method(MethodConfig(name=name, lam=LAM, **kw), N)
+    fn = build_method(method_settings(name, lam=LAM, **kw), N)
     out = fn(StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(seed)))
     return out, counted
 
@@ -70,11 +70,13 @@ def test_draft_k_backprops_through_the_last_k_steps(setup, k):
     _close(got, torch.autograd.grad(_hinge(_plain_with_grad(model, x, sigmas, N - k, N)), params))
 
 
-def test_refl_one_step_prediction_at_a_late_step(setup):
+@pytest.mark.parametrize("kw, count", [({}, 3), ({"late_steps": 2}, 2), ({"late_fraction": 1.0}, N)],
+                         ids=["published", "late_steps", "whole"])  # fmt: skip
+def test_refl_one_step_prediction_at_a_late_step(setup, kw, count):
     model, params, sigmas, noise = setup
-    out, counted = _run("refl", model, sigmas, noise, late_steps=3, seed=11)
+    out, counted = _run("refl", model, sigmas, noise, seed=11, **kw)  # published: round(0.44 * 6) = 3 steps
     got = torch.autograd.grad(out.loss, params)
-    i = N - 1 - int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(11)))
+    i = N - 1 - int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(11)))
     assert out.metrics["t"] == pytest.approx(float(sigmas[i])) and counted.calls == i + 1 and counted.grad_calls == 1
     x_t = _states(model, sigmas, noise)[i]
     x0 = x_t - sigmas[i] * model(x_t, sigmas[i].expand(B))
@@ -95,9 +97,13 @@ def test_draft_lv_averages_the_last_step_and_renoisings(setup):
     _close(got, torch.autograd.grad(torch.stack(losses).mean(), params))
 
 
-def test_drtune_has_no_nested_terms(setup):
+def test_refl_published_count_scales_with_n():
+    assert [method_settings("refl").count(n) for n in (25, 50, 8, 1)] == [11, 22, 4, 1]  # 11 of 25 published
+
+
+def test_drtune_uniform_variant_has_no_nested_terms(setup):
     model, params, sigmas, noise = setup
-    out, counted = _run("drtune", model, sigmas, noise, drtune_steps=3, seed=3)
+    out, counted = _run("drtune", model, sigmas, noise, variant="uniform", drtune_steps=3, seed=3)
     got = torch.autograd.grad(out.loss, params)
     picks = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:3].tolist()
     assert counted.calls == N and counted.grad_calls == 3
@@ -113,8 +119,84 @@ def test_drtune_has_no_nested_terms(setup):
     _close(got, want)
 
 
+@pytest.mark.parametrize("seed", [3, 4, 9])
+def test_drtune_published_early_stop_and_equally_spaced_steps(setup, seed):
+    """-sum_{i in T, i < e} dt_i dv(x_i) - [e in T] t_e dv(x_e), applied to dL/dx0_pred at the one-step prediction."""
+    model, params, sigmas, noise = setup
+    out, counted = _run("drtune", model, sigmas, noise, seed=seed)  # K = 3, early stop among the last round(0.4 N)
+    got = torch.autograd.grad(out.loss, params)
+    g = torch.Generator().manual_seed(seed)
+    e = N - int(torch.randint(1, round(0.4 * N) + 1, (1,), generator=g))
+    stride = (e + 1) // 3
+    start = int(torch.randint(0, e - 2 * stride + 1, (1,), generator=g))
+    picks = [start, start + stride, start + 2 * stride]
+    assert out.metrics["early_stop"] == e and counted.calls == e + 1 and counted.grad_calls == 3
+    states = _states(model, sigmas, noise)
+    x_e = states[e]
+    x0_pred = (x_e - sigmas[e] * model(x_e, sigmas[e].expand(B))).detach().requires_grad_(True)
+    (gx,) = torch.autograd.grad(_hinge(x0_pred), x0_pred)
+    want = [torch.zeros_like(p) for p in params]
+    for i in picks:
+        coef = sigmas[e] if i == e else sigmas[i] - sigmas[i + 1]
+        v = model(states[i], sigmas[i].expand(B))
+        for acc, d in zip(want, torch.autograd.grad(-coef * (gx * v).sum(), params)):
+            acc += d
+    _close(got, want)
+
+
+def test_drtune_draws_match_the_published_ranges():
+    g = torch.Generator().manual_seed(0)
+    es = [draw_early_stop(25, 0.4, g) for _ in range(300)]
+    assert set(es) == set(range(15, 25))  # the last 40% of 25 steps
+    assert draw_early_stop(25, 0.0, g) == 24
+    for total in range(1, 26):
+        for _ in range(5):
+            picks = draw_equally_spaced(total, 3, g)
+            assert len(set(picks)) == min(3, total) and 0 <= min(picks) and max(picks) < total
+            assert len({b - a for a, b in zip(picks, picks[1:])}) <= 1  # equally spaced
+
+
 def test_unknown_method_names_the_known_ones():
     from leapalign_fast.errors import UserError
 
-    with pytest.raises(UserError, match="known methods: draft, draft_lv, drtune, full, leapalign, refl"):
-        build_method(MethodConfig(name="dpo"), N)
+    with pytest.raises(UserError, match="known methods: " + ", ".join(sorted(METHODS))):
+        build_method(method_settings("leapalign").__class__(name="dpo"), N)
+
+
+PUBLISHED_BATCH = {"refl": 4, "draft_lv": 4, "drtune": 4, "flowbp_sparse": 4, "flowbp_bridge": 8, "flowbp_lagrange": 8}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BATCH))
+def test_flux_configs_hold_the_published_settings(name):
+    """configs/flux_<method>.toml: FlowBP's FLUX.1 settings, and the method's defaults are the published ones."""
+    import dataclasses
+    from pathlib import Path
+
+    from leapalign_fast.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"flux_{name}.toml")
+    got = (cfg.resolution, cfg.num_steps, cfg.guidance, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.ema_decay,
+           cfg.max_grad_norm, cfg.max_steps)  # fmt: skip
+    assert got == (512, 25, 4.0, PUBLISHED_BATCH[name], 1e-5, 1e-4, 0.995, 1.0, 300)
+    assert cfg.mixed_precision == "bf16" and not cfg.lora.enabled and cfg.reward.name == "hpsv2.1"
+    assert cfg.method.name == name and cfg.method.lam == 0.55
+    assert dataclasses.replace(cfg.method, lam=1.0) == method_settings(name)  # the defaults are the published setting
+
+
+def test_method_table_builds_the_chosen_methods_settings(tmp_path):
+    from leapalign_fast.config import config_toml, load_config
+    from leapalign_fast.errors import UserError
+
+    cfg = load_config(None, ["method.name=refl", "method.alpha=0.5", "method.late_steps=3"])  # alpha: not refl's
+    assert cfg.method == method_settings("refl", late_steps=3) and not hasattr(cfg.method, "alpha")
+    (tmp_path / "c.toml").write_text(config_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg  # the saved config reads back as the same settings
+    with pytest.raises(UserError) as err:
+        load_config(None, ["num_steps=1"])  # LeapAlign needs two steps; no other method's key is named
+    assert "num_steps >= 2" in str(err.value) and "late_steps" not in str(err.value)
+    with pytest.raises(UserError, match=r"method.late_steps must be in \[0, num_steps=4\]"):
+        load_config(None, ["method.name=refl", "method.late_steps=9", "num_steps=4"])
+    with pytest.raises(UserError, match="key 'method.num_active_step'; did you mean 'method.num_active_steps'"):
+        load_config(None, ["method.name=flowbp_sparse", "method.num_active_step=2"])
+    with pytest.raises(UserError, match="'method.support_scale' must be a float"):
+        load_config(None, ["method.name=flowbp_lagrange", "method.support_scale='x'"])

@@ -1,7 +1,9 @@
-"""What every method's loss builder receives and returns, and the shared index draw."""
+"""What every method receives and returns, its settings base class and registry entry, and shared pieces:
+the hinge objective, the no-grad prefix, value-preserving gradient scaling, and the index window."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -9,6 +11,7 @@ import torch
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.flow import Velocity
+from leapalign_fast.sampler import sample_trajectory
 
 
 @dataclass
@@ -25,18 +28,72 @@ class StepInputs:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, carries the gradient
-    reward: torch.Tensor  # (B,) reward of the real sampled image, detached
+    reward: torch.Tensor  # (B,) reward of the image the loss scores, detached
     metrics: dict[str, float] = field(default_factory=dict)
     x0: torch.Tensor | None = None  # (B, L, C) final latents, detached (for logging)
 
 
-def resolve_window(window: list[int], num_steps: int) -> tuple[int, int]:
+@dataclass
+class MethodSettings:
+    """The `[method]` table: `name` picks the method; each method subclasses this with its own keys."""
+
+    name: str = ""
+    lam: float = 1.0  # hinge margin: loss = max(0, lam - reward)
+
+    def validate(self, num_steps: int) -> None:
+        """Raise UserError naming `method.<key>` for a bad value (only this method's keys)."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry: a method's name, its settings dataclass and its loss builder."""
+
+    name: str
+    settings: type[MethodSettings]
+    loss: Callable[[StepInputs, MethodSettings], StepOutput]
+    reference: bool = False  # a memory/throughput reference, not an alignment method (bench/quality.py skips it)
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def hinge(inp: StepInputs, x0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean max(0, lam - r(decode(x0))), r) with r (B,)."""
+    r = inp.reward(inp.decode(x0), inp.prompts)
+    return torch.relu(lam - r).mean(), r
+
+
+def prefix_state(inp: StepInputs, stop: int) -> torch.Tensor:
+    """The detached state at index `stop`, sampled without grad."""
+    return sample_trajectory(inp.velocity, inp.noise, inp.sigmas[: stop + 1]).x0
+
+
+def grad_only(v: torch.Tensor) -> torch.Tensor:
+    """`v - sg(v)`: value exactly 0, gradient of v. Adding it to a real state keeps the state's value bit-exact."""
+    return v - v.detach()
+
+
+def scale_grad(v: torch.Tensor, factor: float) -> torch.Tensor:
+    """Value v (exactly), gradient scaled by `factor`: `sg(v) + factor (v - sg(v))`."""
+    return v if factor == 1.0 else v.detach() + factor * grad_only(v)
+
+
+def resolve_window(window: list[int], num_steps: int, min_span: int = 2) -> tuple[int, int]:
     """`[lo, hi)` trajectory-index window for (k, j); empty means the whole range [0, N)."""
+    if num_steps < min_span:
+        raise UserError(f"num_steps={num_steps} is too few for this method's (k, j) draw: it needs num_steps >= "
+                        f"{min_span}")  # fmt: skip
     lo, hi = (0, num_steps) if len(window) == 0 else (tuple(window) + (None,))[:2]
-    if len(window) not in (0, 2) or hi is None or not (0 <= lo < hi <= num_steps) or hi - lo < 2:
+    if len(window) not in (0, 2) or hi is None or not (0 <= lo < hi <= num_steps) or hi - lo < min_span:
         raise UserError(
             f"method.index_window={list(window)} must be [] (whole trajectory) or [lo, hi) with "
-            f"0 <= lo, lo + 2 <= hi <= num_steps={num_steps}; e.g. [0, {num_steps}]"
+            f"0 <= lo, lo + {min_span} <= hi <= num_steps={num_steps}; e.g. [0, {num_steps}]"
         )
     return lo, hi
 

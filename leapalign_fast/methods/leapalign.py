@@ -12,16 +12,33 @@ trajectory's own: their values drive the Euler steps, so nothing is re-run. Afte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
 from leapalign_fast.kernels import connect, connect_discount, similarity_weight
-from leapalign_fast.methods.base import StepInputs, StepOutput, draw_two_indices
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need
+from leapalign_fast.methods.indices import PairSettings
 from leapalign_fast.sampler import sample_trajectory
 
 
-def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window: tuple[int, int]) -> StepOutput:
-    a, b = draw_two_indices(*window, inp.generator)
+@dataclass
+class LeapAlignSettings(PairSettings):
+    name: str = "leapalign"
+    alpha: float = 0.3  # gradient discount of the nested term
+    tau: float = 0.1  # distance floor of the similarity weight
+
+    def validate(self, num_steps: int) -> None:
+        need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
+        need(self.tau > 0, f"method.tau must be > 0, got {self.tau}")
+        super().validate(num_steps)
+
+
+def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window: tuple[int, int],
+                   pair: tuple[int, int] | None = None) -> StepOutput:  # fmt: skip
+    """`pair` = (a, b) forces the draw; by default two distinct indices uniform in `window`."""
+    a, b = pair if pair is not None else draw_two_indices(*window, inp.generator)
     k, j = inp.sigmas[a], inp.sigmas[b]
     leap: dict[str, torch.Tensor] = {}
 
@@ -50,3 +67,11 @@ def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window
         "weight": w.mean().item(),
     }
     return StepOutput(loss, r.detach(), metrics, traj.x0)
+
+
+def _loss(inp: StepInputs, s: LeapAlignSettings) -> StepOutput:
+    n = len(inp.sigmas) - 1
+    return leapalign_loss(inp, s.alpha, s.tau, s.lam, s.window(n), s.draw(n, inp.generator))
+
+
+METHOD = MethodSpec("leapalign", LeapAlignSettings, _loss)

@@ -1,0 +1,25 @@
+"""Full-trajectory backprop: all N steps with grad (optionally with activation checkpointing): the memory and
+throughput reference, not an alignment method of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge
+from leapalign_fast.sampler import integrate_with_grad
+
+
+@dataclass
+class FullSettings(MethodSettings):
+    name: str = "full"
+    checkpointing: bool = False  # recompute each grad forward in the backward (activation checkpointing)
+
+
+def full_loss(inp: StepInputs, s: FullSettings) -> StepOutput:
+    n = len(inp.sigmas) - 1
+    x0 = integrate_with_grad(inp.velocity, inp.noise.detach(), inp.sigmas, 0, n, checkpoint=s.checkpointing)
+    loss, r = hinge(inp, x0, s.lam)
+    return StepOutput(loss, r.detach(), {"grad_forwards": float(n)}, x0.detach())
+
+
+METHOD = MethodSpec("full", FullSettings, full_loss, reference=True)
