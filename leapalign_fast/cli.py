@@ -53,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg)
             r = result.rewards
             n = min(10, len(r))
+            ran = result.steps - result.start_step  # after a resume: the steps this call ran, not the total
+            span = f"steps {result.start_step + 1}-{result.steps}" if result.start_step else f"{ran} steps"
             if r:
                 print(
-                    f"done: {result.steps} steps in {result.wall_seconds:.1f} s; mean reward first {n} "
+                    f"done: {span} in {result.wall_seconds:.1f} s; mean reward first {n} "
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
+            else:
+                print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
+                      f"{result.output_dir}")  # fmt: skip
         elif args.command == "eval":
             from leapalign_fast.config import load_config
             from leapalign_fast.evaluate import evaluate
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"leapalign-fast: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C before the training loop's handler is installed (start-up, eval)
+        print("leapalign-fast: interrupted before training started; no checkpoint was written or changed", file=sys.stderr)
+        return 130
     return 0
 
 
