@@ -4,7 +4,7 @@ BLIP ViT-L image encoder -> BERT text encoder with cross-attention to the image 
 MLP (768-1024-128-64-16-1) -> normalised with the published mean/std. The official checkpoint
 (`ImageReward.pt`, BLIP-code key names) is mapped key by key onto BlipVisionModel + BlipTextModel; the
 architecture sizes are read from the checkpoint's shapes. Images are preprocessed as the official
-`_transform(224)` (bicubic resize of the short side, centre crop, CLIP mean/std), in torch.
+`_transform(224)` (bicubic resize of the short side, torchvision centre crop, CLIP mean/std), in torch.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ImageRewardModel(torch.nn.Module):
         self.size = vision.config.image_size
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images, self.size).to(next(self.vision.parameters()).dtype)
+        pixels = clip_preprocess(images, self.size, crop="round").to(next(self.vision.parameters()).dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
@@ -101,6 +101,9 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
                         f"bert-base-uncased; {tk} has none")  # fmt: skip
     state = torch.load(ck, map_location="cpu", weights_only=True)
     vision_sd, text_sd, mlp_sd = blip_to_hf(state.get("state_dict", state))
+    # BLIP's med.py saves `embeddings.position_ids` (a persistent arange buffer); transformers rebuilds it
+    # (non-persistent), so the official file's copy is dropped rather than reported as unexpected.
+    text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
     if not vision_sd or not text_sd or not mlp_sd:
         raise UserError(f"{ck} is not an ImageReward checkpoint (needs blip.visual_encoder.*, blip.text_encoder.*, mlp.*)")
     vcfg, tcfg = _configs(vision_sd, text_sd)
