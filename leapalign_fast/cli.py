@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
-
+    try:
+        from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         if args.command == "train":
             from leapalign_fast.config import load_config
@@ -87,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"leapalign-fast: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:  # Ctrl-C before the training loop's handler is installed (start-up, eval)
-        print("leapalign-fast: interrupted before training started; no checkpoint was written or changed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handler (start-up, export, eval)
+        return _interrupted()
     return 0
+
+
+def _interrupted() -> int:
+    print("leapalign-fast: interrupted (Ctrl-C) outside a training step; checkpoints already written are intact; "
+          "rerun with resume=true to continue", file=sys.stderr)  # fmt: skip
+    return 130
 
 
 if __name__ == "__main__":

@@ -62,6 +62,18 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def load_weights_file(path: Path, reward: str) -> dict:
+    """A reward's .pt/.pth tensor file (weights_only: no pickle code runs); a damaged one is a UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a pickle, pickled code refused by weights_only, ...
+        raise UserError(f"reward '{reward}': {path} cannot be read as a weights file ({type(e).__name__}); download "
+                        "it again") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise UserError(f"reward '{reward}': {path} holds a {type(state).__name__}, not a tensor dict")
+    return state
+
+
 def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
     if not path:
         raise UserError(f"reward '{reward}' needs reward.options.{what}: a local directory ({source})")
@@ -181,7 +193,7 @@ def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: 
         raise UserError(f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
                         f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found")  # fmt: skip
     model, tokenizer = _load_clip(p, dtype)
-    state = torch.load(ck, map_location="cpu", weights_only=True)  # a plain tensor dict: no pickle code runs
+    state = load_weights_file(ck, "hpsv2.1")
     state = state.get("state_dict", state)
     converted = open_clip_to_hf(state)
     own = model.state_dict()
@@ -222,6 +234,9 @@ def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str 
                         f"(LAION improved-aesthetic-predictor); {mlp!r} not found")  # fmt: skip
     clip_reward = ClipReward(*_load_clip(p, dtype), use_logit_scale=False, preprocess="round")  # OpenAI CLIP's torchvision
     model = AestheticReward(clip_reward, clip_reward.model.config.projection_dim)
-    state = torch.load(mlp, map_location="cpu", weights_only=True)
-    model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    state = load_weights_file(Path(mlp), "aesthetic")
+    try:
+        model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    except RuntimeError as e:  # missing/unexpected keys or wrong shapes: not the LAION ViT-L/14 MLP
+        raise UserError(f"reward 'aesthetic': {mlp} does not fit the aesthetic MLP on {p}: {str(e).splitlines()[0]}") from None
     return model
