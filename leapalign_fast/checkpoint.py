@@ -186,8 +186,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def save_rank_rng(tmp_dir: Path, rank: int) -> None:
     """Every rank writes its own RNG state into the checkpoint being built."""
     tensors, meta = rng_state()
-    save_tensors_atomic(tensors, tmp_dir / f"rng_rank{rank}.safetensors")
-    write_json_atomic(tmp_dir / f"rng_rank{rank}.json", meta)
+    try:
+        save_tensors_atomic(tensors, tmp_dir / f"rng_rank{rank}.safetensors")
+        write_json_atomic(tmp_dir / f"rng_rank{rank}.json", meta)
+    except OSError as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise _write_failed(tmp_dir.parent.parent, tmp_dir.name.removeprefix(".tmp-step_"), e) from None
+
+
+def _write_failed(output_dir, step, e: OSError) -> UserError:
+    older = list_checkpoints(output_dir)
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    return UserError(f"cannot write checkpoint step {int(step)} in {checkpoint_root(output_dir)}: {why}; its staging "
+                     f"dir was removed, older checkpoints are intact (newest: {older[-1].name if older else 'none'}); "
+                     "free space or fix permissions, then rerun with resume=true")  # fmt: skip
 
 
 def staging_dir(output_dir: str | Path, step: int) -> Path:
@@ -229,11 +241,7 @@ def write_checkpoint(
         fsync_dir(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        older = list_checkpoints(output_dir)
-        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-        raise UserError(f"cannot write checkpoint step {step} in {checkpoint_root(output_dir)}: {why}; its staging "
-                        f"dir was removed, older checkpoints are intact (newest: {older[-1].name if older else 'none'}); "
-                        "free space or fix permissions, then rerun with resume=true") from None  # fmt: skip
+        raise _write_failed(output_dir, step, e) from None
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
     return final

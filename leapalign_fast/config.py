@@ -231,6 +231,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _numbers(obj, prefix=""):
     """(key, value) of every float/int setting, nested tables and lists included (bools excluded)."""
     for f in dataclasses.fields(obj):
@@ -251,11 +254,14 @@ def validate_numbers(cfg: Config) -> None:
 
     for key, value in _numbers(cfg):
         need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
+        # Optimizer state and weights are float32: a larger value overflows inside the first step.
+        need(abs(value) <= FLOAT32_MAX or isinstance(value, int), f"config key '{key}' must be within float32 range "
+             f"(|x| <= 3.4e38), got {value}")  # fmt: skip
     need(cfg.output_dir.strip() != "", "output_dir must not be empty; name the run's directory, e.g. output_dir=runs/x")
     need(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    need(cfg.adam_eps > 0, f"adam_eps must be > 0, got {cfg.adam_eps}")
+    need(cfg.adam_eps >= 1e-30, f"adam_eps must be > 0 (and >= 1e-30, float32 precision), got {cfg.adam_eps}")
     need(len(cfg.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.adam_betas),
          f"adam_betas must be two values in [0, 1), got {cfg.adam_betas}")
     need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0 (0: no warm-up), got {cfg.warmup_steps}")
