@@ -48,11 +48,13 @@ def resize_max_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=C
     h, w = images.shape[-2:]
     x = images.float()
     scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
     if scale != 1.0:
-        nh, nw = round(h * scale), round(w * scale)
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        pad_h, pad_w = size - nh, size - nw
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    # open_clip pads only when it resized; a long side already at `size` would reach the ViT non-square there
+    # (an error), so it is padded here too.
+    pad_h, pad_w = size - nh, size - nw
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     return _normalise(x, mean, std)
 
 
