@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,24 @@ def test_user_error_type_is_the_one_caught(run_copy):
         for d in ckpt.list_checkpoints(run_copy):
             (d / "manifest.json").unlink()
         ckpt.choose_checkpoint(run_copy)
+
+
+def test_two_real_runs_into_one_output_dir(tmp_path, capsys):
+    """A live CLI run holds the lock: a second run (fresh or resume) is refused and the live one ends intact."""
+    first = subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}",
+                              "max_steps=100000", "checkpoint_every=3"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not ckpt.list_checkpoints(tmp_path) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        for extra in ([], ["resume=true"]):
+            code, _, err = cli(capsys, f"output_dir={tmp_path}", "max_steps=4", *extra)
+            assert code == 2 and len(err) == 1 and f"pid {first.pid}" in err[0], err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 75, err[-2000:]
+    steps = [r["step"] for r in rows(tmp_path)]
+    assert steps == list(range(1, steps[-1] + 1))  # one run's rows, each step once
+    assert ckpt.verify_checkpoint(ckpt.list_checkpoints(tmp_path)[-1]) is None
