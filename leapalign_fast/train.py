@@ -7,12 +7,10 @@ resumed run replays the very same steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from leapalign_fast.models.text import PromptEmbeds, encode_prompts, load_prompt
 from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.preflight import check_memory, mixed_precision_note
+from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
 
@@ -347,36 +346,9 @@ def config_differences(saved: dict, current: dict, keys=MATH_KEYS) -> list[str]:
     return diffs
 
 
-def prompts_digest(prompts: list[str]) -> str:
-    """sha256 of the training prompts: an edited prompt file changes the run even when its path does not."""
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-
-
 def _say(run: Run, text: str) -> None:
     if run.accelerator.is_main_process:
         print(f"leapalign-fast: {text}", flush=True)
-
-
-def apply_optimizer_settings(run: Run) -> list[str]:
-    """Make the resumed optimizer and lr schedule use this config's lr, betas, eps and weight decay (they differ
-    from the checkpoint's only under resume_force). Returns what changed, as `key old -> new`."""
-    cfg, groups, changed = run.cfg, run.optimizer.param_groups, []
-    want = {"weight_decay": cfg.weight_decay, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
-    for key, value in want.items():
-        old = tuple(groups[0][key]) if key == "betas" else groups[0][key]
-        if old != value:
-            changed.append(f"{key} {old} -> {value}")
-            for g in groups:
-                g[key] = value
-    sched = run.scheduler
-    if any(b != cfg.lr for b in sched.base_lrs):
-        changed.append(f"lr {sched.base_lrs[0]} -> {cfg.lr}")
-        sched.base_lrs = [cfg.lr] * len(groups)
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for g, lr in zip(groups, lrs):
-            g["lr"] = lr
-        sched._last_lr = lrs
-    return changed
 
 
 def resume(run: Run) -> tuple[int, int]:
@@ -409,7 +381,8 @@ def resume(run: Run) -> tuple[int, int]:
     load_trained(unwrap(run.transformer), data["trained"], path)
     run.optimizer.load_state_dict(data["optimizer"])
     run.scheduler.load_state_dict(data["state"]["scheduler"])
-    for change in apply_optimizer_settings(run):  # only under resume_force: the new values are used, and logged
+    # Only under resume_force can these differ: the new values are used, and each change is logged.
+    for change in apply_optimizer_settings(run.cfg, run.optimizer, run.scheduler):
         _say(run, f"resume_force: optimizer now uses {change}")
     if run.ema is not None and data["ema"] is None:  # EMA newly enabled (resume_force): from the resumed weights
         run.ema = EMA(trained_state(run.transformer), run.cfg.ema_decay)

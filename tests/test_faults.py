@@ -274,8 +274,9 @@ def test_resume_force_applies_the_new_optimizer_settings(run_copy, capsys):
 
 
 def test_resume_with_warmup_change_uses_the_new_schedule(run_copy, capsys):
-    code, _, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "resume_force=true", "max_steps=3", "warmup_steps=10")
+    code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "resume_force=true", "max_steps=3", "warmup_steps=10")
     assert code == 0, err
+    assert any("lr 0.001 -> 0.0003" in line and "warm-up" in line for line in out), out  # step 3 runs at 3/10
     assert rows(run_copy)[-1]["lr"] == pytest.approx(1e-3 * 4 / 10)  # as a straight run logs it after step 3
 
 
