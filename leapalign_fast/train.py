@@ -40,10 +40,10 @@ from leapalign_fast.models.flux import (
     load_flux,
 )
 from leapalign_fast.models.text import PromptEmbeds, encode_prompts, load_prompt_embeds, prompt_cache_key, save_prompt_embeds
-from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
-from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.preflight import check_memory, mixed_precision_note
+from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
+from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
 
