@@ -329,6 +329,7 @@ def test_user_error_type_is_the_one_caught(run_copy):
         ckpt.choose_checkpoint(run_copy)
 
 
+@pytest.mark.slow  # a second interpreter trains meanwhile: ~6 s alone, more on a loaded machine
 def test_two_real_runs_into_one_output_dir(tmp_path, capsys):
     """A live CLI run holds the lock: a second run (fresh or resume) is refused and the live one ends intact."""
     first = subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}",
