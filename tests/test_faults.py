@@ -349,3 +349,30 @@ def test_two_real_runs_into_one_output_dir(tmp_path, capsys):
     steps = [r["step"] for r in rows(tmp_path)]
     assert steps == list(range(1, steps[-1] + 1))  # one run's rows, each step once
     assert ckpt.verify_checkpoint(ckpt.list_checkpoints(tmp_path)[-1]) is None
+
+
+def test_sigkill_while_the_manifest_is_written_leaves_the_older_checkpoint(tmp_path, capsys):
+    proc = subprocess.run([sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}",
+                           "max_steps=3"], cwd=ROOT, env={**os.environ, ckpt.FAULT_ENV: "checkpoint_manifest:2"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]  # step 2 never renamed in
+    code, _, err = cli(capsys, f"output_dir={tmp_path}", "resume=true", "max_steps=3")
+    assert code == 0 and not err and [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow  # two launches of two processes
+def test_damaged_checkpoint_falls_back_under_two_processes(tmp_path):
+    def launch(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29900 + os.getpid() % 90), str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={tmp_path}", *FAST, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert launch("max_steps=2").returncode == 0
+    _flip(tmp_path / "checkpoints" / "step_00000002" / "trained.safetensors")
+    proc = launch("max_steps=3", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("is damaged") == 1  # said once, by rank 0
+    assert (tmp_path / "checkpoints" / "damaged-step_00000002").is_dir()
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
