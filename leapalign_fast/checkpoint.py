@@ -98,7 +98,7 @@ def verify_checkpoint(path: Path) -> str | None:
         files = manifest["files"]
         assert isinstance(files, dict) and "state.json" in files and "trained.safetensors" in files
     except FileNotFoundError:
-        return f"{MANIFEST} is missing"
+        return None if _legacy(path) else f"{MANIFEST} is missing"
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return f"{MANIFEST} is unreadable or incomplete"
     names = sorted(files)
@@ -111,6 +111,16 @@ def verify_checkpoint(path: Path) -> str | None:
         if got != files[name]:
             return f"{name} does not match its checksum"
     return None
+
+
+def _legacy(path: Path) -> bool:
+    """A complete checkpoint written before checksums existed (its state.json lacks the `checksummed` mark):
+    accepted unverified, so runs started with an older version still resume."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "checksummed" not in state and (path / "trained.safetensors").is_file()
 
 
 def choose_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -244,7 +254,7 @@ def write_checkpoint(
         write_json_atomic(tmp / "optimizer.json", opt_meta)
         if metrics is not None and metrics.is_file():
             write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
-        write_json_atomic(tmp / "state.json", {"step": step, **state})
+        write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, **state})
         _fault_point("checkpoint_manifest", step)
         written = [p for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")]
         files = {}

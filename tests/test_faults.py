@@ -376,3 +376,14 @@ def test_damaged_checkpoint_falls_back_under_two_processes(tmp_path):
     assert proc.stdout.count("is damaged") == 1  # said once, by rank 0
     assert (tmp_path / "checkpoints" / "damaged-step_00000002").is_dir()
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+
+
+def test_checkpoint_from_before_checksums_still_resumes(run_copy, capsys):
+    for d in ckpt.list_checkpoints(run_copy):  # as an older version wrote them: no manifest, no mark
+        (d / "manifest.json").unlink()
+        state = json.loads((d / "state.json").read_text())
+        del state["checksummed"]
+        (d / "state.json").write_text(json.dumps(state))
+    code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "max_steps=3")
+    assert code == 0 and not err and not any("damaged" in line for line in out if "checkpoint" in line[:30])
+    assert [r["step"] for r in rows(run_copy)] == [1, 2, 3]
