@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handler (start-up, export, eval)
         return _interrupted()
+    except OSError as e:
+        # The machine, not the code: a full disk or quota, a read-only or unwritable file system, found while
+        # writing metrics, grids or exports. Checkpoints are written atomically, so the ones written are intact.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
+              "rerun with resume=true (the checkpoints written so far are intact)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

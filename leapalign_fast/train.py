@@ -471,7 +471,7 @@ def _train(cfg: Config) -> TrainResult:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     rewards_log: list[float] = []
     nonfinite_in_row = 0
-    with StopSignal() as stop:
+    with StopSignal() as stop, bar:  # the bar closes on any exception: an error message starts on its own line
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             losses, rewards, extra, grad_norm, finite = [], [], {}, None, True
@@ -523,7 +523,6 @@ def _train(cfg: Config) -> TrainResult:
                                 s_step=f"{record['step_seconds']:.2f}")  # fmt: skip
                 bar.update(1)
             if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                bar.close()  # the message then starts on a line of its own
                 raise TrainingDiverged(
                     f"{nonfinite_in_row} consecutive steps had a non-finite loss or gradient norm (last at step "
                     f"{step}); stopped without writing a checkpoint. Last good checkpoint: "
@@ -532,11 +531,7 @@ def _train(cfg: Config) -> TrainResult:
             # Any rank's signal stops every rank at the same step (a max-reduce: one more sync point).
             stopping = accelerator.reduce(torch.tensor(float(stop.received is not None), device=accelerator.device), "max")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or bool(stopping):
-                try:
-                    path = save_checkpoint(run, step, order.consumed)
-                except BaseException:  # disk full, non-finite weights: the one-line message on a line of its own
-                    bar.close()
-                    raise
+                path = save_checkpoint(run, step, order.consumed)
                 if bool(stopping):
                     bar.close()
                     raise Preempted(step, path)

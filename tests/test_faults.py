@@ -387,3 +387,36 @@ def test_checkpoint_from_before_checksums_still_resumes(run_copy, capsys):
     code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "max_steps=3")
     assert code == 0 and not err and not any("damaged" in line for line in out if "checkpoint" in line[:30])
     assert [r["step"] for r in rows(run_copy)] == [1, 2, 3]
+
+
+def _full_disk_in(monkeypatch, module_attr: str, after_calls: int):
+    """Make `leapalign_fast.train.<module_attr>` (a writer) fail with ENOSPC from its `after_calls`-th call on."""
+    import builtins
+
+    import leapalign_fast.train as train_mod
+
+    real = getattr(train_mod, module_attr, None) or getattr(builtins, module_attr)
+    calls = []
+
+    def full(*a, **kw):
+        target = str(a[0]) if a and isinstance(a[0], (str, Path)) else ""
+        if module_attr != "open" or (target.endswith("metrics.jsonl") and "a" in (a[1] if len(a) > 1 else "")):
+            calls.append(1)
+            if len(calls) >= after_calls:
+                raise OSError(errno.ENOSPC, "No space left on device", target or module_attr)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, module_attr, full, raising=False)
+
+
+@pytest.mark.parametrize("writer", ["open", "save_grid", "export_lora"])
+def test_disk_full_outside_a_checkpoint_is_one_line_and_loses_nothing(writer, tmp_path, capsys, monkeypatch):
+    _full_disk_in(monkeypatch, writer, after_calls=2 if writer == "open" else 1 if writer == "export_lora" else 2)
+    extra = ["lora.enabled=true", "lora.rank=4"] if writer == "export_lora" else []
+    code, _, err = cli(capsys, f"output_dir={tmp_path}", "max_steps=3", *extra)
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    monkeypatch.undo()
+    for d in ckpt.list_checkpoints(tmp_path):
+        assert ckpt.verify_checkpoint(d) is None
+    code, _, err = cli(capsys, f"output_dir={tmp_path}", "resume=true", "max_steps=3", *extra)
+    assert code == 0 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3], err
