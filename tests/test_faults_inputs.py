@@ -243,6 +243,43 @@ def test_damaged_imagereward_file_one_line(kind, tmp_path):
     assert "\n" not in msg and ("ImageReward" in msg or "imagereward" in msg), msg
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP in HF format (the architecture directory HPS and the aesthetic reward need)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from leapalign_fast.models.text import build_tiny_clip_tokenizer
+
+    tok = build_tiny_clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    d = tmp_path_factory.mktemp("clip")
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("kind", REWARD_FILES)
+@pytest.mark.parametrize("reward", ["hpsv2.1", "aesthetic"])
+def test_damaged_hps_and_aesthetic_files_one_line(reward, kind, tiny_clip, tmp_path):
+    from leapalign_fast.errors import UserError
+    from leapalign_fast.rewards import build_reward
+
+    f = tmp_path / "weights.pt"
+    _damaged_weights(f, kind)
+    opts = {"clip": str(tiny_clip), ("checkpoint" if reward == "hpsv2.1" else "mlp"): str(f)}
+    with pytest.raises(UserError) as e:
+        build_reward(reward, **opts)
+    msg = str(e.value)
+    assert "\n" not in msg and ("hps" if reward == "hpsv2.1" else "aesthetic") in msg.lower(), msg
+
+
 # ---- memory blow-ups are refused before the first step --------------------------------------------------------
 BLOWUPS = [
     ("batch-2M", ["batch_size=2000000"]),
