@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
-
+    try:
+        from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         if args.command == "train":
             from leapalign_fast.config import load_config
@@ -53,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg)
             r = result.rewards
             n = min(10, len(r))
+            ran = result.steps - result.start_step  # after a resume: the steps this call ran, not the total
+            span = f"steps {result.start_step + 1}-{result.steps}" if result.start_step else f"{ran} steps"
             if r:
                 print(
-                    f"done: {result.steps} steps in {result.wall_seconds:.1f} s; mean reward first {n} "
+                    f"done: {span} in {result.wall_seconds:.1f} s; mean reward first {n} "
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
+            else:
+                print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
+                      f"{result.output_dir}")  # fmt: skip
         elif args.command == "eval":
             from leapalign_fast.config import load_config
             from leapalign_fast.evaluate import evaluate
@@ -82,7 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"leapalign-fast: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handler (start-up, export, eval)
+        return _interrupted()
+    except OSError as e:
+        # The machine, not the code: a full disk or quota, a read-only or unwritable file system, found while
+        # writing metrics, grids or exports. Checkpoints are written atomically, so the ones written are intact.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
+              "rerun with resume=true (the checkpoints written so far are intact)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
+
+
+def _interrupted() -> int:
+    print("leapalign-fast: interrupted (Ctrl-C) outside a training step; checkpoints already written are intact; "
+          "rerun with resume=true to continue", file=sys.stderr)  # fmt: skip
+    return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -244,10 +245,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _numbers(obj, prefix=""):
+    """(key, value) of every float/int setting, nested tables and lists included (bools excluded)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)) and not isinstance(v, bool))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every numeric key finite and in its range, so no value can train backwards, into NaN or into a crash."""
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+
+    for key, value in _numbers(cfg):
+        need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
+        # Optimizer state and weights are float32: a larger value overflows inside the first step.
+        need(abs(value) <= FLOAT32_MAX or isinstance(value, int), f"config key '{key}' must be within float32 range "
+             f"(|x| <= 3.4e38), got {value}")  # fmt: skip
+    need(cfg.output_dir.strip() != "", "output_dir must not be empty; name the run's directory, e.g. output_dir=runs/x")
+    need(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.adam_eps >= 1e-30, f"adam_eps must be > 0 (and >= 1e-30, float32 precision), got {cfg.adam_eps}")
+    need(len(cfg.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.adam_betas),
+         f"adam_betas must be two values in [0, 1), got {cfg.adam_betas}")
+    need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0 (0: no warm-up), got {cfg.warmup_steps}")
+    need(cfg.max_grad_norm >= 0, f"max_grad_norm must be > 0, or 0 for no clipping, got {cfg.max_grad_norm}")
+    need(cfg.grid_every >= 0, f"grid_every must be >= 0 (0: only at start and end), got {cfg.grid_every}")
+    need(cfg.guidance >= 0, f"guidance must be >= 0, got {cfg.guidance}")
+    need(1 <= cfg.model.max_sequence_length <= 512,
+         f"model.max_sequence_length must be in [1, 512] (FLUX's T5 limit), got {cfg.model.max_sequence_length}")
+    need(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
+    need(len(cfg.eval_prompts) >= 1 and all(p.strip() for p in cfg.eval_prompts),
+         "eval_prompts must hold at least one non-empty prompt (they draw the progress grids)")
+    need(cfg.resolution <= 8192, f"resolution must be <= 8192, got {cfg.resolution}")
+
+
 def validate(cfg: Config) -> None:
     def need(cond, msg):
         if not cond:
             raise UserError(msg)
+
+    validate_numbers(cfg)
 
     for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints",
                 "max_nonfinite_steps"):

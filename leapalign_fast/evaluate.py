@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from leapalign_fast import checkpoint as ckpt
 from leapalign_fast.config import Config
@@ -25,17 +24,29 @@ from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.train import add_trainable, load_components, load_trained, prompt_cache_path, prompt_embeddings
 
 
-def resolve_checkpoint(cfg: Config, which: str) -> Path | None:
-    """`latest` (newest in output_dir, or the base model when there is none), `base`, or a checkpoint path."""
+def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | None:
+    """`latest` (newest in output_dir), `base` (the untrained model), or a checkpoint path; verified against
+    its manifest. A missing or damaged one is a UserError: never a silent fall-back to another model."""
     if which == "base":
+        if ema:
+            raise UserError("--ema needs a trained checkpoint; the base model has no EMA")
         return None
     if which == "latest":
         found = ckpt.list_checkpoints(cfg.output_dir)
-        return found[-1] if found else None
-    path = Path(which)
-    if not (path / "trained.safetensors").is_file():
-        raise UserError(f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
-                        f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'")  # fmt: skip
+        if not found:
+            raise UserError(f"no checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; check output_dir (is it the "
+                            "run's directory?), or pass --checkpoint base to score the untrained model")  # fmt: skip
+        path = found[-1]
+    else:
+        path = Path(which)
+        if not (path / "trained.safetensors").is_file():
+            raise UserError(f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
+                            f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'")  # fmt: skip
+    problem = ckpt.verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is damaged ({problem}); pass an intact one with --checkpoint")
+    if ema and not (path / "ema.safetensors").is_file():
+        raise UserError(f"checkpoint {path} has no EMA (the run had ema_decay=0); drop --ema")
     return path
 
 
@@ -53,7 +64,8 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
         transformer.to(dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
         add_trainable(transformer, cfg)
-        load_trained(transformer, load_file(str(path / ("ema.safetensors" if ema else "trained.safetensors"))), path)
+        weights = ckpt.read_weights(path, "ema" if ema else "trained")
+        load_trained(transformer, weights, path)
     transformer.eval()
     vae = comps.vae.to(device)
     h, w = comps.latent_hw(cfg.resolution)
@@ -72,7 +84,9 @@ def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: st
              num_steps: int = 50, batch_size: int = 4, seed: int = 0, out: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
-    path = resolve_checkpoint(cfg, which)
+    if num_steps < 1 or batch_size < 1:
+        raise UserError(f"--steps and --batch must be >= 1, got --steps {num_steps} --batch {batch_size}")
+    path = resolve_checkpoint(cfg, which, ema)
     scorers = {}
     for name in rewards:  # fail on a bad reward before any sampling
         opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})

@@ -40,8 +40,11 @@ from leapalign_fast.models.flux import (
     load_flux,
 )
 from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
+from leapalign_fast.preflight import check_memory, mixed_precision_note
 from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
+from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 from leapalign_fast.rewards import build_reward, check_reward_name
+from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
 
 # Config keys whose change alters the math of a resumed run.
@@ -233,13 +236,9 @@ class Run:
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output_dir {out} is not writable ({e.strerror}); pick a directory you can write") from None
+    check_writable(out, "output_dir")
+    if ckpt.checkpoint_root(out).is_dir():  # found now, not after the first training step
+        check_writable(ckpt.checkpoint_root(out), "checkpoint directory")
     if not cfg.resume and ckpt.list_checkpoints(out):
         raise UserError(
             f"output_dir {out} already holds checkpoints of an earlier run; pass resume=true to continue it "
@@ -252,6 +251,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank).
     components = load_components(cfg, need_text=not cached and accelerator.is_main_process)
     latent_hw = components.latent_hw(cfg.resolution)
+    check_memory(cfg, components, accelerator.device)  # a blow-up fails now, with an estimate, not minutes later
     if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
         for p in (prompts, list(cfg.eval_prompts)):
             prompt_embeddings(cfg, components, p, accelerator.device)
@@ -325,6 +325,13 @@ def write_grid(run: Run, step: int) -> Path:
 
 def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
     acc = run.accelerator
+    # Never write a checkpoint that cannot be resumed usefully. Every rank holds the same trained weights (DDP),
+    # so every rank takes the same branch. One host sync per checkpoint.
+    trained = trained_state(run.transformer)
+    bad = [n for n, t in {**trained, **(run.ema.shadow if run.ema else {})}.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad[0]}); not checkpointed. "
+                               f"Last good checkpoint: {_newest(run.out)}. Lower lr or check the reward.")  # fmt: skip
     tmp = ckpt.staging_dir(run.out, step)
     if acc.is_main_process:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -335,10 +342,14 @@ def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
         state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
-                 "world_size": acc.num_processes, "grad_scaler": scaler}  # fmt: skip
+                 "world_size": acc.num_processes, "grad_scaler": scaler, "prompts_sha256": prompts_digest(run.prompts)}  # fmt: skip
         ema = run.ema.shadow if run.ema is not None else None
-        ckpt.write_checkpoint(run.out, step, trained_state(run.transformer), ema, run.optimizer.state_dict(), state,
-                              run.cfg.keep_checkpoints)  # fmt: skip
+        metrics = run.out / "metrics.jsonl"
+        if metrics.is_file():  # the log is made durable whenever a checkpoint is
+            with open(metrics, "rb+") as f:
+                os.fsync(f.fileno())
+        ckpt.write_checkpoint(run.out, step, trained, ema, run.optimizer.state_dict(), state,
+                              run.cfg.keep_checkpoints, metrics=metrics)  # fmt: skip
     acc.wait_for_everyone()
     return path
 
@@ -354,24 +365,53 @@ def config_differences(saved: dict, current: dict, keys=MATH_KEYS) -> list[str]:
     return diffs
 
 
-def resume(run: Run) -> tuple[int, int]:
-    """Load the newest complete checkpoint; returns (step, prompts consumed). (0, 0) when there is none."""
+def _say(run: Run, text: str) -> None:
     if run.accelerator.is_main_process:
-        ckpt.remove_partial(run.out)
-    run.accelerator.wait_for_everyone()
-    found = ckpt.list_checkpoints(run.out)
-    if not found:
+        print(f"leapalign-fast: {text}", flush=True)
+
+
+def resume(run: Run) -> tuple[int, int]:
+    """Load the newest intact checkpoint; returns (step, prompts consumed). (0, 0) when there is none.
+    Damaged newer checkpoints are reported and moved aside; none intact is a UserError (nothing changed)."""
+    path, damaged = ckpt.choose_checkpoint(run.out)
+    run.accelerator.wait_for_everyone()  # every rank verified before rank 0 moves anything
+    if path is None:
+        if run.accelerator.is_main_process:
+            ckpt.remove_partial(run.out)
+        _say(run, f"resume=true: no checkpoint in {run.out}; starting from step 0")
         return 0, 0
-    data = ckpt.read_checkpoint(found[-1], run.accelerator.process_index)
+    data = ckpt.read_checkpoint(path, run.accelerator.process_index)
     diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
+    saved_prompts = data["state"].get("prompts_sha256")
+    if saved_prompts is not None and saved_prompts != prompts_digest(run.prompts):
+        diffs.append("the training prompts (file content changed)")
     if diffs and not run.cfg.resume_force:
         raise UserError(
-            f"cannot resume from {found[-1]}: its config differs in {', '.join(diffs)}; use the saved config "
+            f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
             f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
         )
-    load_trained(unwrap(run.transformer), data["trained"], found[-1])
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        ckpt.remove_partial(run.out)
+        for bad, problem in damaged:
+            _say(run, f"checkpoint {bad.name} is damaged ({problem}); moved to {ckpt.set_aside(bad).name}, "
+                      f"resuming from {path.name}")  # fmt: skip
+    run.accelerator.wait_for_everyone()
+    load_trained(unwrap(run.transformer), data["trained"], path)
     run.optimizer.load_state_dict(data["optimizer"])
     run.scheduler.load_state_dict(data["state"]["scheduler"])
+    # Only under resume_force can these differ: the new values are used, and each change is logged.
+    for change in apply_optimizer_settings(run.cfg, run.optimizer, run.scheduler):
+        _say(run, f"resume_force: optimizer now uses {change}")
+    if run.ema is not None and data["ema"] is None:  # EMA newly enabled (resume_force): from the resumed weights
+        run.ema = EMA(trained_state(run.transformer), run.cfg.ema_decay)
+        _say(run, f"checkpoint {path.name} has no EMA; the EMA starts from its weights")
+    if run.accelerator.is_main_process:
+        log = run.out / "metrics.jsonl"
+        if (path / "metrics.jsonl").is_file():  # the log up to the checkpoint, verified: each step exactly once
+            write_text_atomic(log, (path / "metrics.jsonl").read_text())
+        else:
+            truncate_metrics(log, int(data["state"]["step"]))
     if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):
         run.accelerator.scaler.load_state_dict(data["state"]["grad_scaler"])
     if run.ema is not None and data["ema"] is not None:
@@ -397,20 +437,31 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # the step the run is at
     wall_seconds: float
     rewards: list[float]  # mean reward of each optimizer step run in this call
     output_dir: str
     grid: str | None
     run: Run
+    start_step: int = 0  # the step it resumed from: this call ran steps - start_step steps
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run `cfg` to `max_steps`. Raises Preempted after a signal, TrainingDiverged after non-finite steps."""
+    """Run `cfg` to `max_steps`. Raises Preempted after a signal, TrainingDiverged after non-finite steps.
+    Rank 0 holds the output_dir's lock for the whole run: a second run into it is refused."""
+    if not is_main_rank():
+        return _train(cfg)
+    with RunLock(cfg.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> TrainResult:
     # accelerate keeps its settings in process-wide singletons; a second run in this process (tests, benchmarks)
     # may use other ones. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    if (note := mixed_precision_note(cfg)) and is_main_rank():
+        print(f"leapalign-fast: {note}", flush=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
     if cfg.deterministic and torch.cuda.is_available():  # else cuBLAS matmuls raise under deterministic mode
@@ -421,6 +472,10 @@ def train(cfg: Config) -> TrainResult:
     run = build_run(cfg, accelerator)
     metrics_path = run.out / "metrics.jsonl"
     step, consumed = resume(run) if cfg.resume else (0, 0)
+    start_step = step
+    if step >= cfg.max_steps and accelerator.is_main_process:
+        print(f"leapalign-fast: the checkpoint is at step {step} >= max_steps={cfg.max_steps}: nothing to train; "
+              "raise max_steps to continue (final grid and LoRA export are rewritten)", flush=True)  # fmt: skip
     if accelerator.is_main_process:
         write_text_atomic(run.out / "config.toml", config_toml(cfg))
         if step == 0:
@@ -437,7 +492,7 @@ def train(cfg: Config) -> TrainResult:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     rewards_log: list[float] = []
     nonfinite_in_row = 0
-    with StopSignal() as stop:
+    with StopSignal() as stop, bar:  # the bar closes on any exception: an error message starts on its own line
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             losses, rewards, extra, grad_norm, finite = [], [], {}, None, True
@@ -451,7 +506,7 @@ def train(cfg: Config) -> TrainResult:
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         # Gradients are all-reduced by now, so every rank sees the same norm and takes the same branch.
-                        grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)  # 0: off
                         loss_sum = accelerator.reduce(torch.stack([*losses, out.loss.detach()]).sum(), "sum")
                         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))  # host sync
                         if finite:
@@ -513,7 +568,8 @@ def train(cfg: Config) -> TrainResult:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run)
+    return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run,
+                       start_step)  # fmt: skip
 
 
 def _finite_or_none(x: float) -> float | None:

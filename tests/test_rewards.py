@@ -192,7 +192,9 @@ def _blip_checkpoint(tmp_path):
         k = k.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2").replace("self_attn.qkv", "attn.qkv")
         k = k.replace("self_attn.projection", "attn.proj").replace("post_layernorm", "norm")
         state["blip.visual_encoder." + k] = v
-    state.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items() if "position_ids" not in k})
+    state.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+    # BLIP's med.py registers position_ids as a persistent buffer: the official file holds it (transformers does not)
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40).expand((1, -1))
     state.update({f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()})
     state["blip.vision_proj.weight"] = torch.randn(8, 64)  # unused by the reward, present in the real file
     torch.save(state, tmp_path / "ImageReward.pt")
@@ -213,7 +215,7 @@ def test_imagereward_checkpoint_maps_key_by_key_and_scores(tmp_path):
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     t = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
-        emb = vision(pixel_values=clip_preprocess(images.detach(), 32)).last_hidden_state
+        emb = vision(pixel_values=clip_preprocess(images.detach(), 32, crop="round")).last_hidden_state
         cls = text(input_ids=t.input_ids, attention_mask=t.attention_mask, encoder_hidden_states=emb,
                    encoder_attention_mask=torch.ones(emb.shape[:-1], dtype=torch.long)).last_hidden_state[:, 0]
     want = ((mlp(cls) - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)

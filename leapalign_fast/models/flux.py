@@ -129,11 +129,18 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
         raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
     def load(what: str, fn):
         try:
-            return fn()
+            module = fn()
         except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
                             "matching config.json and weights") from e  # fmt: skip
+        # Weights of another model (e.g. the VAE's in the transformer's place) load with a warning, leaving the
+        # parameters they lack on the meta device: refuse here, not at the first .to() or step.
+        empty = [n for n, p in getattr(module, "named_parameters", lambda: [])() if p.is_meta]
+        if empty:
+            raise UserError(f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
+                            f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?")  # fmt: skip
+        return module
 
     kw = dict(torch_dtype=dtype, local_files_only=True)
     transformer = load("transformer", lambda: FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))

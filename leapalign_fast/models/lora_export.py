@@ -27,7 +27,8 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
             for n, t in weights.items():
                 named[n].copy_(t)
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+        # clone: on CPU `.cpu()` returns the parameter itself, which the restore below would overwrite
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     finally:
         if weights is not None:
             with torch.no_grad():

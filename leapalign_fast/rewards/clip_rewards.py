@@ -6,8 +6,10 @@
                onto the HF CLIP-H architecture; score = cosine, as the HPSv2 package computes it.
 - `aesthetic`: the LAION aesthetic predictor: an MLP on L2-normalised CLIP ViT-L/14 image embeddings.
 
-Images (B, 3, H, W) in [0, 1] are resized (shortest side, bicubic, antialiased), centre-cropped and normalised
-as CLIP's published preprocessing does, in torch, so gradients reach the pixels.
+Images (B, 3, H, W) in [0, 1] are preprocessed as each reward's official code does, in torch, so gradients reach
+the pixels: shortest side resized (bicubic, antialiased) then centre-cropped, the crop offset floored as
+transformers' processors do (CLIP, PickScore) or rounded as torchvision's CenterCrop does (ImageReward, LAION
+aesthetic); HPS v2.1 instead resizes the longest side and pads with black (open_clip's ResizeMaxSize).
 """
 
 from __future__ import annotations
@@ -24,17 +26,54 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised: shortest side to `size`, centre crop."""
+def clip_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD, crop: str = "floor") -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) normalised: shortest side to `size`, centre crop.
+    crop="floor": offset (n - size) // 2, as transformers' CLIP processors; "round": int(round((n - size) / 2)),
+    as torchvision's CenterCrop (Python's round: half to even). They differ by one pixel on some aspect ratios."""
     h, w = images.shape[-2:]
     # The long side as the reference processors compute it: int(size * long / short), truncated.
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    if crop == "round":
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    else:
+        top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top : top + size, left : left + size]
+    return _normalise(x, mean, std)
+
+
+def resize_max_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, size, size) as open_clip's ResizeMaxSize (HPSv2's inference transform):
+    longest side to `size` (the other `round(n * scale)`), then zero (black) padding, split floor-first."""
+    h, w = images.shape[-2:]
+    x = images.float()
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if scale != 1.0:
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    # open_clip pads only when it resized; a long side already at `size` would reach the ViT non-square there
+    # (an error), so it is padded here too.
+    pad_h, pad_w = size - nh, size - nw
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return _normalise(x, mean, std)
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def load_weights_file(path: Path, reward: str) -> dict:
+    """A reward's .pt/.pth tensor file (weights_only: no pickle code runs); a damaged one is a UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a pickle, pickled code refused by weights_only, ...
+        raise UserError(f"reward '{reward}': {path} cannot be read as a weights file ({type(e).__name__}); download "
+                        "it again") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise UserError(f"reward '{reward}': {path} holds a {type(state).__name__}, not a tensor dict")
+    return state
 
 
 def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
@@ -55,13 +94,18 @@ def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
 class ClipReward(torch.nn.Module):
     """Score = scale * cos(image embedding, text embedding); scale = exp(logit_scale) for PickScore, 1 else."""
 
-    def __init__(self, model, tokenizer, use_logit_scale: bool):
+    def __init__(self, model, tokenizer, use_logit_scale: bool, preprocess: str = "floor"):
         super().__init__()
         self.model, self.tokenizer, self.use_logit_scale = model, tokenizer, use_logit_scale
         self.size = model.config.vision_config.image_size
+        self.preprocess = preprocess  # "floor" | "round" (centre-crop offset) | "resize_max" (HPS v2.1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = clip_preprocess(images, self.size).to(self.model.dtype)
+        if self.preprocess == "resize_max":
+            pixels = resize_max_preprocess(images, self.size)
+        else:
+            pixels = clip_preprocess(images, self.size, crop=self.preprocess)
+        pixels = pixels.to(self.model.dtype)
         return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     def text_features(self, prompts: list[str], device) -> torch.Tensor:
@@ -151,7 +195,7 @@ def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: 
         raise UserError(f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
                         f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found")  # fmt: skip
     model, tokenizer = _load_clip(p, dtype)
-    state = torch.load(ck, map_location="cpu", weights_only=True)  # a plain tensor dict: no pickle code runs
+    state = load_weights_file(ck, "hpsv2.1")
     state = state.get("state_dict", state)
     converted = open_clip_to_hf(state)
     own = model.state_dict()
@@ -160,7 +204,7 @@ def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: 
     if missing or wrong:
         raise UserError(f"HPS checkpoint {ck} does not fit {p}: missing {missing[:4]}, wrong shapes {wrong[:4]}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in converted.items() if k in own}, strict=False)
-    return ClipReward(model, tokenizer, use_logit_scale=False)
+    return ClipReward(model, tokenizer, use_logit_scale=False, preprocess="resize_max")
 
 
 # ---- LAION aesthetic predictor -------------------------------------------------------------------------------
@@ -190,8 +234,11 @@ def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str 
     if not mlp or not Path(mlp).is_file():
         raise UserError("reward 'aesthetic' needs reward.options.mlp: the file sac+logos+ava1-l14-linearMSE.pth "
                         f"(LAION improved-aesthetic-predictor); {mlp!r} not found")  # fmt: skip
-    clip_reward = ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
+    clip_reward = ClipReward(*_load_clip(p, dtype), use_logit_scale=False, preprocess="round")  # OpenAI CLIP's torchvision
     model = AestheticReward(clip_reward, clip_reward.model.config.projection_dim)
-    state = torch.load(mlp, map_location="cpu", weights_only=True)
-    model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    state = load_weights_file(Path(mlp), "aesthetic")
+    try:
+        model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    except RuntimeError as e:  # missing/unexpected keys or wrong shapes: not the LAION ViT-L/14 MLP
+        raise UserError(f"reward 'aesthetic': {mlp} does not fit the aesthetic MLP on {p}: {str(e).splitlines()[0]}") from None
     return model

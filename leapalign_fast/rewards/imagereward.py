@@ -4,7 +4,7 @@ BLIP ViT-L image encoder -> BERT text encoder with cross-attention to the image 
 MLP (768-1024-128-64-16-1) -> normalised with the published mean/std. The official checkpoint
 (`ImageReward.pt`, BLIP-code key names) is mapped key by key onto BlipVisionModel + BlipTextModel; the
 architecture sizes are read from the checkpoint's shapes. Images are preprocessed as the official
-`_transform(224)` (bicubic resize of the short side, centre crop, CLIP mean/std), in torch.
+`_transform(224)` (bicubic resize of the short side, torchvision centre crop, CLIP mean/std), in torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.rewards import register_reward
-from leapalign_fast.rewards.clip_rewards import clip_preprocess
+from leapalign_fast.rewards.clip_rewards import clip_preprocess, load_weights_file
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's published reward normalisation
 _MLP = {"layers.0": "0", "layers.2": "2", "layers.4": "4", "layers.6": "6", "layers.7": "7"}
@@ -70,7 +70,7 @@ class ImageRewardModel(torch.nn.Module):
         self.size = vision.config.image_size
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images, self.size).to(next(self.vision.parameters()).dtype)
+        pixels = clip_preprocess(images, self.size, crop="round").to(next(self.vision.parameters()).dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
@@ -99,15 +99,24 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
     if not tokenizer or not (tk / "vocab.txt").is_file():
         raise UserError("reward 'imagereward' needs reward.options.tokenizer: a local directory with vocab.txt of "
                         f"bert-base-uncased; {tk} has none")  # fmt: skip
-    state = torch.load(ck, map_location="cpu", weights_only=True)
+    state = load_weights_file(ck, "imagereward")
     vision_sd, text_sd, mlp_sd = blip_to_hf(state.get("state_dict", state))
+    # BLIP's med.py saves `embeddings.position_ids` (a persistent arange buffer); transformers rebuilds it
+    # (non-persistent), so the official file's copy is dropped rather than reported as unexpected.
+    text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
     if not vision_sd or not text_sd or not mlp_sd:
         raise UserError(f"{ck} is not an ImageReward checkpoint (needs blip.visual_encoder.*, blip.text_encoder.*, mlp.*)")
-    vcfg, tcfg = _configs(vision_sd, text_sd)
+    try:
+        vcfg, tcfg = _configs(vision_sd, text_sd)
+    except (KeyError, IndexError, ValueError) as e:  # a key the sizes are read from is absent or malformed
+        raise UserError(f"{ck} is not a complete ImageReward checkpoint (cannot read the model sizes: {e})") from None
     vision, text = BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False)
     mlp = make_mlp(tcfg.hidden_size)
     for name, module, sd in (("vision", vision, vision_sd), ("text", text, text_sd), ("mlp", mlp, mlp_sd)):
-        result = module.load_state_dict(sd, strict=False)
+        try:
+            result = module.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes that do not fit
+            raise UserError(f"ImageReward checkpoint {ck}: {name} weights do not fit ({str(e).splitlines()[-1].strip()})") from None
         missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
         if missing or result.unexpected_keys:
             raise UserError(f"ImageReward checkpoint {ck}: {name} keys do not fit (missing {missing[:3]}, "

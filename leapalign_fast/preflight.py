@@ -1,0 +1,72 @@
+"""Checks before the first training step: does the step fit in memory, which mixed precision is used.
+
+The memory estimate is a deliberate lower bound (few activations per layer, one VAE decode per graph), so a
+run it refuses cannot fit; runs it lets through may still run out of memory, as any estimate allows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from leapalign_fast.errors import UserError
+
+GIB = 1 << 30
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the step will run: GPU (the driver's count, as NVML reports it) or MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def grad_graphs(method) -> int:
+    """How many velocity forwards (and decodes, for draft_lv) one training sample keeps for the backward."""
+    return {"refl": 1, "draft": method.draft_k, "draft_lv": method.renoise + 1, "drtune": method.drtune_steps,
+            "full": 0}.get(method.name, 2)  # fmt: skip
+
+
+def step_bytes(cfg, components) -> int:
+    """Lower bound on the bytes one optimizer micro-step keeps alive on its device."""
+    tc, vc = components.transformer.config, components.vae.config
+    elem = 4 if cfg.model.dtype == "float32" and cfg.mixed_precision == "no" else 2
+    side = cfg.resolution // components.vae_scale_factor
+    tokens = (side // 2) ** 2 + cfg.model.max_sequence_length
+    hidden = tc.num_attention_heads * tc.attention_head_dim
+    layers = tc.num_layers + tc.num_single_layers
+    checkpointed = cfg.model.gradient_checkpointing or cfg.method.checkpointing
+    per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
+    graphs = grad_graphs(cfg.method) or cfg.num_steps
+    per_decode = cfg.resolution**2 * max(vc.block_out_channels) * 3 * elem
+    decodes = graphs if cfg.method.name == "draft_lv" else 1
+    latents = tokens * 64 * 4 * (cfg.num_steps + 1)  # the trajectory
+    return cfg.batch_size * (graphs * per_forward + decodes * per_decode + latents)
+
+
+def check_memory(cfg, components, device: torch.device) -> None:
+    """A UserError naming the estimate when one micro-step cannot fit in the free memory of `device`."""
+    need, free = step_bytes(cfg, components), available_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
+                        f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "
+                        f"{free / GIB:.1f} GiB is free; lower batch_size (use grad_accum), resolution or the method's "
+                        "step counts, or enable model.gradient_checkpointing")  # fmt: skip
+
+
+def mixed_precision_note(cfg) -> str | None:
+    """`accelerate launch --config_file` passes its mixed_precision in the environment; the run config wins."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != cfg.mixed_precision:
+        return (f"the accelerate launch config says mixed_precision={launcher}; the run config's "
+                f"mixed_precision='{cfg.mixed_precision}' is used (set it there to change it)")
+    return None
