@@ -30,12 +30,6 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def grad_graphs(method) -> int:
-    """How many velocity forwards (and decodes, for draft_lv) one training sample keeps for the backward."""
-    return {"refl": 1, "draft": method.draft_k, "draft_lv": method.renoise + 1, "drtune": method.drtune_steps,
-            "full": 0}.get(method.name, 2)  # fmt: skip
-
-
 def step_bytes(cfg, components) -> int:
     """Lower bound on the bytes one optimizer micro-step keeps alive on its device."""
     tc, vc = components.transformer.config, components.vae.config
@@ -44,11 +38,12 @@ def step_bytes(cfg, components) -> int:
     tokens = (side // 2) ** 2 + cfg.model.max_sequence_length
     hidden = tc.num_attention_heads * tc.attention_head_dim
     layers = tc.num_layers + tc.num_single_layers
-    checkpointed = cfg.model.gradient_checkpointing or cfg.method.checkpointing
+    # draft and full carry their own activation-checkpointing switch
+    checkpointed = cfg.model.gradient_checkpointing or getattr(cfg.method, "checkpointing", False)
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
-    graphs = grad_graphs(cfg.method) or cfg.num_steps
+    graphs = cfg.method.grad_graphs(cfg.num_steps)
     per_decode = cfg.resolution**2 * max(vc.block_out_channels) * 3 * elem
-    decodes = graphs if cfg.method.name == "draft_lv" else 1
+    decodes = cfg.method.grad_decodes()
     latents = tokens * 64 * 4 * (cfg.num_steps + 1)  # the trajectory
     return cfg.batch_size * (graphs * per_forward + decodes * per_decode + latents)
 

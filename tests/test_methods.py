@@ -200,3 +200,13 @@ def test_method_table_builds_the_chosen_methods_settings(tmp_path):
         load_config(None, ["method.name=flowbp_sparse", "method.num_active_step=2"])
     with pytest.raises(UserError, match="'method.support_scale' must be a float"):
         load_config(None, ["method.name=flowbp_lagrange", "method.support_scale='x'"])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_grad_graphs_bounds_the_grad_enabled_forwards(setup, name):
+    """The memory preflight's count of kept grad forwards is an upper bound on what each method runs with grad."""
+    model, _, sigmas, noise = setup
+    bound = method_settings(name).grad_graphs(N)
+    for seed in range(6):
+        _, counted = _run(name, model, sigmas, noise, seed=seed)
+        assert 0 < counted.grad_calls <= bound, (name, seed, counted.grad_calls, bound)

@@ -43,6 +43,14 @@ class MethodSettings:
     def validate(self, num_steps: int) -> None:
         """Raise UserError naming `method.<key>` for a bad value (only this method's keys)."""
 
+    def grad_graphs(self, num_steps: int) -> int:
+        """Upper bound on the grad-enabled velocity forwards one sample keeps for the backward (memory preflight)."""
+        return 2
+
+    def grad_decodes(self) -> int:
+        """Decodes (and reward forwards) one sample keeps for the backward."""
+        return 1
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

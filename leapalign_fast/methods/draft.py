@@ -14,6 +14,9 @@ class DraftSettings(MethodSettings):
     draft_k: int = 1  # backprop through the last K steps
     checkpointing: bool = False  # recompute the grad forwards in the backward (activation checkpointing)
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return self.draft_k
+
     def validate(self, num_steps: int) -> None:
         n = num_steps
         need(1 <= self.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {self.draft_k}")

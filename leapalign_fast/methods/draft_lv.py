@@ -18,6 +18,12 @@ class DraftLVSettings(MethodSettings):
     name: str = "draft_lv"
     renoise: int = 2  # re-noisings of the detached x_0
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return self.renoise + 1
+
+    def grad_decodes(self) -> int:
+        return self.renoise + 1
+
     def validate(self, num_steps: int) -> None:
         need(self.renoise >= 0, f"method.renoise must be >= 0, got {self.renoise}")
 

@@ -34,6 +34,9 @@ class DRTuneSettings(MethodSettings):
     early_stop_fraction: float = 0.4  # published: e is one of the last round(fraction * N) steps; 0: e = N - 1
     index_window: list[int] = field(default_factory=list)  # uniform: [lo, hi) the trained steps come from
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return self.drtune_steps
+
     def validate(self, num_steps: int) -> None:
         need(self.variant in VARIANTS, f"method.variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
         need(self.drtune_steps >= 1, f"method.drtune_steps must be >= 1, got {self.drtune_steps}")

@@ -37,6 +37,9 @@ class BridgeSettings(PairSettings):
     late_bias: float = 2.0
     grad_rescale: float = 1.0
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return self.num_active_steps
+
     def validate(self, num_steps: int) -> None:
         need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
         need(self.num_active_steps >= 2, f"method.num_active_steps must be >= 2 (one each side of j), "

@@ -52,6 +52,10 @@ class LagrangeSettings(PairSettings):
     anchor_lambda: float = 1.0  # 1: the Lagrange leap; 0: LeapAlign's Euler leap from v(x_k) for k -> j
     weight_scheme: str = "lagrange"  # lagrange | uniform (equal weights summing to t_e - t_s)
 
+    def grad_graphs(self, num_steps: int) -> int:  # two intervals (k -> j, j -> 0)
+        per = self.max_active_supports or self.connector_order
+        return 2 * min(per, self.connector_order)
+
     def validate(self, num_steps: int) -> None:
         need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
         need(self.tau > 0, f"method.tau must be > 0, got {self.tau}")

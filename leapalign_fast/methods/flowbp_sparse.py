@@ -32,6 +32,9 @@ class SparseSettings(MethodSettings):
     late_bias: float = 2.0  # P(i) ~ (i + 1) ** late_bias; 0 = uniform
     grad_rescale: float = 1.0  # 0: raw Euler weights; 1: the active steps carry the whole trajectory's weight
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return self.num_active_steps
+
     def validate(self, num_steps: int) -> None:
         need(self.num_active_steps >= 1, f"method.num_active_steps must be >= 1, got {self.num_active_steps}")
         need(self.late_bias >= 0, f"method.late_bias must be >= 0, got {self.late_bias}")

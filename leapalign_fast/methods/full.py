@@ -14,6 +14,9 @@ class FullSettings(MethodSettings):
     name: str = "full"
     checkpointing: bool = False  # recompute each grad forward in the backward (activation checkpointing)
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return num_steps
+
 
 def full_loss(inp: StepInputs, s: FullSettings) -> StepOutput:
     n = len(inp.sigmas) - 1

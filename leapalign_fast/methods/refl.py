@@ -25,6 +25,9 @@ class ReFLSettings(MethodSettings):
     def count(self, num_steps: int) -> int:
         return self.late_steps if self.late_steps > 0 else max(1, round(self.late_fraction * num_steps))
 
+    def grad_graphs(self, num_steps: int) -> int:
+        return 1
+
     def validate(self, num_steps: int) -> None:
         need(0.0 < self.late_fraction <= 1.0, f"method.late_fraction must be in (0, 1], got {self.late_fraction}")
         need(0 <= self.late_steps <= num_steps,
