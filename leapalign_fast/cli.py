@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from leapalign_fast.errors import UserError
+from leapalign_fast.threads import configure_threads, describe_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
@@ -42,14 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    configure_threads()  # before torch is imported
+    from leapalign_fast.config import load_config  # light: no torch, so config errors come in a fraction of a second
 
     try:
+        cfg = load_config(args.config or _default_config(), args.overrides)
+    except UserError as e:
+        print(f"leapalign-fast: error: {e}", file=sys.stderr)
+        return 2
+    from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"leapalign-fast: {describe_threads()}", flush=True)
+    try:
         if args.command == "train":
-            from leapalign_fast.config import load_config
             from leapalign_fast.train import train
 
-            cfg = load_config(args.config or _default_config(), args.overrides)
             result = train(cfg)
             r = result.rewards
             n = min(10, len(r))
@@ -59,19 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
         elif args.command == "eval":
-            from leapalign_fast.config import load_config
             from leapalign_fast.evaluate import evaluate
 
-            cfg = load_config(args.config or _default_config(), args.overrides)
             rewards = [r.strip() for r in (args.rewards or cfg.reward.name).split(",") if r.strip()]
             result = evaluate(cfg, args.prompts, rewards, args.checkpoint, args.ema, args.steps, args.batch, out=args.out)
             for name, s in result["scores"].items():
                 print(f"{name}: {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']}, {result['checkpoint']})")
         elif args.command == "encode-prompts":
-            from leapalign_fast.config import load_config
             from leapalign_fast.train import encode_prompt_cache
 
-            for path in encode_prompt_cache(load_config(args.config or _default_config(), args.overrides)):
+            for path in encode_prompt_cache(cfg):
                 print(f"wrote {path}")
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
