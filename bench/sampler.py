@@ -9,22 +9,24 @@ eager, same transformer, dtype, steps, resolution and prompt embeddings.
 On the GPU machine (no diffusers there), carry wheels downloaded here and install them first:
     pip download --no-deps -d wheels diffusers  &&  (on the GPU) pip install --no-deps wheels/*.whl
 Both paths denoise only (the VAE decode is the same code in both and is excluded); images/s counts trajectories.
-Writes JSON under bench/results/.
+Every variant is timed in interleaved rounds (median, min, max, spread; speed-ups round by round).
+Writes JSON under bench/results/ (--quick: a temporary directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
-from bench.common import slug, write_result  # noqa: E402
+from bench.common import interleaved_times, paired_ratio, peak_rss_mib, slug, time_summary, write_result  # noqa: E402
 from leapalign_fast.flow import flux_schedule  # noqa: E402
 from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
 from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids  # noqa: E402
@@ -79,35 +81,14 @@ def ours_runner(transformer, steps, res, embeds, graphed: bool):
     return run
 
 
-def timed(run, reps: int, cuda: bool) -> dict:
-    for _ in range(2):  # warm-up: compilation, graph capture, allocator
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    mean = sum(times) / len(times)
-    var = sum((t - mean) ** 2 for t in times) / max(1, len(times) - 1)
-    out = {"seconds_mean": mean, "seconds_std": var**0.5, "reps": reps}
-    if cuda:
-        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds; each round runs every variant once")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
@@ -133,23 +114,32 @@ def main(argv=None) -> int:
             compile_transformer(transformer, "regional")
             variants += [("ours_compiled", ours_runner(transformer, steps, res, embeds, graphed=False)),
                          ("ours_compiled_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True))]  # fmt: skip
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        # Interleaved: each round runs every variant once, so load changes hit all alike; medians, spread.
+        times = interleaved_times(dict(variants), args.reps, sync, warmup=2)
+        base_times = times["flux_pipeline_eager"]
         for name, run in variants:
             r = {"variant": name, "resolution": res, "steps": steps, "batch": args.batch, "dtype": str(dtype)}
-            r.update(timed(run, args.reps, cuda))
-            r["images_per_second"] = args.batch / r["seconds_mean"]
+            r.update(time_summary(times[name]))
+            r["images_per_second"] = args.batch / r["seconds_median"]
+            r["speedup_vs_pipeline"] = paired_ratio(base_times, times[name])  # round by round: median, min, max
             r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
             rows.append(r)
-            print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s  peak {r.get('peak_mib', float('nan')):.0f} MiB  "
-                  f"max|diff| {r['max_abs_diff_vs_pipeline']:.2e}", flush=True)  # fmt: skip
-        base = next(r for r in rows if r["resolution"] == res and r["variant"] == "flux_pipeline_eager")
-        for r in rows:
-            if r["resolution"] == res:
-                r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()  # CPU: process peak RSS
+        for r in rows[-len(variants):]:
+            r["peak_mib" if cuda else "peak_rss_mib"] = peak
+            print(f"{res}px {r['variant']:>26}: {r['images_per_second']:.3f} img/s (median of {args.reps}, spread "
+                  f"{100 * r['spread']:.0f}%)  x{r['speedup_vs_pipeline']['median']:.2f} vs pipeline "
+                  f"[{r['speedup_vs_pipeline']['min']:.2f}, {r['speedup_vs_pipeline']['max']:.2f}]  peak {peak:.0f} MiB"
+                  f"{'' if cuda else ' RSS'}  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}", flush=True)  # fmt: skip
         del transformer
         if cuda:
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    path = write_result(args.out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-sampler-")) if args.quick else ROOT / "bench" / "results")
+    path = write_result(out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
                         "note": "random weights and prompt embeddings; denoising only"})  # fmt: skip
     print("wrote", path)
     return 0
