@@ -17,8 +17,9 @@ Per row (method, N, resolution, decode checkpointing):
   the inputs a recomputed (checkpointed) decode/reward holds. Split into `transformer` (saved inside the
   transformer's forwards), `decode_reward` (VAE decoder + reward) and `other` (Euler chain, connectors, casts).
   All of it is alive when the backward starts, so it is the activation peak that grows with N.
-- `peak_rss_mib` (CPU): the process's peak resident memory during the step above its resident memory before the
-  step (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to return freed blocks of
+- `peak_rss_mib` (CPU): the process's peak resident memory during a step above its resident memory before the
+  step, median over the counted and the timed steps, with min and max (Linux VmHWM, reset per step through
+  /proc/self/clear_refs; glibc is told to return freed blocks of
   64 KiB or more to the OS so resident memory follows live memory). On CUDA: `peak_mib` (allocator peak above
   the memory allocated before the step) and `nvml_used_mib` (the device CUDA_VISIBLE_DEVICES maps to).
 - `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
@@ -32,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import dataclasses
 import json
 import os
@@ -73,19 +77,31 @@ def bench_config(args, tmp: Path):
             cfg.model.tiny = TinyFluxConfig(**MODELS[args.model][0])
     else:
         cfg = load_config(args.config or ROOT / "configs" / "flux_leapalign.toml", args.set)
-        cfg.model.source = "random:flux-dev"
+        cfg.model.source = f"random:{args.model}"
     cfg.output_dir, cfg.resume, cfg.prompt_file, cfg.tensorboard = str(tmp), False, "", False
     cfg.batch_size = args.batch
     cfg.reward.name, cfg.reward.options = args.reward, json.loads(args.reward_options)
+    if args.reward == "colour":  # build_run checks every prompt names a colour; the evaluation prompts are unused
+        cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     if args.checkpoint_decode is not None:
         cfg.model.checkpoint_decode = args.checkpoint_decode == "on"
     return cfg
 
 
+# Random-weight models built without a weights directory: (transformer kwargs, VAE kwargs, T5 dim, pooled dim).
+# `random-tiny` is the CPU stand-in that lets the tests run the full-size code path.
+RANDOM_MODELS = {
+    "flux-dev": (FLUX_DEV, FLUX_VAE, 4096, 768),
+    "random-tiny": (dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
+                    dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8), 32, 32),
+}  # fmt: skip
+
+
 @contextlib.contextmanager
-def random_full_size(device: str):
-    """Make `train.build_run` build FLUX.1-dev-shaped components with random weights directly in the model dtype
-    on `device` (no fp32 copy, nothing left in the allocator), and random prompt embeddings."""
+def random_weights(kind: str, device: str):
+    """Make `train.build_run` build the `kind` components with random weights directly in the model dtype on
+    `device` (no float32 copy first, nothing left in the allocator) and random prompt embeddings."""
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -93,21 +109,23 @@ def random_full_size(device: str):
     from leapalign_fast.models.flux import DTYPES, FluxComponents
     from leapalign_fast.models.text import PromptEmbeds
 
+    transformer_kw, vae_kw, text_dim, pooled_dim = RANDOM_MODELS[kind]
+
     def load_components(cfg, need_text=True):
         dtype, previous = DTYPES[cfg.model.dtype], torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                transformer, vae = FluxTransformer2DModel(**FLUX_DEV), AutoencoderKL(**FLUX_VAE).eval()
+                transformer, vae = FluxTransformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval()
         finally:
             torch.set_default_dtype(previous)
         return FluxComponents(transformer, vae, None)
 
     def prompt_embeddings(cfg, components, prompts):
         g = torch.Generator().manual_seed(0)
-        dtype = DTYPES[cfg.model.dtype]
-        return PromptEmbeds(list(prompts), torch.randn(len(prompts), cfg.model.max_sequence_length, 4096, generator=g).to(dtype),
-                            torch.randn(len(prompts), 768, generator=g).to(dtype))  # fmt: skip
+        dtype, n = DTYPES[cfg.model.dtype], len(prompts)
+        return PromptEmbeds(list(prompts), torch.randn(n, cfg.model.max_sequence_length, text_dim, generator=g).to(dtype),
+                            torch.randn(n, pooled_dim, generator=g).to(dtype))  # fmt: skip
 
     saved = train.load_components, train.prompt_embeddings
     train.load_components, train.prompt_embeddings = load_components, prompt_embeddings
@@ -169,6 +187,13 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def reset_peak_rss() -> bool:
+    """Hand freed heap pages back to the OS (small blocks freed between live ones stay resident otherwise: the
+    baseline would grow with every large step), then reset VmHWM to the current RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         return True
@@ -265,7 +290,8 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before, row["rss_reset"] = rss_mib(), reset_peak_rss()
+            row["rss_reset"] = reset_peak_rss()
+            before = rss_mib()
         with contextlib.ExitStack() as stack:
             for module, part in saved_parts:
                 stack.enter_context(saved.within(module, part))
@@ -296,9 +322,11 @@ def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
     for _ in range(repeats):
         for name, method in methods.items():
             timer = Timer(cuda)
+            before = rss_mib() if not cuda and reset_peak_rss() else None  # after the reset: trimmed baseline
             t0 = time.perf_counter()
             trainer_step(run, method, timer, None)
-            out[name].append({"step": time.perf_counter() - t0, **timer.seconds})
+            out[name].append({"step": time.perf_counter() - t0, **timer.seconds,
+                              "peak_rss": None if before is None else rss_mib("VmHWM") - before})  # fmt: skip
     return out
 
 
@@ -307,7 +335,7 @@ def summarize_times(samples: list[dict]) -> dict:
     med = statistics.median(steps)
     return {"step_seconds": med, "step_seconds_min": min(steps), "step_seconds_max": max(steps),
             "spread": (max(steps) - min(steps)) / med if med else 0.0, "repeats": len(steps),
-            "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k != "step"}}  # fmt: skip
+            "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("step", "peak_rss")}}  # fmt: skip
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -393,7 +421,8 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px, N 10 and 50, 1 repeat; temp output")
-    p.add_argument("--model", choices=[*MODELS, "flux-dev"], default=None, help="default: mid on CPU, flux-dev on GPU")
+    p.add_argument("--model", choices=[*MODELS, *RANDOM_MODELS], default=None,
+                   help="default: mid on CPU, flux-dev on GPU (random-tiny: the full-size code path at toy size)")
     p.add_argument("--config", type=Path, default=None,
                    help="the run config whose step is measured (default: the tiny default's setup for tiny/mid, "
                         "configs/flux_leapalign.toml for flux-dev)")  # fmt: skip
@@ -425,6 +454,15 @@ def main(argv=None) -> int:
         os.environ.update(_MALLOC_ENV)
         os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: a busy machine must not spin-wait
+    if args.dry_run:  # the plan, without importing torch
+        from leapalign_fast.config import load_config
+
+        load_config(args.config, args.set) if args.config or args.model != "flux-dev" else load_config(
+            ROOT / "configs" / "flux_leapalign.toml", args.set)  # fmt: skip
+        print(f"plan: model {args.model or 'mid on CPU, flux-dev on GPU'}, methods {args.methods}, N {args.steps}, "
+              f"resolutions {args.resolutions or 'default'}, batch {args.batch}, decode checkpointing "
+              f"{args.checkpoint_decode or 'from config'}, {args.repeats} interleaved repeats, out {args.out or 'default'}")
+        return 0
     import torch
 
     from bench.common import slug, write_result
@@ -434,17 +472,12 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
     args.model = args.model or ("flux-dev" if cuda else "mid")
-    if args.model == "flux-dev" and not cuda and not args.dry_run:
+    if args.model == "flux-dev" and not cuda:
         print("bench/memory.py --model flux-dev needs a CUDA GPU (12B parameters); use --model mid on CPU", file=sys.stderr)
         return 2
-    res_list = args.resolutions or ([MODELS[args.model][1]] if args.model in MODELS else [512, 1024])
+    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, "flux-dev": [512, 1024], "random-tiny": [64]}[args.model]
     variants = {"on": [True], "off": [False], "both": [True, False], None: [None]}[args.checkpoint_decode]
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-memory-")) if args.quick else ROOT / "bench" / "results")
-    if args.dry_run:
-        print(f"plan: model {args.model} on {device}, methods {args.methods}, N {args.steps}, resolutions {res_list}, "
-              f"batch {args.batch}, decode checkpointing {args.checkpoint_decode or 'from config'}, {args.repeats} "
-              f"interleaved repeats, out {out}")  # fmt: skip
-        return 0
     print(f"bench/memory.py: {describe_threads()}", flush=True)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -455,7 +488,7 @@ def main(argv=None) -> int:
         AcceleratorState._reset_state()
         GradientState._reset_state()
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda)
-        with random_full_size(device) if args.model == "flux-dev" else contextlib.nullcontext():
+        with random_weights(args.model, device) if args.model in RANDOM_MODELS else contextlib.nullcontext():
             run = train.build_run(cfg, accelerator)
         n_params = sum(p.numel() for p in train.unwrap(run.transformer).parameters())
         parts = [(train.unwrap(run.transformer), "transformer"), (run.components.vae.decoder, "decode_reward"),
@@ -479,6 +512,12 @@ def main(argv=None) -> int:
                     for row in group:
                         if not row["oom"]:
                             row.update(summarize_times(times[row["method"]]))
+                            rss = [x for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
+                                   if x is not None]  # fmt: skip
+                            if rss:  # resident memory moves with the allocator's reuse: median over every step
+                                row["peak_rss_mib_counted_step"] = row["peak_rss_mib"]
+                                row.update(peak_rss_mib=statistics.median(rss), peak_rss_mib_min=min(rss),
+                                           peak_rss_mib_max=max(rss))  # fmt: skip
                         rows.append(row)
                         print(f"{row['method']:>10} N={n:<3} {res}px decode-ckpt={'on' if row['checkpoint_decode'] else 'off':<3} "
                               f"activation {row.get('activation_mib', float('nan')):8.2f} MiB "

@@ -130,3 +130,15 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert {float(s["step"]) for s in state.values()} == {3.0}  # 9 micro-steps, 3 updates
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("method", ["leapalign", "draft_lv"])
+def test_checkpointed_decode_and_reward_change_nothing(tmp_path, method):
+    """model.checkpoint_decode recomputes the decode and the reward in the backward: same losses, same weights."""
+    runs = [train(load_config(None, [f"output_dir={tmp_path / str(on)}", "max_steps=2", f"method.name='{method}'",
+                                     f"model.checkpoint_decode={str(on).lower()}", "checkpoint_every=100", *FAST]))
+            for on in (False, True)]  # fmt: skip
+    assert runs[1].run.components.vae.is_gradient_checkpointing and not runs[0].run.components.vae.is_gradient_checkpointing
+    assert [r["loss"] for r in _metrics(tmp_path / "False")] == [r["loss"] for r in _metrics(tmp_path / "True")]
+    for (n, a), (_, b) in zip(runs[0].run.transformer.named_parameters(), runs[1].run.transformer.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
