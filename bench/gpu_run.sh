@@ -55,7 +55,7 @@ install() {
   (( DRY )) || [[ -e leapalign_fast/kernels ]] || ln -s ../kernels leapalign_fast/kernels  # git-ignored
   export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
   (( DRY )) || { nvidia-smi >>"$LOG" 2>&1 || log "install: nvidia-smi failed"; }
-  "$PY" -c "import torch, diffusers, leapalign_fast.kernels; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
+  (( DRY )) || "$PY" -c "import torch, diffusers, leapalign_fast.kernels; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
 }
 
 FAILED=0

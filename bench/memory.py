@@ -333,7 +333,7 @@ def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
 def summarize_times(samples: list[dict]) -> dict:
     steps = [s["step"] for s in samples]
     med = statistics.median(steps)
-    return {"step_seconds": med, "step_seconds_min": min(steps), "step_seconds_max": max(steps),
+    return {"step_seconds": med, "step_seconds_min": min(steps), "step_seconds_max": max(steps), "step_seconds_all": steps,
             "spread": (max(steps) - min(steps)) / med if med else 0.0, "repeats": len(steps),
             "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("step", "peak_rss")}}  # fmt: skip
 
@@ -356,6 +356,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             if a and b:
                 entry[f"full_over_leapalign_{key}"] = b / a
         entry["step_seconds_ratio"] = full["step_seconds"] / r["step_seconds"]
+        paired = [f / a for f, a in zip(full["step_seconds_all"], r["step_seconds_all"])]  # same round: same load
+        entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
         out.append(entry)
     return out
 
@@ -438,6 +440,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-options", default="{}", help='JSON, e.g. \'{"clip": "...", "checkpoint": "...", '
                    '"dtype": "bfloat16"}\' for hpsv2.1')  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
+    p.add_argument("--tag", default="", help="suffix of the output file names (e.g. lora)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     if args.quick:
@@ -526,7 +529,7 @@ def main(argv=None) -> int:
                               f"step {row.get('step_seconds', float('nan')):7.3f} s ±{100 * row.get('spread', 0):.0f}%"
                               f"{'  OOM' if row['oom'] else ''}", flush=True)  # fmt: skip
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    name = f"memory_{args.model}_{slug(gpu)}"
+    name = f"memory_{args.model}_{slug(gpu)}{'_' + slug(args.tag) if args.tag else ''}"
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "device": device, "transformer_parameters": n_params, "rows": rows,
                "ratios": ratios(rows), "flatness": flatness(rows), "config": train.config_dict(cfg),
