@@ -18,8 +18,8 @@ Per row (method, N, resolution, decode checkpointing):
   transformer's forwards), `decode_reward` (VAE decoder + reward) and `other` (Euler chain, connectors, casts).
   All of it is alive when the backward starts, so it is the activation peak that grows with N.
 - `peak_rss_mib` (CPU): the process's peak resident memory during a step above its resident memory before the
-  step, median over the counted and the timed steps, with min and max (Linux VmHWM, reset per step through
-  /proc/self/clear_refs; glibc is told to return freed blocks of
+  step, median over the counted and the timed steps, with min and max; with `--rss-isolated`, measured in a
+  fresh process per method instead (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to return freed blocks of
   64 KiB or more to the OS so resident memory follows live memory). On CUDA: `peak_mib` (allocator peak above
   the memory allocated before the step) and `nvml_used_mib` (the device CUDA_VISIBLE_DEVICES maps to).
 - `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
@@ -355,6 +355,9 @@ def ratios(rows: list[dict]) -> list[dict]:
             b = (full.get(parent) or {}).get(key) if parent else full.get(key)
             if a and b:
                 entry[f"full_over_leapalign_{key}"] = b / a
+        if "step_seconds" not in r or "step_seconds" not in full:
+            out.append(entry)
+            continue
         entry["step_seconds_ratio"] = full["step_seconds"] / r["step_seconds"]
         paired = [f / a for f, a in zip(full["step_seconds_all"], r["step_seconds_all"])]  # same round: same load
         entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
@@ -394,11 +397,12 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
             md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['checkpoint_decode']} | OOM |"
                       + " |" * 10)
             continue
-        p, s = r["activation_by_part_mib"], r["seconds"]
+        p = r["activation_by_part_mib"]
+        s = r.get("seconds") or dict.fromkeys(("sampling", "grad_forwards", "decode_reward", "backward"), float("nan"))
         peak = r.get("peak_mib", r.get("peak_rss_mib"))
         md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {'on' if r['checkpoint_decode'] else 'off'} | "
                   f"{r['activation_mib']:.1f} | {p['transformer']:.1f} | {p['decode_reward']:.1f} | {p['other']:.1f} | "
-                  f"{'n/a' if peak is None else f'{peak:.1f}'} | {r['step_seconds']:.3f} | {100 * r['spread']:.0f}% | "
+                  f"{'n/a' if peak is None else f'{peak:.1f}'} | {r.get('step_seconds', float('nan')):.3f} | {100 * r.get('spread', float('nan')):.0f}% | "
                   f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} |")  # fmt: skip
     paths = [out / f"{name}.md"]
     paths[0].write_text("\n".join(md) + "\n")
@@ -409,7 +413,7 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
                    and not r["oom"]]  # fmt: skip
             label = f"{m}{'' if ck else ' (decode kept)'}"
             axes[0].plot([r["num_steps"] for r in pts], [r["activation_mib"] for r in pts], marker="o", label=label)
-            axes[1].plot([r["num_steps"] for r in pts], [r["step_seconds"] for r in pts], marker="o", label=label)
+            axes[1].plot([r["num_steps"] for r in pts], [r.get("step_seconds", float("nan")) for r in pts], marker="o", label=label)
         axes[0].set(xlabel="sampling steps N", ylabel="activation memory (MiB)", title=f"memory vs N, {res} px")
         axes[1].set(xlabel="sampling steps N", ylabel="step time (s, median)", title=f"time vs N, {res} px")
         axes[0].legend(fontsize=7)
@@ -418,6 +422,28 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
+    """Replace each row's peak RSS by the one measured in a fresh process running only that method (warm-up, then
+    one step per N, smallest N first); the shared-process number stays as `peak_rss_mib_shared_process`."""
+    import subprocess
+
+    for m in args.methods:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--methods", m, "--repeats", "0", "--out", tmp,
+                   "--tag", "child"]  # fmt: skip
+            cmd = [c for c in cmd if c != "--rss-isolated"]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            child = json.loads(next(Path(tmp).glob("*.json")).read_text())["rows"]
+        for c in child:
+            for r in rows:
+                if all(r[k] == c[k] for k in ("method", "num_steps", "resolution", "checkpoint_decode")) and not r["oom"]:
+                    r["peak_rss_mib_shared_process"] = r.get("peak_rss_mib")
+                    r["peak_rss_mib"] = c.get("peak_rss_mib")
+                    r["peak_rss_isolated"] = True
+                    for k in ("peak_rss_mib_min", "peak_rss_mib_max"):
+                        r.pop(k, None)
 
 
 def parse_args(argv=None):
@@ -441,6 +467,9 @@ def parse_args(argv=None):
                    '"dtype": "bfloat16"}\' for hpsv2.1')  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
     p.add_argument("--tag", default="", help="suffix of the output file names (e.g. lora)")
+    p.add_argument("--rss-isolated", action="store_true",
+                   help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
+                        "allocator's heap fragmented, which raises the resident memory of the steps after it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     if args.quick:
@@ -513,7 +542,7 @@ def main(argv=None) -> int:
                             methods[m] = method
                     times = timed_repeats(run, methods, args.repeats)
                     for row in group:
-                        if not row["oom"]:
+                        if not row["oom"] and args.repeats:
                             row.update(summarize_times(times[row["method"]]))
                             rss = [x for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
                                    if x is not None]  # fmt: skip
@@ -528,6 +557,8 @@ def main(argv=None) -> int:
                               f"peak {row.get('peak_mib', row.get('peak_rss_mib')) or float('nan'):8.1f} MiB  "
                               f"step {row.get('step_seconds', float('nan')):7.3f} s ±{100 * row.get('spread', 0):.0f}%"
                               f"{'  OOM' if row['oom'] else ''}", flush=True)  # fmt: skip
+    if args.rss_isolated and not cuda:
+        isolated_rss(rows, args, argv if argv is not None else sys.argv[1:])
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     name = f"memory_{args.model}_{slug(gpu)}{'_' + slug(args.tag) if args.tag else ''}"
     out.mkdir(parents=True, exist_ok=True)
