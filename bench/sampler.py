@@ -6,8 +6,7 @@ eager, same transformer, dtype, steps, resolution and prompt embeddings.
                                             # 512 and 1024 px, 28 steps
     python bench/sampler.py --quick         # CPU: tiny FLUX, eager vs FluxPipeline (checks the script)
 
-On the GPU machine (no diffusers there), carry wheels downloaded here and install them first:
-    pip download --no-deps -d wheels diffusers  &&  (on the GPU) pip install --no-deps wheels/*.whl
+On a GPU machine without diffusers or a package index: bench/gpu_prepare.sh here, bench/gpu_run.sh there.
 Both paths denoise only (the VAE decode is the same code in both and is excluded); images/s counts trajectories.
 Every variant is timed in interleaved rounds (median, min, max, spread; speed-ups round by round).
 Writes JSON under bench/results/ (--quick: a temporary directory).
