@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def environment() -> dict:
@@ -18,7 +22,16 @@ def environment() -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,  # others' work skews timings
+        "torch_threads": torch.get_num_threads(),
+        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
     }
+    for mod in ("diffusers", "transformers", "peft", "accelerate"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
     try:
         import triton
 
@@ -38,7 +51,6 @@ def environment() -> dict:
 
 
 def write_result(path: Path, payload: dict) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from leapalign_fast.io import write_json_atomic
 
     write_json_atomic(path, {"environment": environment(), **payload})
@@ -47,3 +59,41 @@ def write_result(path: Path, payload: dict) -> Path:
 
 def slug(text: str | None) -> str:
     return "".join(c if c.isalnum() else "-" for c in (text or "cpu")).strip("-").lower()
+
+
+def interleaved_times(variants: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each variant over `repeats` rounds; each round runs every variant once, in turn, so a change in
+    the machine's load hits all variants alike. `warmup` untimed rounds first (compilation, allocator, caches)."""
+    for _ in range(warmup):
+        for run in variants.values():
+            run()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_summary(samples: list[float]) -> dict:
+    """Median with min, max and spread ((max - min) / median) of a list of seconds."""
+    med = statistics.median(samples)
+    return {"seconds_median": med, "seconds_min": min(samples), "seconds_max": max(samples),
+            "spread": (max(samples) - min(samples)) / med if med else 0.0, "repeats": len(samples)}  # fmt: skip
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Ratio of two variants' times round by round (both ran in the same round): median and range."""
+    r = [a / b for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (CPU runs report it where CUDA runs report the allocator peak)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

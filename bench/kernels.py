@@ -6,14 +6,17 @@
 Reports p20/p50/p80 ms for forward, backward and forward+backward of `connect_discount` (the LeapAlign
 connector at x_j, the larger of the two), achieved HBM GB/s of the Triton path (bytes it must move: forward
 reads x_pred, x_real and writes x_conn, x_disc; backward reads two gradients and writes one) and the peak
-memory of forward+backward. Ratios are measured in this run. Writes JSON under bench/results/.
+memory of forward+backward. The two implementations are timed interleaved (one call of each per round), and
+the speed-up is also given round by round (median, min, max). Ratios are measured in this run. Writes JSON under bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,30 +31,38 @@ def _args():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU run under Triton's interpreter")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --interpret-smoke)")
     return p.parse_args()
 
 
-def _quantiles(fn, reps: int, cuda: bool) -> list[float]:
-    """p20/p50/p80 in ms over `reps` timed calls after 3 warm-ups."""
+def _interleaved_ms(fns: dict, reps: int, cuda: bool) -> dict[str, list[float]]:
+    """Milliseconds of each implementation over `reps` rounds after 3 warm-up rounds; each round calls every
+    implementation once in turn, so load changes on a shared machine hit them alike."""
     import torch
 
     for _ in range(3):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _quantiles(times: list[float]) -> list[float]:
+    """p20/p50/p80."""
+    times = sorted(times)
     return [times[int(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8)]
 
 
@@ -62,7 +73,8 @@ def main() -> int:
         args.batch, args.tokens, args.channels, args.reps, args.dtype = [1, 3], 33, 64, 3, "float32"
     import torch
 
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
     from bench.common import slug, write_result
     from leapalign_fast.kernels import connect_discount
 
@@ -78,33 +90,45 @@ def main() -> int:
         x_real = torch.randn(shape, device=device, dtype=dtype)
         g_conn, g_disc = torch.randn_like(x_real), torch.randn_like(x_real)
         nbytes = x_real.numel() * x_real.element_size()
+        fns: dict[tuple[str, str], object] = {}
         for impl in ("reference", "triton"):
-            def fwd():
+            def fwd(impl=impl):
                 with torch.no_grad():
                     return connect_discount(x_pred, x_real, 0.3, impl=impl)
 
-            def full():
+            def full(impl=impl):
                 conn, disc, _ = connect_discount(x_pred, x_real, 0.3, impl=impl)
                 torch.autograd.backward([conn, disc], [g_conn, g_disc])
 
             outs = connect_discount(x_pred, x_real, 0.3, impl=impl)
 
-            def bwd():
+            def bwd(outs=outs):
                 torch.autograd.backward(outs[:2], [g_conn, g_disc], retain_graph=True)
 
-            row = {"batch": b, "tokens": args.tokens, "channels": args.channels, "dtype": args.dtype, "impl": impl}
-            for mode, fn in (("forward", fwd), ("backward", bwd), ("full", full)):
-                row[f"{mode}_ms_p20_p50_p80"] = _quantiles(fn, args.reps, cuda)
+            fns.update({(impl, "forward"): fwd, (impl, "backward"): bwd, (impl, "full"): full})
+        for mode in ("forward", "backward", "full"):
+            times = _interleaved_ms({impl: fns[impl, mode] for impl in ("reference", "triton")}, args.reps, cuda)
+            for impl, ms in times.items():
+                row = next((r for r in rows if r["batch"] == b and r["impl"] == impl), None)
+                if row is None:
+                    row = {"batch": b, "tokens": args.tokens, "channels": args.channels, "dtype": args.dtype, "impl": impl}
+                    rows.append(row)
+                row[f"{mode}_ms_p20_p50_p80"] = _quantiles(ms)
+                row[f"{mode}_spread"] = (max(ms) - min(ms)) / statistics.median(ms)
+            paired = [r / t for r, t in zip(times["reference"], times["triton"])]
+            row = next(r for r in rows if r["batch"] == b and r["impl"] == "triton")
+            row[f"{mode}_speedup_vs_reference_paired"] = {"median": statistics.median(paired), "min": min(paired),
+                                                          "max": max(paired)}  # fmt: skip
+        for row in (r for r in rows if r["batch"] == b):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                full()
+                fns[row["impl"], "full"]()
                 torch.cuda.synchronize()
                 row["full_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             row["forward_gbps"] = 4 * nbytes / (row["forward_ms_p20_p50_p80"][1] * 1e-3) / 1e9
             row["backward_gbps"] = 3 * nbytes / (row["backward_ms_p20_p50_p80"][1] * 1e-3) / 1e9
-            rows.append(row)
     for b in args.batch:
         ref, tri = (next(r for r in rows if r["batch"] == b and r["impl"] == i) for i in ("reference", "triton"))
         for mode in ("forward", "backward", "full"):
@@ -112,7 +136,8 @@ def main() -> int:
     import torch as _t
 
     gpu = _t.cuda.get_device_name(0) if cuda else ("cpu-interpret" if args.interpret_smoke else "cpu")
-    path = write_result(args.out / f"kernels_{slug(gpu)}.json", {"rows": rows, "interpret_smoke": args.interpret_smoke})
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-kernels-")) if args.interpret_smoke else ROOT / "bench" / "results")
+    path = write_result(out / f"kernels_{slug(gpu)}.json", {"rows": rows, "interpret_smoke": args.interpret_smoke})
     print(f"{'B':>3} {'impl':>9} {'fwd ms':>8} {'bwd ms':>8} {'full ms':>8} {'fwd GB/s':>9} {'speedup':>8}")
     for r in rows:
         print(f"{r['batch']:>3} {r['impl']:>9} {r['forward_ms_p20_p50_p80'][1]:>8.3f} "

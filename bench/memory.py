@@ -1,50 +1,61 @@
-"""Peak and activation memory and step time of every method vs the number of sampling steps N.
+"""Activation memory, peak memory and step time of the trainer's own training step, per method and N.
 
-    python bench/memory.py --quick                       # CPU, tiny FLUX, N in {10, 25, 50}, 64 px (< 2 min)
-    python bench/memory.py --model flux-dev              # GPU: full-size FLUX.1-dev transformer config, random
-                                                         # bf16 weights, LoRA r16, N in {10, 25, 50}, 256/512/1024 px
+    python bench/memory.py --model mid                  # CPU: 4+8-block FLUX (18M), 256 px, tiny VAE, colour reward
+    python bench/memory.py --quick                      # CPU: tiny FLUX, 64 px (< 1 min; writes to a temp dir)
+    python bench/memory.py --model flux-dev             # GPU: FLUX.1-dev transformer + VAE shapes, random weights,
+                                                        # the setup of configs/flux_leapalign.toml (LoRA, bf16)
 
-One measured training step per (method, N, resolution), after one warm-up step, on the same sampler, rewards
-and random weights (memory and speed do not depend on the values; random prompt embeddings stand in for T5).
-Reported per row:
-- CUDA: `peak_mib` (torch allocator peak during the step), `nvml_used_mib` (device memory in use, NVML, at the
-  end of the step), `activation_mib` = peak - allocated before the step.
-- CPU: `activation_mib` = the bytes autograd saved for backward during the step (unique storages, counted by
-  saved-tensor hooks: every activation a grad-enabled forward keeps is one of them; all are alive at the
-  start of the backward, so their sum is the activation peak). The CPU allocator has no peak counter and
-  process RSS never falls, so this is the exact, repeatable measure of what grows with N.
-- `seconds` split into `sampling` (no-grad forwards), `grad_forwards`, `backward`, `reward` (decode + reward).
-An out-of-memory error is a result (`"oom": true`), not a crash. Writes JSON, a markdown table and plots
-(memory vs N and time vs N, one line per method) under bench/results/.
+The step is the trainer's: `train.build_run` builds the run from a Config (dtype, LoRA, autocast through
+accelerate, activation checkpointing, compile), and each measured step is the training loop's micro-step
+(`velocity_for`, `make_noise`, `step_decode_reward`, the method, `accelerator.backward`). Only the weights and,
+at full size, the prompt embeddings are random (memory and speed do not depend on their values); full-size
+weights are built directly in the model dtype on the device.
+
+Per row (method, N, resolution, decode checkpointing):
+- `activation_mib`: bytes autograd keeps for the backward at the end of the forward, counted by saved-tensor
+  hooks over distinct storages, *excluding* parameter and buffer storages (they exist without the step), plus
+  the inputs a recomputed (checkpointed) decode/reward holds. Split into `transformer` (saved inside the
+  transformer's forwards), `decode_reward` (VAE decoder + reward) and `other` (Euler chain, connectors, casts).
+  All of it is alive when the backward starts, so it is the activation peak that grows with N.
+- `peak_rss_mib` (CPU): the process's peak resident memory during a step above its resident memory before the
+  step, median over the counted and the timed steps, with min and max; with `--rss-isolated`, measured in a
+  fresh process per method instead (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to return freed blocks of
+  64 KiB or more to the OS so resident memory follows live memory). On CUDA: `peak_mib` (allocator peak above
+  the memory allocated before the step) and `nvml_used_mib` (the device CUDA_VISIBLE_DEVICES maps to).
+- `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
+  repeat, with min and max (spread = (max - min) / median); split into sampling (no-grad forwards), grad
+  forwards, decode + reward, backward.
+Writes JSON (command, versions, hardware), a markdown table and a plot under `--out` (default bench/results/,
+or a temporary directory with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
-from bench.common import slug, write_result  # noqa: E402
-from leapalign_fast.config import FLUX_LORA_TARGETS  # noqa: E402
-from leapalign_fast.flow import flux_schedule  # noqa: E402
-from leapalign_fast.methods import METHODS as REGISTRY, StepInputs, build_method, method_settings  # noqa: E402
-from leapalign_fast.models.flux import (  # noqa: E402
-    FluxComponents,
-    FluxVelocity,
-    TinyFluxConfig,
-    build_tiny_flux,
-    decode_latents,
-    latent_image_ids,
-)
-from leapalign_fast.rewards import build_reward  # noqa: E402
+# Resident memory must follow live memory: glibc otherwise keeps freed blocks (its mmap threshold grows up to
+# 32 MiB) and RSS never falls. Read by glibc at start-up, so the script re-executes itself once with it set.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
-METHODS = list(REGISTRY)  # every registered method, each with its own (published) defaults
+MODELS = {  # TinyFluxConfig sizes of the CPU models, with their default resolution
+    "tiny": (dict(), 64),
+    "mid": (dict(layers=4, single_layers=8, heads=4, head_dim=64, text_dim=64, vae_channels=16), 256),
+}
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))  # fmt: skip
@@ -54,119 +65,320 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 use_post_quant_conv=False)  # fmt: skip
 
 
-def build_model(kind: str, device: str):
-    """(components, text_dim, pooled_dim, text_len): random weights of the tiny or full-size FLUX classes."""
-    if kind == "tiny":
-        c = build_tiny_flux(TinyFluxConfig(), seed=0)
-        c.text = None
-        return c, 32, 32, 32
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from peft import LoraConfig
+def bench_config(args, tmp: Path):
+    """The Config whose run is measured: a CPU model size, or a FLUX config file (full size, random weights)."""
+    from leapalign_fast.config import Config, TinyFluxConfig, load_config
 
-    with torch.device(device):
-        transformer = FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16)
-        vae = AutoencoderKL(**FLUX_VAE).to(torch.bfloat16).eval()
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=FLUX_LORA_TARGETS))
-    vae.requires_grad_(False)
-    return FluxComponents(transformer, vae, None), 4096, 768, 512
+    if args.model in MODELS:
+        cfg = load_config(args.config, args.set) if args.config else load_config(None, args.set)
+        if not args.config:  # the tiny default's setup: full fine-tune, float32, colour reward
+            cfg.model.tiny = TinyFluxConfig(**MODELS[args.model][0])
+    else:
+        cfg = load_config(args.config or ROOT / "configs" / "flux_leapalign.toml", args.set)
+        cfg.model.source = f"random:{args.model}"
+    cfg.output_dir, cfg.resume, cfg.prompt_file, cfg.tensorboard = str(tmp), False, "", False
+    cfg.batch_size = args.batch
+    cfg.reward.name, cfg.reward.options = args.reward, json.loads(args.reward_options)
+    if args.reward == "colour":  # build_run checks every prompt names a colour; the evaluation prompts are unused
+        cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
+    if args.checkpoint_decode is not None:
+        cfg.model.checkpoint_decode = args.checkpoint_decode == "on"
+    return cfg
+
+
+# Random-weight models built without a weights directory: (transformer kwargs, VAE kwargs, T5 dim, pooled dim).
+# `random-tiny` is the CPU stand-in that lets the tests run the full-size code path.
+RANDOM_MODELS = {
+    "flux-dev": (FLUX_DEV, FLUX_VAE, 4096, 768),
+    "random-tiny": (dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
+                    dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8), 32, 32),
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def random_weights(kind: str, device: str):
+    """Make `train.build_run` build the `kind` components with random weights directly in the model dtype on
+    `device` (no float32 copy first, nothing left in the allocator) and random prompt embeddings."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from leapalign_fast import train
+    from leapalign_fast.models.flux import DTYPES, FluxComponents
+    from leapalign_fast.models.text import PromptEmbeds
+
+    transformer_kw, vae_kw, text_dim, pooled_dim = RANDOM_MODELS[kind]
+
+    def load_components(cfg, need_text=True):
+        dtype, previous = DTYPES[cfg.model.dtype], torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                transformer, vae = FluxTransformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        return FluxComponents(transformer, vae, None)
+
+    def prompt_embeddings(cfg, components, prompts, device=None):
+        g = torch.Generator().manual_seed(0)
+        dtype, n = DTYPES[cfg.model.dtype], len(prompts)
+        return PromptEmbeds(list(prompts), torch.randn(n, cfg.model.max_sequence_length, text_dim, generator=g).to(dtype),
+                            torch.randn(n, pooled_dim, generator=g).to(dtype))  # fmt: skip
+
+    saved = train.load_components, train.prompt_embeddings
+    train.load_components, train.prompt_embeddings = load_components, prompt_embeddings
+    try:
+        yield
+    finally:
+        train.load_components, train.prompt_embeddings = saved
+
+
+class SavedBytes:
+    """Distinct storages autograd saves for backward, by the part of the step that saved them."""
+
+    def __init__(self, excluded: set[int]):
+        self.excluded, self.part, self.storages, self.excluded_bytes = excluded, "other", {}, {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() in self.excluded:
+            self.excluded_bytes[s.data_ptr()] = s.nbytes()
+        elif s.data_ptr() not in self.storages:
+            self.storages[s.data_ptr()] = (self.part, s.nbytes())
+        return t
+
+    def hold(self, part: str, tensors) -> None:
+        """Tensors kept alive by a recomputed function's closure (its inputs): saved, though no hook sees them."""
+        previous, self.part = self.part, part
+        for t in tensors:
+            if hasattr(t, "untyped_storage") and t.requires_grad:
+                self.pack(t)
+        self.part = previous
+
+    @contextlib.contextmanager
+    def within(self, module, part: str):
+        """Attribute what `module`'s forwards save to `part` (forward hooks: nested modules keep the outer part)."""
+        state = {}
+
+        def pre(mod, args):
+            state["previous"], self.part = self.part, part
+
+        def post(mod, args, out):
+            self.part = state["previous"]
+
+        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def mib(self, part: str | None = None) -> float:
+        return sum(n for p, n in self.storages.values() if part is None or p == part) / 2**20
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Hand freed heap pages back to the OS (small blocks freed between live ones stay resident otherwise: the
+    baseline would grow with every large step), then reset VmHWM to the current RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def nvml_used_mib(device) -> float | None:
+    """Device memory in use on the GPU that `device` is (NVML numbering differs under CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    try:
+        return torch.cuda.device_memory_used(device) / 2**20
+    except Exception:  # no NVML: the allocator numbers stand alone
+        return None
 
 
 class Timer:
-    """Accumulates wall time per category; synchronizes CUDA around each timed call."""
+    """Wall time per part of the step; synchronizes CUDA around each timed call."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.seconds = cuda, {"sampling": 0.0, "grad_forwards": 0.0, "backward": 0.0, "reward": 0.0}
+        self.cuda, self.seconds = cuda, {"sampling": 0.0, "grad_forwards": 0.0, "decode_reward": 0.0, "backward": 0.0}
 
-    def wrap(self, fn, category=None):
+    def wrap(self, fn, part=None):
+        import torch
+
         def timed(*args):
-            cat = category or ("grad_forwards" if torch.is_grad_enabled() else "sampling")
+            p = part or ("grad_forwards" if torch.is_grad_enabled() else "sampling")
             if self.cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn(*args)
             if self.cuda:
                 torch.cuda.synchronize()
-            self.seconds[cat] += time.perf_counter() - t0
+            self.seconds[p] += time.perf_counter() - t0
             return out
 
         return timed
 
 
-class SavedBytes:
-    """Bytes of the distinct storages autograd saves for backward (the activations)."""
+def trainer_step(run, method, timer: Timer, saved: SavedBytes | None) -> None:
+    """One micro-step of the training loop (train.train), timed by part, saved tensors counted."""
+    import torch
 
-    def __init__(self):
-        self.storages: dict[int, int] = {}
+    from leapalign_fast import train
+    from leapalign_fast.methods import StepInputs
 
-    def pack(self, t):
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
-        return t
+    B = run.cfg.batch_size
+    idx = list(range(B))
+    gen = train.step_generator(run.cfg.seed, 0, 0, 0)
+    decode, reward = train.step_decode_reward(run)
+    ckpt = run.cfg.model.checkpoint_decode
 
-    @property
-    def mib(self) -> float:
-        return sum(self.storages.values()) / 2**20
+    def held(fn, part):  # a recomputed function's inputs stay alive until its backward
+        def call(*args):
+            if saved is not None and ckpt:
+                saved.hold(part, args)
+            return fn(*args)
+
+        return call
+
+    inputs = StepInputs(timer.wrap(train.velocity_for(run, idx, run.embeds)), train.make_noise(run, B, gen),
+                        run.sigmas, timer.wrap(held(decode, "decode_reward"), "decode_reward"),
+                        timer.wrap(held(reward, "decode_reward"), "decode_reward"),
+                        [run.prompts[i] for i in idx], gen)  # fmt: skip
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved else contextlib.nullcontext()
+    with hooks:
+        out = method(inputs)
+    timer.wrap(lambda: run.accelerator.backward(out.loss), "backward")()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
-def measure(method: str, n: int, res: int, comps, dims, batch: int, device: str, reward) -> dict:
-    text_dim, pooled_dim, text_len = dims
-    cuda = device == "cuda"
-    h = w = res // comps.vae_scale_factor
-    dtype = next(comps.transformer.parameters()).dtype
-    params = [p for p in comps.transformer.parameters() if p.requires_grad]
-    fn = build_method(method_settings(method, lam=1.0), n)
-    sigmas = flux_schedule(n, (h // 2) * (w // 2))
-    row = {"method": method, "num_steps": n, "resolution": res, "batch": batch}
+def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
+    """One counted step: activation bytes by part, peak memory."""
+    import torch
 
-    def step(timer, saved):
-        g = torch.Generator().manual_seed(0)
-        t5 = torch.randn(batch, text_len, text_dim, generator=g).to(device, dtype)
-        pooled = torch.randn(batch, pooled_dim, generator=g).to(device, dtype)
-        velocity = timer.wrap(FluxVelocity(comps.transformer, t5, pooled, latent_image_ids(h, w, device), 3.5))
-        decode = timer.wrap(lambda x: decode_latents(comps.vae, x, h, w), "reward")
-        noise = torch.randn(batch, (h // 2) * (w // 2), 64, generator=g).to(device, dtype)
-        inputs = StepInputs(velocity, noise, sigmas, decode, timer.wrap(reward, "reward"), ["a red square"] * batch, g)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            out = fn(inputs)
-        timer.wrap(lambda: out.loss.backward(), "backward")()
-        for p in params:
-            p.grad = None
+    from leapalign_fast import train
+    from leapalign_fast.flow import flux_schedule
+    from leapalign_fast.methods import build_method, method_settings
 
+    cuda = run.accelerator.device.type == "cuda"
+    run.latent_hw = run.components.latent_hw(res)
+    h, w = run.latent_hw
+    run.sigmas = flux_schedule(n, (h // 2) * (w // 2), device=run.accelerator.device)
+    method = build_method(method_settings(method_name, lam=run.cfg.method.lam), n)  # its own (published) defaults
+    excluded = {t.untyped_storage().data_ptr() for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
+                for t in [*m.parameters(), *m.buffers()]}  # fmt: skip
+    saved = SavedBytes(excluded)
+    row = {"method": method_name, "num_steps": n, "resolution": res, "batch": run.cfg.batch_size,
+           "checkpoint_decode": run.cfg.model.checkpoint_decode}  # fmt: skip
     try:
-        step(Timer(cuda), SavedBytes())  # warm-up: allocator pools, lazy inits
-        timer, saved = Timer(cuda), SavedBytes()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        step(timer, saved)
-        row["seconds"] = {k: round(v, 6) for k, v in timer.seconds.items()}
-        row["step_seconds"] = sum(timer.seconds.values())
-        row["saved_activation_mib"] = saved.mib
-        if cuda:
-            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            row["activation_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-            row["nvml_used_mib"] = _nvml_used_mib()
         else:
-            row["activation_mib"] = saved.mib
+            row["rss_reset"] = reset_peak_rss()
+            before = rss_mib()
+        with contextlib.ExitStack() as stack:
+            for module, part in saved_parts:
+                stack.enter_context(saved.within(module, part))
+            trainer_step(run, method, Timer(cuda), saved)
+        row["activation_mib"] = saved.mib()
+        row["activation_by_part_mib"] = {p: saved.mib(p) for p in ("transformer", "decode_reward", "other")}
+        row["parameters_saved_mib"] = sum(saved.excluded_bytes.values()) / 2**20  # not counted above
+        if cuda:
+            torch.cuda.synchronize()
+            row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            row["allocated_before_mib"] = before / 2**20
+            row["nvml_used_mib"] = nvml_used_mib(run.accelerator.device)
+        else:
+            row["peak_rss_mib"] = rss_mib("VmHWM") - before if row["rss_reset"] else None
+            row["rss_before_mib"] = before
         row["oom"] = False
     except torch.cuda.OutOfMemoryError as e:
         row.update(oom=True, error=str(e).splitlines()[0])
-        for p in params:
-            p.grad = None
+        run.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-    return row
+    return row, method
 
 
-def _nvml_used_mib() -> float | None:
-    try:
-        import pynvml
+def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
+    """`repeats` rounds, each running every method once in turn (interleaved: load drifts hit all alike)."""
+    cuda = run.accelerator.device.type == "cuda"
+    out = {m: [] for m in methods}
+    for _ in range(repeats):
+        for name, method in methods.items():
+            timer = Timer(cuda)
+            before = rss_mib() if not cuda and reset_peak_rss() else None  # after the reset: trimmed baseline
+            t0 = time.perf_counter()
+            trainer_step(run, method, timer, None)
+            out[name].append({"step": time.perf_counter() - t0, **timer.seconds,
+                              "peak_rss": None if before is None else rss_mib("VmHWM") - before})  # fmt: skip
+    return out
 
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
-    except Exception:  # no NVML (CPU machine): the allocator numbers stand alone
-        return None
+
+def summarize_times(samples: list[dict]) -> dict:
+    steps = [s["step"] for s in samples]
+    med = statistics.median(steps)
+    return {"step_seconds": med, "step_seconds_min": min(steps), "step_seconds_max": max(steps), "step_seconds_all": steps,
+            "spread": (max(steps) - min(steps)) / med if med else 0.0, "repeats": len(steps),
+            "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("step", "peak_rss")}}  # fmt: skip
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """full / leapalign per (N, resolution, decode checkpointing), for every memory count."""
+    out = []
+    keys = [("activation_mib", None), ("transformer", "activation_by_part_mib"), ("peak_rss_mib", None), ("peak_mib", None)]
+    for r in rows:
+        if r["method"] != "leapalign" or r["oom"]:
+            continue
+        full = next((f for f in rows if f["method"] == "full" and not f["oom"] and all(
+            f[k] == r[k] for k in ("num_steps", "resolution", "checkpoint_decode"))), None)  # fmt: skip
+        if full is None:
+            continue
+        entry = {k: r[k] for k in ("num_steps", "resolution", "checkpoint_decode")}
+        for key, parent in keys:
+            a = (r.get(parent) or {}).get(key) if parent else r.get(key)
+            b = (full.get(parent) or {}).get(key) if parent else full.get(key)
+            if a and b:
+                entry[f"full_over_leapalign_{key}"] = b / a
+        if "step_seconds" not in r or "step_seconds" not in full:
+            out.append(entry)
+            continue
+        entry["step_seconds_ratio"] = full["step_seconds"] / r["step_seconds"]
+        paired = [f / a for f, a in zip(full["step_seconds_all"], r["step_seconds_all"])]  # same round: same load
+        entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+        out.append(entry)
+    return out
+
+
+def flatness(rows: list[dict], method: str = "leapalign") -> list[dict]:
+    """Relative change of each memory count from the smallest to the largest N."""
+    out = []
+    for res, ck in sorted({(r["resolution"], r["checkpoint_decode"]) for r in rows}):
+        pts = sorted((r for r in rows if r["method"] == method and r["resolution"] == res
+                      and r["checkpoint_decode"] == ck and not r["oom"]), key=lambda r: r["num_steps"])  # fmt: skip
+        if len(pts) < 2:
+            continue
+        entry = {"method": method, "resolution": res, "checkpoint_decode": ck,
+                 "from_n": pts[0]["num_steps"], "to_n": pts[-1]["num_steps"]}  # fmt: skip
+        for key in ("activation_mib", "peak_rss_mib", "peak_mib"):
+            a, b = pts[0].get(key), pts[-1].get(key)
+            if a and b is not None:
+                entry[f"{key}_change"] = (b - a) / a
+        out.append(entry)
+    return out
 
 
 def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
@@ -175,28 +387,34 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md = ["| method | N | res | activation MiB | peak MiB | step s | sampling s | grad fwd s | backward s | reward s |",
-          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = ["| method | N | res | decode ckpt | activation MiB | transformer | decode+reward | other | peak MiB | "
+          "step s (median) | spread | sampling s | grad fwd s | decode+reward s | backward s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["oom"]:
-            md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | OOM | OOM | | | | | |")
+            md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['checkpoint_decode']} | OOM |"
+                      + " |" * 10)
             continue
-        s = r["seconds"]
-        peak = f"{r['peak_mib']:.1f}" if "peak_mib" in r else "n/a"
-        md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['activation_mib']:.1f} | "
-                  f"{peak} | {r['step_seconds']:.3f} | {s['sampling']:.3f} | "
-                  f"{s['grad_forwards']:.3f} | {s['backward']:.3f} | {s['reward']:.3f} |")  # fmt: skip
+        p = r["activation_by_part_mib"]
+        s = r.get("seconds") or dict.fromkeys(("sampling", "grad_forwards", "decode_reward", "backward"), float("nan"))
+        peak = r.get("peak_mib", r.get("peak_rss_mib"))
+        md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {'on' if r['checkpoint_decode'] else 'off'} | "
+                  f"{r['activation_mib']:.1f} | {p['transformer']:.1f} | {p['decode_reward']:.1f} | {p['other']:.1f} | "
+                  f"{'n/a' if peak is None else f'{peak:.1f}'} | {r.get('step_seconds', float('nan')):.3f} | {100 * r.get('spread', float('nan')):.0f}% | "
+                  f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} |")  # fmt: skip
     paths = [out / f"{name}.md"]
     paths[0].write_text("\n".join(md) + "\n")
     for res in sorted({r["resolution"] for r in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = [r for r in rows if r["method"] == m and r["resolution"] == res and not r["oom"]]
-            axes[0].plot([r["num_steps"] for r in pts], [r["activation_mib"] for r in pts], marker="o", label=m)
-            axes[1].plot([r["num_steps"] for r in pts], [r["step_seconds"] for r in pts], marker="o", label=m)
+        for m, ck in dict.fromkeys((r["method"], r["checkpoint_decode"]) for r in rows):
+            pts = [r for r in rows if (r["method"], r["checkpoint_decode"]) == (m, ck) and r["resolution"] == res
+                   and not r["oom"]]  # fmt: skip
+            label = f"{m}{'' if ck else ' (decode kept)'}"
+            axes[0].plot([r["num_steps"] for r in pts], [r["activation_mib"] for r in pts], marker="o", label=label)
+            axes[1].plot([r["num_steps"] for r in pts], [r.get("step_seconds", float("nan")) for r in pts], marker="o", label=label)
         axes[0].set(xlabel="sampling steps N", ylabel="activation memory (MiB)", title=f"memory vs N, {res} px")
-        axes[1].set(xlabel="sampling steps N", ylabel="step time (s)", title=f"time vs N, {res} px")
-        axes[0].legend()
+        axes[1].set(xlabel="sampling steps N", ylabel="step time (s, median)", title=f"time vs N, {res} px")
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
         paths.append(out / f"{name}_{res}px.png")
         fig.savefig(paths[-1], dpi=100)
@@ -204,48 +422,159 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
+def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
+    """Replace each row's peak RSS by the one measured in a fresh process running only that method (warm-up, then
+    one step per N, smallest N first); the shared-process number stays as `peak_rss_mib_shared_process`."""
+    import subprocess
+
+    for m in args.methods:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--methods", m, "--repeats", "0", "--out", tmp,
+                   "--tag", "child"]  # fmt: skip
+            cmd = [c for c in cmd if c != "--rss-isolated"]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            child = json.loads(next(Path(tmp).glob("*.json")).read_text())["rows"]
+        for c in child:
+            for r in rows:
+                if all(r[k] == c[k] for k in ("method", "num_steps", "resolution", "checkpoint_decode")) and not r["oom"]:
+                    r["peak_rss_mib_shared_process"] = r.get("peak_rss_mib")
+                    r["peak_rss_mib"] = c.get("peak_rss_mib")
+                    r["peak_rss_isolated"] = True
+                    for k in ("peak_rss_mib_min", "peak_rss_mib_max"):
+                        r.pop(k, None)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px")
-    p.add_argument("--model", choices=["tiny", "flux-dev"], default=None)
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px, N 10 and 50, 1 repeat; temp output")
+    p.add_argument("--model", choices=[*MODELS, *RANDOM_MODELS], default=None,
+                   help="default: mid on CPU, flux-dev on GPU (random-tiny: the full-size code path at toy size)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the run config whose step is measured (default: the tiny default's setup for tiny/mid, "
+                        "configs/flux_leapalign.toml for flux-dev)")  # fmt: skip
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as on the CLI")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--reward", default="colour", help="reward name (its weights count in the memory)")
+    p.add_argument("--checkpoint-decode", choices=["on", "off", "both"], default=None,
+                   help="recompute decode + reward in the backward (default: the config's model.checkpoint_decode)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per row, interleaved across methods")
+    p.add_argument("--reward", default="colour", help="reward name (its graph counts in the memory)")
     p.add_argument("--reward-options", default="{}", help='JSON, e.g. \'{"clip": "...", "checkpoint": "...", '
                    '"dtype": "bfloat16"}\' for hpsv2.1')  # fmt: skip
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
+    p.add_argument("--tag", default="", help="suffix of the output file names (e.g. lora)")
+    p.add_argument("--rss-isolated", action="store_true",
+                   help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
+                        "allocator's heap fragmented, which raises the resident memory of the steps after it)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    kind = args.model or ("tiny" if args.quick or device == "cpu" else "flux-dev")
-    res_list = args.resolutions or ([64] if kind == "tiny" else [256, 512, 1024])
-    comps, *dims = build_model(kind, device)
-    comps.transformer.to(device)
-    comps.vae.to(device)
-    if kind == "tiny":  # train everything, as the tiny default does
-        comps.transformer.requires_grad_(True)
-    import json
+    if args.quick:
+        args.model = args.model or "tiny"
+        args.repeats = min(args.repeats, 1)
+        if args.steps == [10, 25, 50]:
+            args.steps = [10, 50]
+    return args
 
-    reward = build_reward(args.reward, **json.loads(args.reward_options)).to(device)
-    reward_mib = sum(t.numel() * t.element_size() for t in reward.state_dict().values()) / 2**20
-    rows = []
-    t0 = time.perf_counter()
-    for res in res_list:
-        for n in args.steps:
-            for m in args.methods:
-                rows.append(measure(m, n, res, comps, dims, args.batch, device, reward))
-                r = rows[-1]
-                print(f"{m:>10} N={n:<3} {res}px  activation {r.get('activation_mib', float('nan')):9.2f} MiB  "
-                      f"step {r.get('step_seconds', float('nan')):7.3f} s{'  OOM' if r['oom'] else ''}", flush=True)  # fmt: skip
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    name = f"memory_{kind}_{slug(gpu)}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = write_result(args.out / f"{name}.json", {"model": kind, "device": device, "rows": rows,
-                                                    "reward": args.reward, "reward_weights_mib": reward_mib,
-                                                    "wall_seconds": time.perf_counter() - t0,
-                                                    "note": "random weights and prompt embeddings"})  # fmt: skip
-    extra = write_outputs(rows, args.out, name)
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if sys.platform == "linux" and any(k not in os.environ for k in _MALLOC_ENV) and not args.dry_run:
+        os.environ.update(_MALLOC_ENV)
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: a busy machine must not spin-wait
+    if args.methods is None:
+        from leapalign_fast.methods import METHODS
+
+        args.methods = list(METHODS)  # every registered method, each with its own (published) defaults
+    if args.dry_run:  # the plan, without importing torch
+        from leapalign_fast.config import load_config
+
+        load_config(args.config, args.set) if args.config or args.model != "flux-dev" else load_config(
+            ROOT / "configs" / "flux_leapalign.toml", args.set)  # fmt: skip
+        print(f"plan: model {args.model or 'mid on CPU, flux-dev on GPU'}, methods {args.methods}, N {args.steps}, "
+              f"resolutions {args.resolutions or 'default'}, batch {args.batch}, decode checkpointing "
+              f"{args.checkpoint_decode or 'from config'}, {args.repeats} interleaved repeats, out {args.out or 'default'}")
+        return 0
+    import torch
+
+    from bench.common import slug, write_result
+    from leapalign_fast import train
+    from leapalign_fast.threads import describe_threads
+
+    cuda = torch.cuda.is_available() and not args.quick
+    device = "cuda" if cuda else "cpu"
+    args.model = args.model or ("flux-dev" if cuda else "mid")
+    if args.model == "flux-dev" and not cuda:
+        print("bench/memory.py --model flux-dev needs a CUDA GPU (12B parameters); use --model mid on CPU", file=sys.stderr)
+        return 2
+    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, "flux-dev": [512, 1024], "random-tiny": [64]}[args.model]
+    variants = {"on": [True], "off": [False], "both": [True, False], None: [None]}[args.checkpoint_decode]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-memory-")) if args.quick else ROOT / "bench" / "results")
+    print(f"bench/memory.py: {describe_threads()}", flush=True)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(args, Path(tmp))
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda)
+        with random_weights(args.model, device) if args.model in RANDOM_MODELS else contextlib.nullcontext():
+            run = train.build_run(cfg, accelerator)
+        n_params = sum(p.numel() for p in train.unwrap(run.transformer).parameters())
+        parts = [(train.unwrap(run.transformer), "transformer"), (run.components.vae.decoder, "decode_reward"),
+                 (run.reward, "decode_reward")]  # fmt: skip
+        for ck in variants:
+            if ck is not None:
+                run.cfg.model.checkpoint_decode = ck
+            for res in res_list:
+                warm = set()
+                for n in args.steps:
+                    group, methods = [], {}
+                    for m in args.methods:
+                        if m not in warm:  # lazy inits (and compilation) outside the measured steps
+                            row, method = measure(run, m, n, res, parts)
+                            warm.add(m)
+                        row, method = measure(run, m, n, res, parts)
+                        group.append(row)
+                        if not row["oom"]:
+                            methods[m] = method
+                    times = timed_repeats(run, methods, args.repeats)
+                    for row in group:
+                        if not row["oom"] and args.repeats:
+                            row.update(summarize_times(times[row["method"]]))
+                            rss = [x for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
+                                   if x is not None]  # fmt: skip
+                            if rss:  # resident memory moves with the allocator's reuse: median over every step
+                                row["peak_rss_mib_counted_step"] = row["peak_rss_mib"]
+                                row.update(peak_rss_mib=statistics.median(rss), peak_rss_mib_min=min(rss),
+                                           peak_rss_mib_max=max(rss))  # fmt: skip
+                        rows.append(row)
+                        print(f"{row['method']:>10} N={n:<3} {res}px decode-ckpt={'on' if row['checkpoint_decode'] else 'off':<3} "
+                              f"activation {row.get('activation_mib', float('nan')):8.2f} MiB "
+                              f"(transformer {row.get('activation_by_part_mib', {}).get('transformer', float('nan')):.2f}) "
+                              f"peak {row.get('peak_mib', row.get('peak_rss_mib')) or float('nan'):8.1f} MiB  "
+                              f"step {row.get('step_seconds', float('nan')):7.3f} s ±{100 * row.get('spread', 0):.0f}%"
+                              f"{'  OOM' if row['oom'] else ''}", flush=True)  # fmt: skip
+    if args.rss_isolated and not cuda:
+        isolated_rss(rows, args, argv if argv is not None else sys.argv[1:])
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    name = f"memory_{args.model}_{slug(gpu)}{'_' + slug(args.tag) if args.tag else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": args.model, "device": device, "transformer_parameters": n_params, "rows": rows,
+               "ratios": ratios(rows), "flatness": flatness(rows), "config": train.config_dict(cfg),
+               "threads": describe_threads(), "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
+               "wall_seconds": time.perf_counter() - t0,
+               "note": "random weights (and, at full size, random prompt embeddings); the trainer's own step"}  # fmt: skip
+    path = write_result(out / f"{name}.json", payload)
+    extra = write_outputs(rows, out, name)
+    for r in payload["ratios"]:
+        print("full/leapalign", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
+    for f in payload["flatness"]:
+        print("flatness", {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})
     print("wrote", path, *extra)
     return 0
 

@@ -7,10 +7,9 @@ variants are timed before the (in-place) compile; within a phase, repeats are in
                                             # 512 and 1024 px, 28 steps
     python bench/sampler.py --quick         # CPU: tiny FLUX, eager vs FluxPipeline (checks the script)
 
-On the GPU machine (no diffusers there), carry wheels downloaded here and install them first:
-    pip download --no-deps -d wheels diffusers  &&  (on the GPU) pip install --no-deps wheels/*.whl
+On a GPU machine without diffusers or a package index: bench/gpu_prepare.sh here, bench/gpu_run.sh there.
 Both paths denoise only (the VAE decode is the same code in both and is excluded); images/s counts trajectories.
-Writes JSON under bench/results/.
+Writes JSON under bench/results/ (--quick: a temporary directory, never over committed results).
 """
 
 from __future__ import annotations
@@ -18,15 +17,16 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
-from bench.common import slug, write_result  # noqa: E402
+from bench.common import interleaved_times, paired_ratio, peak_rss_mib, slug, time_summary, write_result  # noqa: E402
 from leapalign_fast.flow import flux_schedule  # noqa: E402
 from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
 from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids  # noqa: E402
@@ -86,39 +86,27 @@ def ours_runner(transformer, steps, res, embeds, graphed: bool):
     return run
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
-
-
 def timed_interleaved(variants: list[tuple[str, callable]], reps: int, cuda: bool) -> dict[str, dict]:
-    """Warm every variant up (compilation, graph capture, allocator), measure each one's peak memory alone, then
-    time them interleaved (A B C, A B C, ...) so drift (clocks, heat, other load) hits all alike; p20/p50/p80."""
+    """Warm every variant up (compilation, graph capture, allocator), measure each one's peak memory alone (CUDA:
+    the allocator's peak; CPU: the process's peak RSS), then time them interleaved (A B C, A B C, ...) so drift
+    (clocks, heat, other load) hits all alike; median, min, max, spread, and each variant's round-by-round ratio to
+    the first (the reference)."""
     stats = {}
     for name, run in variants:
-        for _ in range(2):
-            run()
+        run()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            run()
+        run()
+        if cuda:
             torch.cuda.synchronize()
-            stats[name] = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-        else:
-            stats[name] = {}
-    times = {name: [] for name, _ in variants}
-    for _ in range(reps):
-        for name, run in variants:
-            t0 = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+        stats[name] = {"peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times = interleaved_times(dict(variants), reps, sync=sync, warmup=0)
+    first = variants[0][0]
     for name, ts in times.items():
-        stats[name].update({"seconds_p20": quantile(ts, 0.2), "seconds_median": quantile(ts, 0.5),
-                            "seconds_p80": quantile(ts, 0.8), "reps": reps})  # fmt: skip
+        stats[name].update(time_summary(ts))
+        stats[name]["time_ratio_vs_" + first] = paired_ratio(ts, times[first])
     return stats
 
 
@@ -149,7 +137,7 @@ def bench_resolution(kind: str, device: str, res: int, steps: int, batch: int, r
             r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
             rows.append(r)
             print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s (median of {reps})  "
-                  f"peak {r.get('peak_mib', float('nan')):.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
+                  f"peak {r['peak_mib']:.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
                   flush=True)  # fmt: skip
     base = next(r for r in rows if r["variant"] == "flux_pipeline_eager")
     for r in rows:
@@ -164,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
@@ -174,6 +162,7 @@ def main(argv=None) -> int:
     kind = "flux-dev" if cuda else "tiny"
     res_list = args.resolutions or ([512, 1024] if cuda else [64])
     steps = args.steps if cuda else 6
+    out = args.out or (Path(tempfile.mkdtemp(prefix="sampler-quick-")) if args.quick else ROOT / "bench" / "results")
     rows = []
     for res in res_list:
         # One 12B model alive at a time: the previous resolution's model and graphs are gone before this build.
@@ -183,7 +172,7 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    path = write_result(args.out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
+    path = write_result(out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
                         "note": "random weights and prompt embeddings; denoising only; times are medians of "
                                 "interleaved repeats"})  # fmt: skip
     print("wrote", path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
 from leapalign_fast.errors import UserError
+from leapalign_fast.threads import configure_threads, describe_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
@@ -43,16 +45,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
+    configure_threads()  # before torch is imported
     try:
+        # Light: the config needs torch (method settings) but not diffusers/transformers/accelerate, so a config
+        # error comes in about a second instead of after the whole stack's imports.
+        from leapalign_fast.config import load_config
+
+        cfg = load_config(args.config or _default_config(), args.overrides)
         from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    except UserError as e:
+        print(f"leapalign-fast: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return _interrupted()
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"leapalign-fast: {describe_threads()}", flush=True)
     try:
         if args.command == "train":
-            from leapalign_fast.config import load_config
             from leapalign_fast.train import train
 
-            cfg = load_config(args.config or _default_config(), args.overrides)
             result = train(cfg)
             r = result.rewards
             n = min(10, len(r))
@@ -67,19 +79,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
                       f"{result.output_dir}")  # fmt: skip
         elif args.command == "eval":
-            from leapalign_fast.config import load_config
             from leapalign_fast.evaluate import evaluate
 
-            cfg = load_config(args.config or _default_config(), args.overrides)
             rewards = [r.strip() for r in (args.rewards or cfg.reward.name).split(",") if r.strip()]
             result = evaluate(cfg, args.prompts, rewards, args.checkpoint, args.ema, args.steps, args.batch, out=args.out)
             for name, s in result["scores"].items():
                 print(f"{name}: {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']}, {result['checkpoint']})")
         elif args.command == "encode-prompts":
-            from leapalign_fast.config import load_config
             from leapalign_fast.train import encode_prompt_cache
 
-            for path in encode_prompt_cache(load_config(args.config or _default_config(), args.overrides)):
+            for path in encode_prompt_cache(cfg):
                 print(f"wrote {path}")
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ import tomli_w
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.methods import METHODS, MethodSettings, method_settings, method_spec
-from leapalign_fast.models.flux import TinyFluxConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +35,20 @@ FLUX_LORA_TARGETS = [
 
 
 @dataclass
+class TinyFluxConfig:
+    """Sizes of the tiny random FLUX used on CPU (same classes as FLUX.1-dev). Defined here, not in models/, so
+    reading a config imports neither torch nor diffusers (config errors appear before the heavy imports)."""
+
+    layers: int = 1
+    single_layers: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    text_dim: int = 32
+    vae_channels: int = 16
+    max_sequence_length: int = 32
+
+
+@dataclass
 class ModelConfig:
     source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format FLUX directory
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
@@ -45,6 +58,7 @@ class ModelConfig:
     compile_backend: str = "inductor"
     cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)
     gradient_checkpointing: bool = False  # recompute the grad-enabled forwards' activations in the backward
+    checkpoint_decode: bool = False  # recompute the VAE decode and the reward in the backward (per VAE block)
     tiny: TinyFluxConfig = field(default_factory=TinyFluxConfig)
 
 

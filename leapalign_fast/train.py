@@ -42,6 +42,7 @@ from leapalign_fast.models.flux import (
 from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.preflight import check_memory, mixed_precision_note
 from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
+from leapalign_fast.recompute import checkpointed_decode_reward
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
@@ -277,7 +278,8 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     params = add_trainable(transformer, cfg)
     switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then DDP
     if accelerator.is_main_process:
-        print(f"leapalign-fast: transformer {switches}", flush=True)
+        decode = ", decode+reward recomputed in the backward" if cfg.model.checkpoint_decode else ""
+        print(f"leapalign-fast: transformer {switches}{decode}", flush=True)
     graphed = GraphedVelocity(transformer) if cfg.model.cuda_graph and device.type == "cuda" else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
@@ -309,6 +311,11 @@ def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor
 def decoder(run: Run):
     h, w = run.latent_hw
     return lambda x: decode_latents(run.components.vae, x, h, w)
+
+
+def step_decode_reward(run: Run):
+    """(decode, reward) of a training step; `model.checkpoint_decode` recomputes both in the backward."""
+    return checkpointed_decode_reward(run.components.vae, decoder(run), run.reward, run.cfg.model.checkpoint_decode)
 
 
 @torch.no_grad()
@@ -500,8 +507,9 @@ def _train(cfg: Config) -> TrainResult:
                 idx = order.take(B * world)[rank * B : (rank + 1) * B]  # this rank's prompts
                 gen = step_generator(cfg.seed, step, micro, rank)
                 with accelerator.accumulate(run.transformer):
+                    decode, reward = step_decode_reward(run)
                     inputs = StepInputs(velocity_for(run, idx, run.embeds), make_noise(run, B, gen), run.sigmas,
-                                        decoder(run), run.reward, [run.prompts[i] for i in idx], gen)  # fmt: skip
+                                        decode, reward, [run.prompts[i] for i in idx], gen)  # fmt: skip
                     out = method(inputs)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:

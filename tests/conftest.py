@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Shared CPUs: OpenMP threads sleep instead of spinning when they wait (set before torch is imported; the
+# subprocesses of the tests inherit it). The trainer's CLI does the same unless the user chose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Without a GPU, every Triton kernel runs under Triton's interpreter on CPU tensors: the kernel tests and the
 # trainer tests exercise the real kernel code. This must happen before anything imports triton.

@@ -1,4 +1,5 @@
-"""bench/memory.py --quick runs on CPU and shows LeapAlign's activation memory flat in N, full's growing."""
+"""bench/memory.py measures the trainer's step: LeapAlign's activation memory flat in N, full backprop's growing,
+decode + reward checkpointing keeping only their inputs, and a timed, interleaved, RSS-measured table."""
 
 import json
 import subprocess
@@ -11,17 +12,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_memory_bench_quick(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--quick", "--steps", "10", "50",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--quick", "--steps", "10", "30",
+                           "--checkpoint-decode", "both", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "memory_tiny_cpu.json").read_text())
-    rows = {(r["method"], r["num_steps"]): r for r in data["rows"]}
-    assert set(rows) == {(m, n) for m in METHODS for n in (10, 50)}  # every registered method
+    assert data["environment"]["command"] and data["malloc_env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    rows = {(r["method"], r["num_steps"], r["checkpoint_decode"]): r for r in data["rows"]}
+    assert set(rows) == {(m, n, c) for m in METHODS for n in (10, 30) for c in (True, False)}
     for r in data["rows"]:
-        assert not r["oom"] and r["activation_mib"] > 0 and set(r["seconds"]) == {"sampling", "grad_forwards",
-                                                                                    "backward", "reward"}
-    la10, la50 = rows["leapalign", 10]["activation_mib"], rows["leapalign", 50]["activation_mib"]
-    assert abs(la50 - la10) <= 0.10 * la10  # flat in N
-    assert rows["full", 50]["activation_mib"] > 1.5 * rows["full", 10]["activation_mib"]  # grows with N
-    assert (tmp_path / "memory_tiny_cpu.md").read_text().count("\n") == 2 + 2 * len(METHODS)
+        parts = r["activation_by_part_mib"]
+        assert not r["oom"] and r["activation_mib"] > 0 and abs(sum(parts.values()) - r["activation_mib"]) < 1e-6
+        assert set(r["seconds"]) == {"sampling", "grad_forwards", "decode_reward", "backward"}
+        assert r["step_seconds_min"] <= r["step_seconds"] <= r["step_seconds_max"] and r["repeats"] == 1
+        assert r["peak_rss_mib"] is not None and r["parameters_saved_mib"] > 0  # parameters: reported, not counted
+    for c in (True, False):
+        la10, la30 = rows["leapalign", 10, c]["activation_mib"], rows["leapalign", 30, c]["activation_mib"]
+        assert abs(la30 - la10) <= 0.01 * la10  # flat in N
+        assert rows["full", 30, c]["activation_mib"] > 1.5 * rows["full", 10, c]["activation_mib"]  # grows with N
+    # Checkpointed: decode + reward keep only their inputs, the (1, 64, 64) latents and the (1, 3, 64, 64) image.
+    on, off = rows["leapalign", 10, True], rows["leapalign", 10, False]
+    assert on["activation_by_part_mib"]["decode_reward"] <= (64 * 64 + 3 * 64 * 64) * 4 / 2**20 + 1e-9
+    assert off["activation_by_part_mib"]["decode_reward"] > 20 * on["activation_by_part_mib"]["decode_reward"]
+    assert on["activation_by_part_mib"]["transformer"] == off["activation_by_part_mib"]["transformer"]
+    ratio = next(x for x in data["ratios"] if x["num_steps"] == 30 and x["checkpoint_decode"])
+    assert ratio["full_over_leapalign_activation_mib"] > 5  # tiny: the transformer's 2 forwards vs 30
+    assert (tmp_path / "memory_tiny_cpu.md").read_text().count("\n") == 2 + 4 * len(METHODS)
     assert (tmp_path / "memory_tiny_cpu_64px.png").stat().st_size > 1000
+
+
+def test_memory_bench_random_weight_path(tmp_path, monkeypatch):
+    """The full-size path (random weights built in the model dtype, the FLUX LoRA config) at toy size on CPU,
+    in this process (no re-exec: the allocator settings only matter for the RSS numbers)."""
+    sys.path.append(str(ROOT))
+    from bench import memory
+
+    monkeypatch.setattr(memory, "_MALLOC_ENV", {})
+    assert memory.main(["--model", "random-tiny", "--methods", "leapalign", "full", "--steps", "4", "--repeats", "1",
+                        "--set", 'model.compile="none"', "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / "memory_random-tiny_cpu.json").read_text())
+    assert data["config"]["lora"]["enabled"] and data["config"]["model"]["dtype"] == "bfloat16"
+    assert data["config"]["model"]["checkpoint_decode"]  # on in the shipped FLUX configs
+    assert [r["method"] for r in data["rows"]] == ["leapalign", "full"] and not any(r["oom"] for r in data["rows"])

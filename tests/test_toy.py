@@ -160,19 +160,26 @@ def test_parse_caption_inverts_caption_and_near_misses_are_fixed():
 
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
-    """A (barely) pretrained toy FLUX directory and toy reward, from the repo's own scripts."""
-    import subprocess
+    """A (barely) pretrained toy FLUX directory and toy reward, from the repo's own scripts (their `main`, in this
+    process: two fresh interpreters would spend most of the time importing torch)."""
     import sys
     from pathlib import Path
 
+    import torch
+
     root = Path(__file__).resolve().parent.parent
+    sys.path.append(str(root))
+    from bench import pretrain_toy, train_toy_reward
+
     d = tmp_path_factory.mktemp("toy")
-    for cmd in ([str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps", "2", "--batch", "4",
-                 "--bank", "256", "--out", str(d / "flux")],
-                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--bank-model",
-                 str(d / "flux"), "--bank", "8", "--bank-steps", "2", "--out", str(d / "reward.safetensors")]):  # fmt: skip
-        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = torch.get_num_threads()  # the scripts set their own
+    try:
+        assert pretrain_toy.main(["--vae-steps", "2", "--flow-steps", "2", "--batch", "4", "--bank", "256", "--out",
+                                  str(d / "flux")]) == 0  # fmt: skip
+        assert train_toy_reward.main(["--steps", "3", "--batch", "4", "--bank-model", str(d / "flux"), "--bank", "8",
+                                      "--bank-steps", "2", "--out", str(d / "reward.safetensors")]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return d
 
 
@@ -196,16 +203,11 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
 
 def test_quality_bench_quick(toy_assets, tmp_path):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--quick", "--model",
-                           str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
-                           "--methods", "leapalign", "refl", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from bench import quality  # (toy_assets put the repository on sys.path)
+
+    assert quality.main(["--quick", "--model", str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
+                         "--methods", "leapalign", "refl", "--out", str(tmp_path)]) == 0  # in this process: no second torch import
     table = json.loads((tmp_path / "quality_toy_quick.json").read_text())["table"]
     assert set(table) == {"base", "leapalign", "refl"}
     assert set(table["leapalign"]) == set(CATEGORIES) | {"overall"}

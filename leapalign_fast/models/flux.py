@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+from leapalign_fast.config import TinyFluxConfig  # noqa: F401  (sizes live with the config; re-exported)
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.text import TextStack, build_tiny_text_stack
 
@@ -38,19 +39,6 @@ class FluxComponents:
                 f"2x2 latent packing); use a multiple of {step}, e.g. {max(step, resolution // step * step)}"
             )
         return resolution // self.vae_scale_factor, resolution // self.vae_scale_factor
-
-
-@dataclass
-class TinyFluxConfig:
-    """Sizes of the tiny random FLUX used on CPU (same classes as FLUX.1-dev)."""
-
-    layers: int = 1
-    single_layers: int = 1
-    heads: int = 2
-    head_dim: int = 16
-    text_dim: int = 32
-    vae_channels: int = 16
-    max_sequence_length: int = 32
 
 
 def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
