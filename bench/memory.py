@@ -103,8 +103,9 @@ def random_weights(kind: str, device: str):
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from leapalign_fast import train
-    from leapalign_fast.models.flux import DTYPES, FluxComponents
+    from leapalign_fast import build
+    from leapalign_fast.models.backbone import DTYPES
+    from leapalign_fast.models.flux import FluxComponents
     from leapalign_fast.models.text import PromptEmbeds
 
     transformer_kw, vae_kw, text_dim, pooled_dim = RANDOM_MODELS[kind]
@@ -125,12 +126,12 @@ def random_weights(kind: str, device: str):
         return PromptEmbeds(list(prompts), torch.randn(n, cfg.model.max_sequence_length, text_dim, generator=g).to(dtype),
                             torch.randn(n, pooled_dim, generator=g).to(dtype))  # fmt: skip
 
-    saved = train.load_components, train.prompt_embeddings
-    train.load_components, train.prompt_embeddings = load_components, prompt_embeddings
+    saved = build.load_components, build.prompt_embeddings
+    build.load_components, build.prompt_embeddings = load_components, prompt_embeddings
     try:
         yield
     finally:
-        train.load_components, train.prompt_embeddings = saved
+        build.load_components, build.prompt_embeddings = saved
 
 
 class SavedBytes:
@@ -269,13 +270,11 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
     import torch
 
     from leapalign_fast import train
-    from leapalign_fast.flow import flux_schedule
     from leapalign_fast.methods import build_method, method_settings
 
     cuda = run.accelerator.device.type == "cuda"
-    run.latent_hw = run.components.latent_hw(res)
-    h, w = run.latent_hw
-    run.sigmas = flux_schedule(n, (h // 2) * (w // 2), device=run.accelerator.device)
+    run.geometry = run.backbone.geometry(run.components, res)
+    run.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
     method = build_method(method_settings(method_name, lam=run.cfg.method.lam), n)  # its own (published) defaults
     excluded = {t.untyped_storage().data_ptr() for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
                 for t in [*m.parameters(), *m.buffers()]}  # fmt: skip
