@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # family -> module holding its `BACKBONE`; imported on first use, so a run imports only its own family's classes.
 BACKBONES = {
     "flux": "leapalign_fast.models.flux",  # FLUX.1-dev/schnell: FluxPipeline
+    "sd3": "leapalign_fast.models.sd3",  # SD3.5-Medium/Large: StableDiffusion3Pipeline
 }
 
 
