@@ -20,21 +20,77 @@ RES, N, G = 64, 4, 3.5
 PROMPTS = ["a red square", "two blue circles"]
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    backbone = get_backbone("sd3")
-    return backbone, backbone.build_tiny(TinyFluxConfig(), 0)
-
-
+# Per family: the diffusers pipeline over our components, its encode_prompt as our cache's tensors, and its
+# sampler's latents next to ours in one layout.
 def _sd3_pipeline(comps):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     t = comps.text
-    pipe = StableDiffusion3Pipeline(
+    return StableDiffusion3Pipeline(
         transformer=comps.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
         vae=comps.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, text_encoder_2=t.text_encoder_2,
         tokenizer_2=t.tokenizer_2, text_encoder_3=t.text_encoder_3, tokenizer_3=t.tokenizer_3,
     )  # fmt: skip
+
+
+def _sd3_encode(pipe, comps, prompts):
+    e, ne, p, np_ = pipe.encode_prompt(prompts, None, None, max_sequence_length=comps.text.max_sequence_length)
+    return {"embeds": e, "neg_embeds": ne, "pooled": p, "neg_pooled": np_}
+
+
+def _sd3_sample(pipe, comps, cond, noise, geom):
+    from leapalign_fast.models.flux import pack_latents, unpack_latents
+
+    z = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"],
+             negative_prompt_embeds=cond["neg_embeds"], negative_pooled_prompt_embeds=cond["neg_pooled"],
+             latents=unpack_latents(noise, geom.h, geom.w), height=RES, width=RES, num_inference_steps=N,
+             guidance_scale=G, output_type="latent", return_dict=False)[0]  # fmt: skip
+    return pack_latents(z)
+
+
+def _flux2_pipeline(comps):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+                              vae=comps.vae, text_encoder=comps.text.text_encoder, tokenizer=comps.text.tokenizer,
+                              transformer=comps.transformer)  # fmt: skip
+
+
+def _flux2_encode(pipe, comps, prompts):
+    kw = dict(max_sequence_length=comps.text.max_sequence_length, text_encoder_out_layers=comps.text.out_layers)
+    return {"embeds": pipe.encode_prompt(prompts, **kw)[0], "neg_embeds": pipe.encode_prompt([""] * len(prompts), **kw)[0]}
+
+
+def _flux2_sample(pipe, comps, cond, noise, geom):
+    """The pipeline's latents are un-normalised and unpatchified: ours are compared in that layout (which also
+    checks our decode's normalisation and unpatchify)."""
+    z = noise.permute(0, 2, 1).reshape(noise.shape[0], geom.channels, geom.h // 2, geom.w // 2)
+    return pipe(prompt_embeds=cond["embeds"], negative_prompt_embeds=cond["neg_embeds"], latents=z, height=RES,
+                width=RES, num_inference_steps=N, guidance_scale=G, output_type="latent", return_dict=False,
+                text_encoder_out_layers=comps.text.out_layers)[0]  # fmt: skip
+
+
+def _flux2_ours_layout(comps, x0, geom):
+    from leapalign_fast.models.flux2 import vae_latents
+
+    return vae_latents(comps.vae, x0, geom)
+
+
+HARNESS = {  # family: (pipeline, encode_prompt, pipeline latents, our x0 in the pipeline's latent layout)
+    "sd3": (_sd3_pipeline, _sd3_encode, _sd3_sample, lambda comps, x0, geom: x0),
+    "flux2": (_flux2_pipeline, _flux2_encode, _flux2_sample, _flux2_ours_layout),
+}
+FAMILIES = list(HARNESS)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    backbone = get_backbone(request.param)
+    return backbone, backbone.build_tiny(TinyFluxConfig(), 0)
+
+
+def _pipeline(backbone, comps):
+    pipe = HARNESS[backbone.name][0](comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -43,51 +99,47 @@ def _ours(backbone, comps, transformer, cond, noise):
     geom = backbone.geometry(comps, RES)
     with torch.no_grad():
         v = backbone.velocity(transformer, cond, geom, G)
-        return sample_trajectory(v, noise, backbone.schedule(comps, N, geom)).x0
+        x0 = sample_trajectory(v, noise, backbone.schedule(comps, N, geom)).x0
+        return HARNESS[backbone.name][3](comps, x0, geom)
 
 
-def _theirs(pipe, cond, noise, geom):
-    from leapalign_fast.models.flux import pack_latents, unpack_latents
-
+def _theirs(backbone, pipe, comps, cond, noise):
     with torch.no_grad():
-        z = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"],
-                 negative_prompt_embeds=cond["neg_embeds"], negative_pooled_prompt_embeds=cond["neg_pooled"],
-                 latents=unpack_latents(noise, geom.h, geom.w), height=RES, width=RES, num_inference_steps=N,
-                 guidance_scale=G, output_type="latent", return_dict=False)[0]  # fmt: skip
-    return pack_latents(z)
+        return HARNESS[backbone.name][2](pipe, comps, cond, noise, backbone.geometry(comps, RES))
 
 
-def test_sd3_prompt_encoding_equals_pipeline_encode_prompt(sd3):
-    backbone, comps = sd3
+def test_prompt_encoding_equals_pipeline_encode_prompt(family):
+    backbone, comps = family
     ours = backbone.encode_prompts(comps.text, PROMPTS)
     with torch.no_grad():
-        e, ne, p, np_ = _sd3_pipeline(comps).encode_prompt(PROMPTS, None, None, max_sequence_length=32)
-    for name, want in (("embeds", e), ("neg_embeds", ne), ("pooled", p), ("neg_pooled", np_)):
-        assert ours[name].shape == want.shape, name
-        torch.testing.assert_close(ours[name], want, rtol=0, atol=0)
+        want = HARNESS[backbone.name][1](_pipeline(backbone, comps), comps, PROMPTS)
+    assert set(ours) == set(want) and set(backbone.conditioning) <= set(ours)
+    for name, w in want.items():
+        assert ours[name].shape == w.shape, name
+        torch.testing.assert_close(ours[name], w, rtol=0, atol=0)
 
 
-def test_sd3_sampler_reproduces_pipeline(sd3):
-    backbone, comps = sd3
+def test_sampler_reproduces_pipeline(family):
+    backbone, comps = family
     geom = backbone.geometry(comps, RES)
     cond = backbone.encode_prompts(comps.text, PROMPTS)
     noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
-    ours, theirs = _ours(backbone, comps, comps.transformer, cond, noise), _theirs(_sd3_pipeline(comps), cond, noise, geom)
-    assert ours.shape == theirs.shape == (2, 16, 64)
-    print(f"sd3 sampler max|diff| vs StableDiffusion3Pipeline: {(ours - theirs).abs().max():.2e}")
+    ours = _ours(backbone, comps, comps.transformer, cond, noise)
+    theirs = _theirs(backbone, _pipeline(backbone, comps), comps, cond, noise)
+    assert ours.shape == theirs.shape
+    print(f"{backbone.name} sampler max|diff| vs {backbone.pipeline}: {(ours - theirs).abs().max():.2e}")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("uncond_grad", [True, False])
-def test_sd3_leapalign_gradient_matches_oracle(sd3, uncond_grad):
-    backbone, comps = sd3
+def test_leapalign_gradient_matches_oracle(family, uncond_grad):
+    backbone, comps = family
     tr = comps.transformer
     params = list(tr.parameters())
     geom = backbone.geometry(comps, 32)
-    g = torch.Generator().manual_seed(0)
-    cond = {k: v.float() for k, v in backbone.encode_prompts(comps.text, PROMPTS).items()}
+    cond = {k: v.float() for k, v in backbone.encode_prompts(comps.text, PROMPTS).items() if k in backbone.conditioning}
     velocity = backbone.velocity(tr, cond, geom, G, uncond_grad=uncond_grad)
-    noise = torch.randn(*geom.noise_shape(2), generator=g)
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
     sigmas = backbone.schedule(comps, 5, geom)
     out = leapalign_loss(StepInputs(velocity, noise, sigmas, _decode, _reward, PROMPTS, torch.Generator().manual_seed(3)),
                          0.3, 0.1, 2.0, (0, 5))  # fmt: skip
@@ -103,26 +155,26 @@ def test_sd3_leapalign_gradient_matches_oracle(sd3, uncond_grad):
             torch.testing.assert_close(gg, w, rtol=1e-4, atol=1e-6)
 
 
-def test_sd3_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(sd3, tmp_path):
-    backbone, comps = sd3
-    args = ["model.family=sd3", "lora.enabled=true", "lora.rank=4", "lr=5e-2", "checkpoint_every=2", "guidance=3.5",
-            "method.name=leapalign", *BASE]  # fmt: skip
+def test_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(family, tmp_path):
+    backbone, comps = family
+    args = [f"model.family={backbone.name}", "lora.enabled=true", "lora.rank=4", "lr=5e-2", "checkpoint_every=2",
+            f"guidance={G}", "method.name=leapalign", *BASE]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
     res = train(load_config(None, [f"output_dir={straight}", "max_steps=4", *args]))
     train(load_config(None, [f"output_dir={split}", "max_steps=2", *args]))
     train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *args]))
     _assert_same_run(straight, split, 4)
-    assert res.run.backbone.name == "sd3" and res.run.geometry.channels == 64
+    assert res.run.backbone.name == backbone.name
 
     trained = unwrap(res.run.transformer).cpu()
-    pipe = _sd3_pipeline(backbone.build_tiny(TinyFluxConfig(), 0))  # a fresh base model, same seed
+    pipe = _pipeline(backbone, backbone.build_tiny(TinyFluxConfig(), 0))  # a fresh base model, same seed
     pipe.load_lora_weights(straight / "lora", adapter_name="leap")
     geom = backbone.geometry(comps, RES)
     cond = backbone.encode_prompts(comps.text, PROMPTS[:1])
     noise = torch.randn(*geom.noise_shape(1), generator=torch.Generator().manual_seed(1))
     ours = _ours(backbone, comps, trained, cond, noise)
-    theirs = _theirs(pipe, cond, noise, geom)
-    print(f"sd3 LoRA max|diff| vs StableDiffusion3Pipeline.load_lora_weights: {(ours - theirs).abs().max():.2e}")
+    theirs = _theirs(backbone, pipe, comps, cond, noise)
+    print(f"{backbone.name} LoRA max|diff| vs {backbone.pipeline}.load_lora_weights: {(ours - theirs).abs().max():.2e}")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert (ours - _ours(backbone, comps, comps.transformer, cond, noise)).abs().max() > 1e-4
 
@@ -130,14 +182,18 @@ def test_sd3_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(sd3
 def test_family_from_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     assert family_of(str(tmp_path), "") == "sd3"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
+    assert family_of(str(tmp_path), "") == "flux2"
     assert family_of("tiny", "") == "flux" and family_of(str(tmp_path), "flux") == "flux"
     cfg = load_config(None, ["model.family=sd3"])
     assert backbone_for(cfg.model).pipeline == "StableDiffusion3Pipeline"
 
 
-def test_sd35_medium_config_holds_the_published_settings():
+@pytest.mark.parametrize("name, family, guidance, batch", [("sd35_medium", "sd3", 3.5, 8), ("flux2_klein", "flux2", 4.0, 4)])
+def test_backbone_configs_hold_the_published_settings(name, family, guidance, batch):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "sd35_medium_leapalign.toml")
-    assert (cfg.model.family, cfg.resolution, cfg.num_steps, cfg.guidance, cfg.lr) == ("sd3", 512, 25, 3.5, 1e-5)
-    assert (cfg.ema_decay, cfg.max_steps, cfg.method.lam, cfg.reward.name) == (0.995, 300, 0.55, "hpsv2.1")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}_leapalign.toml")
+    assert (cfg.model.family, cfg.guidance, cfg.batch_size) == (family, guidance, batch)
+    assert (cfg.resolution, cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.max_steps) == (512, 25, 1e-5, 0.995, 300)
+    assert (cfg.method.name, cfg.method.lam, cfg.reward.name) == ("leapalign", 0.55, "hpsv2.1")
