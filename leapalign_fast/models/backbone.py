@@ -62,6 +62,8 @@ class Backbone:
     velocity: Callable[..., Any]
     decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]  # (vae, packed x, geometry) -> images in [0, 1]
     lora_targets: tuple[str, ...]  # peft target_modules of the transformer
+    # (vae, images (B, 3, H, W) in [0, 1]) -> packed latents, the inverse of `decode` (toy benchmarks); optional
+    encode_images: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
 
 

@@ -319,4 +319,5 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=tuple(FLUX_LORA_TARGETS),
+    encode_images=encode_images,
 )
