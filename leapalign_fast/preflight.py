@@ -42,7 +42,8 @@ def step_bytes(cfg, components, geometry) -> int:
     checkpointed = cfg.model.gradient_checkpointing or getattr(cfg.method, "checkpointing", False)
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
     graphs = cfg.method.grad_graphs(cfg.num_steps)
-    per_decode = cfg.resolution**2 * max(vc.block_out_channels) * 3 * elem
+    widest = max(vc.block_out_channels) if "block_out_channels" in vc else vc.base_dim * max(vc.dim_mult)  # Qwen-Image
+    per_decode = cfg.resolution**2 * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
     return cfg.batch_size * (graphs * per_forward + decodes * per_decode + latents)

@@ -76,9 +76,38 @@ def _flux2_ours_layout(comps, x0, geom):
     return vae_latents(comps.vae, x0, geom)
 
 
+def _qwen_pipeline(comps):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+                             vae=comps.vae, text_encoder=comps.text.text_encoder, tokenizer=comps.text.tokenizer,
+                             transformer=comps.transformer)  # fmt: skip
+
+
+def _qwen_encode(pipe, comps, prompts):
+    """The pipeline pads to the batch's longest prompt (mask None when all are full); our cache pads with zeros to
+    max_sequence_length: the pipeline's tensors are compared zero-padded to that length."""
+    s = comps.text.max_sequence_length
+    out = {}
+    for key, p in (("", prompts), ("neg_", [""] * len(prompts))):
+        e, m = pipe.encode_prompt(p, max_sequence_length=s)
+        m = torch.ones(e.shape[:2], dtype=torch.long) if m is None else m
+        out[key + "embeds"] = torch.nn.functional.pad(e, (0, 0, 0, s - e.shape[1]))
+        out[key + "mask"] = torch.nn.functional.pad(m, (0, s - m.shape[1]))
+    return out
+
+
+def _qwen_sample(pipe, comps, cond, noise, geom):
+    return pipe(prompt_embeds=cond["embeds"], prompt_embeds_mask=cond["mask"], negative_prompt_embeds=cond["neg_embeds"],
+                negative_prompt_embeds_mask=cond["neg_mask"], latents=noise, height=RES, width=RES,
+                num_inference_steps=N, true_cfg_scale=G, output_type="latent", return_dict=False,
+                max_sequence_length=comps.text.max_sequence_length)[0]  # fmt: skip
+
+
 HARNESS = {  # family: (pipeline, encode_prompt, pipeline latents, our x0 in the pipeline's latent layout)
     "sd3": (_sd3_pipeline, _sd3_encode, _sd3_sample, lambda comps, x0, geom: x0),
     "flux2": (_flux2_pipeline, _flux2_encode, _flux2_sample, _flux2_ours_layout),
+    "qwenimage": (_qwen_pipeline, _qwen_encode, _qwen_sample, lambda comps, x0, geom: x0),
 }
 FAMILIES = list(HARNESS)
 
@@ -128,6 +157,23 @@ def test_sampler_reproduces_pipeline(family):
     theirs = _theirs(backbone, _pipeline(backbone, comps), comps, cond, noise)
     assert ours.shape == theirs.shape
     print(f"{backbone.name} sampler max|diff| vs {backbone.pipeline}: {(ours - theirs).abs().max():.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_qwenimage_padded_cache_samples_as_the_pipeline_own_encoding():
+    """Our fixed-length (zero-padded, masked) prompt cache samples as the pipeline given only the prompts."""
+    backbone = get_backbone("qwenimage")
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    geom = backbone.geometry(comps, RES)
+    cond = backbone.encode_prompts(comps.text, PROMPTS)
+    assert cond["mask"].sum(1).tolist() != [comps.text.max_sequence_length] * 2  # the padding is exercised
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
+    ours = _ours(backbone, comps, comps.transformer, cond, noise)
+    with torch.no_grad():
+        theirs = _pipeline(backbone, comps)(prompt=PROMPTS, negative_prompt=[""] * 2, latents=noise, height=RES,
+                                            width=RES, num_inference_steps=N, true_cfg_scale=G, output_type="latent",
+                                            return_dict=False, max_sequence_length=32)[0]  # fmt: skip
+    print(f"qwenimage padded cache vs the pipeline's own encoding, max|diff|: {(ours - theirs).abs().max():.2e}")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
@@ -184,12 +230,15 @@ def test_family_from_model_index(tmp_path):
     assert family_of(str(tmp_path), "") == "sd3"
     (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
     assert family_of(str(tmp_path), "") == "flux2"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    assert family_of(str(tmp_path), "") == "qwenimage"
     assert family_of("tiny", "") == "flux" and family_of(str(tmp_path), "flux") == "flux"
     cfg = load_config(None, ["model.family=sd3"])
     assert backbone_for(cfg.model).pipeline == "StableDiffusion3Pipeline"
 
 
-@pytest.mark.parametrize("name, family, guidance, batch", [("sd35_medium", "sd3", 3.5, 8), ("flux2_klein", "flux2", 4.0, 4)])
+@pytest.mark.parametrize("name, family, guidance, batch", [("sd35_medium", "sd3", 3.5, 8), ("flux2_klein", "flux2", 4.0, 4),
+                                                         ("qwen_image", "qwenimage", 4.0, 4)])
 def test_backbone_configs_hold_the_published_settings(name, family, guidance, batch):
     from pathlib import Path
 

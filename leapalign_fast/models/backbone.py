@@ -29,6 +29,7 @@ BACKBONES = {
     "flux": "leapalign_fast.models.flux",  # FLUX.1-dev/schnell: FluxPipeline
     "sd3": "leapalign_fast.models.sd3",  # SD3.5-Medium/Large: StableDiffusion3Pipeline
     "flux2": "leapalign_fast.models.flux2",  # FLUX.2-Klein (base: true CFG): Flux2KleinPipeline
+    "qwenimage": "leapalign_fast.models.qwenimage",  # Qwen-Image: QwenImagePipeline
 }
 
 

@@ -52,9 +52,12 @@ def build_tiny_qwen_tokenizer():
     for tok in _bytes_to_unicode().values():
         vocab.setdefault(tok, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in TINY_WORDS:
-        cur, rest = "Ġ", word  # the word after a space
-        for nxt in rest:
+    # Whole-word tokens: the tiny prompt words and those of the chat / Qwen-Image templates after a space ("Ġ"),
+    # the template's line-initial words bare (so its system prefix is 34 tokens, as with the real tokenizer).
+    spaced = list(TINY_WORDS) + "by detailing color shape size texture quantity text spatial relationships objects background".split()
+    for word in [("Ġ" + w) for w in spaced] + ["system", "user", "assistant", "Describe"]:
+        cur = word[0]
+        for nxt in word[1:]:
             if (cur, nxt) not in merges:
                 merges.append((cur, nxt))
             cur += nxt
