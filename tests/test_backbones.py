@@ -8,6 +8,7 @@ import torch
 
 from leapalign_fast.build import unwrap
 from leapalign_fast.config import TinyFluxConfig, load_config
+from leapalign_fast.methods import METHODS
 from leapalign_fast.methods.base import StepInputs, draw_two_indices
 from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.models.backbone import backbone_for, family_of, get_backbone
@@ -246,3 +247,15 @@ def test_backbone_configs_hold_the_published_settings(name, family, guidance, ba
     assert (cfg.model.family, cfg.guidance, cfg.batch_size) == (family, guidance, batch)
     assert (cfg.resolution, cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.max_steps) == (512, 25, 1e-5, 0.995, 300)
     assert (cfg.method.name, cfg.method.lam, cfg.reward.name) == ("leapalign", 0.55, "hpsv2.1")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_method_trains_on_every_backbone(name, method, tmp_path):
+    import json
+    import math
+
+    train(load_config(None, [f"output_dir={tmp_path}", f"model.family={name}", f"method.name={method}", "max_steps=2",
+                             f"guidance={G}", "model.uncond_grad=false", *BASE]))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
