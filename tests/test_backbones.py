@@ -259,3 +259,28 @@ def test_every_method_trains_on_every_backbone(name, method, tmp_path):
                              f"guidance={G}", "model.uncond_grad=false", *BASE]))  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_graphed_velocity_rebinds_every_family_conditioning(family):
+    """CUDA-graph replays (CPU stand-in of test_fast_path) of each family's velocity: every conditioning tensor is
+    copied into the graph's static buffers, so a second and third batch of prompts replay with their own values."""
+    import gc
+
+    from leapalign_fast.models.fast import GraphedVelocity
+    from test_fast_path import cpu_graph
+
+    backbone, comps = family
+    tr = comps.transformer
+    geom = backbone.geometry(comps, RES)
+    capture, _ = cpu_graph(tr)
+    g = GraphedVelocity(tr, capture=capture, device_types=("cpu",))
+    prompts = [PROMPTS, ["a green star", "a cube"], ["a small yellow ring", "a big box"]]
+    for seed, batch in enumerate(prompts):
+        gen = torch.Generator().manual_seed(seed)
+        cond = {k: v for k, v in backbone.encode_prompts(comps.text, batch).items() if k in backbone.conditioning}
+        x, t = torch.randn(*geom.noise_shape(2), generator=gen), torch.rand(2, generator=gen)
+        g.bind(backbone.velocity(tr, {k: v.clone() for k, v in cond.items()}, geom, G))  # the caller drops its refs
+        gc.collect()
+        with torch.no_grad():
+            torch.testing.assert_close(g(x, t), backbone.velocity(tr, cond, geom, G)(x, t), rtol=0, atol=0)
+    assert len(g.graphs) == 1
