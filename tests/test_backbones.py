@@ -284,3 +284,30 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
         with torch.no_grad():
             torch.testing.assert_close(g(x, t), backbone.velocity(tr, cond, geom, G)(x, t), rtol=0, atol=0)
     assert len(g.graphs) == 1
+
+
+def test_load_reads_the_pipeline_directory_and_lists_missing_parts(family, tmp_path):
+    """`save_pretrained` of the family's pipeline is a directory `load` reads (family from model_index.json), with
+    the same velocity and prompt encoding; a missing part is named."""
+    import shutil
+
+    from leapalign_fast.errors import UserError
+
+    backbone, comps = family
+    _pipeline(backbone, comps).save_pretrained(tmp_path / "model")
+    assert family_of(str(tmp_path / "model"), "") == backbone.name
+    loaded = backbone.load(tmp_path / "model", torch.float32, need_text=True, max_sequence_length=32)
+    a, b = backbone.encode_prompts(comps.text, PROMPTS), backbone.encode_prompts(loaded.text, PROMPTS)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    geom = backbone.geometry(comps, RES)
+    cond = {k: v for k, v in a.items() if k in backbone.conditioning}
+    x, t = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.velocity(loaded.transformer, cond, geom, G)(x, t),
+                                   backbone.velocity(comps.transformer, cond, geom, G)(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(backbone.schedule(loaded, N, geom), backbone.schedule(comps, N, geom))
+    shutil.rmtree(tmp_path / "model" / "tokenizer")
+    backbone.load(tmp_path / "model", torch.float32, need_text=False)  # the cache stands in for the text side
+    with pytest.raises(UserError, match="tokenizer/"):
+        backbone.load(tmp_path / "model", torch.float32)

@@ -136,7 +136,8 @@ def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_le
         enc = load_part(root, "text_encoder", lambda: Qwen3ForCausalLM.from_pretrained(
             root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
         tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
-        text = Flux2Text(tok, enc, max_sequence_length)
+        n = enc.config.num_hidden_layers  # Klein's encoders (36 layers) use the pipeline's 9, 18, 27; a small one
+        text = Flux2Text(tok, enc, max_sequence_length, (9, 18, 27) if n >= 27 else (n // 3, 2 * n // 3, n))
     return Flux2Components(transformer, vae, text, scheduler)
 
 
