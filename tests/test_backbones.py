@@ -311,3 +311,19 @@ def test_load_reads_the_pipeline_directory_and_lists_missing_parts(family, tmp_p
     backbone.load(tmp_path / "model", torch.float32, need_text=False)  # the cache stands in for the text side
     with pytest.raises(UserError, match="tokenizer/"):
         backbone.load(tmp_path / "model", torch.float32)
+
+
+def test_eval_samples_a_trained_checkpoint_of_every_family(family, tmp_path):
+    """`evaluate.sample_images` goes through the interface: a trained LoRA checkpoint of each family samples
+    finite images that differ from the base model's (same prompts, noise seed, steps)."""
+    from leapalign_fast.evaluate import resolve_checkpoint, sample_images
+
+    backbone, _ = family
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.family={backbone.name}", "lora.enabled=true",
+                             "lora.rank=4", "lr=5e-2", "max_steps=2", f"guidance={G}", *BASE])  # fmt: skip
+    train(cfg)
+    images = torch.cat([im for _, im in sample_images(cfg, PROMPTS, resolve_checkpoint(cfg, "latest"), num_steps=4,
+                                                      batch_size=2, seed=0)])  # fmt: skip
+    base = torch.cat([im for _, im in sample_images(cfg, PROMPTS, None, num_steps=4, batch_size=2, seed=0)])
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert (images - base).abs().max() > 0  # the checkpoint's weights were used
