@@ -4,6 +4,9 @@
     python bench/memory.py --quick                      # CPU: tiny FLUX, 64 px (< 1 min; writes to a temp dir)
     python bench/memory.py --model flux-dev             # GPU: FLUX.1-dev transformer + VAE shapes, random weights,
                                                         # the setup of configs/flux_leapalign.toml (LoRA, bf16)
+    python bench/memory.py --model sd35-medium          # GPU: SD3.5-Medium shapes, configs/sd35_medium_leapalign.toml
+    python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
+    python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
 The step is the trainer's: `train.build_run` builds the run from a Config (dtype, LoRA, autocast through
 accelerate, activation checkpointing, compile), and each measured step is the training loop's micro-step
@@ -74,8 +77,9 @@ def bench_config(args, tmp: Path):
         if not args.config:  # the tiny default's setup: full fine-tune, float32, colour reward
             cfg.model.tiny = TinyFluxConfig(**MODELS[args.model][0])
     else:
-        cfg = load_config(args.config or ROOT / "configs" / "flux_leapalign.toml", args.set)
-        cfg.model.source = f"random:{args.model}"
+        family, config_file = RANDOM_MODELS[args.model][:2]
+        cfg = load_config(args.config or ROOT / "configs" / config_file, args.set)
+        cfg.model.source, cfg.model.family = f"random:{args.model}", family
     cfg.output_dir, cfg.resume, cfg.prompt_file, cfg.tensorboard = str(tmp), False, "", False
     cfg.batch_size = args.batch
     cfg.reward.name, cfg.reward.options = args.reward, json.loads(args.reward_options)
@@ -86,14 +90,88 @@ def bench_config(args, tmp: Path):
     return cfg
 
 
-# Random-weight models built without a weights directory: (transformer kwargs, VAE kwargs, T5 dim, pooled dim).
-# `random-tiny` is the CPU stand-in that lets the tests run the full-size code path.
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")  # its transformer/config.json
+SD3_VAE = dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def _flux(transformer_kw, vae_kw, text_dim, pooled_dim):
+    def build():
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        from leapalign_fast.models.flux import FluxComponents
+
+        return FluxComponents(FluxTransformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval(), None)
+
+    return "flux", "flux_leapalign.toml", build, lambda msl: {"t5": (msl, text_dim), "pooled": (pooled_dim,)}
+
+
+def _sd3(transformer_kw, vae_kw):
+    def build():
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        from leapalign_fast.models.sd3 import SHIFT, SD3Components
+
+        return SD3Components(SD3Transformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval(), None,
+                             FlowMatchEulerDiscreteScheduler(shift=SHIFT))  # fmt: skip
+
+    d, p = transformer_kw["joint_attention_dim"], transformer_kw["pooled_projection_dim"]
+    shapes = lambda msl: {"embeds": (77 + msl, d), "pooled": (p,), "neg_embeds": (77 + msl, d), "neg_pooled": (p,)}  # noqa: E731
+    return "sd3", "sd35_medium_leapalign.toml", build, shapes
+
+
+def _qwenimage(transformer_kw, vae_kw):
+    def build():
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+        from leapalign_fast.models.qwenimage import QwenImageComponents
+
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                    base_image_seq_len=256, max_image_seq_len=8192,
+                                                    shift_terminal=0.02, time_shift_type="exponential")  # fmt: skip
+        return QwenImageComponents(QwenImageTransformer2DModel(**transformer_kw),
+                                   AutoencoderKLQwenImage(**vae_kw).eval(), None, scheduler)  # fmt: skip
+
+    d = transformer_kw.get("joint_attention_dim", 3584)
+    shapes = lambda msl: {"embeds": (msl, d), "mask": (msl,), "neg_embeds": (msl, d), "neg_mask": (msl,)}  # noqa: E731
+    return "qwenimage", "qwen_image_leapalign.toml", build, shapes
+
+
+# Random-weight models built without a weights directory: (family, config file, build(), cached tensor shapes).
+# The `random-tiny*` ones are the CPU stand-ins that let the tests run the full-size code path.
 RANDOM_MODELS = {
-    "flux-dev": (FLUX_DEV, FLUX_VAE, 4096, 768),
-    "random-tiny": (dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
-                    dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8), 32, 32),
+    "flux-dev": _flux(FLUX_DEV, FLUX_VAE, 4096, 768),
+    "sd35-medium": _sd3(SD35_MEDIUM, SD3_VAE),
+    "qwen-image": _qwenimage({}, {}),  # the classes' defaults are Qwen-Image's
+    "random-tiny": _flux(dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                              joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
+                         dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8), 32, 32),
+    "random-tiny-sd3": _sd3(dict(SD35_MEDIUM, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                                 pos_embed_max_size=32, dual_attention_layers=(0,)),
+                            dict(SD3_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8)),
+    "random-tiny-qwen": _qwenimage(dict(num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+                                   dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
 }  # fmt: skip
+RANDOM_RESOLUTIONS = {"flux-dev": [512, 1024], "sd35-medium": [512], "qwen-image": [512]}  # the others: 64
+
+
+class RandomEmbeds:
+    """Random cached prompt tensors of the shapes a backbone's velocity reads (`tensors` as PromptCache)."""
+
+    def __init__(self, prompts, shapes: dict, dtype):
+        import torch
+
+        g, n = torch.Generator().manual_seed(0), len(prompts)
+        self.prompts = list(prompts)
+        self.data = {k: (torch.ones(n, *s, dtype=torch.long) if k.endswith("mask") else
+                         torch.randn(n, *s, generator=g).to(dtype)) for k, s in shapes.items()}  # fmt: skip
+
+    def tensors(self, idx, names):
+        return {k: self.data[k][idx] for k in names}
 
 
 @contextlib.contextmanager
@@ -101,36 +179,30 @@ def random_weights(kind: str, device: str):
     """Make `train.build_run` build the `kind` components with random weights directly in the model dtype on
     `device` (no float32 copy first, nothing left in the allocator) and random prompt embeddings."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from leapalign_fast import train
-    from leapalign_fast.models.flux import DTYPES, FluxComponents
-    from leapalign_fast.models.text import PromptEmbeds
+    from leapalign_fast import build
+    from leapalign_fast.models.backbone import DTYPES
 
-    transformer_kw, vae_kw, text_dim, pooled_dim = RANDOM_MODELS[kind]
+    _, _, build_components, shapes = RANDOM_MODELS[kind]
 
     def load_components(cfg, need_text=True):
         dtype, previous = DTYPES[cfg.model.dtype], torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                transformer, vae = FluxTransformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval()
+                return build_components()
         finally:
             torch.set_default_dtype(previous)
-        return FluxComponents(transformer, vae, None)
 
     def prompt_embeddings(cfg, components, prompts, device=None):
-        g = torch.Generator().manual_seed(0)
-        dtype, n = DTYPES[cfg.model.dtype], len(prompts)
-        return PromptEmbeds(list(prompts), torch.randn(n, cfg.model.max_sequence_length, text_dim, generator=g).to(dtype),
-                            torch.randn(n, pooled_dim, generator=g).to(dtype))  # fmt: skip
+        return RandomEmbeds(prompts, shapes(cfg.model.max_sequence_length), DTYPES[cfg.model.dtype])
 
-    saved = train.load_components, train.prompt_embeddings
-    train.load_components, train.prompt_embeddings = load_components, prompt_embeddings
+    saved = build.load_components, build.prompt_embeddings
+    build.load_components, build.prompt_embeddings = load_components, prompt_embeddings
     try:
         yield
     finally:
-        train.load_components, train.prompt_embeddings = saved
+        build.load_components, build.prompt_embeddings = saved
 
 
 class SavedBytes:
@@ -269,13 +341,11 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
     import torch
 
     from leapalign_fast import train
-    from leapalign_fast.flow import flux_schedule
     from leapalign_fast.methods import build_method, method_settings
 
     cuda = run.accelerator.device.type == "cuda"
-    run.latent_hw = run.components.latent_hw(res)
-    h, w = run.latent_hw
-    run.sigmas = flux_schedule(n, (h // 2) * (w // 2), device=run.accelerator.device)
+    run.geometry = run.backbone.geometry(run.components, res)
+    run.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
     method = build_method(method_settings(method_name, lam=run.cfg.method.lam), n)  # its own (published) defaults
     excluded = {t.untyped_storage().data_ptr() for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
                 for t in [*m.parameters(), *m.buffers()]}  # fmt: skip
@@ -448,10 +518,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px, N 10 and 50, 1 repeat; temp output")
     p.add_argument("--model", choices=[*MODELS, *RANDOM_MODELS], default=None,
-                   help="default: mid on CPU, flux-dev on GPU (random-tiny: the full-size code path at toy size)")
+                   help="default: mid on CPU, flux-dev on GPU (random-tiny*: the full-size code path at toy size)")
     p.add_argument("--config", type=Path, default=None,
                    help="the run config whose step is measured (default: the tiny default's setup for tiny/mid, "
-                        "configs/flux_leapalign.toml for flux-dev)")  # fmt: skip
+                        "the backbone's configs/*_leapalign.toml for the full-size models)")  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as on the CLI")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
@@ -491,8 +561,8 @@ def main(argv=None) -> int:
     if args.dry_run:  # the plan, without importing torch
         from leapalign_fast.config import load_config
 
-        load_config(args.config, args.set) if args.config or args.model != "flux-dev" else load_config(
-            ROOT / "configs" / "flux_leapalign.toml", args.set)  # fmt: skip
+        full_size = args.model in RANDOM_MODELS and not args.config
+        load_config(ROOT / "configs" / RANDOM_MODELS[args.model][1] if full_size else args.config, args.set)
         print(f"plan: model {args.model or 'mid on CPU, flux-dev on GPU'}, methods {args.methods}, N {args.steps}, "
               f"resolutions {args.resolutions or 'default'}, batch {args.batch}, decode checkpointing "
               f"{args.checkpoint_decode or 'from config'}, {args.repeats} interleaved repeats, out {args.out or 'default'}")
@@ -506,10 +576,10 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
     args.model = args.model or ("flux-dev" if cuda else "mid")
-    if args.model == "flux-dev" and not cuda:
-        print("bench/memory.py --model flux-dev needs a CUDA GPU (12B parameters); use --model mid on CPU", file=sys.stderr)
+    if args.model in RANDOM_RESOLUTIONS and not cuda:
+        print(f"bench/memory.py --model {args.model} needs a CUDA GPU (full size); use --model mid on CPU", file=sys.stderr)
         return 2
-    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, "flux-dev": [512, 1024], "random-tiny": [64]}[args.model]
+    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, **RANDOM_RESOLUTIONS}.get(args.model, [64])
     variants = {"on": [True], "off": [False], "both": [True, False], None: [None]}[args.checkpoint_decode]
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-memory-")) if args.quick else ROOT / "bench" / "results")
     print(f"bench/memory.py: {describe_threads()}", flush=True)

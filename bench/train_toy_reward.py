@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast.models.flux import FluxVelocity, decode_latents, encode_images, latent_image_ids, load_flux  # noqa: E402
-from leapalign_fast.models.text import encode_prompts  # noqa: E402
+from leapalign_fast.models.backbone import DTYPES, family_of, get_backbone  # noqa: E402
 from leapalign_fast.sampler import sample_trajectory  # noqa: E402
 from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
 from leapalign_fast.toy.reward import accuracy, save_toy_reward, train_toy_reward  # noqa: E402
@@ -39,19 +38,20 @@ from leapalign_fast.toy.reward import accuracy, save_toy_reward, train_toy_rewar
 def generator_bank(model_dir: Path, n: int, t_range: tuple[float, float], steps: int, seed: int, log=print):
     """n (image, scene) pairs: scenes rendered, noised to t ~ U(t_range) in the generator's latent space and
     denoised by it with their captions in `steps` Euler steps."""
-    comps = load_flux(model_dir, torch.float32)
+    backbone = get_backbone(family_of(str(model_dir), ""))
+    comps = backbone.load(model_dir, DTYPES["float32"])
+    geom = backbone.geometry(comps, 64)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    ids = latent_image_ids(8, 8)
     images, scenes = [], []
     for start in range(0, n, 64):
         batch = [sample_scene(rng) for _ in range(min(64, n - start))]
-        x0 = encode_images(comps.vae, torch.from_numpy(np.stack([render(sc.objects) for sc in batch])))
+        x0 = backbone.encode_images(comps.vae, torch.from_numpy(np.stack([render(sc.objects) for sc in batch])))
         t = rng.uniform(*t_range)
         xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
-        e = encode_prompts(comps.text, [sc.caption for sc in batch])
-        velocity = FluxVelocity(comps.transformer, e.t5, e.pooled, ids, 3.5)
+        cond = backbone.encode_prompts(comps.text, [sc.caption for sc in batch])
+        velocity = backbone.velocity(comps.transformer, cond, geom, 3.5)
         out = sample_trajectory(velocity, xt, torch.linspace(t, 0.0, steps + 1)).x0
-        images.append(decode_latents(comps.vae, out, 8, 8).numpy())
+        images.append(backbone.decode(comps.vae, out, geom).numpy())
         scenes += batch
         if start % 512 == 0:
             log(f"generator bank: {start + len(batch)}/{n}")

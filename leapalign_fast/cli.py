@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in result["scores"].items():
                 print(f"{name}: {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']}, {result['checkpoint']})")
         elif args.command == "encode-prompts":
-            from leapalign_fast.train import encode_prompt_cache
+            from leapalign_fast.build import encode_prompt_cache
 
             for path in encode_prompt_cache(cfg):
                 print(f"wrote {path}")

@@ -50,7 +50,8 @@ class TinyFluxConfig:
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format FLUX directory
+    source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format model directory
+    family: str = ""  # backbone (models/backbone.py BACKBONES): flux | sd3 ...; "" = from model_index.json, else flux
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
     attention: str = "auto"  # auto (FlashAttention 2 on CUDA for bf16/fp16 weights if usable, else SDPA) | native | flash | ...
@@ -59,6 +60,9 @@ class ModelConfig:
     cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)
     gradient_checkpointing: bool = False  # recompute the grad-enabled forwards' activations in the backward
     checkpoint_decode: bool = False  # recompute the VAE decode and the reward in the backward (per VAE block)
+    # True-CFG backbones (SD3.5, FLUX.2-Klein base): false runs the negative-prompt branch of the grad-enabled
+    # forwards without grad (the gradient then flows through the conditional branch only, scaled by guidance)
+    uncond_grad: bool = True
     tiny: TinyFluxConfig = field(default_factory=TinyFluxConfig)
 
 

@@ -12,16 +12,22 @@ from pathlib import Path
 import torch
 
 from leapalign_fast import checkpoint as ckpt
+from leapalign_fast.build import (
+    add_trainable,
+    load_components,
+    load_trained,
+    prompt_cache_path,
+    prompt_embeddings,
+    to_device,
+)
 from leapalign_fast.config import Config
 from leapalign_fast.errors import UserError
-from leapalign_fast.flow import flux_schedule
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_json_atomic
-from leapalign_fast.models.flux import DTYPES, FluxVelocity, decode_latents, latent_image_ids
+from leapalign_fast.models.backbone import DTYPES, backbone_for
 from leapalign_fast.prompts import read_prompt_file
 from leapalign_fast.rewards import build_reward
 from leapalign_fast.sampler import sample_trajectory
-from leapalign_fast.train import add_trainable, load_components, load_trained, prompt_cache_path, prompt_embeddings
 
 
 def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | None:
@@ -55,29 +61,28 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
     """Yield (indices, images (b, 3, H, W) in [0, 1]) for `prompts`, sampled with the checkpoint at `path`
     (its trained or EMA weights) or the base model (`path` None), from noise seeded by `seed`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = backbone_for(cfg.model)
     comps = load_components(cfg, need_text=not prompt_cache_path(cfg, prompts).is_file())
     embeds = prompt_embeddings(cfg, comps, prompts)
     comps.text = None
     dtype = DTYPES[cfg.model.dtype]
-    transformer = comps.transformer.to(device)
-    if next(transformer.parameters()).dtype != dtype:
-        transformer.to(dtype)
+    transformer = to_device(comps.transformer, device, dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
         add_trainable(transformer, cfg)
         weights = ckpt.read_weights(path, "ema" if ema else "trained")
         load_trained(transformer, weights, path)
     transformer.eval()
     vae = comps.vae.to(device)
-    h, w = comps.latent_hw(cfg.resolution)
-    sigmas = flux_schedule(num_steps, (h // 2) * (w // 2))
+    geom = backbone.geometry(comps, cfg.resolution)
+    sigmas = backbone.schedule(comps, num_steps, geom)
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
-        t5, pooled = embeds.select(idx)
-        velocity = FluxVelocity(transformer, t5.to(device), pooled.to(device), latent_image_ids(h, w, device), cfg.guidance)
-        noise = torch.randn(len(idx), (h // 2) * (w // 2), 64, generator=gen).to(device, dtype)
+        cond = {k: v.to(device) for k, v in embeds.tensors(idx, backbone.conditioning).items()}
+        velocity = backbone.velocity(transformer, cond, geom, cfg.guidance, uncond_grad=cfg.model.uncond_grad)
+        noise = torch.randn(*geom.noise_shape(len(idx)), generator=gen).to(device, dtype)
         with torch.no_grad():
-            yield idx, decode_latents(vae, sample_trajectory(velocity, noise, sigmas).x0, h, w)
+            yield idx, backbone.decode(vae, sample_trajectory(velocity, noise, sigmas).x0, geom)
 
 
 def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: str = "latest", ema: bool = False,

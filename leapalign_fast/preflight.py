@@ -30,27 +30,28 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def step_bytes(cfg, components) -> int:
-    """Lower bound on the bytes one optimizer micro-step keeps alive on its device."""
+def step_bytes(cfg, components, geometry) -> int:
+    """Lower bound on the bytes one optimizer micro-step keeps alive on its device (`geometry`: the backbone's
+    latent layout at cfg.resolution)."""
     tc, vc = components.transformer.config, components.vae.config
     elem = 4 if cfg.model.dtype == "float32" and cfg.mixed_precision == "no" else 2
-    side = cfg.resolution // components.vae_scale_factor
-    tokens = (side // 2) ** 2 + cfg.model.max_sequence_length
+    tokens = geometry.tokens + cfg.model.max_sequence_length
     hidden = tc.num_attention_heads * tc.attention_head_dim
-    layers = tc.num_layers + tc.num_single_layers
+    layers = tc.num_layers + getattr(tc, "num_single_layers", 0)  # FLUX's single-stream blocks
     # draft and full carry their own activation-checkpointing switch
     checkpointed = cfg.model.gradient_checkpointing or getattr(cfg.method, "checkpointing", False)
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
     graphs = cfg.method.grad_graphs(cfg.num_steps)
-    per_decode = cfg.resolution**2 * max(vc.block_out_channels) * 3 * elem
+    widest = max(vc.block_out_channels) if "block_out_channels" in vc else vc.base_dim * max(vc.dim_mult)  # Qwen-Image
+    per_decode = cfg.resolution**2 * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
-    latents = tokens * 64 * 4 * (cfg.num_steps + 1)  # the trajectory
+    latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
     return cfg.batch_size * (graphs * per_forward + decodes * per_decode + latents)
 
 
-def check_memory(cfg, components, device: torch.device) -> None:
+def check_memory(cfg, components, geometry, device: torch.device) -> None:
     """A UserError naming the estimate when one micro-step cannot fit in the free memory of `device`."""
-    need, free = step_bytes(cfg, components), available_bytes(device)
+    need, free = step_bytes(cfg, components, geometry), available_bytes(device)
     if free is not None and need > free:
         raise UserError(f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
                         f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "

@@ -21,27 +21,30 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
+from leapalign_fast import build
 from leapalign_fast import checkpoint as ckpt
+from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt_cache: re-exported)
+    add_trainable,
+    encode_prompt_cache,
+    load_trained,
+    prompt_cache_path,
+    to_device,
+    train_prompts,
+    trained_state,
+    unwrap,
+    wait_for_files,
+)
 from leapalign_fast.config import Config, config_dict, config_toml
 from leapalign_fast.errors import UserError
-from leapalign_fast.flow import flux_schedule
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
 from leapalign_fast.methods import StepInputs, build_method
+from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry, backbone_for
 from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
 from leapalign_fast.models.lora_export import export_lora
-from leapalign_fast.models.flux import (
-    DTYPES,
-    FluxComponents,
-    FluxVelocity,
-    build_tiny_flux,
-    decode_latents,
-    latent_image_ids,
-    load_flux,
-)
-from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
+from leapalign_fast.models.text import PromptCache
 from leapalign_fast.preflight import check_memory, mixed_precision_note
-from leapalign_fast.prompts import PromptOrder, builtin_prompts, read_prompt_file
+from leapalign_fast.prompts import PromptOrder
 from leapalign_fast.recompute import checkpointed_decode_reward
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 from leapalign_fast.rewards import build_reward, check_reward_name
@@ -97,111 +100,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int(s) & ((1 << 63) - 1))
 
 
-def load_components(cfg: Config, need_text: bool = True) -> FluxComponents:
-    """The model's components; the text encoders only when some prompt embeddings are not cached yet."""
-    if cfg.model.source == "tiny":
-        return build_tiny_flux(cfg.model.tiny, cfg.seed)
-    dtype = DTYPES[cfg.model.dtype]
-    return load_flux(cfg.model.source, dtype, need_text=need_text, max_sequence_length=cfg.model.max_sequence_length)
-
-
-def train_prompts(cfg: Config) -> list[str]:
-    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
-
-
-def prompt_cache_path(cfg: Config, prompts: list[str]) -> Path:
-    """The index of the cached embeddings of `prompts`: output_dir/prompt_cache/<key>/index.json, keyed by model
-    and prompts, written last (its presence means the cache is complete)."""
-    key = prompt_cache_key(f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}", prompts,
-                           cfg.model.max_sequence_length)
-    return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
-
-
-def prompt_embeddings(cfg: Config, components: FluxComponents, prompts: list[str], device=None) -> PromptCache:
-    """Encode every prompt once, on `device` (the accelerator; `leapalign-fast encode-prompts` does it ahead of
-    training), then read them per batch from the cache."""
-    path = prompt_cache_path(cfg, prompts)
-    if not path.is_file():
-        text = components.text
-        if device is not None:  # T5-XXL on a CPU takes hours for a large prompt set
-            text.clip.to(device)
-            text.t5.to(device)
-        write_prompt_cache(text, prompts, path)
-    return PromptCache(path)
-
-
-def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> None:
-    """Wait for rank 0 to write `paths`, polling the file system: a collective (barrier) would hit the process
-    group's timeout while rank 0 encodes a large prompt set. If rank 0 dies, torchrun stops this rank."""
-    start = time.monotonic()
-    while not all(p.is_file() for p in paths):
-        if time.monotonic() - start > timeout_s:
-            raise UserError(f"waited {timeout_s / 3600:.1f} h for rank 0 to write the prompt cache {paths[0]}; run "
-                            "`leapalign-fast encode-prompts` with the same config before training")  # fmt: skip
-        time.sleep(poll_s)
-
-
-def encode_prompt_cache(cfg: Config) -> list[Path]:
-    """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    components = load_components(cfg, need_text=True)
-    device = torch.device("cuda") if torch.cuda.is_available() else None
-    paths = []
-    for prompts in (train_prompts(cfg), list(cfg.eval_prompts)):
-        prompt_embeddings(cfg, components, prompts, device)
-        paths.append(prompt_cache_path(cfg, prompts))
-    return paths
-
-
-def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
-    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32."""
-    transformer.requires_grad_(False)
-    if cfg.lora.enabled:
-        from peft import LoraConfig
-        from peft.utils.error import NoMatchingPeftModuleError
-
-        try:
-            transformer.add_adapter(
-                LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
-                           target_modules=list(cfg.lora.target_modules))
-            )  # fmt: skip
-        except NoMatchingPeftModuleError as e:
-            raise UserError(f"lora.target_modules {cfg.lora.target_modules} matched no transformer module; use "
-                            "names such as 'attn.to_q', 'ff.net.2' (see configs/flux_leapalign.toml)") from e
-    else:
-        transformer.requires_grad_(True)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    if not params:
-        raise UserError(f"lora.target_modules {cfg.lora.target_modules} matched no transformer module")
-    for p in params:
-        p.data = p.data.float()
-    return params
-
-
-def unwrap(model):
-    """Strip accelerate/DDP wrappers and torch.compile's `_orig_mod`."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy checkpointed parameters into `model` by name; names or shapes that do not fit are a UserError."""
-    named = dict(model.named_parameters())
-    missing = [n for n in weights if n not in named]
-    if missing:
-        raise UserError(f"checkpoint {source} has weights the model lacks (e.g. {missing[0]}); train, resume and "
-                        "evaluate with the model/lora config the run was trained with")  # fmt: skip
-    with torch.no_grad():
-        for n, t in weights.items():
-            if named[n].shape != t.shape:
-                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
-            named[n].copy_(t)
-
-
-def trained_state(transformer) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
-
-
 class EMA:
     """Exponential moving average of the trained parameters, kept in float32."""
 
@@ -219,7 +117,8 @@ class EMA:
 class Run:
     cfg: Config
     accelerator: Accelerator
-    components: FluxComponents
+    backbone: Backbone
+    components: object  # the backbone's components (transformer, vae, text)
     transformer: torch.nn.Module  # prepared (maybe DDP-wrapped)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -230,7 +129,7 @@ class Run:
     embeds: PromptCache
     eval_embeds: PromptCache
     sigmas: torch.Tensor
-    latent_hw: tuple[int, int]
+    geometry: Geometry  # the latent layout at cfg.resolution
     out: Path
     graphed: GraphedVelocity | None = None  # CUDA-graph replays of the no-grad forwards
 
@@ -250,29 +149,28 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     prompts = train_prompts(cfg)
     cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))
     # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank).
-    components = load_components(cfg, need_text=not cached and accelerator.is_main_process)
-    latent_hw = components.latent_hw(cfg.resolution)
-    check_memory(cfg, components, accelerator.device)  # a blow-up fails now, with an estimate, not minutes later
+    backbone = backbone_for(cfg.model)
+    components = build.load_components(cfg, need_text=not cached and accelerator.is_main_process)
+    geometry = backbone.geometry(components, cfg.resolution)
+    check_memory(cfg, components, geometry, accelerator.device)  # a blow-up fails now, with an estimate, not minutes later
     if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
         for p in (prompts, list(cfg.eval_prompts)):
-            prompt_embeddings(cfg, components, p, accelerator.device)
+            build.prompt_embeddings(cfg, components, p, accelerator.device)
     else:
         wait_for_files([prompt_cache_path(cfg, p) for p in (prompts, list(cfg.eval_prompts))])
     accelerator.wait_for_everyone()
     components.text = None  # text encoders are not needed once prompts are embedded
     # Every rank reads its batches from the cache files (memory-mapped), not the whole cache.
-    embeds = prompt_embeddings(cfg, components, prompts)
-    eval_embeds = prompt_embeddings(cfg, components, cfg.eval_prompts)
+    embeds = build.prompt_embeddings(cfg, components, prompts)
+    eval_embeds = build.prompt_embeddings(cfg, components, cfg.eval_prompts)
 
     reward = build_reward(cfg.reward.name, **cfg.reward.options).to(accelerator.device)
     if hasattr(reward, "check_prompts"):  # fail now, not at the first step that draws a bad prompt
         reward.check_prompts(prompts + list(cfg.eval_prompts))
     device, dtype = accelerator.device, DTYPES[cfg.model.dtype]
     components.vae.requires_grad_(False)
-    for module in (components.vae, components.transformer):  # cast only when needed: diffusers warns on .to(dtype)
-        module.to(device)
-        if next(module.parameters()).dtype != dtype:
-            module.to(dtype)
+    for module in (components.vae, components.transformer):
+        to_device(module, device, dtype)
     transformer = components.transformer
     torch.manual_seed(cfg.seed + 1)  # LoRA init, identical on every rank
     params = add_trainable(transformer, cfg)
@@ -287,30 +185,28 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    h, w = latent_hw
-    sigmas = flux_schedule(cfg.num_steps, (h // 2) * (w // 2), device=device)  # read every step: on the device
-    return Run(cfg, accelerator, components, transformer, optimizer, scheduler, params, ema, reward, prompts, embeds,
-               eval_embeds, sigmas, latent_hw, out, graphed)  # fmt: skip
+    sigmas = backbone.schedule(components, cfg.num_steps, geometry, device=device)  # read every step: on the device
+    return Run(cfg, accelerator, backbone, components, transformer, optimizer, scheduler, params, ema, reward, prompts,
+               embeds, eval_embeds, sigmas, geometry, out, graphed)  # fmt: skip
 
 
 def velocity_for(run: Run, idx: list[int], embeds: PromptCache):
-    t5, pooled = embeds.select(idx)
+    """The backbone's velocity (with its guidance) for prompts `idx`, conditioning on the accelerator."""
     dev = run.accelerator.device
-    h, w = run.latent_hw
-    velocity = FluxVelocity(run.transformer, t5.to(dev), pooled.to(dev), latent_image_ids(h, w, dev), run.cfg.guidance)
+    cond = {k: v.to(dev) for k, v in embeds.tensors(idx, run.backbone.conditioning).items()}
+    velocity = run.backbone.velocity(run.transformer, cond, run.geometry, run.cfg.guidance,
+                                     uncond_grad=run.cfg.model.uncond_grad)
     return run.graphed.bind(velocity) if run.graphed is not None else velocity
 
 
 def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, L, 64) packed Gaussian latents, drawn on CPU so every device gets the same numbers."""
-    h, w = run.latent_hw
-    noise = torch.randn(batch, (h // 2) * (w // 2), 64, generator=generator)
+    """(B, L, C) packed Gaussian latents, drawn on CPU so every device gets the same numbers."""
+    noise = torch.randn(*run.geometry.noise_shape(batch), generator=generator)
     return noise.to(run.accelerator.device, DTYPES[run.cfg.model.dtype])
 
 
 def decoder(run: Run):
-    h, w = run.latent_hw
-    return lambda x: decode_latents(run.components.vae, x, h, w)
+    return lambda x: run.backbone.decode(run.components.vae, x, run.geometry)
 
 
 def step_decode_reward(run: Run):
@@ -361,12 +257,16 @@ def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
     return path
 
 
-def config_differences(saved: dict, current: dict, keys=MATH_KEYS) -> list[str]:
+def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
+    defaults = config_dict(Config()) if defaults is None else defaults
     diffs = []
     for k in keys:
         a, b = saved.get(k), current.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{k}.{d}" for d in config_differences(a, b, sorted(set(a) | set(b)))]
+            sub = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
+            diffs += [f"{k}.{d}" for d in config_differences(a, b, sorted(set(a) | set(b)), sub)]
+        elif k not in saved and k in defaults and b == defaults[k]:  # a key added since the checkpoint, at default
+            continue
         elif a != b:
             diffs.append(f"{k} ({a!r} -> {b!r})")
     return diffs
@@ -568,10 +468,10 @@ def _train(cfg: Config) -> TrainResult:
                 write_grid(run, step)
     bar.close()
     grid = write_grid(run, step) if accelerator.is_main_process else None
-    if accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: FluxPipeline.load_lora_weights
-        export_lora(unwrap(run.transformer), run.out / "lora")
+    if accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: <Pipeline>.load_lora_weights
+        export_lora(unwrap(run.transformer), run.out / "lora", pipeline=run.backbone.pipeline)
         if run.ema is not None:
-            export_lora(unwrap(run.transformer), run.out / "lora_ema", run.ema.shadow)
+            export_lora(unwrap(run.transformer), run.out / "lora_ema", run.ema.shadow, pipeline=run.backbone.pipeline)
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()

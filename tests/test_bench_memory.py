@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from leapalign_fast.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +56,17 @@ def test_memory_bench_random_weight_path(tmp_path, monkeypatch):
     assert data["config"]["lora"]["enabled"] and data["config"]["model"]["dtype"] == "bfloat16"
     assert data["config"]["model"]["checkpoint_decode"]  # on in the shipped FLUX configs
     assert [r["method"] for r in data["rows"]] == ["leapalign", "full"] and not any(r["oom"] for r in data["rows"])
+
+
+@pytest.mark.parametrize("model, family", [("random-tiny-sd3", "sd3"), ("random-tiny-qwen", "qwenimage")])
+def test_memory_bench_random_weight_path_of_other_backbones(model, family, tmp_path, monkeypatch):
+    """The same full-size path for SD3.5-Medium and Qwen-Image (their LoRA configs, random weights) at toy size."""
+    sys.path.append(str(ROOT))
+    from bench import memory
+
+    monkeypatch.setattr(memory, "_MALLOC_ENV", {})
+    assert memory.main(["--model", model, "--methods", "leapalign", "--steps", "4", "--repeats", "1", "--set",
+                        'model.compile="none"', "model.max_sequence_length=8", "--out", str(tmp_path)]) == 0  # fmt: skip
+    data = json.loads((tmp_path / f"memory_{model}_cpu.json").read_text())
+    assert data["config"]["model"]["family"] == family and data["config"]["lora"]["enabled"]
+    assert [r["method"] for r in data["rows"]] == ["leapalign"] and not any(r["oom"] for r in data["rows"])

@@ -83,7 +83,9 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype = torc
 
 def prepare_transformer(transformer, model_cfg, device: torch.device) -> str:
     """Apply the configured switches in place; returns a one-line description for the run log."""
-    dtype = getattr(torch, model_cfg.dtype)
+    from leapalign_fast.models.backbone import DTYPES
+
+    dtype = DTYPES[model_cfg.dtype]
     backend = resolve_attention(model_cfg.attention, device, dtype, training=True, compile=model_cfg.compile)
     if backend != "native":
         transformer.set_attention_backend(backend)

@@ -1,6 +1,6 @@
 """FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), latent packing, velocity.
 
-One code path for every size: `build_tiny_flux` makes random-init components of the real classes,
+The FLUX.1 backbone (`BACKBONE`, at the end). One code path for every size: `build_tiny_flux` makes random-init components of the real classes,
 `load_flux` reads a local diffusers-format directory (FLUX.1-dev, or a tiny one written by `save_flux`).
 Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W).
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-from leapalign_fast.config import TinyFluxConfig  # noqa: F401  (sizes live with the config; re-exported)
+from leapalign_fast.config import FLUX_LORA_TARGETS, TinyFluxConfig  # noqa: F401  (sizes live with the config)
 from leapalign_fast.errors import UserError
-from leapalign_fast.models.text import TextStack, build_tiny_text_stack
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from leapalign_fast.flow import flux_schedule
+from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry  # noqa: F401  (DTYPES re-exported)
+from leapalign_fast.models.text import TextStack, build_tiny_text_stack, encode_prompts
 
 
 @dataclass
@@ -89,10 +89,11 @@ _REQUIRED = {
 }
 
 
-def missing_files(root: Path, need_text: bool = True) -> list[str]:
-    """Paths (relative to root) that a FLUX directory lacks; alternatives are joined with ' or '."""
+def missing_parts(root: Path, required: dict, need_text: bool = True) -> list[str]:
+    """Paths (relative to root) that a diffusers-format directory lacks of `required` ({subfolder: [file or
+    (alternatives)]}); alternatives are joined with ' or '. Text parts are skipped unless `need_text`."""
     missing = []
-    for sub, entries in _REQUIRED.items():
+    for sub, entries in required.items():
         if not need_text and sub.startswith(("text_encoder", "tokenizer")):
             continue
         for entry in entries:
@@ -100,6 +101,28 @@ def missing_files(root: Path, need_text: bool = True) -> list[str]:
             if not any((root / sub / n).is_file() for n in names):
                 missing.append(" or ".join(f"{sub}/{n}" for n in names))
     return missing
+
+
+def missing_files(root: Path, need_text: bool = True) -> list[str]:
+    """Paths (relative to root) that a FLUX directory lacks; alternatives are joined with ' or '."""
+    return missing_parts(root, _REQUIRED, need_text)
+
+
+def load_part(root: Path, what: str, fn):
+    """`fn()` (a from_pretrained of part `what`), with a load failure or missing weights as one UserError line."""
+    try:
+        module = fn()
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
+                        "matching config.json and weights") from e  # fmt: skip
+    # Weights of another model (e.g. the VAE's in the transformer's place) load with a warning, leaving the
+    # parameters they lack on the meta device: refuse here, not at the first .to() or step.
+    empty = [n for n, p in getattr(module, "named_parameters", lambda: [])() if p.is_meta]
+    if empty:
+        raise UserError(f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
+                        f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?")  # fmt: skip
+    return module
 
 
 def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> FluxComponents:
@@ -116,19 +139,7 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
     if missing:
         raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
     def load(what: str, fn):
-        try:
-            module = fn()
-        except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
-                            "matching config.json and weights") from e  # fmt: skip
-        # Weights of another model (e.g. the VAE's in the transformer's place) load with a warning, leaving the
-        # parameters they lack on the meta device: refuse here, not at the first .to() or step.
-        empty = [n for n, p in getattr(module, "named_parameters", lambda: [])() if p.is_meta]
-        if empty:
-            raise UserError(f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
-                            f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?")  # fmt: skip
-        return module
+        return load_part(root, what, fn)
 
     kw = dict(torch_dtype=dtype, local_files_only=True)
     transformer = load("transformer", lambda: FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
@@ -258,3 +269,55 @@ def decode_latents(vae: AutoencoderKL, x: torch.Tensor, h: int, w: int) -> torch
     z = z / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+# The backbone interface (models/backbone.py): what train, evaluate and the benchmarks call.
+
+
+def geometry(components: FluxComponents, resolution: int) -> Geometry:
+    """2x2 patches of the VAE latents: L = (h/2)(w/2) tokens of 4 x 16 = 64 channels."""
+    h, w = components.latent_hw(resolution)
+    return Geometry(h, w, (h // 2) * (w // 2), 4 * components.vae.config.latent_channels)
+
+
+def schedule(components: FluxComponents, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
+    """FluxPipeline's schedule: dynamic shift `mu` from the token count."""
+    return flux_schedule(num_steps, geom.tokens, device=device)
+
+
+def velocity(transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None,
+             uncond_grad: bool = True) -> FluxVelocity:
+    """The distilled-guidance velocity for one batch of cached conditioning (`t5`, `pooled`), on their device:
+    one forward per call (no unconditional branch, so `uncond_grad` has nothing to switch)."""
+    t5 = cond["t5"]
+    return FluxVelocity(transformer, t5, cond["pooled"], latent_image_ids(geom.h, geom.w, t5.device), guidance)
+
+
+def decode(vae: AutoencoderKL, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    return decode_latents(vae, x, geom.h, geom.w)
+
+
+def prompt_tensors(text: TextStack, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The prompt cache's tensors: T5 states, CLIP pooled, T5 lengths (as FluxPipeline.encode_prompt)."""
+    e = encode_prompts(text, prompts)
+    return {"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}
+
+
+def _build_tiny(tiny_cfg, seed: int) -> FluxComponents:
+    return build_tiny_flux(tiny_cfg, seed)
+
+
+BACKBONE = Backbone(
+    name="flux",
+    pipeline="FluxPipeline",
+    build_tiny=_build_tiny,
+    load=load_flux,
+    encode_prompts=prompt_tensors,
+    conditioning=("t5", "pooled"),
+    geometry=geometry,
+    schedule=schedule,
+    velocity=velocity,
+    decode=decode,
+    lora_targets=tuple(FLUX_LORA_TARGETS),
+    encode_images=encode_images,
+)

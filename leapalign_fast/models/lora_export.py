@@ -1,4 +1,5 @@
-"""LoRA weights in the format diffusers' `FluxPipeline.load_lora_weights` reads, written atomically."""
+"""LoRA weights in the format a backbone's diffusers pipeline reads (`<Pipeline>.load_lora_weights`), written
+atomically."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 from leapalign_fast.io import fsync_dir
 
 
-def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Tensor] | None = None,
+                pipeline: str = "FluxPipeline") -> Path:
     """Save the transformer's LoRA adapter (or `weights`, e.g. an EMA, keyed like its named_parameters)
-    as `<directory>/pytorch_lora_weights.safetensors`. `transformer` is the bare peft-adapted module."""
-    from diffusers import FluxPipeline
+    as `<directory>/pytorch_lora_weights.safetensors`, through `pipeline` (the backbone's diffusers pipeline
+    class name) so that its `load_lora_weights` reads it. `transformer` is the bare peft-adapted module."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     target = Path(directory)
@@ -39,7 +42,7 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
         # The adapter's config (rank, lora_alpha, targets) goes into the file's metadata: without it diffusers
         # would assume lora_alpha == rank and load a differently scaled adapter.
         metadata = transformer.peft_config["default"].to_dict()
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True,
+        getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True,
                                        transformer_lora_adapter_metadata=metadata)  # fmt: skip
         if target.exists():
             shutil.rmtree(target)

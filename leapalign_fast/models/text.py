@@ -48,6 +48,11 @@ class PromptEmbeds:
         index = torch.as_tensor(idx, dtype=torch.long)
         return self.t5.index_select(0, index), self.pooled.index_select(0, index)
 
+    def tensors(self, idx: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """As `PromptCache.tensors`: the named rows `idx`."""
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return {name: getattr(self, name).index_select(0, index) for name in names}
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable unicode map."""
@@ -173,16 +178,24 @@ def load_prompt_embeds(path: Path) -> PromptEmbeds:
 CACHE_CHUNK = 512
 
 
-def write_prompt_cache(text: TextStack, prompts: list[str], index: Path, chunk: int = CACHE_CHUNK) -> None:
+def write_prompt_cache(encode, prompts: list[str], index: Path, chunk: int = CACHE_CHUNK) -> None:
     """Encode `prompts` into chunk files beside `index` (a JSON list of prompts and files), each written
-    atomically; the index comes last, so its presence means the cache is complete."""
+    atomically; the index comes last, so its presence means the cache is complete. `encode(prompts)` gives the
+    named (P, ...) tensors to store (a backbone's `encode_prompts`); a FLUX `TextStack` stands for FLUX's."""
+    meta = {}
+    if isinstance(encode, TextStack):
+        text, meta = encode, {"max_sequence_length": encode.max_sequence_length}
+
+        def encode(p):
+            e = encode_prompts(text, p)
+            return {"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}
+
     files = []
     for n, start in enumerate(range(0, len(prompts), chunk)):
-        e = encode_prompts(text, prompts[start : start + chunk])
+        tensors = {k: v.contiguous() for k, v in encode(prompts[start : start + chunk]).items()}
         files.append(f"chunk_{n:05d}.safetensors")
-        save_tensors_atomic({"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}, index.parent / files[-1])
-    write_json_atomic(index, {"prompts": list(prompts), "chunk": chunk, "files": files,
-                              "max_sequence_length": text.max_sequence_length})  # fmt: skip
+        save_tensors_atomic(tensors, index.parent / files[-1])
+    write_json_atomic(index, {"prompts": list(prompts), "chunk": chunk, "files": files, **meta})
 
 
 class PromptCache:
@@ -206,8 +219,12 @@ class PromptCache:
             rows.append(self._open[n].get_slice(name)[r : r + 1])
         return torch.cat(rows)
 
+    def tensors(self, idx: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The named tensors (a backbone's `conditioning`) of prompts `idx`, on CPU in the stored dtype."""
+        return {name: self._rows(name, idx) for name in names}
+
     def select(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T5 (b, S, D), pooled (b, Dp)) of prompts `idx`, on CPU in the stored dtype."""
+        """(T5 (b, S, D), pooled (b, Dp)) of prompts `idx` of a FLUX cache, on CPU in the stored dtype."""
         return self._rows("t5", idx), self._rows("pooled", idx)
 
     def lengths(self, idx: list[int]) -> torch.Tensor:

@@ -121,7 +121,9 @@ class ClipReward(torch.nn.Module):
 def _load_clip(path: Path, dtype: str):
     from transformers import CLIPModel, CLIPTokenizer
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from leapalign_fast.models.backbone import DTYPES
+
+    dt = DTYPES[dtype]
     return CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True), CLIPTokenizer.from_pretrained(path)
 
 

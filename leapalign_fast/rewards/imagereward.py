@@ -123,5 +123,7 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
                             f"unexpected {result.unexpected_keys[:3]})")  # fmt: skip
     tok = BertTokenizer.from_pretrained(tk)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from leapalign_fast.models.backbone import DTYPES
+
+    dt = DTYPES[dtype]
     return ImageRewardModel(vision.to(dt), text.to(dt), mlp, tok)

@@ -1,0 +1,144 @@
+"""Building a run's parts from a Config, shared by training and evaluation: the backbone's components, the
+prompt-embedding cache, the trainable parameters (LoRA or full) and loading trained weights back into them.
+
+Only the backbone interface (models/backbone.py) is used: nothing here knows a model family.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from leapalign_fast.config import FLUX_LORA_TARGETS, Config
+from leapalign_fast.errors import UserError
+from leapalign_fast.models.backbone import DTYPES, Backbone, backbone_for
+from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
+from leapalign_fast.prompts import builtin_prompts, read_prompt_file
+
+
+def load_components(cfg: Config, need_text: bool = True):
+    """The model's components; the text encoders only when some prompt embeddings are not cached yet."""
+    backbone = backbone_for(cfg.model)
+    if cfg.model.source == "tiny":
+        return backbone.build_tiny(cfg.model.tiny, cfg.seed)
+    return backbone.load(cfg.model.source, DTYPES[cfg.model.dtype], need_text=need_text,
+                         max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
+
+
+def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to `device`, cast only when needed (diffusers warns on .to(dtype))."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module
+
+
+def train_prompts(cfg: Config) -> list[str]:
+    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
+
+
+def prompt_cache_path(cfg: Config, prompts: list[str]) -> Path:
+    """The index of the cached embeddings of `prompts`: output_dir/prompt_cache/<key>/index.json, keyed by model
+    and prompts, written last (its presence means the cache is complete)."""
+    backbone = backbone_for(cfg.model)
+    model_id = f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}"
+    if backbone.name != "flux":  # FLUX keys as before this interface, so its existing caches stay valid
+        model_id = f"{backbone.name}:{model_id}"
+    key = prompt_cache_key(model_id, prompts, cfg.model.max_sequence_length)
+    return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
+
+
+def prompt_embeddings(cfg: Config, components, prompts: list[str], device=None) -> PromptCache:
+    """Encode every prompt once, on `device` (the accelerator; `leapalign-fast encode-prompts` does it ahead of
+    training), then read them per batch from the cache."""
+    path = prompt_cache_path(cfg, prompts)
+    if not path.is_file():
+        text = components.text
+        if device is not None:  # T5-XXL (or an LLM encoder) on a CPU takes hours for a large prompt set
+            for module in vars(text).values():
+                if isinstance(module, torch.nn.Module):
+                    module.to(device)
+        write_prompt_cache(partial(backbone_for(cfg.model).encode_prompts, text), prompts, path)
+    return PromptCache(path)
+
+
+def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> None:
+    """Wait for rank 0 to write `paths`, polling the file system: a collective (barrier) would hit the process
+    group's timeout while rank 0 encodes a large prompt set. If rank 0 dies, torchrun stops this rank."""
+    start = time.monotonic()
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() - start > timeout_s:
+            raise UserError(f"waited {timeout_s / 3600:.1f} h for rank 0 to write the prompt cache {paths[0]}; run "
+                            "`leapalign-fast encode-prompts` with the same config before training")  # fmt: skip
+        time.sleep(poll_s)
+
+
+def encode_prompt_cache(cfg: Config) -> list[Path]:
+    """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    components = load_components(cfg, need_text=True)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    paths = []
+    for prompts in (train_prompts(cfg), list(cfg.eval_prompts)):
+        prompt_embeddings(cfg, components, prompts, device)
+        paths.append(prompt_cache_path(cfg, prompts))
+    return paths
+
+
+def lora_targets(cfg: Config, backbone: Backbone) -> list[str]:
+    """`lora.target_modules`; left at its (FLUX) default on another backbone, that backbone's own names."""
+    targets = list(cfg.lora.target_modules)
+    return list(backbone.lora_targets) if targets == FLUX_LORA_TARGETS and backbone.name != "flux" else targets
+
+
+def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
+    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32."""
+    transformer.requires_grad_(False)
+    targets = lora_targets(cfg, backbone_for(cfg.model))
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+        from peft.utils.error import NoMatchingPeftModuleError
+
+        try:
+            transformer.add_adapter(
+                LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
+                           target_modules=targets)
+            )  # fmt: skip
+        except NoMatchingPeftModuleError as e:
+            raise UserError(f"lora.target_modules {targets} matched no transformer module; use "
+                            "names such as 'attn.to_q', 'ff.net.2' (see configs/flux_leapalign.toml)") from e
+    else:
+        transformer.requires_grad_(True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"lora.target_modules {targets} matched no transformer module")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def unwrap(model):
+    """Strip accelerate/DDP wrappers and torch.compile's `_orig_mod`."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy checkpointed parameters into `model` by name; names or shapes that do not fit are a UserError."""
+    named = dict(model.named_parameters())
+    missing = [n for n in weights if n not in named]
+    if missing:
+        raise UserError(f"checkpoint {source} has weights the model lacks (e.g. {missing[0]}); train, resume and "
+                        "evaluate with the model/lora config the run was trained with")  # fmt: skip
+    with torch.no_grad():
+        for n, t in weights.items():
+            if named[n].shape != t.shape:
+                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
+            named[n].copy_(t)
+
+
+def trained_state(transformer) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}

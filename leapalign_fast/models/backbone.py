@@ -1,0 +1,98 @@
+"""The backbone interface: what the trainer, the evaluator and the benchmarks may know about a model family.
+
+A backbone is a `Backbone` of builder callables (torchtitan's train spec), one module per family, registered by
+one line in `BACKBONES`. Everything family-specific (text encoders, latent packing, the schedule, the
+transformer's call with its guidance, the VAE's normalisation, LoRA names and export) lives behind it, so the
+methods, the sampler and the loop are the same code for every family. Shapes the shared code sees: packed
+latents (B, L, C) with (L, C) = `Geometry.tokens, Geometry.channels`, times t in [0, 1] with t = 1 noise.
+
+Adding a family: write `models/<family>.py` ending in `BACKBONE = Backbone(...)`, add one line to `BACKBONES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from leapalign_fast.errors import UserError
+
+# The one map from config dtype names to torch dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# family -> module holding its `BACKBONE`; imported on first use, so a run imports only its own family's classes.
+BACKBONES = {
+    "flux": "leapalign_fast.models.flux",  # FLUX.1-dev/schnell: FluxPipeline
+    "sd3": "leapalign_fast.models.sd3",  # SD3.5-Medium/Large: StableDiffusion3Pipeline
+    "flux2": "leapalign_fast.models.flux2",  # FLUX.2-Klein (base: true CFG): Flux2KleinPipeline
+    "qwenimage": "leapalign_fast.models.qwenimage",  # Qwen-Image: QwenImagePipeline
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The latent layout of one resolution: VAE latents (C_vae, h, w), packed to (tokens, channels)."""
+
+    h: int  # VAE latent height
+    w: int  # VAE latent width
+    tokens: int  # L of the packed (B, L, C) latents the transformer and the methods see
+    channels: int  # C of the packed latents
+
+    def noise_shape(self, batch: int) -> tuple[int, int, int]:
+        return (batch, self.tokens, self.channels)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One model family as builder callables. `components` below is the family's own dataclass with (at least)
+    `transformer`, `vae` and `text` (None once prompts are cached and the encoders freed)."""
+
+    name: str
+    pipeline: str  # diffusers pipeline `_class_name` of model_index.json (directory detection, LoRA export)
+    build_tiny: Callable[[Any, int], Any]  # (model.tiny config, seed) -> components (random real classes)
+    load: Callable[..., Any]  # (path, dtype, need_text, max_sequence_length) -> components; UserError lists gaps
+    encode_prompts: Callable[[Any, list[str]], dict[str, torch.Tensor]]  # (text, prompts) -> named (P, ...) CPU
+    conditioning: tuple[str, ...]  # the cached tensors `velocity` reads (a cache may hold more, e.g. lengths)
+    geometry: Callable[[Any, int], Geometry]  # (components, resolution) -> Geometry; UserError if not divisible
+    schedule: Callable[..., torch.Tensor]  # (components, num_steps, geometry, device=None) -> (N + 1,) f32, 1 ... 0
+    # (transformer, conditioning dict, geometry, guidance, uncond_grad=True) -> v(x, t), graphable (see FluxVelocity)
+    velocity: Callable[..., Any]
+    decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]  # (vae, packed x, geometry) -> images in [0, 1]
+    lora_targets: tuple[str, ...]  # peft target_modules of the transformer
+    # (vae, images (B, 3, H, W) in [0, 1]) -> packed latents, the inverse of `decode` (toy benchmarks); optional
+    encode_images: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
+
+
+def family_of(source: str, family: str | None) -> str:
+    """`model.family` if set, else read from `<source>/model_index.json`'s `_class_name`, else FLUX."""
+    if family:
+        return family
+    index = Path(source) / "model_index.json"
+    if source != "tiny" and index.is_file():
+        try:
+            cls = json.loads(index.read_text()).get("_class_name", "")
+        except (OSError, json.JSONDecodeError):
+            cls = ""
+        for name in BACKBONES:
+            if get_backbone(name).pipeline == cls:
+                return name
+        if cls:
+            raise UserError(f"model.source {source}: model_index.json names {cls}, which no backbone loads "
+                            f"(known: {', '.join(BACKBONES)}); set model.family to one of them")  # fmt: skip
+    return "flux"
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise UserError(f"model.family '{name}' is not a backbone; choose one of {', '.join(BACKBONES)}")
+    return importlib.import_module(BACKBONES[name]).BACKBONE
+
+
+def backbone_for(model_cfg) -> Backbone:
+    """The backbone of a `[model]` config."""
+    return get_backbone(family_of(model_cfg.source, getattr(model_cfg, "family", "")))
