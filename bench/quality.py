@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--grid", type=int, default=12, help="sample images kept per method (first seed)")
+    p.add_argument("--from-runs", type=Path, default=None, help="summarise a runs.jsonl of an earlier (maybe cut "
+                   "short) benchmark: the seeds every listed method finished")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -277,19 +279,37 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="quality-"))
     (work / "validation_prompts.txt").write_text(
         "".join(c + "\n" for c, _ in evaluation_set("validation", max(2, args.images // 4), seed=1)))
-    tasks = [(m, s) for s in args.seeds for m in ["base", *args.methods]]
+    tasks = [(m, s) for s in args.seeds for m in ["base", *args.methods]]  # seed-major: a cut run has whole seeds
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict]] = {}
+
+    name = f"quality_toy_{args.split}" + ("_quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"{name}_runs.jsonl"  # every finished run as it comes: a cut-short benchmark keeps its runs
+    if not args.from_runs:
+        partial.unlink(missing_ok=True)
 
     def record(r):
         (m, s) = r["task"]
         results.setdefault(m, {})[s] = r
+        with open(partial, "a") as f:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "images"}) + "\n")
         base = results.get("base", {}).get(s)
         note = f" (base {base['table']['overall']:.3f})" if base and m != "base" else ""
         print(f"{m} seed {s}: overall {r['table']['overall']:.3f}{note}, reward {r['table']['reward']:.2f} "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
 
-    if args.jobs > 1:
+    if args.from_runs:
+        runs = [json.loads(x) for x in args.from_runs.read_text().splitlines() if x.strip()]
+        for r in runs:
+            r["task"] = tuple(r["task"])
+        args.methods = [m for m in args.methods if any(r["task"][0] == m for r in runs)]
+        done = [s for s in args.seeds if all(any(r["task"] == (m, s) for r in runs) for m in ["base", *args.methods])]
+        args.seeds, name = done, name + "_from_runs"
+        for r in runs:
+            if r["task"][1] in done and r["task"][0] in ["base", *args.methods]:
+                results.setdefault(r["task"][0], {})[r["task"][1]] = {**r, "images": []}
+    elif args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -301,8 +321,6 @@ def main(argv=None) -> int:
             record(run_task(args, t, work))
     results = {m: results[m] for m in ["base", *args.methods]}
     summary = summarise(results, args.seeds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"quality_toy_{args.split}" + ("_quick" if args.quick else "")
     md = markdown(summary, results, args)
     (args.out / f"{name}.md").write_text(md)
     plots(results, args.out, name)
