@@ -101,7 +101,7 @@ def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
 
 
 def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192,
-               decay: str = "none") -> list[float]:  # fmt: skip
+               decay: str = "none", save=None, save_every: int = 0) -> list[float]:  # fmt: skip
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, decay))
     ids = latent_image_ids(8, 8)
@@ -124,6 +124,8 @@ def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, l
         losses.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             log(f"flow step {step}: loss {np.mean(losses[-50:]):.5f}")
+        if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1, losses)  # a long run cut short still leaves a usable model
     return losses
 
 
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--decay", choices=("none", "cosine"), default="none", help="flow-stage lr after warm-up")
     p.add_argument("--init-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its VAE and "
                    "text encoders, continue training its transformer (no VAE stage)")
+    p.add_argument("--save-every", type=int, default=0, help="also write the model every n flow steps (0: at the end)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
     args = p.parse_args(argv)
@@ -160,16 +163,21 @@ def main(argv=None) -> int:
         vae.eval().requires_grad_(False)
         text = build_tiny_text_stack(32, 32, seed=args.seed + 1)
         transformer = build_transformer(args.width, args.layers)
+
+    def save(step: int, flow_losses: list[float]) -> None:
+        save_flux(FluxComponents(transformer, vae, text), args.out)
+        write_result(args.out.parent / f"{args.out.name}.json", {
+            "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_steps_done": step,
+            "batch": args.batch, "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
+            "decay": args.decay, "init_from": str(args.init_from) if args.init_from else None,
+            "train_seconds": time.perf_counter() - t0,
+            "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
+        })  # fmt: skip
+
     flow_losses = train_flow(transformer, vae, text, args.flow_steps, args.batch, args.lr, rng, log, args.bank,
-                             args.decay)  # fmt: skip
-    save_flux(FluxComponents(transformer.eval(), vae, text), args.out)
-    write_result(args.out.parent / f"{args.out.name}.json", {
-        "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "batch": args.batch,
-        "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank, "decay": args.decay,
-        "init_from": str(args.init_from) if args.init_from else None,
-        "train_seconds": time.perf_counter() - t0,
-        "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
-    })  # fmt: skip
+                             args.decay, save, args.save_every)  # fmt: skip
+    transformer.eval()
+    save(args.flow_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
