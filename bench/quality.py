@@ -251,8 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--reward", type=Path, default=None, help="reward.options.path (default: the config's)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--split", choices=("validation", "test"), default="validation",
-                   help="evaluation captions: validation for every choice, test once for the final table")
+    p.add_argument("--split", choices=("validation", "test", "train"), default="validation",
+                   help="evaluation captions: validation for every choice, test once for the final table; train "
+                   "(the fine-tuning captions, new noise) only to diagnose in-domain against held-out gains")
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, equal for every method "
                    "(default: the config's max_steps)")
