@@ -110,6 +110,13 @@ class ForwardCounter:
         self.handle.remove()
 
 
+def grid_images(images: np.ndarray, args) -> list:
+    """`args.grid` images spread over the categories (the evaluation set is category-major), for the sample grids."""
+    per = max(1, -(-args.grid // len(CATEGORIES)))
+    pick = [c * args.images + j for j in range(min(per, args.images)) for c in range(len(CATEGORIES))][: args.grid]
+    return images[sorted(pick)].tolist()
+
+
 def run_task(args, task: tuple[str, int], work: Path) -> dict:
     """One (method or "base", seed): train (not for base), then score. Runs in a worker process with --jobs > 1."""
     import torch
@@ -126,7 +133,7 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
         cfg = run_config(args, "leapalign", seed, out)
         reward = build_reward(cfg.reward.name, **cfg.reward.options)
         table, images = score(cfg, None, eval_set, args, seed, reward)
-        return {"task": task, "table": table, "images": images[: args.grid].tolist()}
+        return {"task": task, "table": table, "images": grid_images(images, args)}
     extra = []
     if args.eval_every:
         extra = [f"eval_every={args.eval_every}", f"eval_prompt_file={work / 'validation_prompts.txt'}",
@@ -145,7 +152,7 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
     path = out / "best" if args.select == "best" else ckpt.list_checkpoints(out)[-1]
     reward = res.run.reward
     table, images = score(cfg, path, eval_set, args, seed, reward)
-    return {"task": task, "table": table, "images": images[: args.grid].tolist(), "rewards": res.rewards,
+    return {"task": task, "table": table, "images": grid_images(images, args), "rewards": res.rewards,
             "train_seconds": seconds, "steps": res.steps, "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),
             "grad_forwards_per_step": counter.grad / res.steps, "validation": [
                 {**r, "train_seconds": clock[r["step"] - 1] if r["step"] else 0.0} for r in validation]}  # fmt: skip
