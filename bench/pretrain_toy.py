@@ -1,6 +1,8 @@
 """Pretrain the toy benchmark's tiny FLUX (the real diffusers classes) on procedural captioned scenes.
 
     python bench/pretrain_toy.py --vae-steps 1500 --flow-steps 4000 --seed 0 --out assets/toy/flux
+    python bench/pretrain_toy.py --init-from assets/toy/flux --flow-steps 4000 --batch 32 --lr 5e-4 --decay cosine \
+        --out /tmp/flux_longer      # continue a pretrained model: its VAE and text encoders kept, the transformer trained on
 
 Stage 1 trains a 16-channel AutoencoderKL (8x downsampling: 64 px -> 8x8 latents) on rendered scenes and sets its
 FLUX-style `scaling_factor`/`shift_factor` from the latent statistics. Stage 2 trains a FluxTransformer2DModel
@@ -13,6 +15,7 @@ command, seed, steps and losses.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -26,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast.models.flux import FluxComponents, FluxVelocity, encode_images, latent_image_ids, save_flux  # noqa: E402
+from leapalign_fast.models.flux import (FluxComponents, FluxVelocity, encode_images, latent_image_ids,  # noqa: E402
+                                       load_flux, save_flux)
 from leapalign_fast.models.text import build_tiny_text_stack, encode_prompts  # noqa: E402
 from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
 
@@ -90,9 +94,16 @@ def latent_bank(vae, text, n: int, rng):
     return torch.cat(xs), e.t5[index], e.pooled[index]
 
 
-def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192) -> list[float]:
+def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
+    """Linear warm-up over `warmup` steps, then constant (`none`) or cosine decay to 0 at `steps` (`cosine`)."""
+    warm = min(1.0, (step + 1) / warmup)
+    return warm if decay == "none" else warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192,
+               decay: str = "none", save=None, save_every: int = 0) -> list[float]:  # fmt: skip
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, decay))
     ids = latent_image_ids(8, 8)
     bank_x, bank_t5, bank_pooled = latent_bank(vae, text, bank_size, rng)
     log(f"latent bank: {tuple(bank_x.shape)}, std {bank_x.std():.3f}")
@@ -113,6 +124,8 @@ def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, l
         losses.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             log(f"flow step {step}: loss {np.mean(losses[-50:]):.5f}")
+        if save is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(step + 1, losses)  # a long run cut short still leaves a usable model
     return losses
 
 
@@ -126,6 +139,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bank", type=int, default=8192, help="scenes encoded once for the flow stage")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decay", choices=("none", "cosine"), default="none", help="flow-stage lr after warm-up")
+    p.add_argument("--init-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its VAE and "
+                   "text encoders, continue training its transformer (no VAE stage)")
+    p.add_argument("--save-every", type=int, default=0, help="also write the model every n flow steps (0: at the end)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
     args = p.parse_args(argv)
@@ -134,19 +151,33 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    vae = build_vae()
-    vae_losses = train_vae(vae, args.vae_steps, args.batch, rng, log)
-    vae.eval().requires_grad_(False)
-    text = build_tiny_text_stack(32, 32, seed=args.seed + 1)
-    transformer = build_transformer(args.width, args.layers)
-    flow_losses = train_flow(transformer, vae, text, args.flow_steps, args.batch, args.lr, rng, log, args.bank)
-    save_flux(FluxComponents(transformer.eval(), vae, text), args.out)
-    write_result(args.out.parent / f"{args.out.name}.json", {
-        "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "batch": args.batch,
-        "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
-        "train_seconds": time.perf_counter() - t0,
-        "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
-    })  # fmt: skip
+    if args.init_from is not None:
+        comps = load_flux(args.init_from, torch.float32, max_sequence_length=32)
+        vae, text, transformer, vae_losses = comps.vae, comps.text, comps.transformer.train(), [float("nan")]
+        args.vae_steps, args.width, args.layers = 0, comps.transformer.config.num_attention_heads * 16, comps.transformer.config.num_layers
+        vae.requires_grad_(False)
+        transformer.requires_grad_(True)
+    else:
+        vae = build_vae()
+        vae_losses = train_vae(vae, args.vae_steps, args.batch, rng, log)
+        vae.eval().requires_grad_(False)
+        text = build_tiny_text_stack(32, 32, seed=args.seed + 1)
+        transformer = build_transformer(args.width, args.layers)
+
+    def save(step: int, flow_losses: list[float]) -> None:
+        save_flux(FluxComponents(transformer, vae, text), args.out)
+        write_result(args.out.parent / f"{args.out.name}.json", {
+            "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_steps_done": step,
+            "batch": args.batch, "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
+            "decay": args.decay, "init_from": str(args.init_from) if args.init_from else None,
+            "train_seconds": time.perf_counter() - t0,
+            "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
+        })  # fmt: skip
+
+    flow_losses = train_flow(transformer, vae, text, args.flow_steps, args.batch, args.lr, rng, log, args.bank,
+                             args.decay, save, args.save_every)  # fmt: skip
+    transformer.eval()
+    save(args.flow_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -1,20 +1,33 @@
-"""Toy-scale alignment benchmark: every method from the same pretrained tiny FLUX, same reward, prompts and budget,
-scored by the rule-based evaluator (never the training reward) per GenEval-style category, over seeds.
+"""Toy-scale alignment benchmark: every method in the registry fine-tunes the same pretrained tiny FLUX towards the
+same reward on the *training* captions; the rule-based evaluator (never a training signal) scores held-out captions.
 
-    python bench/quality.py                  # configs/tiny.toml's model, reward and settings; every method, 3 seeds
-    python bench/quality.py --set lr=1e-4 method.lam=2.0 --steps 200   # any config override
-    python bench/quality.py --quick          # 1 seed, few steps, few prompts: checks the pipeline (CI)
+    python bench/quality.py --split validation          # tuning: every choice (lr, steps, margin, ...) is made here
+    python bench/quality.py --split test --seeds 100 101 102 103 104 105 106 107 --jobs 2   # the final table, once
+    python bench/quality.py --set lr=3e-5 --steps 200    # any config override, for every method
+    python bench/quality.py --quick                      # 1 seed, few steps and images: checks the pipeline (CI)
 
-Every run starts from the config (`--config`, default configs/tiny.toml: the shipped toy FLUX and toy reward) and
-differs only in method and seed. Budget: the same number of optimizer steps, batch size and sampling steps N for
-every method (so the same number of sampled trajectories); the grad-enabled forwards per trajectory differ by
-method, as in the paper.
-Writes JSON, a markdown table (mean ± std over seeds) and reward curves under bench/results/.
+Protocol (leapalign_fast/toy/splits.py): training captions, validation captions and test captions are disjoint
+with a compositional hold-out (no colour-shape, count-object or object-relation-object combination of a held-out
+caption is trained). Evaluation: `--images` images per category (equal weight per category; each caption of the
+split in a fixed order, cycled), sampled with `--eval-n` steps from noise seeded by the seed, so the base model and
+every method of one seed see the same evaluation noise, and every method of one seed the same training noise
+(prompt order and step draws follow the seed). Statistics over seeds: mean with a 95% t interval; paired
+differences (same seed) against the base and between methods, with paired t and two-sided p; the base model's own
+seed-to-seed std (evaluation noise only).
+
+Budget: the same optimizer steps, batch and sampling steps N for every method; wall time and grad-enabled
+transformer forwards per step are measured per method. `--eval-every K` turns on the trainer's validation
+(eval_every: the evaluator and the reward on validation captions) for the curves of validation evaluator against
+wall-clock time; `--select best` then scores each run's `best` checkpoint (chosen on validation) instead of its last.
+
+Writes bench/results/quality_toy_<split>.{json,md} (+ reward curves, validation curves, sample grids).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -26,32 +39,216 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast import checkpoint as ckpt  # noqa: E402
-from leapalign_fast.config import config_dict, load_config  # noqa: E402
-from leapalign_fast.evaluate import sample_images  # noqa: E402
+from bench.stats import mean_ci, paired  # noqa: E402
 from leapalign_fast.methods import METHODS as REGISTRY  # noqa: E402
-from leapalign_fast.toy.evaluator import evaluate_images  # noqa: E402
-from leapalign_fast.toy.scenes import CATEGORIES, prompt_set  # noqa: E402
-from leapalign_fast.train import train  # noqa: E402
+from leapalign_fast.toy.scenes import CATEGORIES  # noqa: E402
+from leapalign_fast.toy.splits import evaluation_set  # noqa: E402
 
 METHODS = [m for m, spec in REGISTRY.items() if not spec.reference]  # every alignment method (not `full`)
+COLUMNS = [*CATEGORIES, "overall", "heldout", "reward", "diversity"]
+TRAIN_PROMPTS = ROOT / "assets" / "toy" / "prompts_train.txt"
 
 
-def run_config(args, method: str, seed: int, out: Path, prompt_file: Path):
-    overrides = [f"output_dir={out}", f"prompt_file={prompt_file}", f"seed={seed}", f"method.name={method}",
+def run_config(args, method: str, seed: int, out: Path, extra=()):
+    from leapalign_fast.config import load_config
+
+    overrides = [f"output_dir={out}", f"prompt_file={TRAIN_PROMPTS}", f"seed={seed}", f"method.name={method}",
                  f"max_steps={args.steps}", "tensorboard=false", f"checkpoint_every={args.steps}", "keep_checkpoints=1",
-                 "eval_prompts=['a red circle', 'a blue square and a green triangle']"]  # fmt: skip
+                 "eval_prompts=['a red square', 'a blue circle and a yellow triangle']"]  # fmt: skip
     if args.model:
         overrides.append(f"model.source={args.model}")
     if args.reward:
         overrides.append(f"reward.options.path={args.reward}")
-    return load_config(args.config, overrides + list(args.set))
+    return load_config(args.config, overrides + list(args.set) + list(extra))
 
 
-def score(cfg, path, prompts, specs, args, seed) -> dict[str, float]:
+def score(cfg, path, eval_set, args, seed, reward) -> tuple[dict, np.ndarray]:
+    """Evaluator accuracies per category, `overall` (mean of the six), `heldout` (without `single`, whose captions
+    are trained), the trained reward's mean and `diversity` (RMS pixel distance between images of one caption from
+    different noise, averaged over captions): (table, images)."""
+    import torch
+
+    from leapalign_fast.evaluate import sample_images
+    from leapalign_fast.toy.evaluator import evaluate_images
+
+    prompts, specs = [c for c, _ in eval_set], [s for _, s in eval_set]
     images = np.concatenate([im.cpu().numpy() for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n,
-                                                                            batch_size=60, seed=1000 + seed)])  # fmt: skip
-    return evaluate_images(images, specs)
+                                                                            batch_size=96, seed=1000 + seed)])  # fmt: skip
+    table = evaluate_images(images, specs)
+    table["heldout"] = float(np.mean([table[c] for c in CATEGORIES if c != "single"]))
+    with torch.no_grad():
+        table["reward"] = float(torch.cat([reward(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96])
+                                           for i in range(0, len(prompts), 96)]).mean())  # fmt: skip
+    by_caption: dict[str, list[np.ndarray]] = {}
+    for p, im in zip(prompts, images):
+        by_caption.setdefault(p, []).append(im)
+    dists = [np.sqrt(np.mean((a - b) ** 2)) for ims in by_caption.values() if len(ims) > 1
+             for i, a in enumerate(ims) for b in ims[i + 1 :]]  # fmt: skip
+    table["diversity"] = float(np.mean(dists)) if dists else float("nan")
+    return table, images
+
+
+class ForwardCounter:
+    """Counts transformer forwards (one per batched call), with and without grad, via a global module hook."""
+
+    def __init__(self):
+        import torch
+        from diffusers import FluxTransformer2DModel
+
+        self.grad = self.nograd = 0
+
+        def hook(module, inputs, output):
+            if isinstance(module, FluxTransformer2DModel):
+                if torch.is_grad_enabled():
+                    self.grad += 1
+                else:
+                    self.nograd += 1
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+
+    def close(self):
+        self.handle.remove()
+
+
+def grid_images(images: np.ndarray, args) -> list:
+    """`args.grid` images spread over the categories (the evaluation set is category-major), for the sample grids."""
+    per = max(1, -(-args.grid // len(CATEGORIES)))
+    pick = [c * args.images + j for j in range(min(per, args.images)) for c in range(len(CATEGORIES))][: args.grid]
+    return images[sorted(pick)].tolist()
+
+
+def run_task(args, task: tuple[str, int], work: Path) -> dict:
+    """One (method or "base", seed): train (not for base), then score. Runs in a worker process with --jobs > 1."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from leapalign_fast import checkpoint as ckpt
+    from leapalign_fast.rewards import build_reward
+    from leapalign_fast.train import train
+
+    method, seed = task
+    eval_set = evaluation_set(args.split, args.images, seed=0)
+    out = work / f"{method}_{seed}"
+    if method == "base":
+        cfg = run_config(args, "leapalign", seed, out)
+        reward = build_reward(cfg.reward.name, **cfg.reward.options)
+        table, images = score(cfg, None, eval_set, args, seed, reward)
+        return {"task": task, "table": table, "images": grid_images(images, args)}
+    extra = []
+    if args.eval_every:
+        extra = [f"eval_every={args.eval_every}", f"eval_prompt_file={work / 'validation_prompts.txt'}",
+                 "eval_rewards=['evaluator', 'reward']", "best_metric='evaluator'", f"eval_num_steps={args.eval_n}"]  # fmt: skip
+    cfg = run_config(args, method, seed, out, extra)
+    counter = ForwardCounter()
+    t0 = time.perf_counter()
+    try:
+        res = train(cfg)
+    finally:
+        counter.close()
+    seconds = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    validation = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()] if args.eval_every else []
+    clock = np.cumsum([m["step_seconds"] for m in metrics]).tolist()
+    path = out / "best" if args.select == "best" else ckpt.list_checkpoints(out)[-1]
+    reward = res.run.reward
+    table, images = score(cfg, path, eval_set, args, seed, reward)
+    return {"task": task, "table": table, "images": grid_images(images, args), "rewards": res.rewards,
+            "train_seconds": seconds, "steps": res.steps, "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),
+            "grad_forwards_per_step": counter.grad / res.steps, "validation": [
+                {**r, "train_seconds": clock[r["step"] - 1] if r["step"] else 0.0} for r in validation]}  # fmt: skip
+
+
+def _worker(payload):
+    args, task, work = payload
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return run_task(args, task, work)
+
+
+def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per method: mean and 95% CI of every column; paired differences against base and between methods."""
+    table = {m: {c: mean_ci([runs[s]["table"][c] for s in seeds]) for c in COLUMNS} for m, runs in results.items()}
+    vs_base = {m: {c: paired([runs[s]["table"][c] for s in seeds], [results["base"][s]["table"][c] for s in seeds])
+                   for c in ("overall", "heldout", "reward", "diversity")}
+               for m, runs in results.items() if m != "base"}  # fmt: skip
+    methods = [m for m in results if m != "base"]
+    between = {a: {b: paired([results[a][s]["table"]["overall"] for s in seeds],
+                             [results[b][s]["table"]["overall"] for s in seeds]) for b in methods if b != a}
+               for a in methods}  # fmt: skip
+    return {"table": table, "vs_base": vs_base, "between": between}
+
+
+def markdown(summary: dict, results: dict, args) -> str:
+    t, vb = summary["table"], summary["vs_base"]
+    order = ["base"] + sorted((m for m in t if m != "base"), key=lambda m: -t[m]["overall"]["mean"])
+    fmt = lambda s: f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"  # noqa: E731
+    md = [f"Split `{args.split}`, seeds {args.seeds} (n = {len(args.seeds)}), {args.images} images per category; "
+          "mean [95% t interval] over seeds.", "",
+          "| method | " + " | ".join(COLUMNS) + " | s/step | grad fwd/step |", "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
+    for m in order:
+        runs = list(results[m].values())
+        speed = (f"{np.mean([r['step_seconds'] for r in runs]):.2f} | {np.mean([r['grad_forwards_per_step'] for r in runs]):.2f}"
+                 if m != "base" else "– | –")  # fmt: skip
+        md.append(f"| {m} | " + " | ".join(fmt(t[m][c]) for c in COLUMNS) + f" | {speed} |")
+    md += ["", "Paired differences against base (same seeds: same evaluation noise): mean [95% CI], paired t, p, "
+           "seeds above base.", "", "| method | Δ overall | t | p | wins | Δ heldout | t | Δ reward | Δ diversity |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m in order[1:]:
+        o, h, r, d = (vb[m][c] for c in ("overall", "heldout", "reward", "diversity"))
+        md.append(f"| {m} | {o['diff']:+.3f} [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}] | {o['t']:.2f} | {o['p']:.3f} | "
+                  f"{o['wins']}/{o['n']} | {h['diff']:+.3f} | {h['t']:.2f} | {r['diff']:+.2f} | {d['diff']:+.4f} |")  # fmt: skip
+    methods = order[1:]
+    if len(methods) > 1:
+        md += ["", "Paired t of Δ overall between methods (row minus column):", "",
+               "| | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]  # fmt: skip
+        for a in methods:
+            md.append(f"| {a} | " + " | ".join("–" if a == b else f"{summary['between'][a][b]['t']:+.1f}" for b in methods) + " |")
+    base_std = t["base"]["overall"]["std"]
+    md += ["", f"Base model's own seed-to-seed std of overall (evaluation noise only): {base_std:.4f}."]
+    return "\n".join(md) + "\n"
+
+
+def plots(results: dict, out: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, runs in results.items():
+        if m == "base":
+            continue
+        curves = [r["rewards"] for r in runs.values()]
+        length = min(len(c) for c in curves)
+        ax.plot(np.mean([c[:length] for c in curves], axis=0), label=m)
+    ax.set(xlabel="optimizer step", ylabel="training reward (mean over seeds)", title="toy reward during fine-tuning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_reward_curves.png", dpi=100)
+    plt.close(fig)
+    if any(r.get("validation") for runs in results.values() for r in runs.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, runs in results.items():
+            vals = [r["validation"] for r in runs.values() if r.get("validation")]
+            if vals:
+                length = min(len(v) for v in vals)
+                ax.plot(np.mean([[row["train_seconds"] for row in v[:length]] for v in vals], axis=0),
+                        np.mean([[row["val/evaluator"] for row in v[:length]] for v in vals], axis=0), marker=".", label=m)  # fmt: skip
+        ax.set(xlabel="training wall-clock (s, excluding validation)", ylabel="validation evaluator (mean over seeds)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_validation_vs_time.png", dpi=100)
+        plt.close(fig)
+
+
+def save_grids(results: dict, seed: int, out: Path, name: str) -> None:
+    import torch
+
+    from leapalign_fast.images import save_grid
+
+    for m, runs in results.items():
+        images = torch.tensor(runs[seed]["images"])
+        if len(images):
+            save_grid(images, out / f"{name}_samples" / f"{m}.png", columns=min(6, len(images)))
 
 
 def main(argv=None) -> int:
@@ -61,73 +258,89 @@ def main(argv=None) -> int:
     p.add_argument("--reward", type=Path, default=None, help="reward.options.path (default: the config's)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--split", choices=("validation", "test", "train"), default="validation",
+                   help="evaluation captions: validation for every choice, test once for the final table; train "
+                   "(the fine-tuning captions, new noise) only to diagnose in-domain against held-out gains")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, equal for every method "
                    "(default: the config's max_steps)")
     p.add_argument("--eval-n", type=int, default=20, help="evaluation sampling steps")
-    p.add_argument("--eval-images", type=int, default=2, help="images per evaluation prompt (different noise)")
-    p.add_argument("--train-prompts", type=int, default=40, help="per category")
-    p.add_argument("--eval-prompts", type=int, default=30, help="per category")
+    p.add_argument("--images", type=int, default=48, help="evaluation images per category")
+    p.add_argument("--eval-every", type=int, default=0, help="trainer validation every K steps (curves; --select best)")
+    p.add_argument("--select", choices=("last", "best"), default="last", help="checkpoint scored per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--grid", type=int, default=12, help="sample images kept per method (first seed)")
+    p.add_argument("--from-runs", type=Path, default=None, help="summarise a runs.jsonl of an earlier (maybe cut "
+                   "short) benchmark: the seeds every listed method finished")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
+    if args.select == "best" and not args.eval_every:
+        p.error("--select best needs --eval-every K (the best checkpoint is chosen by the trainer's validation)")
+    from leapalign_fast.config import config_dict, load_config
+
     if args.quick:
-        args.seeds, args.steps, args.eval_n, args.train_prompts, args.eval_prompts, args.eval_images = [0], 3, 4, 4, 2, 1
+        args.seeds, args.steps, args.eval_n, args.images, args.grid = args.seeds[:1], 3, 4, 2, 4
         args.set = ["num_steps=4", *args.set]
     args.steps = args.steps or load_config(args.config, list(args.set)).max_steps
-    train_set = prompt_set(args.train_prompts, seed=0)
-    # Drawn independently of the training prompts; the caption space is small (3 single-object captions in all),
-    # so the two sets can overlap. Every evaluation image comes from fresh noise either way.
-    eval_set = prompt_set(args.eval_prompts, seed=1)
-    eval_prompts = [c for c, _ in eval_set for _ in range(args.eval_images)]
-    eval_specs = [s for _, s in eval_set for _ in range(args.eval_images)]
     work = Path(tempfile.mkdtemp(prefix="quality-"))
-    prompt_file = work / "train_prompts.txt"
-    prompt_file.write_text("\n".join(c for c, _ in train_set) + "\n")
+    (work / "validation_prompts.txt").write_text(
+        "".join(c + "\n" for c, _ in evaluation_set("validation", max(2, args.images // 4), seed=1)))
+    tasks = [(m, s) for s in args.seeds for m in ["base", *args.methods]]  # seed-major: a cut run has whole seeds
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {"base": []}
-    curves: dict[str, list[list[float]]] = {}
-    seconds: dict[str, list[float]] = {}
-    for seed in args.seeds:
-        cfg = run_config(args, "leapalign", seed, work / "base", prompt_file)
-        results["base"].append(score(cfg, None, eval_prompts, eval_specs, args, seed))
-        for m in args.methods:
-            out = work / f"{m}_{seed}"
-            cfg = run_config(args, m, seed, out, prompt_file)
-            t1 = time.perf_counter()
-            res = train(cfg)
-            seconds.setdefault(m, []).append(time.perf_counter() - t1)
-            curves.setdefault(m, []).append(res.rewards)
-            results.setdefault(m, []).append(score(cfg, ckpt.list_checkpoints(out)[-1], eval_prompts, eval_specs, args, seed))
-            print(f"{m} seed {seed}: overall {results[m][-1]['overall']:.3f} (base {results['base'][-1]['overall']:.3f}), "
-                  f"reward {np.mean(res.rewards[:10]):.3f} -> {np.mean(res.rewards[-10:]):.3f}", flush=True)  # fmt: skip
-    cats = list(CATEGORIES) + ["overall"]
-    table = {m: {c: [float(np.mean([r[c] for r in rs])), float(np.std([r[c] for r in rs]))] for c in cats}
-             for m, rs in results.items()}  # fmt: skip
+    results: dict[str, dict[int, dict]] = {}
+
+    name = f"quality_toy_{args.split}" + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "quality_toy_quick" if args.quick else "quality_toy"
-    md = ["| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
-    for m, row in table.items():
-        md.append(f"| {m} | " + " | ".join(f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in cats) + " |")
-    (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
-    import matplotlib
+    partial = args.out / f"{name}_runs.jsonl"  # every finished run as it comes: a cut-short benchmark keeps its runs
+    if not args.from_runs:
+        partial.unlink(missing_ok=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def record(r):
+        (m, s) = r["task"]
+        results.setdefault(m, {})[s] = r
+        with open(partial, "a") as f:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "images"}) + "\n")
+        base = results.get("base", {}).get(s)
+        note = f" (base {base['table']['overall']:.3f})" if base and m != "base" else ""
+        print(f"{m} seed {s}: overall {r['table']['overall']:.3f}{note}, reward {r['table']['reward']:.2f} "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, runs in curves.items():
-        length = min(len(r) for r in runs)
-        ax.plot(np.mean([r[:length] for r in runs], axis=0), label=m)
-    ax.set(xlabel="optimizer step", ylabel="training reward (mean over seeds)", title="toy reward during fine-tuning")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / f"{name}_reward_curves.png", dpi=100)
-    write_result(args.out / f"{name}.json", {"table": table, "per_seed": results, "curves": curves,
-                 "settings": {k: str(v) for k, v in vars(args).items()}, "config": config_dict(cfg),
-                 "wall_seconds": time.perf_counter() - t0, "seconds_per_method": seconds,
+    if args.from_runs:
+        runs = [json.loads(x) for x in args.from_runs.read_text().splitlines() if x.strip()]
+        for r in runs:
+            r["task"] = tuple(r["task"])
+        args.methods = [m for m in args.methods if any(r["task"][0] == m for r in runs)]
+        done = [s for s in args.seeds if all(any(r["task"] == (m, s) for r in runs) for m in ["base", *args.methods])]
+        args.seeds, name = done, name + "_from_runs"
+        for r in runs:
+            if r["task"][1] in done and r["task"][0] in ["base", *args.methods]:
+                results.setdefault(r["task"][0], {})[r["task"][1]] = {**r, "images": []}
+    elif args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for r in pool.map(_worker, [(args, t, work) for t in tasks]):
+                record(r)
+    else:
+        for t in tasks:
+            record(run_task(args, t, work))
+    results = {m: results[m] for m in ["base", *args.methods]}
+    summary = summarise(results, args.seeds)
+    md = markdown(summary, results, args)
+    (args.out / f"{name}.md").write_text(md)
+    plots(results, args.out, name)
+    save_grids(results, args.seeds[0], args.out, name)
+    wall = time.perf_counter() - t0
+    per_seed = {m: {s: {k: v for k, v in r.items() if k != "images"} for s, r in runs.items()} for m, runs in results.items()}
+    write_result(args.out / f"{name}.json", {**summary, "per_seed": per_seed, "wall_seconds": wall,
+                 "settings": {k: str(v) for k, v in vars(args).items()},
+                 "config": config_dict(run_config(args, "leapalign", args.seeds[0], work / "x")),
                  "budget": "equal optimizer steps, batch size and sampling steps per method"})  # fmt: skip
-    print("\n".join(md))
+    print(md)
+    print(f"wall time {wall:.0f} s")
     return 0
 
 

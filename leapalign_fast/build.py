@@ -17,6 +17,7 @@ from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import DTYPES, Backbone, backbone_for
 from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.prompts import builtin_prompts, read_prompt_file
+from leapalign_fast.validation import validation_prompts
 
 
 def load_components(cfg: Config, need_text: bool = True):
@@ -82,7 +83,7 @@ def encode_prompt_cache(cfg: Config) -> list[Path]:
     components = load_components(cfg, need_text=True)
     device = torch.device("cuda") if torch.cuda.is_available() else None
     paths = []
-    for prompts in (train_prompts(cfg), list(cfg.eval_prompts)):
+    for prompts in (train_prompts(cfg), list(cfg.eval_prompts), *validation_prompts(cfg)):
         prompt_embeddings(cfg, components, prompts, device)
         paths.append(prompt_cache_path(cfg, prompts))
     return paths

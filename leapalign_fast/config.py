@@ -113,6 +113,14 @@ class Config:
         default_factory=lambda: ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     )
     grid_every: int = 0  # image grid every n steps; 0 = only at start and end
+    # Validation during training (leapalign_fast/validation.py): every eval_every steps (and at steps 0 and max_steps)
+    eval_every: int = 0  # 0 = off
+    eval_prompt_file: str = ""  # validation prompts, one per line (repeats: more images of a prompt, other noise)
+    eval_rewards: list[str] = field(default_factory=lambda: ["reward"])  # reward | evaluator | a label below
+    eval_reward_options: dict = field(default_factory=dict)  # label -> {name = registered reward, its options}
+    eval_num_steps: int = 0  # sampling steps of validation images; 0 = num_steps
+    best_metric: str = ""  # the eval_rewards label the `best` checkpoint maximises; "" = the first
+    early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
     tensorboard: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -236,12 +244,16 @@ def resolve_file_paths(data: dict, base: Path) -> None:
     model, reward = data.get("model"), data.get("reward")
     if isinstance(model, dict) and "source" in model:
         model["source"] = fix(model["source"])
-    if "prompt_file" in data:
-        data["prompt_file"] = fix(data["prompt_file"])
-    options = reward.get("options") if isinstance(reward, dict) else None
-    if isinstance(options, dict) and "path" in options:
-        path = options["path"]
-        options["path"] = [fix(x) for x in path] if isinstance(path, list) else fix(path)
+    for key in ("prompt_file", "eval_prompt_file"):
+        if key in data:
+            data[key] = fix(data[key])
+    options = [reward.get("options")] if isinstance(reward, dict) else []
+    if isinstance(data.get("eval_reward_options"), dict):
+        options += list(data["eval_reward_options"].values())
+    for opts in options:
+        if isinstance(opts, dict) and "path" in opts:
+            path = opts["path"]
+            opts["path"] = [fix(x) for x in path] if isinstance(path, list) else fix(path)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -325,7 +337,31 @@ def validate(cfg: Config) -> None:
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    validate_validation(cfg, need)
     cfg.method.validate(cfg.num_steps)  # only the chosen method's keys
+
+
+def validate_validation(cfg: Config, need) -> None:
+    """The validation keys: each mistake its own error naming the key and the fix."""
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0 = no validation), got {cfg.eval_every}")
+    need(cfg.eval_num_steps >= 0, f"eval_num_steps must be >= 0 (0 = num_steps), got {cfg.eval_num_steps}")
+    need(cfg.early_stop_patience >= 0, f"early_stop_patience must be >= 0 (0 = never stop early), got "
+         f"{cfg.early_stop_patience}")  # fmt: skip
+    need(not cfg.early_stop_patience or cfg.eval_every, "early_stop_patience needs validation: set eval_every > 0 "
+         "and eval_prompt_file")  # fmt: skip
+    need(not cfg.best_metric or cfg.eval_every, "best_metric needs validation: set eval_every > 0 and eval_prompt_file")
+    if not cfg.eval_every:
+        return
+    need(bool(cfg.eval_prompt_file), f"eval_every = {cfg.eval_every} needs eval_prompt_file: a text file of validation "
+         "prompts, one per line (the toy benchmark's: assets/toy/prompts_validation.txt)")  # fmt: skip
+    need(bool(cfg.eval_rewards), "eval_rewards is empty; name at least one scorer: 'reward' (the trained one), "
+         "'evaluator' (toy captions) or a label of eval_reward_options")  # fmt: skip
+    need(len(set(cfg.eval_rewards)) == len(cfg.eval_rewards), f"eval_rewards names a scorer twice: {cfg.eval_rewards}")
+    for label in cfg.eval_reward_options:
+        need(isinstance(cfg.eval_reward_options[label], dict), f"eval_reward_options.{label} must be a table of the "
+             "reward's options, e.g. { name = \"toy\", path = \"reward.safetensors\" }")  # fmt: skip
+    need(not cfg.best_metric or cfg.best_metric in cfg.eval_rewards, f"best_metric '{cfg.best_metric}' is not one of "
+         f"eval_rewards {cfg.eval_rewards}; pick one of them (or leave it empty for the first)")  # fmt: skip
 
 
 def config_dict(cfg: Config) -> dict:

@@ -50,6 +50,7 @@ from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_dig
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.validation import build_validator, validation_prompts
 
 # Config keys whose change alters the math of a resumed run.
 MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
@@ -147,17 +148,18 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     check_reward_name(cfg.reward.name)  # a typo fails before the model is loaded
     torch.manual_seed(cfg.seed)  # same init on every rank
     prompts = train_prompts(cfg)
-    cached = all(prompt_cache_path(cfg, p).is_file() for p in (prompts, list(cfg.eval_prompts)))
+    prompt_sets = (prompts, list(cfg.eval_prompts), *validation_prompts(cfg))
+    cached = all(prompt_cache_path(cfg, p).is_file() for p in prompt_sets)
     # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank).
     backbone = backbone_for(cfg.model)
     components = build.load_components(cfg, need_text=not cached and accelerator.is_main_process)
     geometry = backbone.geometry(components, cfg.resolution)
     check_memory(cfg, components, geometry, accelerator.device)  # a blow-up fails now, with an estimate, not minutes later
     if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
-        for p in (prompts, list(cfg.eval_prompts)):
+        for p in prompt_sets:
             build.prompt_embeddings(cfg, components, p, accelerator.device)
     else:
-        wait_for_files([prompt_cache_path(cfg, p) for p in (prompts, list(cfg.eval_prompts))])
+        wait_for_files([prompt_cache_path(cfg, p) for p in prompt_sets])
     accelerator.wait_for_everyone()
     components.text = None  # text encoders are not needed once prompts are embedded
     # Every rank reads its batches from the cache files (memory-mapped), not the whole cache.
@@ -394,6 +396,9 @@ def _train(cfg: Config) -> TrainResult:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=step + 1)
+    validator = build_validator(run, step)  # eval_every: validation scores, the `best` checkpoint, early stop
+    if validator is not None and step == 0:
+        validator(run, 0, writer)
     order = PromptOrder(len(run.prompts), cfg.seed, consumed)
     world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.batch_size
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
@@ -464,6 +469,10 @@ def _train(cfg: Config) -> TrainResult:
                 if bool(stopping):
                     bar.close()
                     raise Preempted(step, path)
+            if validator is not None and validator(run, step, writer):  # early stop: no new best for a while
+                if step % cfg.checkpoint_every != 0 and step != cfg.max_steps:  # else saved above
+                    save_checkpoint(run, step, order.consumed)
+                break
             if accelerator.is_main_process and cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
                 write_grid(run, step)
     bar.close()

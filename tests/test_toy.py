@@ -160,26 +160,19 @@ def test_parse_caption_inverts_caption_and_near_misses_are_fixed():
 
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
-    """A (barely) pretrained toy FLUX directory and toy reward, from the repo's own scripts (their `main`, in this
-    process: two fresh interpreters would spend most of the time importing torch)."""
+    """A (barely) pretrained toy FLUX directory and toy reward, from the repo's own scripts."""
+    import subprocess
     import sys
     from pathlib import Path
 
-    import torch
-
     root = Path(__file__).resolve().parent.parent
-    sys.path.append(str(root))
-    from bench import pretrain_toy, train_toy_reward
-
     d = tmp_path_factory.mktemp("toy")
-    threads = torch.get_num_threads()  # the scripts set their own
-    try:
-        assert pretrain_toy.main(["--vae-steps", "2", "--flow-steps", "2", "--batch", "4", "--bank", "256", "--out",
-                                  str(d / "flux")]) == 0  # fmt: skip
-        assert train_toy_reward.main(["--steps", "3", "--batch", "4", "--bank-model", str(d / "flux"), "--bank", "8",
-                                      "--bank-steps", "2", "--out", str(d / "reward.safetensors")]) == 0  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    for cmd in ([str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps", "2", "--batch", "4",
+                 "--bank", "256", "--out", str(d / "flux")],
+                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--bank-model",
+                 str(d / "flux"), "--bank", "8", "--bank-steps", "2", "--out", str(d / "reward.safetensors")]):  # fmt: skip
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     return d
 
 
@@ -202,14 +195,42 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
 
 
 def test_quality_bench_quick(toy_assets, tmp_path):
+    """The benchmark end to end (1 seed, 3 steps); in parallel (--jobs 2) it gives the very same numbers."""
     import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from bench import quality  # (toy_assets put the repository on sys.path)
+    root = Path(__file__).resolve().parent.parent
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        proc = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--quick", "--model",
+                               str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
+                               "--methods", "leapalign", "refl", "--jobs", jobs, "--out", str(out)],
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((out / "quality_toy_validation_quick.json").read_text())
+        table = result["table"]
+        assert set(table) == {"base", "leapalign", "refl"}
+        assert set(table["leapalign"]) == set(CATEGORIES) | {"overall", "heldout", "reward", "diversity"}
+        assert all(0.0 <= table[m][c]["mean"] <= 1.0 for m in table for c in [*CATEGORIES, "overall", "heldout"])
+        assert set(result["vs_base"]) == {"leapalign", "refl"} and "t" in result["vs_base"]["leapalign"]["overall"]
+        run = result["per_seed"]["leapalign"]["0"]
+        assert run["steps"] == 3 and run["grad_forwards_per_step"] == 2.0  # LeapAlign: two grad-enabled leaps
+        assert result["per_seed"]["refl"]["0"]["grad_forwards_per_step"] == 1.0
+        assert (out / "quality_toy_validation_quick_reward_curves.png").is_file()
+        assert (out / "quality_toy_validation_quick_samples" / "leapalign.png").is_file()
+        tables.append({m: {s: r["table"] for s, r in runs.items()} for m, runs in result["per_seed"].items()})
+    assert tables[0] == tables[1]
 
-    assert quality.main(["--quick", "--model", str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
-                         "--methods", "leapalign", "refl", "--out", str(tmp_path)]) == 0  # in this process: no second torch import
-    table = json.loads((tmp_path / "quality_toy_quick.json").read_text())["table"]
-    assert set(table) == {"base", "leapalign", "refl"}
-    assert set(table["leapalign"]) == set(CATEGORIES) | {"overall"}
-    assert all(0.0 <= v[0] <= 1.0 for row in table.values() for v in row.values())
-    assert (tmp_path / "quality_toy_quick_reward_curves.png").is_file()
+
+def test_paired_statistics():
+    from bench.stats import mean_ci, paired, t_quantile, t_sf2
+
+    assert abs(t_quantile(0.975, 7) - 2.364624) < 1e-5 and abs(t_quantile(0.975, 2) - 4.302653) < 1e-5
+    assert abs(t_sf2(3.0, 7) - 0.019942) < 1e-5
+    s = mean_ci([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and abs(s["ci"][1] - (2 + 4.302653 / 3**0.5)) < 1e-5
+    d = paired([1, 2, 3, 4], [0, 1, 1, 2])
+    assert d["diff"] == 1.5 and d["wins"] == 4 and abs(d["t"] - 1.5 / (0.57735 / 2)) < 1e-3

@@ -12,6 +12,8 @@ from leapalign_fast.toy.scenes import COLOURS, RELATIONS, Spec
 
 MIN_AREA = 20  # pixels; smaller blobs are noise
 COLOUR_TOL = 0.45  # max RGB distance to a palette colour
+FOREGROUND = 0.5  # min brightest channel of an object pixel (every palette colour has a channel >= 0.8)
+MIN_PURITY = 0.5  # min fraction of an object's pixels near its colour; below: "mixed"
 
 
 @dataclass(frozen=True)
@@ -62,18 +64,25 @@ def classify_shape(pix: np.ndarray) -> str:
 
 
 def detect(image: np.ndarray) -> list[Found]:
-    """Objects in a (3, H, W) image in [0, 1]."""
+    """Objects in a (3, H, W) image in [0, 1]. An object is a connected component of the foreground (pixels at
+    least FOREGROUND bright in some channel), so one blob is one object whatever its colours; its colour is the
+    palette colour that at least MIN_PURITY of its pixels are within COLOUR_TOL of, else "mixed" (which matches no
+    colour but still counts as its shape for captions without colours). Segmenting each palette colour separately
+    (the first version) split one orange blob into a red and a yellow object, which passed "a triangle and a
+    circle"."""
     img = np.asarray(image, dtype=np.float32)
     palette = np.asarray(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
     dist = np.linalg.norm(img[None] - palette[:, :, None, None], axis=1)  # (K, H, W)
-    nearest = dist.argmin(0)
-    ok = dist.min(0) < COLOUR_TOL
+    nearest = np.where(dist.min(0) < COLOUR_TOL, dist.argmin(0), -1)  # (H, W) palette index, -1 for none
+    names = list(COLOURS)
     found = []
-    for k, name in enumerate(COLOURS):
-        for pix in _components(ok & (nearest == k)):
-            if len(pix) >= MIN_AREA:
-                found.append(Found(name, classify_shape(pix), float(pix[:, 1].mean()) + 0.5,
-                                   float(pix[:, 0].mean()) + 0.5, len(pix)))  # fmt: skip
+    for pix in _components(img.max(0) >= FOREGROUND):
+        if len(pix) < MIN_AREA:
+            continue
+        votes = np.bincount(nearest[pix[:, 0], pix[:, 1]] + 1, minlength=len(names) + 1)[1:]
+        colour = names[int(votes.argmax())] if votes.max() >= MIN_PURITY * len(pix) else "mixed"
+        found.append(Found(colour, classify_shape(pix), float(pix[:, 1].mean()) + 0.5, float(pix[:, 0].mean()) + 0.5,
+                           len(pix)))  # fmt: skip
     return found
 
 

@@ -1,0 +1,80 @@
+"""Small-sample statistics for the benchmarks (no scipy): Student-t confidence intervals and paired t-tests.
+
+    mean_ci([...])            -> {"mean", "std", "n", "ci": [lo, hi]}        95% t interval of the mean
+    paired(a, b)              -> {"diff", "ci", "t", "p", "wins", "n"}       a - b paired by index (seed)
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (Numerical Recipes, modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf2(t: float, df: int) -> float:
+    """Two-sided p-value P(|T| >= |t|) of Student's t with df degrees of freedom."""
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q > 0.5) of Student's t, by bisection on the two-sided tail."""
+    lo, hi, tail = 0.0, 1e4, 2.0 * (1.0 - q)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf2(mid, df) > tail else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(x: list[float], level: float = 0.95) -> dict:
+    n = len(x)
+    mean = sum(x) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1)) if n > 1 else 0.0
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "ci": [mean - half, mean + half]}
+
+
+def paired(a: list[float], b: list[float], level: float = 0.95) -> dict:
+    """a - b paired by position (same seed: same training and evaluation noise): mean difference, its t interval,
+    t statistic, two-sided p and the number of pairs where a > b."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    s = mean_ci(d, level)
+    se = s["std"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan
+    t = s["mean"] / se if se and se > 0 else (math.inf if s["mean"] > 0 else -math.inf if s["mean"] < 0 else 0.0)
+    p = t_sf2(t, s["n"] - 1) if math.isfinite(t) and s["n"] > 1 else (0.0 if s["mean"] else 1.0)
+    return {"diff": s["mean"], "ci": s["ci"], "t": t, "p": p, "wins": sum(v > 0 for v in d), "n": s["n"]}

@@ -1,0 +1,229 @@
+"""Validation during training: every `eval_every` steps, sample the validation prompts (`eval_prompt_file`) from
+fixed noise with the current weights, score them with a set of rewards (`eval_rewards`), log the scores, keep a
+`best` checkpoint by one of them (`best_metric`), and stop early after `early_stop_patience` validations without
+improvement.
+
+Scorers, by label in `eval_rewards`:
+  reward      the trained reward (`[reward]`), as the loss sees it
+  evaluator   the toy benchmark's rule-based evaluator (leapalign_fast.toy.evaluator; GenEval-style mean of the
+              per-category accuracies); the prompts must be toy captions. A score only: it has no gradient.
+  <label>     a registered reward: `eval_reward_options.<label>` holds its builder options, and `name` picks the
+              registered reward (default: the label itself), e.g.
+              eval_reward_options = { second = { name = "toy", path = "assets/toy/reward_b.safetensors" } }
+
+Writes, in output_dir:
+  validation.jsonl   one row per validation: {"step", "val/<label>": mean score, "val/evaluator/<category>", "best",
+                     "since_best", "eval_seconds"} (also TensorBoard scalars `val/...`)
+  best/              trained.safetensors (+ ema.safetensors) and state.json {step, metric, value} of the best
+                     validation so far; `leapalign-fast eval --checkpoint <output_dir>/best` samples it. Rebuilt in
+                     `.tmp-best` and swapped in by renames; the regular checkpoints are never touched.
+Sampling and scoring run on the main process; its verdict (improved, stop) is shared with every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leapalign_fast.config import Config
+from leapalign_fast.errors import UserError
+from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from leapalign_fast.prompts import read_prompt_file
+from leapalign_fast.sampler import sample_trajectory
+
+BUILTIN = ("reward", "evaluator")
+
+
+def validation_prompts(cfg: Config) -> list[list[str]]:
+    """The prompt sets validation needs embedded (for build_run's prompt cache): [] when validation is off."""
+    return [read_prompt_file(cfg.eval_prompt_file)] if cfg.eval_every else []
+
+
+class EvaluatorScore(torch.nn.Module):
+    """The toy rule-based evaluator as a per-image score in {0, 1} (not differentiable: validation only)."""
+
+    def __init__(self, prompts: list[str]):
+        super().__init__()
+        from leapalign_fast.toy.scenes import parse_caption
+
+        bad = [p for p in prompts if parse_caption(p) is None]
+        if bad:
+            raise UserError(f"eval_rewards: 'evaluator' judges toy captions (leapalign_fast/toy/scenes.py); the "
+                            f"validation prompt {bad[0]!r} is not one; drop 'evaluator' or use a toy prompt file")  # fmt: skip
+        self.specs = {p: parse_caption(p) for p in prompts}
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from leapalign_fast.toy.evaluator import judge
+
+        images = images.detach().float().cpu().numpy()
+        return torch.tensor([float(judge(im, self.specs[p])) for im, p in zip(images, prompts)])
+
+
+def build_scorers(cfg: Config, prompts: list[str], trained_reward: torch.nn.Module, device) -> dict[str, torch.nn.Module]:
+    from leapalign_fast.rewards import build_reward, check_reward_name
+
+    scorers = {}
+    for label in cfg.eval_rewards:
+        if label == "reward":
+            if hasattr(trained_reward, "check_prompts"):  # a bad validation prompt fails now, not at the first validation
+                trained_reward.check_prompts(prompts)
+            scorers[label] = trained_reward
+        elif label == "evaluator":
+            scorers[label] = EvaluatorScore(prompts)
+        else:
+            opts = dict(cfg.eval_reward_options.get(label, {}))
+            name = opts.pop("name", label)
+            check_reward_name(name)
+            scorers[label] = build_reward(name, **opts).to(device)
+    return scorers
+
+
+def _since_best(rows: list[dict], metric: str) -> tuple[float, int]:
+    """(best value, validations since it) from earlier validation rows (a resumed run)."""
+    best, since = -math.inf, 0
+    for row in rows:
+        v = row.get(f"val/{metric}")
+        if v is not None and v > best:
+            best, since = v, 0
+        else:
+            since += 1
+    return best, since
+
+
+class Validator:
+    """Owns the validation prompts, noise, scorers and best-so-far state of one run."""
+
+    def __init__(self, run, start_step: int):
+        cfg = run.cfg
+        self.cfg, self.out = cfg, run.out
+        self.metric = cfg.best_metric or cfg.eval_rewards[0]
+        self.prompts = read_prompt_file(cfg.eval_prompt_file)
+        from leapalign_fast.build import prompt_embeddings
+
+        self.embeds = prompt_embeddings(cfg, run.components, self.prompts)
+        self.scorers = build_scorers(cfg, self.prompts, run.reward, run.accelerator.device)
+        n = cfg.eval_num_steps or cfg.num_steps
+        self.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
+        # The same noise at every validation (and for every method with this seed): curves compare weights only.
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 7919]).generate_state(1)[0]))
+        self.noise = torch.randn(*run.geometry.noise_shape(len(self.prompts)), generator=gen)  # (P, L, C)
+        self.path = run.out / "validation.jsonl"
+        rows = []
+        if run.accelerator.is_main_process:
+            if start_step == 0:
+                self.path.unlink(missing_ok=True)
+                shutil.rmtree(run.out / "best", ignore_errors=True)
+            else:  # drop rows after the resumed step, so a replayed validation is not counted twice
+                _restore_best_dir(run.out)
+                rows = [r for r in _read_rows(self.path) if r["step"] <= start_step]
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.best, self.since_best = _since_best(rows, self.metric)
+
+    @torch.no_grad()
+    def scores(self, run) -> dict[str, list[float]]:
+        """Per-image scores of every scorer on the validation prompts, with the current weights."""
+        from leapalign_fast.models.backbone import DTYPES
+        from leapalign_fast.train import decoder, velocity_for  # train imports this module; the loop calls back
+
+        dev, dtype = run.accelerator.device, DTYPES[self.cfg.model.dtype]
+        out = {label: [] for label in self.scorers}
+        B = self.cfg.batch_size
+        for start in range(0, len(self.prompts), B):
+            idx = list(range(start, min(start + B, len(self.prompts))))
+            velocity = velocity_for(run, idx, self.embeds)
+            x0 = sample_trajectory(velocity, self.noise[idx].to(dev, dtype), self.sigmas).x0
+            images = decoder(run)(x0)
+            prompts = [self.prompts[i] for i in idx]
+            for label, scorer in self.scorers.items():
+                out[label] += scorer(images, prompts).float().cpu().tolist()  # host sync, once per validation batch
+        return out
+
+    def row(self, step: int, scores: dict[str, list[float]], seconds: float) -> dict:
+        row: dict = {"step": step}
+        for label, values in scores.items():
+            if label == "evaluator":  # GenEval's overall: the mean of the per-category accuracies
+                from leapalign_fast.toy.scenes import parse_caption
+
+                per: dict[str, list[float]] = {}
+                for p, v in zip(self.prompts, values):
+                    per.setdefault(parse_caption(p).category, []).append(v)
+                row.update({f"val/evaluator/{c}": float(np.mean(v)) for c, v in per.items()})
+                row["val/evaluator"] = float(np.mean([np.mean(v) for v in per.values()]))
+            else:
+                row[f"val/{label}"] = float(np.mean(values))
+        row["eval_seconds"] = seconds
+        return row
+
+    def __call__(self, run, step: int, writer=None) -> bool:
+        """Validate at `step` if due; returns True when training should stop early (on every rank)."""
+        if step % self.cfg.eval_every != 0 and step != self.cfg.max_steps:
+            return False
+        acc = run.accelerator
+        verdict = torch.zeros(2, device=acc.device)  # (improved, stop)
+        if acc.is_main_process:
+            t0 = time.perf_counter()
+            row = self.row(step, self.scores(run), 0.0)
+            row["eval_seconds"] = time.perf_counter() - t0
+            value = row[f"val/{self.metric}"]
+            improved = value > self.best
+            if improved:
+                self.best, self.since_best = value, 0
+                self._write_best(run, step, value)
+            else:
+                self.since_best += 1
+            row.update(best=improved, since_best=self.since_best)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if writer is not None:
+                for k, v in row.items():
+                    if k.startswith("val/"):
+                        writer.add_scalar(k, v, step)
+            patience = self.cfg.early_stop_patience
+            verdict[0], verdict[1] = float(improved), float(bool(patience) and self.since_best >= patience)
+        verdict = acc.reduce(verdict, "sum")  # only rank 0 contributes: its verdict, on every rank
+        return bool(verdict[1] > 0)  # host sync
+
+    def _write_best(self, run, step: int, value: float) -> None:
+        from leapalign_fast.train import trained_state
+
+        tmp, final, old = self.out / ".tmp-best", self.out / "best", self.out / ".old-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tensors_atomic(trained_state(run.transformer), tmp / "trained.safetensors")
+        if run.ema is not None:
+            save_tensors_atomic(run.ema.shadow, tmp / "ema.safetensors")
+        write_json_atomic(tmp / "state.json", {"step": step, "metric": self.metric, "value": value})
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)  # a crash between the two renames leaves .old-best, restored on resume
+        fsync_dir(self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_best_dir(out: Path) -> None:
+    """After a crash between the two renames of `_write_best`: put the previous best back."""
+    if not (out / "best").exists() and (out / ".old-best").exists():
+        (out / ".old-best").rename(out / "best")
+    shutil.rmtree(out / ".tmp-best", ignore_errors=True)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash mid-write
+    return rows
+
+
+def build_validator(run, start_step: int) -> Validator | None:
+    return Validator(run, start_step) if run.cfg.eval_every else None
