@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import sys
+import typing
 from pathlib import Path
 
 from leapalign_fast.errors import UserError
@@ -112,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted() -> int:
+def _interrupted() -> typing.NoReturn:
     print("leapalign-fast: interrupted (Ctrl-C) outside a training step; checkpoints already written are intact; "
           "rerun with resume=true to continue", file=sys.stderr)  # fmt: skip
-    return 130
+    # Exit now: a Ctrl-C that landed inside `import torch` can leave a half-initialised module whose shutdown
+    # handlers end the process by SIGINT (status -2, seen once under load) instead of 130. Nothing is left to
+    # clean up here: checkpoints are atomic and the run lock is released with the process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
