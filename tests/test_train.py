@@ -90,7 +90,7 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
     from leapalign_fast import checkpoint as ckpt
     from leapalign_fast.evaluate import sample_images
     from leapalign_fast.toy.evaluator import evaluate_images
-    from leapalign_fast.toy.scenes import prompt_set
+    from leapalign_fast.toy.splits import evaluation_set
 
     from leapalign_fast.cli import main
 
@@ -102,7 +102,7 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 1.0, (first, last)
     assert (tmp_path / "grids" / f"step_{cfg.max_steps:06d}.png").is_file()
-    held_out = prompt_set(30, seed=1)  # as bench/quality.py: 2 images per prompt
+    held_out = evaluation_set("validation", 16)  # captions disjoint from training (compositional hold-out)
     prompts, specs = [c for c, _ in held_out for _ in range(2)], [s for _, s in held_out for _ in range(2)]
 
     def accuracy(path):
