@@ -108,6 +108,27 @@ def missing_files(root: Path, need_text: bool = True) -> list[str]:
     return missing_parts(root, _REQUIRED, need_text)
 
 
+def model_dir(path, required: dict, need_text: bool, family: str) -> Path:
+    """`path` as a local diffusers-format directory holding every part in `required`, else one UserError line."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"model.source: {root} is not a directory; give a local diffusers-format {family} directory")
+    missing = missing_parts(root, required, need_text)
+    if missing:
+        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    return root
+
+
+# One transformer, one VAE, one LLM text encoder with its tokenizer (FLUX.2-Klein, Qwen-Image).
+SINGLE_ENCODER_PARTS = {
+    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
+    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
+    "scheduler": ["scheduler_config.json"],
+    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
+    "tokenizer": [("tokenizer.json", "vocab.json")],
+}
+
+
 def load_part(root: Path, what: str, fn):
     """`fn()` (a from_pretrained of part `what`), with a load failure or missing weights as one UserError line."""
     try:

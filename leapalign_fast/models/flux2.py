@@ -9,7 +9,6 @@ Packed latents are the pipeline's own: (B, (h/2)(w/2), 4 C) of the patchified, n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,27 +105,14 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
     return Flux2Components(transformer, vae, text, scheduler)
 
 
-_REQUIRED = {
-    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
-    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
-    "scheduler": ["scheduler_config.json"],
-    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
-    "tokenizer": [("tokenizer.json", "vocab.json")],
-}
-
 
 def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> Flux2Components:
     """FLUX.2-Klein from a local diffusers-format directory (e.g. black-forest-labs/FLUX.2-klein-base-9B)."""
     from transformers import AutoTokenizer
 
-    from leapalign_fast.models.flux import load_part, missing_parts
+    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_part, model_dir
 
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"model.source: {root} is not a directory; give a local diffusers-format FLUX.2-Klein directory")
-    missing = missing_parts(root, _REQUIRED, need_text)
-    if missing:
-        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "FLUX.2-Klein")
     kw = dict(torch_dtype=dtype, local_files_only=True)
     transformer = load_part(root, "transformer", lambda: Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
     vae = load_part(root, "vae", lambda: AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", **kw)).eval()

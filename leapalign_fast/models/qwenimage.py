@@ -10,7 +10,6 @@ Packed latents are FLUX's 2x2 packing of the (B, 16, h, w) latents of the single
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, Geometry
-from leapalign_fast.models.flux import pack_latents, unpack_latents
+from leapalign_fast.models.flux import unpack_latents
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -79,27 +78,14 @@ def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
     return QwenImageComponents(transformer, vae, text, scheduler)
 
 
-_REQUIRED = {
-    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
-    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
-    "scheduler": ["scheduler_config.json"],
-    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
-    "tokenizer": [("tokenizer.json", "vocab.json")],
-}
-
 
 def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> QwenImageComponents:
     """Qwen-Image from a local diffusers-format directory (a snapshot of Qwen/Qwen-Image)."""
     from transformers import AutoTokenizer
 
-    from leapalign_fast.models.flux import load_part, missing_parts
+    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_part, model_dir
 
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"model.source: {root} is not a directory; give a local diffusers-format Qwen-Image directory")
-    missing = missing_parts(root, _REQUIRED, need_text)
-    if missing:
-        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "Qwen-Image")
     kw = dict(torch_dtype=dtype, local_files_only=True)
     transformer = load_part(root, "transformer", lambda: QwenImageTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
     vae = load_part(root, "vae", lambda: AutoencoderKLQwenImage.from_pretrained(root, subfolder="vae", **kw)).eval()

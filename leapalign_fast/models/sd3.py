@@ -9,7 +9,6 @@ the velocity unpacks to the (B, 16, h, w) the transformer patchifies itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -98,14 +97,9 @@ def load_sd3(path, dtype: torch.dtype, need_text: bool = True, max_sequence_leng
     """SD3.5 from a local diffusers-format directory (a snapshot of stabilityai/stable-diffusion-3.5-medium)."""
     from transformers import AutoTokenizer
 
-    from leapalign_fast.models.flux import load_part, missing_parts
+    from leapalign_fast.models.flux import load_part, model_dir
 
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"model.source: {root} is not a directory; give a local diffusers-format SD3.5 directory")
-    missing = missing_parts(root, _REQUIRED, need_text)
-    if missing:
-        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+    root = model_dir(path, _REQUIRED, need_text, "SD3.5")
     kw = dict(torch_dtype=dtype, local_files_only=True)
     transformer = load_part(root, "transformer", lambda: SD3Transformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
     vae = load_part(root, "vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)).eval()
