@@ -11,6 +11,7 @@ Adding a family: write `models/<family>.py` ending in `BACKBONE = Backbone(...)`
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from dataclasses import dataclass
@@ -31,6 +32,23 @@ BACKBONES = {
     "flux2": "leapalign_fast.models.flux2",  # FLUX.2-Klein (base: true CFG): Flux2KleinPipeline
     "qwenimage": "leapalign_fast.models.qwenimage",  # Qwen-Image: QwenImagePipeline
 }
+
+
+class ConditionedVelocity:
+    """Base of every backbone's velocity: the tensors named in `CONDITIONING` are all the forward reads besides
+    x, t and the weights, so a CUDA graph can own them as static buffers (`models.fast.GraphedVelocity`)."""
+
+    CONDITIONING: tuple[str, ...] = ()
+
+    def conditioning(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in self.CONDITIONING}
+
+    def with_conditioning(self, conditioning: dict[str, torch.Tensor | None]):
+        """The same velocity (weights, guidance, switches) reading exactly the given tensors."""
+        new = copy.copy(self)
+        for name, value in conditioning.items():
+            setattr(new, name, value)
+        return new
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from leapalign_fast.config import FLUX_LORA_TARGETS, TinyFluxConfig  # noqa: F401  (sizes live with the config)
 from leapalign_fast.errors import UserError
 from leapalign_fast.flow import flux_schedule
-from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry  # noqa: F401  (DTYPES re-exported)
+from leapalign_fast.models.backbone import DTYPES, Backbone, ConditionedVelocity, Geometry  # noqa: F401  (DTYPES re-exported)
 from leapalign_fast.models.text import TextStack, build_tiny_text_stack, encode_prompts
 
 
@@ -230,7 +230,7 @@ def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxVelocity:
+class FluxVelocity(ConditionedVelocity):
     """`v(x, t)` of a FLUX transformer for one batch of conditioning: the `velocity` of `flow`.
 
     t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself. Every tensor the forward
@@ -252,13 +252,6 @@ class FluxVelocity:
         if guidance is not None and not isinstance(guidance, torch.Tensor):
             guidance = torch.full((t5.shape[0],), float(guidance), device=t5.device)
         self.guidance = guidance  # (B,) or None
-
-    def conditioning(self) -> dict[str, torch.Tensor | None]:
-        return {name: getattr(self, name) for name in self.CONDITIONING}
-
-    def with_conditioning(self, conditioning: dict[str, torch.Tensor | None]) -> "FluxVelocity":
-        """The same velocity reading exactly the given tensors (e.g. a CUDA graph's static buffers)."""
-        return FluxVelocity(self.transformer, **conditioning)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not x.requires_grad:

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.models.backbone import Backbone, Geometry
+from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out",
@@ -179,7 +179,7 @@ def ids(batch: int, length: int, h: int, w: int, device) -> tuple[torch.Tensor, 
     return txt.to(device), img.to(device)
 
 
-class Flux2Velocity:
+class Flux2Velocity(ConditionedVelocity):
     """`v(x, t)` with true CFG `v_neg + g (v_pos - v_neg)`, two forwards as the pipeline (no guidance embedding).
     `uncond_grad=False`: a grad-enabled call runs the negative branch without grad. t is (B,) in [0, 1]."""
 
@@ -189,12 +189,6 @@ class Flux2Velocity:
         self.transformer, self.embeds, self.neg_embeds = transformer, embeds, neg_embeds
         self.txt_ids, self.img_ids = txt_ids, img_ids
         self.guidance, self.uncond_grad = float(guidance), uncond_grad
-
-    def conditioning(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.CONDITIONING}
-
-    def with_conditioning(self, conditioning: dict[str, torch.Tensor]) -> "Flux2Velocity":
-        return Flux2Velocity(self.transformer, **conditioning, guidance=self.guidance, uncond_grad=self.uncond_grad)
 
     def _forward(self, x, t, embeds):
         return self.transformer(hidden_states=x, timestep=t, guidance=None, encoder_hidden_states=embeds.to(x.dtype),

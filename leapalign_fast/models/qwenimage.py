@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Q
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.models.backbone import Backbone, Geometry
+from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 from leapalign_fast.models.flux import unpack_latents
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -145,7 +145,7 @@ def schedule(components: QwenImageComponents, num_steps: int, geom: Geometry, de
     return scheduler.sigmas.to(torch.float32).to(device)
 
 
-class QwenImageVelocity:
+class QwenImageVelocity(ConditionedVelocity):
     """`v(x, t)` with Qwen-Image's true CFG: `comb = v_neg + g (v_pos - v_neg)`, rescaled per token to |v_pos|.
     `uncond_grad=False`: a grad-enabled call runs the negative branch without grad. t is (B,) in [0, 1]."""
 
@@ -156,13 +156,6 @@ class QwenImageVelocity:
         self.transformer, self.h, self.w = transformer, h, w
         self.embeds, self.mask, self.neg_embeds, self.neg_mask = embeds, mask, neg_embeds, neg_mask
         self.guidance, self.uncond_grad = float(guidance), uncond_grad
-
-    def conditioning(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.CONDITIONING}
-
-    def with_conditioning(self, conditioning: dict[str, torch.Tensor]) -> "QwenImageVelocity":
-        return QwenImageVelocity(self.transformer, **conditioning, h=self.h, w=self.w, guidance=self.guidance,
-                                 uncond_grad=self.uncond_grad)  # fmt: skip
 
     def _forward(self, x, t, embeds, mask):
         return self.transformer(hidden_states=x, timestep=t, guidance=None, encoder_hidden_states_mask=mask,

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.models.backbone import Backbone, Geometry
+from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 from leapalign_fast.models.flux import pack_latents, unpack_latents
 from leapalign_fast.models.text import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
@@ -160,7 +160,7 @@ def schedule(components: SD3Components, num_steps: int, geom: Geometry, device=N
     return scheduler.sigmas.to(torch.float32).to(device)
 
 
-class SD3Velocity:
+class SD3Velocity(ConditionedVelocity):
     """`v(x, t)` with true CFG: `v_neg + g (v_pos - v_neg)` from one batched forward over [neg, pos] (as the
     pipeline). With `uncond_grad=False`, a grad-enabled call runs the negative branch without grad (one forward's
     activations less; the gradient then flows through `g v_pos` only). t is (B,) in [0, 1]; SD3 takes t * 1000."""
@@ -172,13 +172,6 @@ class SD3Velocity:
         self.transformer, self.h, self.w = transformer, h, w
         self.embeds, self.pooled, self.neg_embeds, self.neg_pooled = embeds, pooled, neg_embeds, neg_pooled
         self.guidance, self.uncond_grad = float(guidance), uncond_grad
-
-    def conditioning(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.CONDITIONING}
-
-    def with_conditioning(self, conditioning: dict[str, torch.Tensor]) -> "SD3Velocity":
-        return SD3Velocity(self.transformer, **conditioning, h=self.h, w=self.w, guidance=self.guidance,
-                           uncond_grad=self.uncond_grad)  # fmt: skip
 
     def _forward(self, z, t, embeds, pooled):
         return self.transformer(hidden_states=z, timestep=t, encoder_hidden_states=embeds.to(z.dtype),
