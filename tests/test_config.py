@@ -115,3 +115,9 @@ def test_flux_configs_hold_the_paper_settings(name):
 
     with pytest.raises(UserError, match="hpsv2.1.*lacks everything"):  # options fit the builder; files are local
         build_reward(cfg.reward.name, **cfg.reward.options)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_validates(path):
+    cfg = load_config(path)
+    assert config_toml(cfg) and cfg.method.name and cfg.num_steps >= 1  # validated, method settings included
