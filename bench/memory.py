@@ -87,7 +87,9 @@ def bench_config(args, tmp: Path):
         cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     if args.checkpoint_decode is not None:
         cfg.model.checkpoint_decode = args.checkpoint_decode == "on"
-    return cfg
+    from leapalign_fast.methods import with_method_settings
+
+    return with_method_settings(cfg)
 
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,

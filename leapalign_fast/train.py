@@ -38,7 +38,7 @@ from leapalign_fast.config import Config, config_dict, config_toml
 from leapalign_fast.errors import UserError
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
-from leapalign_fast.methods import StepInputs, build_method
+from leapalign_fast.methods import StepInputs, build_method, with_method_settings
 from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry, backbone_for
 from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
 from leapalign_fast.models.lora_export import export_lora
@@ -260,7 +260,7 @@ def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
 
 
 def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
-    defaults = config_dict(Config()) if defaults is None else defaults
+    defaults = config_dict(with_method_settings(Config())) if defaults is None else defaults
     diffs = []
     for k in keys:
         a, b = saved.get(k), current.get(k)
@@ -365,6 +365,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config) -> TrainResult:
+    cfg = with_method_settings(cfg)  # [method] as the chosen method's settings dataclass, validated
     # accelerate keeps its settings in process-wide singletons; a second run in this process (tests, benchmarks)
     # may use other ones. The process group (PartialState) is kept.
     AcceleratorState._reset_state()

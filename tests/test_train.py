@@ -52,6 +52,8 @@ def test_resume_refuses_a_changed_math_key(tmp_path):
     train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *FAST]))
     with pytest.raises(UserError, match=r"differs in lr \(0.001 -> 0.002\)"):
         train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "resume=true", "lr=2e-3", *FAST]))
+    with pytest.raises(UserError, match=r"differs in method.alpha \(0.3 -> 0.5\)"):  # the method's settings too
+        train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "resume=true", "method.alpha=0.5", *FAST]))
 
 
 def test_lora_trains_only_adapters(tmp_path):
