@@ -6,7 +6,8 @@
 # Stages: install (always first: the wheels of bench/gpu_prepare.sh from .whl*/ into $GPU_SITE, offline),
 #   tests   pytest -m gpu
 #   kernels bench/kernels.py (Triton connector kernels vs eager, B 1/4/8 x 4096 x 64, bf16)
-#   sampler bench/sampler.py at 512² and 1024² (ours eager / compiled / compiled + CUDA graph vs FluxPipeline)
+#   sampler bench/sampler.py at 512² and 1024² (ours eager / compiled / compiled + CUDA graph vs FluxPipeline;
+#           --backbone sd3|flux2|qwenimage runs the others)
 #   memory  bench/memory.py --model flux-dev (configs/flux_leapalign.toml's step, random weights)
 #   train   bench/gpu_train_steps.py (4 compiled LeapAlign LoRA steps at 512², CUDA-graph sampler)
 # Writes under $OUT (default ./gpu-results): gpu_results.json (GPU name, versions, every command with its exit

@@ -39,7 +39,7 @@ def tables(results: dict[str, dict]) -> list[str]:
                           f"{_fmt(r['backward_ms_p20_p50_p80'][1], 3)} | {_fmt(r['full_ms_p20_p50_p80'][1], 3)} | "
                           f"{_fmt(sp.get('median'))} [{_fmt(sp.get('min'))}, {_fmt(sp.get('max'))}] |")  # fmt: skip
         elif name.startswith("sampler"):
-            md += [f"### {name}", "", "| res | variant | img/s (median) | spread | vs FluxPipeline (paired) | peak MiB |",
+            md += [f"### {name}", "", "| res | variant | img/s (median) | spread | vs the pipeline (paired) | peak MiB |",
                    "|---|---|---|---|---|---|"]  # fmt: skip
             for r in rows:
                 sp = r.get("speedup_vs_pipeline", {})

@@ -5,6 +5,7 @@
     python bench/memory.py --model flux-dev             # GPU: FLUX.1-dev transformer + VAE shapes, random weights,
                                                         # the setup of configs/flux_leapalign.toml (LoRA, bf16)
     python bench/memory.py --model sd35-medium          # GPU: SD3.5-Medium shapes, configs/sd35_medium_leapalign.toml
+    python bench/memory.py --model flux2-klein-9b       # GPU: FLUX.2-Klein-base 9B shapes, configs/flux2_klein_leapalign.toml
     python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
     python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
@@ -87,7 +88,9 @@ def bench_config(args, tmp: Path):
         cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     if args.checkpoint_decode is not None:
         cfg.model.checkpoint_decode = args.checkpoint_decode == "on"
-    return cfg
+    from leapalign_fast.methods import with_method_settings
+
+    return with_method_settings(cfg)
 
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -95,6 +98,12 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")  # its transformer/config.json
 SD3_VAE = dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+# FLUX.2-klein-base-9B transformer/config.json (8 double + 24 single blocks, 32 x 128 heads, Qwen3-8B's 3 stacked
+# hidden states: 3 x 4096); the other keys are the class defaults, as are the VAE's (AutoencoderKLFlux2).
+KLEIN_9B = dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128,
+                joint_attention_dim=12288, guidance_embeds=False)
 
 
 def _flux(transformer_kw, vae_kw, text_dim, pooled_dim):
@@ -122,6 +131,19 @@ def _sd3(transformer_kw, vae_kw):
     return "sd3", "sd35_medium_leapalign.toml", build, shapes
 
 
+def _flux2(transformer_kw, vae_kw):
+    def build():
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+        from leapalign_fast.models.flux2 import Flux2Components
+
+        return Flux2Components(Flux2Transformer2DModel(**transformer_kw), AutoencoderKLFlux2(**vae_kw).eval(), None,
+                               FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0))  # fmt: skip
+
+    d = transformer_kw["joint_attention_dim"]
+    return "flux2", "flux2_klein_leapalign.toml", build, lambda msl: {"embeds": (msl, d), "neg_embeds": (msl, d)}
+
+
 def _qwenimage(transformer_kw, vae_kw):
     def build():
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -144,6 +166,7 @@ def _qwenimage(transformer_kw, vae_kw):
 RANDOM_MODELS = {
     "flux-dev": _flux(FLUX_DEV, FLUX_VAE, 4096, 768),
     "sd35-medium": _sd3(SD35_MEDIUM, SD3_VAE),
+    "flux2-klein-9b": _flux2(KLEIN_9B, {}),
     "qwen-image": _qwenimage({}, {}),  # the classes' defaults are Qwen-Image's
     "random-tiny": _flux(dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                               joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
@@ -155,8 +178,14 @@ RANDOM_MODELS = {
     "random-tiny-qwen": _qwenimage(dict(num_layers=1, attention_head_dim=16, num_attention_heads=2,
                                         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
                                    dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
+    "random-tiny-flux2": _flux2(dict(KLEIN_9B, in_channels=32, num_layers=1, num_single_layers=1, num_attention_heads=2,
+                                     attention_head_dim=16, joint_attention_dim=48, timestep_guidance_channels=32,
+                                     axes_dims_rope=(4, 4, 4, 4)),
+                                dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=8,
+                                     norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                                     mid_block_add_attention=False)),
 }  # fmt: skip
-RANDOM_RESOLUTIONS = {"flux-dev": [512, 1024], "sd35-medium": [512], "qwen-image": [512]}  # the others: 64
+RANDOM_RESOLUTIONS = {"flux-dev": [512, 1024], "sd35-medium": [512], "flux2-klein-9b": [512], "qwen-image": [512]}  # others: 64
 
 
 class RandomEmbeds:

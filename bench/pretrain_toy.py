@@ -10,6 +10,11 @@ with rectified-flow matching (x_t = (1-t) x_0 + t eps, target eps - x_0, logit-n
 conditioned on frozen random-init CLIP/T5 text encoders of the real classes (distinct embeddings per word).
 The result is a diffusers-format directory that `model.source=<dir>` loads; a JSON beside it records the
 command, seed, steps and losses.
+
+FLUX-only by design: the toy benchmark's generator is a tiny FLUX.1 (the shipped assets/toy/flux and every toy
+result in the README were made with it). What touches the model goes through the backbone interface
+(models/backbone.py: `load`, `encode_prompts`, `encode_images`, `geometry`, `velocity`); only building the untrained
+classes and writing the directory (`save_flux`) are FLUX's own.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast.models.flux import (FluxComponents, FluxVelocity, encode_images, latent_image_ids,  # noqa: E402
-                                       load_flux, save_flux)
-from leapalign_fast.models.text import build_tiny_text_stack, encode_prompts  # noqa: E402
+from leapalign_fast.models.backbone import get_backbone  # noqa: E402
+from leapalign_fast.models.flux import FluxComponents, save_flux  # noqa: E402
+from leapalign_fast.models.text import build_tiny_text_stack  # noqa: E402
 from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
+
+BACKBONE = get_backbone("flux")  # the toy generator's family
+RESOLUTION = 64  # the toy scenes' size in pixels
 
 
 def scenes(rng: random.Random, n: int):
@@ -81,17 +89,18 @@ def train_vae(vae, steps: int, batch: int, rng, log) -> list[float]:
 
 
 @torch.no_grad()
-def latent_bank(vae, text, n: int, rng):
-    """n scenes encoded once: packed normalised latents (n, 16, 64), T5 (n, S, D), pooled (n, Dp)."""
+def latent_bank(comps, n: int, rng) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """n scenes encoded once: packed normalised latents (n, L, C) = (n, 16, 64) and their captions' conditioning
+    (the velocity's tensors, n rows each)."""
     xs, captions = [], []
     for _ in range(0, n, 256):
         images, caps = scenes(rng, 256)
-        xs.append(encode_images(vae, images))
+        xs.append(BACKBONE.encode_images(comps.vae, images))
         captions += caps
     unique = list(dict.fromkeys(captions))
-    e = encode_prompts(text, unique)
+    cond = BACKBONE.encode_prompts(comps.text, unique)
     index = torch.tensor([unique.index(c) for c in captions])
-    return torch.cat(xs), e.t5[index], e.pooled[index]
+    return torch.cat(xs), {k: cond[k][index] for k in BACKBONE.conditioning}
 
 
 def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
@@ -100,21 +109,22 @@ def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
     return warm if decay == "none" else warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
-def train_flow(transformer, vae, text, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192,
-               decay: str = "none", save=None, save_every: int = 0) -> list[float]:  # fmt: skip
+def train_flow(comps, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192, decay: str = "none",
+               save=None, save_every: int = 0) -> list[float]:  # fmt: skip
+    transformer = comps.transformer
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, decay))
-    ids = latent_image_ids(8, 8)
-    bank_x, bank_t5, bank_pooled = latent_bank(vae, text, bank_size, rng)
+    geom = BACKBONE.geometry(comps, RESOLUTION)
+    bank_x, bank_cond = latent_bank(comps, bank_size, rng)
     log(f"latent bank: {tuple(bank_x.shape)}, std {bank_x.std():.3f}")
     losses = []
     for step in range(steps):
         pick = torch.randint(len(bank_x), (batch,))
-        x0, t5, pooled = bank_x[pick], bank_t5[pick], bank_pooled[pick]
-        eps = torch.randn_like(x0)
+        x0, cond = bank_x[pick], {k: v[pick] for k, v in bank_cond.items()}
+        eps = torch.randn(*geom.noise_shape(batch))  # (B, L, C)
         t = torch.sigmoid(torch.randn(batch))  # logit-normal times, as SD3/FLUX training
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
-        v = FluxVelocity(transformer, t5, pooled, ids, 3.5)(xt, t)
+        v = BACKBONE.velocity(transformer, cond, geom, 3.5)(xt, t)
         loss = F.mse_loss(v, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,20 +162,20 @@ def main(argv=None) -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     if args.init_from is not None:
-        comps = load_flux(args.init_from, torch.float32, max_sequence_length=32)
-        vae, text, transformer, vae_losses = comps.vae, comps.text, comps.transformer.train(), [float("nan")]
+        comps = BACKBONE.load(args.init_from, torch.float32, max_sequence_length=32)
+        comps.transformer.train().requires_grad_(True)
+        comps.vae.requires_grad_(False)
+        vae_losses = [float("nan")]
         args.vae_steps, args.width, args.layers = 0, comps.transformer.config.num_attention_heads * 16, comps.transformer.config.num_layers
-        vae.requires_grad_(False)
-        transformer.requires_grad_(True)
     else:
         vae = build_vae()
         vae_losses = train_vae(vae, args.vae_steps, args.batch, rng, log)
         vae.eval().requires_grad_(False)
-        text = build_tiny_text_stack(32, 32, seed=args.seed + 1)
-        transformer = build_transformer(args.width, args.layers)
+        text = build_tiny_text_stack(32, 32, seed=args.seed + 1)  # seeds torch: before the transformer's init
+        comps = FluxComponents(build_transformer(args.width, args.layers), vae, text)
 
     def save(step: int, flow_losses: list[float]) -> None:
-        save_flux(FluxComponents(transformer, vae, text), args.out)
+        save_flux(comps, args.out)
         write_result(args.out.parent / f"{args.out.name}.json", {
             "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_steps_done": step,
             "batch": args.batch, "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
@@ -174,9 +184,9 @@ def main(argv=None) -> int:
             "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
         })  # fmt: skip
 
-    flow_losses = train_flow(transformer, vae, text, args.flow_steps, args.batch, args.lr, rng, log, args.bank,
-                             args.decay, save, args.save_every)  # fmt: skip
-    transformer.eval()
+    flow_losses = train_flow(comps, args.flow_steps, args.batch, args.lr, rng, log, args.bank, args.decay, save,
+                             args.save_every)  # fmt: skip
+    comps.transformer.eval()
     save(args.flow_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0

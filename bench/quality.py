@@ -59,7 +59,9 @@ def run_config(args, method: str, seed: int, out: Path, extra=()):
         overrides.append(f"model.source={args.model}")
     if args.reward:
         overrides.append(f"reward.options.path={args.reward}")
-    return load_config(args.config, overrides + list(args.set) + list(extra))
+    from leapalign_fast.methods import with_method_settings
+
+    return with_method_settings(load_config(args.config, overrides + list(args.set) + list(extra)))
 
 
 def score(cfg, path, eval_set, args, seed, reward) -> tuple[dict, np.ndarray]:

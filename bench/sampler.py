@@ -1,11 +1,14 @@
-"""Sampler throughput and peak memory: ours (eager, eager + CUDA graph, compiled, compiled + CUDA graph) vs
-diffusers' FluxPipeline eager, same transformer, dtype, steps, resolution and prompt embeddings. The eager
-variants are timed before the (in-place) compile; within a phase, repeats are interleaved and medians reported.
+"""Sampler throughput and peak memory of any backbone: ours (eager, eager + CUDA graph, compiled, compiled + CUDA
+graph) vs the family's diffusers pipeline eager (`Backbone.pipeline_sample`), same transformer, dtype, steps,
+resolution, guidance and prompt embeddings. The eager variants are timed before the (in-place) compile; within a
+phase, repeats are interleaved and medians reported.
 
-    python bench/sampler.py                 # GPU: full-size FLUX.1-dev transformer config, RANDOM bf16 weights and
-                                            # prompt embeddings (speed and memory do not depend on the values),
-                                            # 512 and 1024 px, 28 steps
-    python bench/sampler.py --quick         # CPU: tiny FLUX, eager vs FluxPipeline (checks the script)
+    python bench/sampler.py                       # GPU: full-size FLUX.1-dev (--backbone flux), RANDOM bf16 weights
+                                                  # and prompt embeddings (speed and memory do not depend on the
+                                                  # values), 512 and 1024 px, 28 steps, its config's guidance
+    python bench/sampler.py --backbone sd3        # GPU: SD3.5-Medium; flux2: FLUX.2-Klein-base 9B; qwenimage:
+                                                  # Qwen-Image (bench/memory.py RANDOM_MODELS: shapes and config)
+    python bench/sampler.py --quick --backbone X  # CPU: the same path at toy size, float32, eager vs the pipeline
 
 On a GPU machine without diffusers or a package index: bench/gpu_prepare.sh here, bench/gpu_run.sh there.
 Both paths denoise only (the VAE decode is the same code in both and is excluded); images/s counts trajectories.
@@ -27,57 +30,49 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
 from bench.common import interleaved_times, paired_ratio, peak_rss_mib, slug, time_summary, write_result  # noqa: E402
-from leapalign_fast.flow import flux_schedule  # noqa: E402
+from bench.memory import RANDOM_MODELS, RANDOM_RESOLUTIONS  # noqa: E402
+from leapalign_fast.models.backbone import BACKBONES, get_backbone  # noqa: E402
 from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
-from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids  # noqa: E402
 from leapalign_fast.sampler import sample_trajectory  # noqa: E402
 
 
-def build(kind: str, device: str):
-    """(transformer, vae_scale_factor, text_len, text_dim, pooled_dim)"""
-    if kind == "tiny":
-        return build_tiny_flux(TinyFluxConfig(), seed=0).transformer.to(device), 8, 32, 32, 32
-    from diffusers import FluxTransformer2DModel
+def model_kind(family: str, full_size: bool) -> str:
+    """The bench/memory.py random-weight model of `family`: its full size, or its toy-size stand-in on CPU."""
+    kinds = [k for k, spec in RANDOM_MODELS.items() if spec[0] == family and k.startswith("random-tiny") != full_size]
+    if not kinds:
+        raise SystemExit(f"bench/sampler.py: no {'full-size' if full_size else 'toy'} model of backbone {family} in "
+                         "bench/memory.py RANDOM_MODELS")  # fmt: skip
+    return kinds[0]
 
-    from bench.memory import FLUX_DEV
 
+def build(kind: str, device: str, dtype: torch.dtype, batch: int, max_sequence_length: int):
+    """(backbone, components, conditioning) of a random-weight model, built directly in `dtype` on `device` (a
+    float32 build of a 12B model would first take 48 GiB); conditioning: random tensors of the cache's shapes."""
+    family, _, build_components, shapes = RANDOM_MODELS[kind]
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 build would first take 48 GiB
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            tr = FluxTransformer2DModel(**FLUX_DEV).eval()
+            comps = build_components()
     finally:
         torch.set_default_dtype(previous)
-    return tr.requires_grad_(False), 8, 512, 4096, 768
+    comps.transformer.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    cond = {k: (torch.ones(batch, *s, dtype=torch.long) if k.endswith("mask") else torch.randn(batch, *s, generator=g))
+            for k, s in shapes(max_sequence_length).items()}  # fmt: skip
+    cond = {k: v.to(device) if k.endswith("mask") else v.to(device, dtype) for k, v in cond.items()}
+    return get_backbone(family), comps, cond
 
 
-def pipeline_runner(transformer, steps, res, embeds):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    # output_type="latent": the pipeline reads only the VAE's config (8x, scaling/shift): a tiny one of the same
-    # layout stands in for the 84M-parameter FLUX VAE.
-    vae = build_tiny_flux(TinyFluxConfig(vae_channels=8), seed=0).vae.to(transformer.device)
-    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    t5, pooled, noise = embeds
-
-    def run():
-        with torch.no_grad():
-            return pipe(prompt_embeds=t5, pooled_prompt_embeds=pooled, latents=noise, height=res, width=res,
-                        num_inference_steps=steps, guidance_scale=3.5, output_type="latent", return_dict=False)[0]  # fmt: skip
-
-    return run
+def pipeline_runner(backbone, comps, cond, noise, geom, steps, guidance):
+    return lambda: backbone.pipeline_sample(comps, cond, noise, geom, steps, guidance)
 
 
-def ours_runner(transformer, steps, res, embeds, graphed: bool):
-    t5, pooled, noise = embeds
-    h = res // 8
-    velocity = FluxVelocity(transformer, t5, pooled, latent_image_ids(h, h, noise.device), 3.5)
+def ours_runner(backbone, comps, cond, noise, geom, steps, guidance, graphed: bool):
+    velocity = backbone.velocity(comps.transformer, cond, geom, guidance)
     if graphed:
-        velocity = GraphedVelocity(transformer).bind(velocity)
-    sigmas = flux_schedule(steps, noise.shape[1], device=noise.device)
+        velocity = GraphedVelocity(comps.transformer).bind(velocity)
+    sigmas = backbone.schedule(comps, steps, geom, device=noise.device)
 
     def run():
         with torch.no_grad():
@@ -110,36 +105,34 @@ def timed_interleaved(variants: list[tuple[str, callable]], reps: int, cuda: boo
     return stats
 
 
-def bench_resolution(kind: str, device: str, res: int, steps: int, batch: int, reps: int, cuda: bool) -> list[dict]:
-    transformer, vsf, text_len, text_dim, pooled_dim = build(kind, device)
-    dtype = next(transformer.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
-    tokens = (res // vsf // 2) ** 2
-    embeds = (torch.randn(batch, text_len, text_dim, generator=g).to(device, dtype),
-              torch.randn(batch, pooled_dim, generator=g).to(device, dtype),
-              torch.randn(batch, tokens, 64, generator=g).to(device, dtype))  # fmt: skip
+def bench_resolution(kind: str, device: str, dtype, res: int, steps: int, batch: int, reps: int, cuda: bool,
+                     guidance: float, max_sequence_length: int) -> list[dict]:
+    backbone, comps, cond = build(kind, device, dtype, batch, max_sequence_length)
+    geom = backbone.geometry(comps, res)
+    noise = torch.randn(*geom.noise_shape(batch), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    args = (backbone, comps, cond, noise, geom, steps, guidance)
     # Eager variants first: compiling is in place, so anything timed after it runs compiled.
-    phases = [[("flux_pipeline_eager", pipeline_runner(transformer, steps, res, embeds)),
-               ("ours_eager", ours_runner(transformer, steps, res, embeds, graphed=False))]]  # fmt: skip
+    phases = [[("pipeline_eager", pipeline_runner(*args)), ("ours_eager", ours_runner(*args, graphed=False))]]
     if cuda:
-        phases[0].append(("ours_eager_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True)))
+        phases[0].append(("ours_eager_cuda_graph", ours_runner(*args, graphed=True)))
     reference = phases[0][0][1]()
     rows = []
     for variants in phases + ([None] if cuda else []):
         if variants is None:  # the compiled phase, built only after the eager one is timed
-            compile_transformer(transformer, "regional")
-            variants = [("ours_compiled", ours_runner(transformer, steps, res, embeds, graphed=False)),
-                        ("ours_compiled_cuda_graph", ours_runner(transformer, steps, res, embeds, graphed=True))]  # fmt: skip
+            compile_transformer(comps.transformer, "regional")
+            variants = [("ours_compiled", ours_runner(*args, graphed=False)),
+                        ("ours_compiled_cuda_graph", ours_runner(*args, graphed=True))]  # fmt: skip
         for name, stat in timed_interleaved(variants, reps, cuda).items():
             run = dict(variants)[name]
-            r = {"variant": name, "resolution": res, "steps": steps, "batch": batch, "dtype": str(dtype), **stat}
+            r = {"variant": name, "backbone": backbone.name, "pipeline": backbone.pipeline, "resolution": res,
+                 "steps": steps, "batch": batch, "guidance": guidance, "dtype": str(dtype), **stat}  # fmt: skip
             r["images_per_second"] = batch / r["seconds_median"]
             r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
             rows.append(r)
-            print(f"{res}px {name:>26}: {r['images_per_second']:.3f} img/s (median of {reps})  "
+            print(f"{backbone.name} {res}px {name:>24}: {r['images_per_second']:.3f} img/s (median of {reps})  "
                   f"peak {r['peak_mib']:.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
                   flush=True)  # fmt: skip
-    base = next(r for r in rows if r["variant"] == "flux_pipeline_eager")
+    base = next(r for r in rows if r["variant"] == "pipeline_eager")
     for r in rows:
         r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
     return rows
@@ -147,6 +140,7 @@ def bench_resolution(kind: str, device: str, res: int, steps: int, batch: int, r
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", choices=list(BACKBONES), default="flux")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=28)
@@ -158,21 +152,26 @@ def main(argv=None) -> int:
     if not cuda and not args.quick:
         print("bench/sampler.py needs a CUDA GPU; --quick checks the script on CPU", file=sys.stderr)
         return 2
-    device = "cuda" if cuda else "cpu"
-    kind = "flux-dev" if cuda else "tiny"
-    res_list = args.resolutions or ([512, 1024] if cuda else [64])
+    from leapalign_fast.config import load_config
+
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    kind = model_kind(args.backbone, full_size=cuda)
+    cfg = load_config(ROOT / "configs" / RANDOM_MODELS[kind][1])  # the family's config: guidance, text length
+    msl = cfg.model.max_sequence_length if cuda else 16
+    res_list = args.resolutions or (RANDOM_RESOLUTIONS[kind] if cuda else [64])
     steps = args.steps if cuda else 6
     out = args.out or (Path(tempfile.mkdtemp(prefix="sampler-quick-")) if args.quick else ROOT / "bench" / "results")
     rows = []
     for res in res_list:
-        # One 12B model alive at a time: the previous resolution's model and graphs are gone before this build.
-        rows += bench_resolution(kind, device, res, steps, args.batch, args.reps if cuda else 3, cuda)
+        # One full-size model alive at a time: the previous resolution's model and graphs are gone before this build.
+        rows += bench_resolution(kind, device, dtype, res, steps, args.batch, args.reps if cuda else 3, cuda,
+                                 cfg.guidance, msl)  # fmt: skip
         gc.collect()
         if cuda:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    path = write_result(out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "rows": rows,
+    path = write_result(out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "backbone": args.backbone, "rows": rows,
                         "note": "random weights and prompt embeddings; denoising only; times are medians of "
                                 "interleaved repeats"})  # fmt: skip
     print("wrote", path)

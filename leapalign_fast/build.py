@@ -16,8 +16,7 @@ from leapalign_fast.config import FLUX_LORA_TARGETS, Config
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import DTYPES, Backbone, backbone_for
 from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
-from leapalign_fast.prompts import builtin_prompts, read_prompt_file
-from leapalign_fast.validation import validation_prompts
+from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
 
 
 def load_components(cfg: Config, need_text: bool = True):
@@ -143,3 +142,18 @@ def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
 
 def trained_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
+
+
+# Of a built run (train.Run): what the loop, the grids and validation sample with.
+def velocity_for(run, idx: list[int], embeds: PromptCache):
+    """The backbone's velocity (with its guidance) for prompts `idx`, conditioning on the accelerator."""
+    dev = run.accelerator.device
+    cond = {k: v.to(dev) for k, v in embeds.tensors(idx, run.backbone.conditioning).items()}
+    velocity = run.backbone.velocity(run.transformer, cond, run.geometry, run.cfg.guidance,
+                                     uncond_grad=run.cfg.model.uncond_grad)
+    return run.graphed.bind(velocity) if run.graphed is not None else velocity
+
+
+def decoder(run):
+    """packed latents (B, L, C) -> images (B, 3, H, W) in [0, 1], through the run's backbone."""
+    return lambda x: run.backbone.decode(run.components.vae, x, run.geometry)

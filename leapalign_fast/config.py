@@ -2,6 +2,10 @@
 
 Precedence: CLI overrides > TOML file > dataclass defaults (the defaults are the tiny CPU run).
 An unknown key or a value of the wrong type is a UserError naming the key and the fix.
+
+A leaf: imports nothing from the package but `errors` (no torch), so a config error comes before any heavy import.
+The `[method]` table stays raw here (its `name` checked against `METHOD_NAMES`); the methods registry builds and
+validates the chosen method's settings dataclass from it (`leapalign_fast.methods.with_method_settings`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from pathlib import Path
 import tomli_w
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.methods import METHODS, MethodSettings, method_settings, method_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,9 +77,19 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
 
 
-# `[method]`: `name` picks a method from the registry (leapalign_fast.methods.METHODS); the table's other keys are
-# that method's settings dataclass (each method module declares its own), checked and validated only for it.
-MethodConfig = MethodSettings
+# The method names of the registry (leapalign_fast.methods.METHODS, which asserts it holds exactly these).
+METHOD_NAMES = ("leapalign", "refl", "draft", "draft_lv", "drtune", "flowbp_sparse", "flowbp_bridge", "flowbp_lagrange",
+                "full")  # fmt: skip
+
+
+class MethodTable(dict):
+    """`[method]` as written: `name` (checked here) and that method's keys, raw. Each method's settings dataclass
+    lives beside its loss; `leapalign_fast.methods.with_method_settings` builds and validates it from this table
+    (train does, and the CLI before the heavy imports)."""
+
+    @property
+    def name(self) -> str:
+        return self.get("name", "leapalign")
 
 
 @dataclass
@@ -125,7 +138,7 @@ class Config:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    method: MethodSettings = field(default_factory=lambda: method_settings("leapalign"))
+    method: MethodTable = field(default_factory=lambda: MethodTable(name="leapalign"))  # then the settings dataclass
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -146,7 +159,7 @@ def _unknown(key: str, root_cls) -> UserError:
     return UserError(f"unknown config key '{key}'{hint}")
 
 
-def _check_type(key: str, value, hint):
+def check_type(key: str, value, hint):
     origin = typing.get_origin(hint)
     ok = {
         bool: lambda v: isinstance(v, bool),
@@ -176,36 +189,27 @@ def _build(cls, data: dict, prefix: str, root_cls):
         if key not in names:
             raise _unknown(full, root_cls)
         hint = hints[key]
-        if hint is MethodSettings:
+        if hint is MethodTable:
             kwargs[key] = _build_method(value, full + ".")
         elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{full}' is a table; write it as [{full}] with keys inside")
             kwargs[key] = _build(hint, value, full + ".", root_cls)
         else:
-            kwargs[key] = _check_type(full, value, hint)
+            kwargs[key] = check_type(full, value, hint)
     return cls(**kwargs)
 
 
-def _build_method(data, prefix: str) -> MethodSettings:
-    """The `[method]` table as the chosen method's settings. Keys that belong only to other methods are ignored, so
-    one file can switch methods with `method.name=...`; errors name only the chosen method's keys."""
+def _build_method(data, prefix: str) -> MethodTable:
+    """The `[method]` table, its name checked; its other keys are checked by the chosen method's settings."""
     if not isinstance(data, dict):
         raise UserError(f"config key '{prefix[:-1]}' is a table; write it as [{prefix[:-1]}] with keys inside")
-    name = _check_type(prefix + "name", data.get("name", "leapalign"), str)
-    cls = method_spec(name).settings
-    hints, own = typing.get_type_hints(cls), set(cls.keys())
-    others = {k for m in METHODS.values() for k in m.settings.keys()} - own
-    kwargs = {}
-    for key, value in data.items():
-        if key in own:
-            kwargs[key] = _check_type(prefix + key, value, hints[key])
-        elif key not in others:
-            close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
-            takes = ", ".join(sorted(own))
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {takes}"
-            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-    return cls(**kwargs)
+    name = check_type(prefix + "name", data.get("name", "leapalign"), str)
+    if name not in METHOD_NAMES:
+        close = difflib.get_close_matches(name, METHOD_NAMES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHOD_NAMES))}.{hint}")
+    return MethodTable(data, name=name)
 
 
 def parse_value(text: str):
@@ -290,17 +294,23 @@ def _numbers(obj, prefix=""):
             yield key, value
 
 
+def check_numbers(obj, prefix: str = "") -> None:
+    """Every number of a settings dataclass (nested tables and lists too) finite and within float32."""
+    for key, value in _numbers(obj, prefix):
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}")
+        # Optimizer state and weights are float32: a larger value overflows inside the first step.
+        if abs(value) > FLOAT32_MAX and not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be within float32 range (|x| <= 3.4e38), got {value}")
+
+
 def validate_numbers(cfg: Config) -> None:
     """Every numeric key finite and in its range, so no value can train backwards, into NaN or into a crash."""
     def need(cond, msg):
         if not cond:
             raise UserError(msg)
 
-    for key, value in _numbers(cfg):
-        need(math.isfinite(value), f"config key '{key}' must be a finite number, got {value}")
-        # Optimizer state and weights are float32: a larger value overflows inside the first step.
-        need(abs(value) <= FLOAT32_MAX or isinstance(value, int), f"config key '{key}' must be within float32 range "
-             f"(|x| <= 3.4e38), got {value}")  # fmt: skip
+    check_numbers(cfg)
     need(cfg.output_dir.strip() != "", "output_dir must not be empty; name the run's directory, e.g. output_dir=runs/x")
     need(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
@@ -337,8 +347,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    validate_validation(cfg, need)
-    cfg.method.validate(cfg.num_steps)  # only the chosen method's keys
+    validate_validation(cfg, need)  # [method]: leapalign_fast.methods.with_method_settings
 
 
 def validate_validation(cfg: Config, need) -> None:

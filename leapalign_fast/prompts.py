@@ -17,6 +17,11 @@ def builtin_prompts() -> list[str]:
     return [f"a {c} {s}" for c in _COLOURS for s in _SHAPES]
 
 
+def validation_prompts(cfg) -> list[list[str]]:
+    """The prompt sets validation needs embedded (for build_run's prompt cache): [] when validation is off."""
+    return [read_prompt_file(cfg.eval_prompt_file)] if cfg.eval_every else []
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():

@@ -25,6 +25,7 @@ from leapalign_fast import build
 from leapalign_fast import checkpoint as ckpt
 from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt_cache: re-exported)
     add_trainable,
+    decoder,
     encode_prompt_cache,
     load_trained,
     prompt_cache_path,
@@ -32,13 +33,14 @@ from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt
     train_prompts,
     trained_state,
     unwrap,
+    velocity_for,
     wait_for_files,
 )
 from leapalign_fast.config import Config, config_dict, config_toml
 from leapalign_fast.errors import UserError
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
-from leapalign_fast.methods import StepInputs, build_method
+from leapalign_fast.methods import StepInputs, build_method, with_method_settings
 from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry, backbone_for
 from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
 from leapalign_fast.models.lora_export import export_lora
@@ -192,23 +194,10 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
                embeds, eval_embeds, sigmas, geometry, out, graphed)  # fmt: skip
 
 
-def velocity_for(run: Run, idx: list[int], embeds: PromptCache):
-    """The backbone's velocity (with its guidance) for prompts `idx`, conditioning on the accelerator."""
-    dev = run.accelerator.device
-    cond = {k: v.to(dev) for k, v in embeds.tensors(idx, run.backbone.conditioning).items()}
-    velocity = run.backbone.velocity(run.transformer, cond, run.geometry, run.cfg.guidance,
-                                     uncond_grad=run.cfg.model.uncond_grad)
-    return run.graphed.bind(velocity) if run.graphed is not None else velocity
-
-
 def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor:
     """(B, L, C) packed Gaussian latents, drawn on CPU so every device gets the same numbers."""
     noise = torch.randn(*run.geometry.noise_shape(batch), generator=generator)
     return noise.to(run.accelerator.device, DTYPES[run.cfg.model.dtype])
-
-
-def decoder(run: Run):
-    return lambda x: run.backbone.decode(run.components.vae, x, run.geometry)
 
 
 def step_decode_reward(run: Run):
@@ -260,7 +249,7 @@ def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
 
 
 def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
-    defaults = config_dict(Config()) if defaults is None else defaults
+    defaults = config_dict(with_method_settings(Config())) if defaults is None else defaults
     diffs = []
     for k in keys:
         a, b = saved.get(k), current.get(k)
@@ -365,6 +354,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config) -> TrainResult:
+    cfg = with_method_settings(cfg)  # [method] as the chosen method's settings dataclass, validated
     # accelerate keeps its settings in process-wide singletons; a second run in this process (tests, benchmarks)
     # may use other ones. The process group (PartialState) is kept.
     AcceleratorState._reset_state()

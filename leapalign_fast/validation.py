@@ -31,18 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leapalign_fast.build import decoder, prompt_embeddings, trained_state, velocity_for
 from leapalign_fast.config import Config
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
-from leapalign_fast.prompts import read_prompt_file
+from leapalign_fast.prompts import read_prompt_file, validation_prompts  # noqa: F401  (train reads it from here)
 from leapalign_fast.sampler import sample_trajectory
 
 BUILTIN = ("reward", "evaluator")
-
-
-def validation_prompts(cfg: Config) -> list[list[str]]:
-    """The prompt sets validation needs embedded (for build_run's prompt cache): [] when validation is off."""
-    return [read_prompt_file(cfg.eval_prompt_file)] if cfg.eval_every else []
 
 
 class EvaluatorScore(torch.nn.Module):
@@ -104,8 +100,6 @@ class Validator:
         self.cfg, self.out = cfg, run.out
         self.metric = cfg.best_metric or cfg.eval_rewards[0]
         self.prompts = read_prompt_file(cfg.eval_prompt_file)
-        from leapalign_fast.build import prompt_embeddings
-
         self.embeds = prompt_embeddings(cfg, run.components, self.prompts)
         self.scorers = build_scorers(cfg, self.prompts, run.reward, run.accelerator.device)
         n = cfg.eval_num_steps or cfg.num_steps
@@ -129,7 +123,6 @@ class Validator:
     def scores(self, run) -> dict[str, list[float]]:
         """Per-image scores of every scorer on the validation prompts, with the current weights."""
         from leapalign_fast.models.backbone import DTYPES
-        from leapalign_fast.train import decoder, velocity_for  # train imports this module; the loop calls back
 
         dev, dtype = run.accelerator.device, DTYPES[self.cfg.model.dtype]
         out = {label: [] for label in self.scorers}
@@ -190,8 +183,6 @@ class Validator:
         return bool(verdict[1] > 0)  # host sync
 
     def _write_best(self, run, step: int, value: float) -> None:
-        from leapalign_fast.train import trained_state
-
         tmp, final, old = self.out / ".tmp-best", self.out / "best", self.out / ".old-best"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

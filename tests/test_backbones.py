@@ -3,12 +3,14 @@ diffusers/transformers classes: our sampler equals the family's diffusers pipeli
 `encode_prompt`, the LeapAlign gradient identity holds through its velocity, LeapAlign trains and resumes
 bit-exactly, and the exported LoRA loads into the pipeline and reproduces our samples."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from leapalign_fast.build import unwrap
 from leapalign_fast.config import TinyFluxConfig, load_config
-from leapalign_fast.methods import METHODS
+from leapalign_fast.methods import METHODS, with_method_settings
 from leapalign_fast.methods.base import StepInputs, draw_two_indices
 from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.models.backbone import backbone_for, family_of, get_backbone
@@ -238,15 +240,48 @@ def test_family_from_model_index(tmp_path):
     assert backbone_for(cfg.model).pipeline == "StableDiffusion3Pipeline"
 
 
-@pytest.mark.parametrize("name, family, guidance, batch", [("sd35_medium", "sd3", 3.5, 8), ("flux2_klein", "flux2", 4.0, 4),
-                                                         ("qwen_image", "qwenimage", 4.0, 4)])
-def test_backbone_configs_hold_the_published_settings(name, family, guidance, batch):
-    from pathlib import Path
+PUBLISHED = [("sd35_medium", "sd3", 3.5, 8), ("flux2_klein", "flux2", 4.0, 4), ("qwen_image", "qwenimage", 4.0, 4)]
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}_leapalign.toml")
+
+@pytest.mark.parametrize("variant", ["", "_full"])
+@pytest.mark.parametrize("name, family, guidance, batch", PUBLISHED)
+def test_backbone_configs_hold_the_published_settings(name, family, guidance, batch, variant):
+    cfg = with_method_settings(load_config(CONFIGS / f"{name}_leapalign{variant}.toml"))
     assert (cfg.model.family, cfg.guidance, cfg.batch_size) == (family, guidance, batch)
     assert (cfg.resolution, cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.max_steps) == (512, 25, 1e-5, 0.995, 300)
+    assert (cfg.mixed_precision, cfg.model.dtype, cfg.weight_decay, cfg.max_grad_norm) == ("bf16", "bfloat16", 1e-4, 1.0)
     assert (cfg.method.name, cfg.method.lam, cfg.reward.name) == ("leapalign", 0.55, "hpsv2.1")
+    assert cfg.lora.enabled == (variant == "")
+
+
+# The heavy settings of a shipped config swapped for a CPU-sized run of the family's tiny random build; everything
+# else (full fine-tune, lr, EMA, gradient checkpointing, checkpointed decode, CFG on both branches) as shipped.
+TINY_RUN = ["model.source=tiny", "model.dtype=float32", "mixed_precision=no", "model.compile=none",
+            "model.max_sequence_length=32", "resolution=64", "num_steps=4", "batch_size=2", "max_steps=2",
+            "resume=false", "prompt_file=", "reward.name=colour", "reward.options={}", "tensorboard=false",
+            "deterministic=true", "eval_prompts=['a red square']"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [p[0] for p in PUBLISHED])
+def test_full_configs_train_the_tiny_build_of_their_backbone(name, tmp_path):
+    """Each full config, its model swapped for the tiny random build of its family, trains two steps that change
+    every transformer weight's checkpointed copy (a full fine-tune, not LoRA)."""
+    import json
+    import math
+
+    from leapalign_fast.checkpoint import read_weights
+
+    cfg = load_config(CONFIGS / f"{name}_leapalign_full.toml", [f"output_dir={tmp_path}", *TINY_RUN])
+    assert not cfg.lora.enabled and cfg.model.gradient_checkpointing and cfg.model.checkpoint_decode
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    weights = read_weights(tmp_path / "checkpoints" / "step_00000002")
+    tiny = get_backbone(cfg.model.family).build_tiny(cfg.model.tiny, cfg.seed).transformer
+    base = {k: v.detach() for k, v in unwrap(tiny).named_parameters()}
+    assert set(weights) == set(base)  # every parameter trained, no adapter
+    assert sum(not torch.equal(weights[k], base[k]) for k in base) > len(base) // 2
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

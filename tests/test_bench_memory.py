@@ -58,9 +58,11 @@ def test_memory_bench_random_weight_path(tmp_path, monkeypatch):
     assert [r["method"] for r in data["rows"]] == ["leapalign", "full"] and not any(r["oom"] for r in data["rows"])
 
 
-@pytest.mark.parametrize("model, family", [("random-tiny-sd3", "sd3"), ("random-tiny-qwen", "qwenimage")])
+@pytest.mark.parametrize("model, family", [("random-tiny-sd3", "sd3"), ("random-tiny-qwen", "qwenimage"),
+                                           ("random-tiny-flux2", "flux2")])
 def test_memory_bench_random_weight_path_of_other_backbones(model, family, tmp_path, monkeypatch):
-    """The same full-size path for SD3.5-Medium and Qwen-Image (their LoRA configs, random weights) at toy size."""
+    """The same full-size path for SD3.5-Medium, Qwen-Image and FLUX.2-Klein (their LoRA configs, random weights)
+    at toy size."""
     sys.path.append(str(ROOT))
     from bench import memory
 

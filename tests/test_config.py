@@ -8,12 +8,18 @@ import pytest
 
 from leapalign_fast.config import Config, config_toml, load_config
 from leapalign_fast.errors import UserError
+from leapalign_fast.methods import with_method_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def resolved(*args):
+    """A config with its `[method]` table built into the method's settings (what train and the CLI run)."""
+    return with_method_settings(load_config(*args))
+
+
 def test_defaults_toml_equals_the_library_defaults():
-    assert load_config(ROOT / "configs" / "defaults.toml") == Config()
+    assert resolved(ROOT / "configs" / "defaults.toml") == with_method_settings(Config())
 
 
 def test_tiny_toml_is_the_shipped_toy_setup_from_any_directory(tmp_path, monkeypatch):
@@ -46,7 +52,7 @@ def test_relative_paths_in_a_file_resolve_against_it_and_overrides_against_the_c
 
 
 def test_overrides_dotted_and_typed():
-    cfg = load_config(None, ["lr=1e-4", "method.alpha=0.5", "method.index_window=[1, 5]", "resume=true",
+    cfg = resolved(None, ["lr=1e-4", "method.alpha=0.5", "method.index_window=[1, 5]", "resume=true",
                              "output_dir=/tmp/x", "model.tiny.layers=2", "lora.target_modules=['attn.to_q']"])  # fmt: skip
     assert cfg.lr == 1e-4 and cfg.method.alpha == 0.5 and cfg.method.index_window == [1, 5]
     assert cfg.resume is True and cfg.output_dir == "/tmp/x" and cfg.model.tiny.layers == 2
@@ -80,7 +86,7 @@ def test_int_accepted_for_float_and_roundtrip(tmp_path):
 )
 def test_bad_config_is_one_clear_error(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_config(None, overrides)
+        resolved(None, overrides)
 
 
 def test_missing_and_invalid_config_file(tmp_path):
@@ -105,7 +111,7 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("name", ["flux_leapalign.toml", "flux_leapalign_full.toml"])
 def test_flux_configs_hold_the_paper_settings(name):
-    cfg = load_config(ROOT / "configs" / name)
+    cfg = resolved(ROOT / "configs" / name)
     assert (cfg.num_steps, cfg.guidance, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.max_grad_norm) == (
         25, 3.5, 1e-5, 1e-4, 0.995, 1.0)  # fmt: skip
     assert (cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.reward.name) == (0.3, 0.1, 0.55, "hpsv2.1")
@@ -115,3 +121,10 @@ def test_flux_configs_hold_the_paper_settings(name):
 
     with pytest.raises(UserError, match="hpsv2.1.*lacks everything"):  # options fit the builder; files are local
         build_reward(cfg.reward.name, **cfg.reward.options)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_validates(path):
+    cfg = resolved(path)
+    assert load_config(path).method.name == cfg.method.name
+    assert resolved(path) == cfg and config_toml(cfg)

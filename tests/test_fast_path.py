@@ -331,18 +331,21 @@ def test_graphed_velocity_replays_equal_eager_on_gpu():
     assert g(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
 
 
-def test_bench_sampler_quick(tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3", "flux2", "qwenimage"])
+def test_bench_sampler_quick(family, tmp_path):
+    """bench/sampler.py's path for every backbone at toy size (random weights and embeddings, in this process):
+    our sampler and the family's diffusers pipeline, timed, the same latents."""
     import json
-    import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "bench" / "sampler.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "sampler_tiny_cpu.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["flux_pipeline_eager", "ours_eager"]
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from bench import sampler
+
+    assert sampler.main(["--quick", "--backbone", family, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("sampler_random-tiny*_cpu.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["pipeline_eager", "ours_eager"] and {r["backbone"] for r in rows} == {family}
     assert all(r["images_per_second"] > 0 and r["max_abs_diff_vs_pipeline"] < 1e-5 for r in rows)
 
 
@@ -352,7 +355,9 @@ def test_flux_configs_checkpoint_blocks_to_fit_80gb(name):
     (720² batch 4: 187 GiB; 512² batch 8: 217 GiB); with it 63 and 66 GiB."""
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    from leapalign_fast.methods import with_method_settings
+
+    cfg = with_method_settings(load_config(Path(__file__).resolve().parent.parent / "configs" / name))
     assert cfg.model.gradient_checkpointing and cfg.model.attention == "auto"
     assert (cfg.resolution, cfg.batch_size) in {(720, 4), (512, 8)}
     assert (cfg.num_steps, cfg.lr, cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.mixed_precision) == (

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from leapalign_fast.methods import METHODS, build_method, method_settings
+from leapalign_fast import config
+from leapalign_fast.methods import METHODS, build_method, method_settings, with_method_settings
 from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.methods.base import StepInputs
 from leapalign_fast.sampler import sample_trajectory
@@ -11,6 +12,11 @@ from test_flow import MLPVelocity
 from test_leapalign import Counting, _decode, _reward
 
 N, B, LAM = 6, 3, 2.0
+
+
+def load_config(*args):
+    """A config with its `[method]` table built into the method's settings, as train and the CLI see it."""
+    return with_method_settings(config.load_config(*args))
 
 
 @pytest.fixture
@@ -172,7 +178,6 @@ def test_flux_configs_hold_the_published_settings(name):
     import dataclasses
     from pathlib import Path
 
-    from leapalign_fast.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"flux_{name}.toml")
     got = (cfg.resolution, cfg.num_steps, cfg.guidance, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.ema_decay,
@@ -184,7 +189,7 @@ def test_flux_configs_hold_the_published_settings(name):
 
 
 def test_method_table_builds_the_chosen_methods_settings(tmp_path):
-    from leapalign_fast.config import config_toml, load_config
+    from leapalign_fast.config import config_toml
     from leapalign_fast.errors import UserError
 
     cfg = load_config(None, ["method.name=refl", "method.alpha=0.5", "method.late_steps=3"])  # alpha: not refl's

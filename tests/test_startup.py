@@ -9,14 +9,32 @@ from leapalign_fast.threads import configure_threads, describe_threads
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_config_errors_come_before_the_heavy_imports():
-    # torch itself is imported (the method settings live beside their losses); the model stack is not.
-    code = ("import sys\nfrom leapalign_fast.cli import main\nrc = main(['train', 'lr=abc'])\n"
-            "heavy = sorted(m for m in ('diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
+def _cli(argv: list[str]) -> subprocess.CompletedProcess:
+    """`main(argv)` in a fresh process; prints which heavy modules were imported by the time it returned."""
+    code = (f"import sys\nfrom leapalign_fast.cli import main\nrc = main({argv!r})\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
             "print('heavy:', heavy)\nsys.exit(rc)")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_config_errors_come_before_the_heavy_imports():
+    proc = _cli(["train", "lr=abc"])  # the config alone: not even torch
     assert proc.returncode == 2, proc.stderr
     assert "config key 'lr' must be a float" in proc.stderr and "heavy: []" in proc.stdout
+    proc = _cli(["train", "method.name=leapalgn"])  # the method's name is checked by the config too
+    assert proc.returncode == 2 and "unknown method 'leapalgn'" in proc.stderr and "heavy: []" in proc.stdout
+    # The method's own keys: its settings dataclass lives beside its loss (torch), none of the model stack.
+    proc = _cli(["train", "method.alhpa=0.1"])
+    assert proc.returncode == 2 and "did you mean 'method.alpha'" in proc.stderr, proc.stderr
+    assert "heavy: ['torch']" in proc.stdout
+
+
+def test_config_is_a_leaf():
+    """`leapalign_fast.config` imports no other module of the package (but the one UserError) and not torch."""
+    code = "import sys\nimport leapalign_fast.config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert eval(proc.stdout) == ["leapalign_fast", "leapalign_fast.config", "leapalign_fast.errors"]
 
 
 def test_passive_waiting_by_default_and_logged(monkeypatch):

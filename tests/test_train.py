@@ -1,5 +1,6 @@
 """The train loop end to end on the tiny model: outputs, resume, LoRA, 2-process DDP, the default run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from leapalign_fast.config import load_config
+from leapalign_fast.methods import with_method_settings
 from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +33,10 @@ def test_outputs_of_a_short_run(tmp_path):
     for r in rows:
         assert {"loss", "reward", "step_seconds", "grad_norm", "k", "j", "weight"} <= set(r)
         assert r["k"] > r["j"] > 0
-    assert load_config(out / "config.toml") == load_config(None, [f"output_dir={out}", "max_steps=5",
-        "checkpoint_every=2", "tensorboard=true", "keep_checkpoints=2", "batch_size=2", "num_steps=4"])  # fmt: skip
+    written = with_method_settings(load_config(out / "config.toml"))
+    assert written == with_method_settings(load_config(None, [f"output_dir={out}", "max_steps=5", "checkpoint_every=2",
+        "tensorboard=true", "keep_checkpoints=2", "batch_size=2", "num_steps=4"]))  # fmt: skip
+    assert load_config(out / "config.toml").method == dataclasses.asdict(res.run.cfg.method)  # the resolved settings
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_000000.png", "step_000005.png"]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000004", "step_00000005"]  # keep_checkpoints=2
@@ -52,6 +56,8 @@ def test_resume_refuses_a_changed_math_key(tmp_path):
     train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *FAST]))
     with pytest.raises(UserError, match=r"differs in lr \(0.001 -> 0.002\)"):
         train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "resume=true", "lr=2e-3", *FAST]))
+    with pytest.raises(UserError, match=r"differs in method.alpha \(0.3 -> 0.5\)"):  # the method's settings too
+        train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "resume=true", "method.alpha=0.5", *FAST]))
 
 
 def test_lora_trains_only_adapters(tmp_path):

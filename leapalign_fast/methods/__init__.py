@@ -1,15 +1,18 @@
 """Methods: one module each (its settings dataclass, its loss builder, its `METHOD` entry), found through `METHODS`.
 
-Adding a method is one module plus one line below. `[method]` in a config picks one by `name`; its other keys are
-that method's settings (leapalign_fast.config builds and validates them), and `build_method` binds them.
+Adding a method is one module plus one line below (and its name in `config.METHOD_NAMES`). `[method]` in a config
+picks one by `name`; its other keys are that method's settings, built and validated from the raw table by
+`with_method_settings` (config.py stays a leaf without torch), and `build_method` binds them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from typing import Callable
 
+from leapalign_fast.config import METHOD_NAMES, Config, MethodTable, check_numbers, check_type
 from leapalign_fast.errors import UserError
 from leapalign_fast.methods import (
     draft,
@@ -40,6 +43,7 @@ METHODS: dict[str, MethodSpec] = {
         full.METHOD,
     )
 }
+assert tuple(METHODS) == METHOD_NAMES, "config.METHOD_NAMES must list the registry's methods, in its order"
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -55,6 +59,37 @@ def method_settings(name: str, **values) -> MethodSettings:
     return method_spec(name).settings(name=name, **values)
 
 
+def settings_from_table(table: dict, num_steps: int) -> MethodSettings:
+    """The `[method]` table as the chosen method's settings, validated. Keys that belong only to other methods are
+    ignored, so one file can switch methods with `method.name=...`; errors name only the chosen method's keys."""
+    name = table.get("name", "leapalign")
+    cls = method_spec(name).settings
+    hints, own = typing.get_type_hints(cls), set(cls.keys())
+    others = {k for m in METHODS.values() for k in m.settings.keys()} - own
+    kwargs = {}
+    for key, value in table.items():
+        if key in own:
+            kwargs[key] = check_type(f"method.{key}", value, hints[key])
+        elif key not in others:
+            close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
+            takes = ", ".join(sorted(own))
+            hint = f"; did you mean 'method.{close[0]}'?" if close else f"; method '{name}' takes {takes}"
+            raise UserError(f"unknown config key 'method.{key}'{hint}")
+    settings = cls(**kwargs)
+    check_numbers(settings, "method.")
+    settings.validate(num_steps)  # only the chosen method's keys
+    return settings
+
+
+def with_method_settings(cfg: Config) -> Config:
+    """`cfg` with its raw `[method]` table replaced by the chosen method's settings dataclass, validated (a bad key
+    or value is a UserError). Torch, but none of the model stack: the CLI calls it before the heavy imports."""
+    if isinstance(cfg.method, MethodTable):
+        return dataclasses.replace(cfg, method=settings_from_table(cfg.method, cfg.num_steps))
+    cfg.method.validate(cfg.num_steps)
+    return cfg
+
+
 def build_method(settings: MethodSettings, num_steps: int) -> LossBuilder:
     """Bind a method's settings (validated here too: bad settings fail at start); returns `inputs -> StepOutput`."""
     spec = method_spec(settings.name)
@@ -67,4 +102,4 @@ def build_method(settings: MethodSettings, num_steps: int) -> LossBuilder:
 
 
 __all__ = ["METHODS", "MethodSettings", "MethodSpec", "StepInputs", "StepOutput", "build_method", "method_settings",
-           "method_spec"]  # fmt: skip
+           "method_spec", "settings_from_table", "with_method_settings"]  # fmt: skip

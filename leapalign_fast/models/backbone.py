@@ -83,6 +83,9 @@ class Backbone:
     lora_targets: tuple[str, ...]  # peft target_modules of the transformer
     # (vae, images (B, 3, H, W) in [0, 1]) -> packed latents, the inverse of `decode` (toy benchmarks); optional
     encode_images: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    # (components, conditioning dict, noise (B, L, C), geometry, num_steps, guidance) -> packed x0 (B, L, C) sampled
+    # by the family's diffusers pipeline (text encoders absent): the reference of bench/sampler.py
+    pipeline_sample: Callable[..., torch.Tensor] | None = None
     # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
 
 

@@ -317,6 +317,21 @@ def prompt_tensors(text: TextStack, prompts: list[str]) -> dict[str, torch.Tenso
     return {"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}
 
 
+@torch.no_grad()
+def pipeline_sample(components: FluxComponents, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
+                    num_steps: int, guidance: float) -> torch.Tensor:
+    """FluxPipeline's packed latents from the same noise and cached embeddings (its scheduler: FLUX.1-dev's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=components.vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=components.transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    res = geom.h * components.vae_scale_factor
+    return pipe(prompt_embeds=cond["t5"], pooled_prompt_embeds=cond["pooled"], latents=noise, height=res, width=res,
+                num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent", return_dict=False)[0]  # fmt: skip
+
+
 def _build_tiny(tiny_cfg, seed: int) -> FluxComponents:
     return build_tiny_flux(tiny_cfg, seed)
 
@@ -334,4 +349,5 @@ BACKBONE = Backbone(
     decode=decode,
     lora_targets=tuple(FLUX_LORA_TARGETS),
     encode_images=encode_images,
+    pipeline_sample=pipeline_sample,
 )

@@ -230,9 +230,36 @@ def vae_latents(vae: AutoencoderKLFlux2, x: torch.Tensor, geom: Geometry) -> tor
     return z.reshape(b, c4 // 4, geom.h, geom.w)
 
 
+def packed_latents(vae: AutoencoderKLFlux2, z: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """The inverse of `vae_latents`: the VAE's (B, C, h, w) -> 2x2 patchify, normalise, pack to (B, L, 4 C)."""
+    b, c = z.shape[:2]
+    z = z.reshape(b, c, geom.h // 2, 2, geom.w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, geom.h // 2, -1)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+    return ((z - mean) / std).reshape(b, 4 * c, -1).permute(0, 2, 1)
+
+
 def decode(vae: AutoencoderKLFlux2, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
     image = vae.decode(vae_latents(vae, x, geom).to(vae.dtype), return_dict=False)[0]
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def pipeline_sample(components: Flux2Components, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
+                    num_steps: int, guidance: float) -> torch.Tensor:
+    """Flux2KleinPipeline's latents (un-normalised, unpatchified) from the same noise and cached embeddings, packed
+    back into our layout."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
+                              vae=components.vae, text_encoder=None, tokenizer=None, transformer=components.transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    b, _, c4 = noise.shape
+    res = geom.h * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    z = pipe(prompt_embeds=cond["embeds"], negative_prompt_embeds=cond["neg_embeds"],
+             latents=noise.permute(0, 2, 1).reshape(b, c4, geom.h // 2, geom.w // 2), height=res, width=res,
+             num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent", return_dict=False)[0]  # fmt: skip
+    return packed_latents(components.vae, z, geom)
 
 
 BACKBONE = Backbone(
@@ -247,4 +274,5 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    pipeline_sample=pipeline_sample,
 )

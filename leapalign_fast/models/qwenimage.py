@@ -199,6 +199,22 @@ def decode(vae: AutoencoderKLQwenImage, x: torch.Tensor, geom: Geometry) -> torc
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
+@torch.no_grad()
+def pipeline_sample(components: QwenImageComponents, cond: dict[str, torch.Tensor], noise: torch.Tensor,
+                    geom: Geometry, num_steps: int, guidance: float) -> torch.Tensor:
+    """QwenImagePipeline's packed latents from the same noise and cached (padded, masked) embeddings."""
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
+                             vae=components.vae, text_encoder=None, tokenizer=None, transformer=components.transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    res = geom.h * 2 ** len(components.vae.temperal_downsample)
+    return pipe(prompt_embeds=cond["embeds"], prompt_embeds_mask=cond["mask"], negative_prompt_embeds=cond["neg_embeds"],
+                negative_prompt_embeds_mask=cond["neg_mask"], latents=noise, height=res, width=res,
+                num_inference_steps=num_steps, true_cfg_scale=guidance, output_type="latent", return_dict=False,
+                max_sequence_length=cond["embeds"].shape[1])[0]  # fmt: skip
+
+
 BACKBONE = Backbone(
     name="qwenimage",
     pipeline="QwenImagePipeline",
@@ -211,4 +227,5 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    pipeline_sample=pipeline_sample,
 )

@@ -208,6 +208,26 @@ def decode(vae: AutoencoderKL, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
+@torch.no_grad()
+def pipeline_sample(components: SD3Components, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
+                    num_steps: int, guidance: float) -> torch.Tensor:
+    """StableDiffusion3Pipeline's latents (B, 16, h, w), packed, from the same noise and cached embeddings."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=components.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
+        vae=components.vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    res = geom.h * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    z = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"], negative_prompt_embeds=cond["neg_embeds"],
+             negative_pooled_prompt_embeds=cond["neg_pooled"], latents=unpack_latents(noise, geom.h, geom.w),
+             height=res, width=res, num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent",
+             return_dict=False)[0]  # fmt: skip
+    return pack_latents(z)
+
+
 BACKBONE = Backbone(
     name="sd3",
     pipeline="StableDiffusion3Pipeline",
@@ -220,4 +240,5 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    pipeline_sample=pipeline_sample,
 )

@@ -2,11 +2,16 @@
 
 A reward is a frozen `torch.nn.Module` called as `reward(images, prompts) -> (B,)` with images
 float (B, 3, H, W) in [0, 1]; gradients flow to the pixels, never to the reward's own weights.
+
+The built-in rewards are named in `REWARDS` by the module path of their builder and imported on first use (as the
+backbones in models/backbone.py): a reward module imports nothing from this registry, so the dependency points one
+way (no rewards <-> toy circle), and a run imports only the reward it uses.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from typing import Callable
 
@@ -14,11 +19,22 @@ import torch
 
 from leapalign_fast.errors import UserError
 
-_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
+# name -> "module:builder", a builder `(**options) -> nn.Module`.
+REWARDS = {
+    "clip": "leapalign_fast.rewards.clip_rewards:build_clip",
+    "pickscore": "leapalign_fast.rewards.clip_rewards:build_pickscore",
+    "hpsv2.1": "leapalign_fast.rewards.clip_rewards:build_hpsv21",
+    "aesthetic": "leapalign_fast.rewards.clip_rewards:build_aesthetic",
+    "imagereward": "leapalign_fast.rewards.imagereward:build_imagereward",
+    "colour": "leapalign_fast.rewards.colour:build_colour_reward",
+    "toy": "leapalign_fast.toy.reward:build_toy_reward",
+}
+_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}  # builders registered at run time (register_reward)
 
 
 def register_reward(name: str):
-    """Decorator: `@register_reward("colour")` on a builder `(**options) -> nn.Module`."""
+    """Decorator: `@register_reward("mine")` on a builder `(**options) -> nn.Module` defined outside the package
+    (a plug-in, a test); the built-in rewards are listed in `REWARDS`."""
 
     def wrap(builder):
         _REGISTRY[name] = builder
@@ -28,7 +44,14 @@ def register_reward(name: str):
 
 
 def reward_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*REWARDS, *_REGISTRY})
+
+
+def _builder(name: str) -> Callable[..., torch.nn.Module]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    module, _, attr = REWARDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class WeightedSum(torch.nn.Module):
@@ -58,8 +81,8 @@ def parse_mixture(spec: str) -> dict[str, float]:
 def check_reward_name(name: str) -> None:
     """Raise the unknown-reward error now (before any model is loaded) if `name` or a part of a mixture is unknown."""
     for part in parse_mixture(name) if ("," in name or ":" in name) else [name]:
-        if part not in _REGISTRY:
-            close = difflib.get_close_matches(part, _REGISTRY, n=1)
+        if part not in _REGISTRY and part not in REWARDS:
+            close = difflib.get_close_matches(part, reward_names(), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"unknown reward '{part}'; known rewards: {', '.join(reward_names())}.{hint}")
 
@@ -76,7 +99,7 @@ def build_reward(name: str, **options) -> torch.nn.Module:
             parts[part] = (weight, build_reward(part, **opts))
         return WeightedSum(parts).eval().requires_grad_(False)
     check_reward_name(name)
-    builder = _REGISTRY[name]
+    builder = _builder(name)
     try:
         inspect.signature(builder).bind(**options)
     except TypeError as e:  # an option the builder does not take
@@ -85,6 +108,3 @@ def build_reward(name: str, **options) -> torch.nn.Module:
     model.eval().requires_grad_(False)
     return model
 
-
-from leapalign_fast.rewards import clip_rewards, colour, imagereward  # noqa: E402,F401  (registers built-in rewards)
-from leapalign_fast.toy import reward as _toy_reward  # noqa: E402,F401  (registers 'toy')

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.rewards import register_reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -127,13 +126,11 @@ def _load_clip(path: Path, dtype: str):
     return CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True), CLIPTokenizer.from_pretrained(path)
 
 
-@register_reward("clip")
 def build_clip(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
     p = _need_dir(path, "clip", "path", "any CLIP checkpoint in Hugging Face format, e.g. openai/clip-vit-large-patch14")
     return ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
 
 
-@register_reward("pickscore")
 def build_pickscore(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
     p = _need_dir(path, "pickscore", "path", "yuvalkirstain/PickScore_v1 (model) with the tokenizer of "
                   "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")  # fmt: skip
@@ -189,7 +186,6 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@register_reward("hpsv2.1")
 def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: str = "float32") -> torch.nn.Module:
     p = _need_dir(clip, "hpsv2.1", "clip", "the CLIP-H architecture and tokenizer: laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     ck = Path(checkpoint or "")
@@ -230,7 +226,6 @@ class AestheticReward(torch.nn.Module):
         return self.layers(self.clip.image_features(images)).squeeze(-1)
 
 
-@register_reward("aesthetic")
 def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str = "float32") -> torch.nn.Module:
     p = _need_dir(clip, "aesthetic", "clip", "openai/clip-vit-large-patch14")
     if not mlp or not Path(mlp).is_file():

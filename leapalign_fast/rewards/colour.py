@@ -10,7 +10,6 @@ import re
 import torch
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.rewards import register_reward
 
 PALETTE = {
     "red": (1.0, 0.0, 0.0),
@@ -51,6 +50,5 @@ class ColourReward(torch.nn.Module):
         return 1.0 - dist.mean(dim=(1, 2)) / 3**0.5
 
 
-@register_reward("colour")
 def build_colour_reward() -> torch.nn.Module:
     return ColourReward()

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from leapalign_fast.errors import UserError
-from leapalign_fast.rewards import register_reward
 from leapalign_fast.rewards.clip_rewards import clip_preprocess, load_weights_file
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's published reward normalisation
@@ -87,7 +86,6 @@ def make_mlp(width: int) -> torch.nn.Sequential:
     )  # fmt: skip
 
 
-@register_reward("imagereward")
 def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32"):
     from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
 

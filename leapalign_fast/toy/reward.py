@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import save_tensors_atomic
 from leapalign_fast.models.text import build_tiny_clip_tokenizer
-from leapalign_fast.rewards import register_reward
 from leapalign_fast.toy.scenes import (COLOURS, NUMBERS, RELATIONS, SHAPES, Obj, Scene, Spec, caption, parse_caption,
                                       render, sample_scene)
 
@@ -255,7 +254,6 @@ def _load_toy_reward(path: str, contrast: int) -> ToyReward:
     return model.eval()
 
 
-@register_reward("toy")
 def build_toy_reward(path: str | list[str] | None = None, contrast: int = 0, combine: str = "mean") -> torch.nn.Module:
     """`path`: one weights file, or a list of them (an ensemble combined by `combine`: mean or min)."""
     if not path:
