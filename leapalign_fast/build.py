@@ -95,8 +95,9 @@ def lora_targets(cfg: Config, backbone: Backbone) -> list[str]:
     return list(backbone.lora_targets) if targets == FLUX_LORA_TARGETS and backbone.name != "flux" else targets
 
 
-def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
-    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32."""
+def add_trainable(transformer, cfg: Config, upcast: bool = True) -> list[torch.nn.Parameter]:
+    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32 (`upcast=False`:
+    left in the storage dtype, for FSDP, which upcasts them block by block as it shards)."""
     transformer.requires_grad_(False)
     targets = lora_targets(cfg, backbone_for(cfg.model))
     if cfg.lora.enabled:
@@ -116,7 +117,7 @@ def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"lora.target_modules {targets} matched no transformer module")
-    for p in params:
+    for p in params if upcast else ():
         p.data = p.data.float()
     return params
 
@@ -143,3 +144,16 @@ def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
 
 def trained_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, kept in float32 (sharded like them under FSDP)."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: t.detach().float().clone() for n, t in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor]) -> None:
+        for n, t in named.items():
+            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)
