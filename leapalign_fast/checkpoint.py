@@ -354,6 +354,8 @@ def save_checkpoint(run, step: int, consumed: int) -> Path:
     """Checkpoint `run` at `step` (every rank calls it). Sharded runs (run.saver) write asynchronously when so
     configured: the returned directory exists once the save is committed (run.saver.wait())."""
     acc = run.accelerator
+    if run.saver is not None:
+        unwrap(run.transformer).reshard()  # parameters as shards (the root stays unsharded after a no-grad forward)
     # Never write a checkpoint that cannot be resumed usefully. Every rank takes the same branch (DDP: the same
     # weights; FSDP: a min-reduce over the shards). One host sync per checkpoint.
     trained = trained_state(run.transformer)

@@ -216,6 +216,8 @@ def write_grid(run: Run, step: int) -> Path | None:
     velocity = velocity_for(run, list(range(n)), run.eval_embeds)
     noise = make_noise(run, n, torch.Generator().manual_seed(run.cfg.seed + 12345))
     x0 = sample_trajectory(velocity, noise, run.sigmas).x0
+    if run.saver is not None:
+        unwrap(run.transformer).reshard()  # FSDP keeps the root unsharded after a forward without backward
     if not run.accelerator.is_main_process:
         return None
     path = run.out / "grids" / f"step_{step:06d}.png"
