@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -353,7 +354,7 @@ def newest(out: Path) -> str:
 def save_checkpoint(run, step: int, consumed: int) -> Path:
     """Checkpoint `run` at `step` (every rank calls it). Sharded runs (run.saver) write asynchronously when so
     configured: the returned directory exists once the save is committed (run.saver.wait())."""
-    acc = run.accelerator
+    acc, started = run.accelerator, time.perf_counter()
     if run.saver is not None:
         unwrap(run.transformer).reshard()  # parameters as shards (the root stays unsharded after a no-grad forward)
     # Never write a checkpoint that cannot be resumed usefully. Every rank takes the same branch (DDP: the same
@@ -401,7 +402,7 @@ def save_checkpoint(run, step: int, consumed: int) -> Path:
 
         shards = dcp_ckpt.sharded_state(unwrap(run.transformer), trained, ema, run.optimizer)
         _fault_point(f"checkpoint_shards_rank{acc.process_index}", step)
-        run.saver.save(tmp, step, shards, commit)
+        run.saver.save(tmp, step, shards, commit, started)
         return path
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None

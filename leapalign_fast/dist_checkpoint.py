@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,39 +55,40 @@ def sharded_state(model, trained: dict, ema: dict | None, optimizer) -> dict:
 class ShardedSaver:
     """DCP saves, synchronous or asynchronous, at most one in flight; rank 0 commits each after all ranks wrote."""
 
-    def __init__(self, asynchronous: bool):
-        self.asynchronous = asynchronous
+    def __init__(self, asynchronous: bool, log: Path | None = None):
+        self.asynchronous, self.log = asynchronous, log
         self.rank = dist.get_rank()
         # The background writes run their own collectives (plan, finish): on a group of their own, so they never
         # interleave with the training step's collectives on the default group. gloo: the staged copy is on CPU.
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.get_world_size() > 1 else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.rank == 0 else None
-        self.pending: tuple[int, Future | None, Future | None] | None = None  # (step, DCP write, rank-0 commit)
+        self.pending: tuple | None = None  # (step, DCP write, rank-0 commit, start time, blocking seconds)
         self.blocking_seconds: list[float] = []  # per save: time the training loop was held (tests, bench)
 
-    def save(self, tmp: Path, step: int, state: dict, commit) -> None:
-        """Write `state`'s shards into `tmp/shards`; rank 0 then runs `commit()` (hash, manifest, rename)."""
-        import time
-
-        t0 = time.perf_counter()
+    def save(self, tmp: Path, step: int, state: dict, commit, started: float | None = None) -> None:
+        """Write `state`'s shards into `tmp/shards`; rank 0 then runs `commit()` (hash, manifest, rename).
+        `started`: when the caller began the save (perf_counter), so the logged blocking time covers its part too."""
+        t0 = time.perf_counter() if started is None else started
         self.wait()
         writer = dcp.FileSystemWriter(str(tmp / SHARDS), sync_files=True)
         if self.asynchronous:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
-            done = self.pool.submit(_after, future, commit) if self.pool is not None else None
-            self.pending = (step, future, done)
+            done = self.pool.submit(_after, future, commit, t0) if self.pool is not None else None
+            self.blocking_seconds.append(time.perf_counter() - t0)
+            self.pending = (step, future, done, t0, self.blocking_seconds[-1])
         else:
             dcp.save(state, storage_writer=writer)
             if self.rank == 0:
                 commit()
             dist.barrier()
-        self.blocking_seconds.append(time.perf_counter() - t0)
+            self.blocking_seconds.append(time.perf_counter() - t0)
+            self._log(step, self.blocking_seconds[-1], self.blocking_seconds[-1])
 
     def wait(self) -> None:
         """Block until the save in flight is written by every rank and committed by rank 0."""
         if self.pending is None:
             return
-        step, future, done = self.pending
+        step, future, done, t0, blocking = self.pending
         self.pending = None
         error = None
         try:
@@ -104,6 +106,16 @@ class ShardedSaver:
         if failed.item():
             raise UserError(f"another rank failed to write the sharded checkpoint of step {step}; older checkpoints "
                             "are intact; see that rank's error, then rerun with resume=true")  # fmt: skip
+        self._log(step, blocking, done.result() if done is not None else None)
+
+    def _log(self, step: int, blocking: float, committed_after: float | None) -> None:
+        """Rank 0: one line per committed save in `log` (checkpoints.jsonl): seconds the loop was held, and
+        seconds from the save's start until its commit (for an asynchronous save: while training went on)."""
+        if self.rank == 0 and self.log is not None:
+            row = {"step": step, "asynchronous": self.asynchronous, "blocking_s": round(blocking, 4),
+                   "committed_after_s": None if committed_after is None else round(committed_after, 4)}  # fmt: skip
+            with open(self.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         self.wait()
@@ -111,9 +123,11 @@ class ShardedSaver:
             self.pool.shutdown()
 
 
-def _after(future: Future, commit):
+def _after(future: Future, commit, t0: float) -> float:
+    """Rank 0's background thread: wait for the write, commit; returns seconds since the save started."""
     future.result()  # rank 0's write is done after every rank's (DCP's finish gathers them first)
-    return commit()
+    commit()
+    return time.perf_counter() - t0
 
 
 def check_shards(tmp: Path, world: int) -> None:

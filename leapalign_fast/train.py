@@ -174,7 +174,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None  # FSDP: sharded DTensors
     saver = None
     if cfg.fsdp:  # FSDP2 is applied above; accelerate keeps autocast, accumulation and the collectives only
-        saver = ShardedSaver(asynchronous=cfg.async_checkpoint)
+        saver = ShardedSaver(cfg.async_checkpoint, log=out / "checkpoints.jsonl")
     else:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     sigmas = backbone.schedule(components, cfg.num_steps, geometry, device=device)  # read every step: on the device
