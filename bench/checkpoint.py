@@ -1,7 +1,7 @@
 """Blocking time of a sharded (FSDP, DCP) checkpoint, synchronous vs asynchronous, as a ratio of step time.
 
     python bench/checkpoint.py                 # CPU, 2 processes (gloo): the largest tiny-FLUX that fits this
-                                               # machine (6 double + 12 single blocks, width 512: 113M parameters)
+                                               # machine (6 double + 12 single blocks, width 512: 106M parameters)
     python bench/checkpoint.py --nproc 8 --model config --config configs/flux_leapalign_full.toml \\
         model.source=/path/to/FLUX.1-dev prompt_file=/path/to/prompts.txt      # GPU: full-size FLUX.1-dev, 8 GPUs
 

@@ -173,7 +173,7 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None  # FSDP: sharded DTensors
     saver = None
-    if cfg.fsdp:  # FSDP2 is applied above; accelerate keeps autocast, accumulation and the collectives only
+    if cfg.fsdp:  # sharded above; accelerate keeps accumulation and collectives (MixedPrecisionPolicy, not autocast)
         saver = ShardedSaver(cfg.async_checkpoint, log=out / "checkpoints.jsonl")
     else:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
@@ -254,6 +254,10 @@ def _train(cfg: Config) -> TrainResult:
         print(f"leapalign-fast: {note}", flush=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
+    if accelerator.distributed_type.name == "FSDP":
+        raise UserError("accelerate's FSDP mode (distributed_type: FSDP) is not used by this trainer; launch with "
+                        "configs/accelerate_fsdp.yaml (distributed_type: MULTI_GPU) and set fsdp=true in the run "
+                        "config: the trainer applies FSDP2 itself")  # fmt: skip
     if cfg.deterministic and torch.cuda.is_available():  # else cuBLAS matmuls raise under deterministic mode
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
     torch.use_deterministic_algorithms(cfg.deterministic)
@@ -364,7 +368,8 @@ def _train(cfg: Config) -> TrainResult:
     grid = write_grid(run, step)
     if run.saver is not None:
         run.saver.close()  # the last save is committed before anything reads it
-        export_sharded(run, step)
+        if cfg.lora.enabled:
+            export_sharded_lora(run)
     elif accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: <Pipeline>.load_lora_weights
         export_lora(unwrap(run.transformer), run.out / "lora", pipeline=run.backbone.pipeline)
         if run.ema is not None:
@@ -373,6 +378,8 @@ def _train(cfg: Config) -> TrainResult:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if run.saver is not None and not cfg.lora.enabled and accelerator.is_main_process:
+        export_full(run, step)  # after the other ranks are released: no collective waits on this read and write
     return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run,
                        start_step)  # fmt: skip
 
@@ -382,20 +389,22 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def export_sharded(run: Run, step: int) -> None:
-    """FSDP runs' diffusers-loadable outputs, gathered once: LoRA adapters (lora/, lora_ema/: a collective gather
-    of the small adapter tensors); full fine-tunes: transformer/ and transformer_ema/ consolidated by rank 0 from
-    the last checkpoint's shards, without a process group."""
-    if run.cfg.lora.enabled:
-        weights = {"lora": fsdp.full_tensors(trained_state(run.transformer))}
-        if run.ema is not None:
-            weights["lora_ema"] = fsdp.full_tensors(run.ema.shadow)
-        if run.accelerator.is_main_process:
-            for name, named in weights.items():
-                export_lora(unwrap(run.transformer), run.out / name, named, pipeline=run.backbone.pipeline)
-        return
+def export_sharded_lora(run: Run) -> None:
+    """FSDP LoRA runs: lora/ and lora_ema/ as diffusers loads them, from the adapters gathered once (a collective:
+    every rank calls this; the adapters are small)."""
+    weights = {"lora": fsdp.full_tensors(trained_state(run.transformer))}
+    if run.ema is not None:
+        weights["lora_ema"] = fsdp.full_tensors(run.ema.shadow)
+    if run.accelerator.is_main_process:
+        for name, named in weights.items():
+            export_lora(unwrap(run.transformer), run.out / name, named, pipeline=run.backbone.pipeline)
+
+
+def export_full(run: Run, step: int) -> None:
+    """FSDP full fine-tunes, rank 0: transformer/ and transformer_ema/ (diffusers model directories) consolidated
+    from the last checkpoint's shards in this process alone, as `leapalign-fast export` does."""
     last = ckpt.checkpoint_root(run.out) / f"step_{step:08d}"
-    if run.accelerator.is_main_process and last.is_dir():
+    if last.is_dir():
         export_transformer(last, run.out / "transformer")
         if run.ema is not None:
             export_transformer(last, run.out / "transformer_ema", ema=True)

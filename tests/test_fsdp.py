@@ -272,3 +272,17 @@ def test_one_rank_fsdp_trains_like_the_unsharded_trainer(tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_under_fsdp_trains_and_exports_like_the_unsharded_trainer(tmp_path):
+    common = ["max_steps=2", "checkpoint_every=2", *BASE[:5], "lora.enabled=true", "lora.rank=4", "lr=1e-2"]
+    train(load_config(None, [f"output_dir={tmp_path / 'plain'}", *common]))
+    train(load_config(None, [f"output_dir={tmp_path / 'fsdp'}", "fsdp=true", *common]))
+    for name in ("lora", "lora_ema"):
+        want = load_file(str(tmp_path / "plain" / name / "pytorch_lora_weights.safetensors"))
+        got = load_file(str(tmp_path / "fsdp" / name / "pytorch_lora_weights.safetensors"))
+        assert want.keys() == got.keys() and want
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="LoRA run"):
+        export_transformer(_ckpt(tmp_path / "fsdp", 2), tmp_path / "x")
