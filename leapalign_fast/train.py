@@ -1,6 +1,7 @@
 """The training loop: build the run from a Config, then optimizer steps of the chosen method.
 
-accelerate owns devices, DDP/FSDP wrapping, mixed precision and gradient accumulation. Everything random
+accelerate owns devices, DDP wrapping, mixed precision and gradient accumulation; with `fsdp = true` the
+transformer is sharded by fsdp.py (FSDP2) instead, and its checkpoints by dist_checkpoint.py. Everything random
 in a step (noise, method draws) comes from a generator seeded by (seed, step, micro-step, rank), so a
 resumed run replays the very same steps.
 """

@@ -286,3 +286,30 @@ def test_lora_under_fsdp_trains_and_exports_like_the_unsharded_trainer(tmp_path)
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(UserError, match="LoRA run"):
         export_transformer(_ckpt(tmp_path / "fsdp", 2), tmp_path / "x")
+
+
+def test_an_async_save_writes_the_state_of_its_step_while_training_changes_it(tmp_path):
+    """dcp.async_save copies the shards to host memory before it returns: an optimizer step that changes the
+    weights in place while the write runs does not reach the checkpoint."""
+    from leapalign_fast.dist_checkpoint import ShardedSaver
+    from leapalign_fast.fsdp import ensure_process_group
+
+    ensure_process_group(torch.device("cpu"))
+    want = torch.arange(8_000_000, dtype=torch.float32)  # 32 MB: still being written when the step below runs
+    weights = want.clone()
+    saver, committed = ShardedSaver(asynchronous=True, log=tmp_path / "log.jsonl"), []
+    saver.save(tmp_path, 1, {"trained": {"w": weights}}, lambda: committed.append(True))
+    weights.add_(1.0)  # the next optimizer step
+    saver.close()
+    assert committed == [True] and torch.equal(consolidate(tmp_path, "trained")["w"], want)
+    row = json.loads((tmp_path / "log.jsonl").read_text())
+    assert row["asynchronous"] and row["committed_after_s"] >= row["blocking_s"]
+
+
+def test_eval_scores_a_sharded_checkpoint(tmp_path):
+    from leapalign_fast.evaluate import evaluate
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *BASE])
+    train(cfg)
+    result = evaluate(cfg, None, ["colour"], "latest", ema=True, num_steps=2, batch_size=4, out=tmp_path / "eval")
+    assert result["scores"]["colour"]["n"] == len(cfg.eval_prompts)
