@@ -204,6 +204,21 @@ def test_sigkill_of_one_rank_mid_save_keeps_the_previous_checkpoint_then_resume_
         "rng_rank0.safetensors", "rng_rank1.safetensors"]  # fmt: skip
 
 
+@pytest.mark.slow
+def test_two_rank_fsdp_trains_like_two_rank_ddp(tmp_path, straight_two):
+    """Same samples, same math: losses, gradient norms and EMA within float tolerance of DDP's."""
+    ddp = tmp_path / "ddp"
+    assert _wait(_launch(ddp, ["max_steps=6", *[a for a in BASE if a != "fsdp=true"]])) == [0, 0], _err(ddp)
+    for a, b in zip(_rows(ddp), _rows(straight_two), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    want = load_file(str(_ckpt(ddp, 6) / "ema.safetensors"))
+    got = consolidate(_ckpt(straight_two, 6), "ema")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
 def _assert_loaded_equals(dump: Path, ckpt: Path):
     got = load_file(str(dump))
     for which in ("trained", "ema", "optimizer"):
