@@ -397,12 +397,23 @@ def save_checkpoint(run, step: int, consumed: int) -> Path:
         world, keep = acc.num_processes, run.cfg.keep_checkpoints
 
         def commit():  # rank 0, after every rank's shards are written
-            dcp_ckpt.check_shards(tmp, world)
+            try:
+                dcp_ckpt.check_shards(tmp, world)
+            except OSError as e:
+                raise _failed_save(e) from None
             return commit_staged(run.out, step, keep)
+
+        def _failed_save(error):  # rank 0, when any rank's part failed: no staging dir left, one line for disk errors
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, UserError):
+                return error
+            failures = [error, *getattr(error, "failures", {}).values()]  # DCP's CheckpointException: per rank
+            disk = next((f for f in failures if isinstance(f, OSError)), None)
+            return _write_failed(run.out, step, disk) if disk is not None else None
 
         shards = dcp_ckpt.sharded_state(unwrap(run.transformer), trained, ema, run.optimizer)
         _fault_point(f"checkpoint_shards_rank{acc.process_index}", step)
-        run.saver.save(tmp, step, shards, commit, started)
+        run.saver.save(tmp, step, shards, commit, _failed_save, started)
         return path
     if acc.is_main_process:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from leapalign_fast.errors import UserError
@@ -59,15 +60,19 @@ class ShardedSaver:
         self.asynchronous, self.log = asynchronous, log
         self.rank = dist.get_rank()
         # The background writes run their own collectives (plan, finish): on a group of their own, so they never
-        # interleave with the training step's collectives on the default group. gloo: the staged copy is on CPU.
-        self.group = dist.new_group(backend="gloo") if asynchronous and dist.get_world_size() > 1 else None
+        # interleave with the training step's collectives on the default group. gloo: the staged copy is on CPU,
+        # and so is the failure flag every rank agrees on after a save (an NCCL default group takes no CPU tensor).
+        self.world = dist.get_world_size()
+        self.group = dist.new_group(backend="gloo") if self.world > 1 else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.rank == 0 else None
         self.pending: tuple | None = None  # (step, DCP write, rank-0 commit, start time, blocking seconds)
         self.blocking_seconds: list[float] = []  # per save: time the training loop was held (tests, bench)
 
-    def save(self, tmp: Path, step: int, state: dict, commit, started: float | None = None) -> None:
-        """Write `state`'s shards into `tmp/shards`; rank 0 then runs `commit()` (hash, manifest, rename).
-        `started`: when the caller began the save (perf_counter), so the logged blocking time covers its part too."""
+    def save(self, tmp: Path, step: int, state: dict, commit, on_failure, started: float | None = None) -> None:
+        """Write `state`'s shards into `tmp/shards`; rank 0 then runs `commit()` (hash, manifest, rename). If any
+        rank's part fails, rank 0 runs `on_failure(error or None)` (removes the staging dir; returns the error to
+        raise instead, or None), and every rank raises. `started`: when the caller began the save (perf_counter),
+        so the logged blocking time covers its part too."""
         t0 = time.perf_counter() if started is None else started
         self.wait()
         writer = dcp.FileSystemWriter(str(tmp / SHARDS), sync_files=True)
@@ -75,12 +80,16 @@ class ShardedSaver:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             done = self.pool.submit(_after, future, commit, t0) if self.pool is not None else None
             self.blocking_seconds.append(time.perf_counter() - t0)
-            self.pending = (step, future, done, t0, self.blocking_seconds[-1])
+            self.pending = (step, future, done, on_failure, self.blocking_seconds[-1])
         else:
-            dcp.save(state, storage_writer=writer)
-            if self.rank == 0:
-                commit()
-            dist.barrier()
+            error = None
+            try:
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+                if self.rank == 0:
+                    commit()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - raised below on every rank, once all agree
+                error = e
+            self._agree(step, error, on_failure)  # also the barrier: rank 0 has committed when every rank goes on
             self.blocking_seconds.append(time.perf_counter() - t0)
             self._log(step, self.blocking_seconds[-1], self.blocking_seconds[-1])
 
@@ -88,25 +97,33 @@ class ShardedSaver:
         """Block until the save in flight is written by every rank and committed by rank 0."""
         if self.pending is None:
             return
-        step, future, done, t0, blocking = self.pending
+        step, future, done, on_failure, blocking = self.pending
         self.pending = None
         error = None
         try:
             future.result()
             if done is not None:
                 done.result()
-        except Exception as e:  # noqa: BLE001 - reported below on every rank, after the others finished too
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - raised below on every rank, once all agree
             error = e
+        self._agree(step, error, on_failure)
+        self._log(step, blocking, done.result() if done is not None else None)
+
+    def _agree(self, step: int, error: BaseException | None, on_failure) -> None:
+        """Every rank learns whether any rank's part of the save failed (a max-reduce); then rank 0 cleans up and
+        every rank raises."""
         failed = torch.tensor(float(error is not None))
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
-        if error is not None:
-            if isinstance(error, (UserError, OSError)):
-                raise error
-            raise RuntimeError(f"the sharded checkpoint of step {step} failed: {error}") from error
-        if failed.item():
+        if self.world > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if not failed.item():
+            return
+        replacement = on_failure(error) if self.rank == 0 else None
+        if replacement is not None:
+            raise replacement from None
+        if error is None:
             raise UserError(f"another rank failed to write the sharded checkpoint of step {step}; older checkpoints "
                             "are intact; see that rank's error, then rerun with resume=true")  # fmt: skip
-        self._log(step, blocking, done.result() if done is not None else None)
+        raise error
 
     def _log(self, step: int, blocking: float, committed_after: float | None) -> None:
         """Rank 0: one line per committed save in `log` (checkpoints.jsonl): seconds the loop was held, and

@@ -313,7 +313,7 @@ def test_an_async_save_writes_the_state_of_its_step_while_training_changes_it(tm
     want = torch.arange(8_000_000, dtype=torch.float32)  # 32 MB: still being written when the step below runs
     weights = want.clone()
     saver, committed = ShardedSaver(asynchronous=True, log=tmp_path / "log.jsonl"), []
-    saver.save(tmp_path, 1, {"trained": {"w": weights}}, lambda: committed.append(True))
+    saver.save(tmp_path, 1, {"trained": {"w": weights}}, lambda: committed.append(True), lambda error: None)
     weights.add_(1.0)  # the next optimizer step
     saver.close()
     assert committed == [True] and torch.equal(consolidate(tmp_path, "trained")["w"], want)
@@ -328,3 +328,28 @@ def test_eval_scores_a_sharded_checkpoint(tmp_path):
     train(cfg)
     result = evaluate(cfg, None, ["colour"], "latest", ema=True, num_steps=2, batch_size=4, out=tmp_path / "eval")
     assert result["scores"]["colour"]["n"] == len(cfg.eval_prompts)
+
+
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
+def test_a_failed_sharded_save_is_one_line_keeps_the_older_checkpoint_and_resume_works(tmp_path, monkeypatch,
+                                                                                        asynchronous):  # fmt: skip
+    import errno
+
+    from leapalign_fast import dist_checkpoint
+
+    real = dist_checkpoint.check_shards
+
+    def disk_full_at_step_4(tmp, world):
+        if tmp.name.endswith("04"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, world)
+
+    monkeypatch.setattr(dist_checkpoint, "check_shards", disk_full_at_step_4)
+    args = [f"output_dir={tmp_path}", "max_steps=4", f"async_checkpoint={str(asynchronous).lower()}", *BASE]
+    with pytest.raises(UserError, match="cannot write checkpoint step 4.*disk is full.*newest: step_00000002"):
+        train(load_config(None, args))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()
+    monkeypatch.undo()
+    res = train(load_config(None, [*args, "resume=true"]))
+    assert res.start_step == 2 and res.steps == 4 and verify_checkpoint(_ckpt(tmp_path, 4)) is None
