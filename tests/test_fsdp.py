@@ -353,3 +353,19 @@ def test_a_failed_sharded_save_is_one_line_keeps_the_older_checkpoint_and_resume
     monkeypatch.undo()
     res = train(load_config(None, [*args, "resume=true"]))
     assert res.start_step == 2 and res.steps == 4 and verify_checkpoint(_ckpt(tmp_path, 4)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_bf16_compute_float32_master_shards_resume_bit_exact_and_bf16_export(tmp_path):
+    """The GPU path (`pytest -m gpu`): MixedPrecisionPolicy(bf16, reduce float32) over NCCL, bf16 storage."""
+    gpu = ["mixed_precision=bf16", "model.dtype=bfloat16", "model.gradient_checkpointing=true", *BASE]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    res = train(load_config(None, [f"output_dir={straight}", "max_steps=4", *gpu]))
+    named = dict(res.run.transformer.named_parameters())
+    assert all(isinstance(p, DTensor) and p.device.type == "cuda" and p.dtype == torch.float32 for p in named.values())
+    train(load_config(None, [f"output_dir={split}", "max_steps=2", *gpu]))
+    train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *gpu]))
+    _assert_same_run(straight, split, 4)
+    exported = load_file(str(split / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
