@@ -37,7 +37,7 @@ from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt
     wait_for_files,
 )
 from leapalign_fast.checkpoint import MATH_KEYS, config_differences, resume, save_checkpoint, truncate_metrics  # noqa: F401
-from leapalign_fast.config import Config, config_toml
+from leapalign_fast.config import Config, config_dict, config_toml  # noqa: F401  (config_dict: re-exported, bench)
 from leapalign_fast.dist_checkpoint import ShardedSaver, export_transformer
 from leapalign_fast.errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: re-exported)
 from leapalign_fast.images import save_grid
