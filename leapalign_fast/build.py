@@ -94,8 +94,9 @@ def lora_targets(cfg: Config, backbone: Backbone) -> list[str]:
     return list(backbone.lora_targets) if targets == FLUX_LORA_TARGETS and backbone.name != "flux" else targets
 
 
-def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
-    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32."""
+def add_trainable(transformer, cfg: Config, upcast: bool = True) -> list[torch.nn.Parameter]:
+    """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32 (`upcast=False`:
+    left in the storage dtype, for FSDP, which upcasts them block by block as it shards)."""
     transformer.requires_grad_(False)
     targets = lora_targets(cfg, backbone_for(cfg.model))
     if cfg.lora.enabled:
@@ -115,7 +116,7 @@ def add_trainable(transformer, cfg: Config) -> list[torch.nn.Parameter]:
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise UserError(f"lora.target_modules {targets} matched no transformer module")
-    for p in params:
+    for p in params if upcast else ():
         p.data = p.data.float()
     return params
 
@@ -157,3 +158,16 @@ def velocity_for(run, idx: list[int], embeds: PromptCache):
 def decoder(run):
     """packed latents (B, L, C) -> images (B, 3, H, W) in [0, 1], through the run's backbone."""
     return lambda x: run.backbone.decode(run.components.vae, x, run.geometry)
+
+
+class EMA:
+    """Exponential moving average of the trained parameters, kept in float32 (sharded like them under FSDP)."""
+
+    def __init__(self, named: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: t.detach().float().clone() for n, t in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor]) -> None:
+        for n, t in named.items():
+            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)

@@ -1,4 +1,5 @@
-"""Checkpoints: everything a run's future depends on, in safetensors + JSON, written atomically.
+"""Checkpoints: everything a run's future depends on, in safetensors + JSON, written atomically; a run's save and
+resume (FSDP runs: sharded, through dist_checkpoint.py).
 
 Layout: `<output_dir>/checkpoints/step_00000008/` holding
   trained.safetensors    trained parameters by name (LoRA or full)
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,8 +33,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from leapalign_fast.errors import UserError
+from leapalign_fast import dist_checkpoint as dcp_ckpt
+from leapalign_fast.build import EMA, load_trained, trained_state, unwrap
+from leapalign_fast.config import Config, config_dict
+from leapalign_fast.dist_checkpoint import SHARDS
+from leapalign_fast.errors import TrainingDiverged, UserError
+from leapalign_fast.fsdp import all_finite
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from leapalign_fast.methods import with_method_settings
+from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -96,7 +105,8 @@ def verify_checkpoint(path: Path) -> str | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        assert isinstance(files, dict) and "state.json" in files and "trained.safetensors" in files
+        assert isinstance(files, dict) and "state.json" in files
+        assert "trained.safetensors" in files or f"{SHARDS}/.metadata" in files  # single-process or sharded
     except FileNotFoundError:
         return None if _legacy(path) else f"{MANIFEST} is missing"
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
@@ -255,13 +265,33 @@ def write_checkpoint(
         if metrics is not None and metrics.is_file():
             write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
         write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, **state})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(output_dir, step, e) from None
+    return commit_staged(output_dir, step, keep)
+
+
+def _staged_files(tmp: Path) -> list[Path]:
+    """The files a manifest covers: the staging dir's own (not atomic writes' dot-temporaries) and every file of
+    its DCP shard folder (whose `.metadata` is a dotfile)."""
+    files = [p for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if (tmp / SHARDS).is_dir():
+        files += [p for p in sorted((tmp / SHARDS).iterdir()) if p.is_file()]
+    return files
+
+
+def commit_staged(output_dir: str | Path, step: int, keep: int) -> Path:
+    """Rank 0, once every file of the staged checkpoint is written: sha256 manifest (last), rename into place,
+    prune beyond `keep`. A failed write removes the staging dir and is a UserError."""
+    tmp = staging_dir(output_dir, step)
+    try:
         _fault_point("checkpoint_manifest", step)
-        written = [p for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        written = _staged_files(tmp)
         files = {}
         for p, got in zip(written, digests(written)):
             if isinstance(got, OSError):
                 raise got
-            files[p.name] = got
+            files[p.relative_to(tmp).as_posix()] = got
         write_json_atomic(tmp / MANIFEST, {"step": step, "files": files})  # last
         final = checkpoint_root(output_dir) / f"step_{step:08d}"
         if final.exists():  # same step written again (e.g. final step after a periodic save)
@@ -307,3 +337,199 @@ def _read_checkpoint(path: Path, rank: int) -> dict:
     if rng.is_file():
         out["rng"] = (load_file(str(rng)), json.loads((path / f"rng_rank{rank}.json").read_text()))
     return out
+
+
+# ---- a run's save and resume ------------------------------------------------------------------------------
+
+# Config keys whose change alters the math of a resumed run.
+MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
+             "adam_betas", "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision",
+             "prompt_file", "model", "lora", "method", "reward")  # fmt: skip
+
+
+def newest(out: Path) -> str:
+    found = list_checkpoints(out)
+    return str(found[-1]) if found else "none"
+
+
+def save_checkpoint(run, step: int, consumed: int) -> Path:
+    """Checkpoint `run` at `step` (every rank calls it). Sharded runs (run.saver) write asynchronously when so
+    configured: the returned directory exists once the save is committed (run.saver.wait())."""
+    acc, started = run.accelerator, time.perf_counter()
+    if run.saver is not None:
+        unwrap(run.transformer).reshard()  # parameters as shards (the root stays unsharded after a no-grad forward)
+    # Never write a checkpoint that cannot be resumed usefully. Every rank takes the same branch (DDP: the same
+    # weights; FSDP: a min-reduce over the shards). One host sync per checkpoint.
+    trained = trained_state(run.transformer)
+    ema = run.ema.shadow if run.ema is not None else None
+    if run.saver is not None:
+        bad = [] if all_finite([*trained.values(), *(ema or {}).values()]) else ["a sharded weight"]
+    else:
+        bad = [n for n, t in {**trained, **(ema or {})}.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad[0]}); not checkpointed. "
+                               f"Last good checkpoint: {newest(run.out)}. Lower lr or check the reward.")  # fmt: skip
+    if run.saver is not None:
+        run.saver.wait()  # at most one save in flight: the previous one is committed before this one starts
+    tmp = staging_dir(run.out, step)
+    if acc.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    save_rank_rng(tmp, acc.process_index)
+    acc.wait_for_everyone()
+    path = checkpoint_root(run.out) / f"step_{step:08d}"
+    state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
+             "world_size": acc.num_processes, "prompts_sha256": prompts_digest(run.prompts)}  # fmt: skip
+    metrics = run.out / "metrics.jsonl"
+    if acc.is_main_process and metrics.is_file():  # the log is made durable whenever a checkpoint is
+        with open(metrics, "rb+") as f:
+            os.fsync(f.fileno())
+    if run.saver is not None:
+        if acc.is_main_process:
+            try:
+                dcp_ckpt.write_model_config(tmp, unwrap(run.transformer))
+                if metrics.is_file():
+                    write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
+                write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, "format": dcp_ckpt.FORMAT,
+                                                       "grad_scaler": None, **state})  # fmt: skip
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _write_failed(run.out, step, e) from None
+        world, keep = acc.num_processes, run.cfg.keep_checkpoints
+
+        def commit():  # rank 0, after every rank's shards are written
+            try:
+                dcp_ckpt.check_shards(tmp, world)
+            except OSError as e:
+                raise _failed_save(e) from None
+            return commit_staged(run.out, step, keep)
+
+        def _failed_save(error):  # rank 0, when any rank's part failed: no staging dir left, one line for disk errors
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, UserError):
+                return error
+            failures = [error, *getattr(error, "failures", {}).values()]  # DCP's CheckpointException: per rank
+            disk = next((f for f in failures if isinstance(f, OSError)), None)
+            return _write_failed(run.out, step, disk) if disk is not None else None
+
+        shards = dcp_ckpt.sharded_state(unwrap(run.transformer), trained, ema, run.optimizer)
+        _fault_point(f"checkpoint_shards_rank{acc.process_index}", step)
+        run.saver.save(tmp, step, shards, commit, _failed_save, started)
+        return path
+    if acc.is_main_process:
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+        write_checkpoint(run.out, step, trained, ema, run.optimizer.state_dict(), {**state, "grad_scaler": scaler},
+                         run.cfg.keep_checkpoints, metrics=metrics)  # fmt: skip
+    acc.wait_for_everyone()
+    return path
+
+
+def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
+    defaults = config_dict(with_method_settings(Config())) if defaults is None else defaults
+    diffs = []
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
+            diffs += [f"{k}.{d}" for d in config_differences(a, b, sorted(set(a) | set(b)), sub)]
+        elif k not in saved and k in defaults and b == defaults[k]:  # a key added since the checkpoint, at default
+            continue
+        elif a != b:
+            diffs.append(f"{k} ({a!r} -> {b!r})")
+    return diffs
+
+
+def _say(run, text: str) -> None:
+    if run.accelerator.is_main_process:
+        print(f"leapalign-fast: {text}", flush=True)
+
+
+def resume(run) -> tuple[int, int]:
+    """Load the newest intact checkpoint; returns (step, prompts consumed). (0, 0) when there is none.
+    Damaged newer checkpoints are reported and moved aside; none intact is a UserError (nothing changed).
+    A sharded checkpoint loads at any world size (resharded by DCP)."""
+    path, damaged = choose_checkpoint(run.out)
+    run.accelerator.wait_for_everyone()  # every rank verified before rank 0 moves anything
+    if path is None:
+        if run.accelerator.is_main_process:
+            remove_partial(run.out)
+        _say(run, f"resume=true: no checkpoint in {run.out}; starting from step 0")
+        return 0, 0
+    sharded = dcp_ckpt.is_sharded(path)
+    if sharded != (run.saver is not None):
+        written, now = ("fsdp=true", "fsdp=false") if sharded else ("fsdp=false", "fsdp=true")
+        raise UserError(f"cannot resume from {path}: it was written with {written} and this run has {now}; resume "
+                        f"with {written}, or export it (`leapalign-fast export`) and start a new run from that")
+    data = _guarded(path, lambda: _read_sharded_meta(path, run.accelerator.process_index)) if sharded else \
+        read_checkpoint(path, run.accelerator.process_index)  # fmt: skip
+    diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
+    saved_prompts = data["state"].get("prompts_sha256")
+    if saved_prompts is not None and saved_prompts != prompts_digest(run.prompts):
+        diffs.append("the training prompts (file content changed)")
+    if diffs and not run.cfg.resume_force:
+        raise UserError(
+            f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
+            f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
+        )
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        remove_partial(run.out)
+        for bad, problem in damaged:
+            _say(run, f"checkpoint {bad.name} is damaged ({problem}); moved to {set_aside(bad).name}, "
+                      f"resuming from {path.name}")  # fmt: skip
+    run.accelerator.wait_for_everyone()
+    if sharded:
+        saved_world = data["state"].get("world_size")
+        if saved_world != run.accelerator.num_processes:
+            _say(run, f"resharding {path.name} from {saved_world} to {run.accelerator.num_processes} process(es): "
+                      "same weights, EMA and optimizer state; the global batch is now world x batch_size and each "
+                      "rank's noise stream is seeded by its rank, so the steps ahead differ from a same-size run")
+        shadow = run.ema.shadow if run.ema is not None else None
+        data["ema"] = shadow if dcp_ckpt.load_sharded(path, unwrap(run.transformer), trained_state(run.transformer),
+                                                      shadow, run.optimizer) else None  # fmt: skip
+    else:
+        load_trained(unwrap(run.transformer), data["trained"], path)
+        run.optimizer.load_state_dict(data["optimizer"])
+    run.scheduler.load_state_dict(data["state"]["scheduler"])
+    # Only under resume_force can these differ: the new values are used, and each change is logged.
+    for change in apply_optimizer_settings(run.cfg, run.optimizer, run.scheduler):
+        _say(run, f"resume_force: optimizer now uses {change}")
+    if run.ema is not None and data["ema"] is None:  # EMA newly enabled (resume_force): from the resumed weights
+        run.ema = EMA(trained_state(run.transformer), run.cfg.ema_decay)
+        _say(run, f"checkpoint {path.name} has no EMA; the EMA starts from its weights")
+    if run.accelerator.is_main_process:
+        log = run.out / "metrics.jsonl"
+        if (path / "metrics.jsonl").is_file():  # the log up to the checkpoint, verified: each step exactly once
+            write_text_atomic(log, (path / "metrics.jsonl").read_text())
+        else:
+            truncate_metrics(log, int(data["state"]["step"]))
+    if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):
+        run.accelerator.scaler.load_state_dict(data["state"]["grad_scaler"])
+    if run.ema is not None and data["ema"] is not None and not sharded:
+        run.ema.shadow = {n: t.to(run.accelerator.device) for n, t in data["ema"].items()}
+    if "rng" in data:
+        set_rng_state(*data["rng"])
+    return int(data["state"]["step"]), int(data["state"]["consumed"])
+
+
+def _read_sharded_meta(path: Path, rank: int) -> dict:
+    """state.json and this rank's RNG state of a sharded checkpoint (a rank the saving run did not have: none)."""
+    out = {"state": json.loads((path / "state.json").read_text())}
+    rng = path / f"rng_rank{rank}.safetensors"
+    if rng.is_file():
+        out["rng"] = (load_file(str(rng)), json.loads((path / f"rng_rank{rank}.json").read_text()))
+    return out
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines after the resumed step, so the log has no duplicate steps."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

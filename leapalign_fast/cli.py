@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p_enc = sub.add_parser("encode-prompts", help="cache the prompt embeddings so training never loads text encoders")
     p_enc.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_enc.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_exp = sub.add_parser("export", help="write a checkpoint's weights as a diffusers model directory (sharded "
+                           "FSDP checkpoints are consolidated in this process, any world size wrote them)")
+    p_exp.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (.../checkpoints/step_*)")
+    p_exp.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p_exp.add_argument("--out", type=Path, default=None, help="default: <output_dir>/export/<step>[_ema]")
     # Options may come after overrides (`train lr=1e-4 --config x.toml`): collect the leftovers as overrides.
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
     configure_threads()  # before torch is imported
+    if args.command == "export":
+        return _export(args)
     try:
         # Light first: the config (no torch) and then the method's settings (torch, not diffusers/transformers/
         # accelerate), so a config error comes in a fraction of a second instead of after the whole stack's imports.
@@ -112,6 +119,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
               "rerun with resume=true (the checkpoints written so far are intact)", file=sys.stderr)  # fmt: skip
+        return 2
+    return 0
+
+
+def _export(args) -> int:
+    """`leapalign-fast export`: consolidate and write; no config and no process group needed."""
+    try:
+        from leapalign_fast.checkpoint import verify_checkpoint
+        from leapalign_fast.dist_checkpoint import export_transformer, is_sharded
+
+        path = args.checkpoint
+        if not is_sharded(path):
+            raise UserError(f"{path} is not a sharded (fsdp=true) checkpoint directory; export reads "
+                            ".../checkpoints/step_* of an FSDP run (LoRA runs export lora/ at their end)")  # fmt: skip
+        if (problem := verify_checkpoint(path)) is not None:
+            raise UserError(f"checkpoint {path} is damaged ({problem}); export an intact one")
+        out = args.out or path.parent.parent / "export" / (path.name + ("_ema" if args.ema else ""))
+        print(f"wrote {export_transformer(path, out, ema=args.ema)}")
+    except UserError as e:
+        print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -136,6 +136,10 @@ class Config:
     early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
     tensorboard: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # FSDP2 (fully_shard per transformer block, then the root) for full fine-tunes and LoRA; checkpoints are then
+    # sharded (torch.distributed.checkpoint), resumable at another world size (leapalign_fast/dist_checkpoint.py)
+    fsdp: bool = False
+    async_checkpoint: bool = True  # fsdp: shards are written in the background while training goes on
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     method: MethodTable = field(default_factory=lambda: MethodTable(name="leapalign"))  # then the settings dataclass
@@ -348,6 +352,19 @@ def validate(cfg: Config) -> None:
     need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     validate_validation(cfg, need)  # [method]: leapalign_fast.methods.with_method_settings
+    validate_fsdp(cfg, need)
+
+
+def validate_fsdp(cfg: Config, need) -> None:
+    """What cannot run sharded: refused before anything is loaded."""
+    if not cfg.fsdp:
+        return
+    need(not cfg.model.cuda_graph, "model.cuda_graph=true cannot be used with fsdp=true: the graphs would replay the "
+         "bare module, whose parameters FSDP has sharded; set model.cuda_graph=false")  # fmt: skip
+    need(cfg.mixed_precision != "fp16", "mixed_precision='fp16' is not supported with fsdp=true (it needs a sharded "
+         "grad scaler); use mixed_precision='bf16'")  # fmt: skip
+    need(not cfg.eval_every, "eval_every > 0 is not supported with fsdp=true yet (validation samples on rank 0 alone); "
+         "set eval_every=0 and score exported checkpoints with `leapalign-fast eval`")  # fmt: skip
 
 
 def validate_validation(cfg: Config, need) -> None:

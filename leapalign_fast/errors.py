@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, ...). The message names the thing and the fix."""
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite steps; the last good checkpoint is left in place."""

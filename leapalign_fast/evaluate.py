@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from leapalign_fast import checkpoint as ckpt
+from leapalign_fast.dist_checkpoint import consolidate, is_sharded
 from leapalign_fast.build import (
     add_trainable,
     load_components,
@@ -45,13 +46,13 @@ def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | Non
         path = found[-1]
     else:
         path = Path(which)
-        if not (path / "trained.safetensors").is_file():
+        if not (path / "trained.safetensors").is_file() and not is_sharded(path):
             raise UserError(f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
                             f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'")  # fmt: skip
     problem = ckpt.verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is damaged ({problem}); pass an intact one with --checkpoint")
-    if ema and not (path / "ema.safetensors").is_file():
+    if ema and not is_sharded(path) and not (path / "ema.safetensors").is_file():
         raise UserError(f"checkpoint {path} has no EMA (the run had ema_decay=0); drop --ema")
     return path
 
@@ -69,7 +70,9 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
     transformer = to_device(comps.transformer, device, dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
         add_trainable(transformer, cfg)
-        weights = ckpt.read_weights(path, "ema" if ema else "trained")
+        which = "ema" if ema else "trained"
+        # FSDP checkpoints: the shards consolidated here, in one process (any world size wrote them)
+        weights = consolidate(path, which) if is_sharded(path) else ckpt.read_weights(path, which)
         load_trained(transformer, weights, path)
     transformer.eval()
     vae = comps.vae.to(device)

@@ -1,6 +1,7 @@
 """The training loop: build the run from a Config, then optimizer steps of the chosen method.
 
-accelerate owns devices, DDP/FSDP wrapping, mixed precision and gradient accumulation. Everything random
+accelerate owns devices, DDP wrapping, mixed precision and gradient accumulation; with `fsdp = true` the
+transformer is sharded by fsdp.py (FSDP2) instead, and its checkpoints by dist_checkpoint.py. Everything random
 in a step (noise, method draws) comes from a generator seeded by (seed, step, micro-step, rank), so a
 resumed run replays the very same steps.
 """
@@ -21,9 +22,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
-from leapalign_fast import build
+from leapalign_fast import build, fsdp
 from leapalign_fast import checkpoint as ckpt
-from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt_cache: re-exported)
+from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt_cache, EMA: re-exported)
+    EMA,
     add_trainable,
     decoder,
     encode_prompt_cache,
@@ -36,8 +38,10 @@ from leapalign_fast.build import (  # noqa: F401  (wait_for_files, encode_prompt
     velocity_for,
     wait_for_files,
 )
-from leapalign_fast.config import Config, config_dict, config_toml
-from leapalign_fast.errors import UserError
+from leapalign_fast.checkpoint import MATH_KEYS, config_differences, resume, save_checkpoint, truncate_metrics  # noqa: F401
+from leapalign_fast.config import Config, config_dict, config_toml  # noqa: F401  (config_dict: re-exported, bench)
+from leapalign_fast.dist_checkpoint import ShardedSaver, export_transformer
+from leapalign_fast.errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: re-exported)
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
 from leapalign_fast.methods import StepInputs, build_method, with_method_settings
@@ -48,23 +52,12 @@ from leapalign_fast.models.text import PromptCache
 from leapalign_fast.preflight import check_memory, mixed_precision_note
 from leapalign_fast.prompts import PromptOrder
 from leapalign_fast.recompute import checkpointed_decode_reward
-from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.validation import build_validator, validation_prompts
 
-# Config keys whose change alters the math of a resumed run.
-MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
-             "adam_betas", "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision",
-             "prompt_file", "model", "lora", "method", "reward")  # fmt: skip
-
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; rerun with resume=true
-
-
-class TrainingDiverged(Exception):
-    """Too many consecutive non-finite steps; the last good checkpoint is left in place."""
 
 
 class Preempted(Exception):
@@ -103,19 +96,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int(s) & ((1 << 63) - 1))
 
 
-class EMA:
-    """Exponential moving average of the trained parameters, kept in float32."""
-
-    def __init__(self, named: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {n: t.detach().float().clone() for n, t in named.items()}
-
-    @torch.no_grad()
-    def update(self, named: dict[str, torch.Tensor]) -> None:
-        for n, t in named.items():
-            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)
-
-
 @dataclass
 class Run:
     cfg: Config
@@ -135,6 +115,7 @@ class Run:
     geometry: Geometry  # the latent layout at cfg.resolution
     out: Path
     graphed: GraphedVelocity | None = None  # CUDA-graph replays of the no-grad forwards
+    saver: ShardedSaver | None = None  # fsdp: sharded (DCP) checkpoints, maybe asynchronous
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
@@ -173,25 +154,35 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
         reward.check_prompts(prompts + list(cfg.eval_prompts))
     device, dtype = accelerator.device, DTYPES[cfg.model.dtype]
     components.vae.requires_grad_(False)
-    for module in (components.vae, components.transformer):
+    # FSDP: the transformer stays on the host in its storage dtype until sharding moves each rank's shards over.
+    for module in (components.vae,) if cfg.fsdp else (components.vae, components.transformer):
         to_device(module, device, dtype)
     transformer = components.transformer
+    if cfg.fsdp and next(transformer.parameters()).dtype != dtype:
+        transformer.to(dtype)
     torch.manual_seed(cfg.seed + 1)  # LoRA init, identical on every rank
-    params = add_trainable(transformer, cfg)
-    switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then DDP
+    params = add_trainable(transformer, cfg, upcast=not cfg.fsdp)
+    switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then DDP/FSDP
+    if cfg.fsdp:  # the trainable state (parameters, optimizer, EMA) is built from the shards, after this
+        switches += ", " + fsdp.shard_transformer(transformer, device, fsdp.compute_dtype(cfg.mixed_precision, dtype))
+        params = [p for p in transformer.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         decode = ", decode+reward recomputed in the backward" if cfg.model.checkpoint_decode else ""
         print(f"leapalign-fast: transformer {switches}{decode}", flush=True)
-    graphed = GraphedVelocity(transformer) if cfg.model.cuda_graph and device.type == "cuda" else None
+    graphed = GraphedVelocity(transformer) if cfg.model.cuda_graph and device.type == "cuda" else None  # not FSDP
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    ema = EMA(trained_state(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None  # FSDP: sharded DTensors
+    saver = None
+    if cfg.fsdp:  # sharded above; accelerate keeps accumulation and collectives (MixedPrecisionPolicy, not autocast)
+        saver = ShardedSaver(cfg.async_checkpoint, log=out / "checkpoints.jsonl")
+    else:
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
     sigmas = backbone.schedule(components, cfg.num_steps, geometry, device=device)  # read every step: on the device
     return Run(cfg, accelerator, backbone, components, transformer, optimizer, scheduler, params, ema, reward, prompts,
-               embeds, eval_embeds, sigmas, geometry, out, graphed)  # fmt: skip
+               embeds, eval_embeds, sigmas, geometry, out, graphed, saver)  # fmt: skip
 
 
 def make_noise(run: Run, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -206,131 +197,22 @@ def step_decode_reward(run: Run):
 
 
 @torch.no_grad()
-def write_grid(run: Run, step: int) -> Path:
-    """Images of the fixed evaluation prompts from fixed noise, with the current weights."""
+def write_grid(run: Run, step: int) -> Path | None:
+    """Images of the fixed evaluation prompts from fixed noise, with the current weights, written by rank 0.
+    Other ranks return at once, except under FSDP, where every rank's shards take part in each forward."""
+    if not (run.accelerator.is_main_process or run.saver is not None):
+        return None
     n = len(run.cfg.eval_prompts)
     velocity = velocity_for(run, list(range(n)), run.eval_embeds)
     noise = make_noise(run, n, torch.Generator().manual_seed(run.cfg.seed + 12345))
     x0 = sample_trajectory(velocity, noise, run.sigmas).x0
+    if run.saver is not None:
+        unwrap(run.transformer).reshard()  # FSDP keeps the root unsharded after a forward without backward
+    if not run.accelerator.is_main_process:
+        return None
     path = run.out / "grids" / f"step_{step:06d}.png"
     save_grid(decoder(run)(x0), path)
     return path
-
-
-def save_checkpoint(run: Run, step: int, consumed: int) -> Path:
-    acc = run.accelerator
-    # Never write a checkpoint that cannot be resumed usefully. Every rank holds the same trained weights (DDP),
-    # so every rank takes the same branch. One host sync per checkpoint.
-    trained = trained_state(run.transformer)
-    bad = [n for n, t in {**trained, **(run.ema.shadow if run.ema else {})}.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad[0]}); not checkpointed. "
-                               f"Last good checkpoint: {_newest(run.out)}. Lower lr or check the reward.")  # fmt: skip
-    tmp = ckpt.staging_dir(run.out, step)
-    if acc.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    ckpt.save_rank_rng(tmp, acc.process_index)
-    acc.wait_for_everyone()
-    path = ckpt.checkpoint_root(run.out) / f"step_{step:08d}"
-    if acc.is_main_process:
-        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-        state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
-                 "world_size": acc.num_processes, "grad_scaler": scaler, "prompts_sha256": prompts_digest(run.prompts)}  # fmt: skip
-        ema = run.ema.shadow if run.ema is not None else None
-        metrics = run.out / "metrics.jsonl"
-        if metrics.is_file():  # the log is made durable whenever a checkpoint is
-            with open(metrics, "rb+") as f:
-                os.fsync(f.fileno())
-        ckpt.write_checkpoint(run.out, step, trained, ema, run.optimizer.state_dict(), state,
-                              run.cfg.keep_checkpoints, metrics=metrics)  # fmt: skip
-    acc.wait_for_everyone()
-    return path
-
-
-def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
-    defaults = config_dict(with_method_settings(Config())) if defaults is None else defaults
-    diffs = []
-    for k in keys:
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = defaults.get(k) if isinstance(defaults.get(k), dict) else {}
-            diffs += [f"{k}.{d}" for d in config_differences(a, b, sorted(set(a) | set(b)), sub)]
-        elif k not in saved and k in defaults and b == defaults[k]:  # a key added since the checkpoint, at default
-            continue
-        elif a != b:
-            diffs.append(f"{k} ({a!r} -> {b!r})")
-    return diffs
-
-
-def _say(run: Run, text: str) -> None:
-    if run.accelerator.is_main_process:
-        print(f"leapalign-fast: {text}", flush=True)
-
-
-def resume(run: Run) -> tuple[int, int]:
-    """Load the newest intact checkpoint; returns (step, prompts consumed). (0, 0) when there is none.
-    Damaged newer checkpoints are reported and moved aside; none intact is a UserError (nothing changed)."""
-    path, damaged = ckpt.choose_checkpoint(run.out)
-    run.accelerator.wait_for_everyone()  # every rank verified before rank 0 moves anything
-    if path is None:
-        if run.accelerator.is_main_process:
-            ckpt.remove_partial(run.out)
-        _say(run, f"resume=true: no checkpoint in {run.out}; starting from step 0")
-        return 0, 0
-    data = ckpt.read_checkpoint(path, run.accelerator.process_index)
-    diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
-    saved_prompts = data["state"].get("prompts_sha256")
-    if saved_prompts is not None and saved_prompts != prompts_digest(run.prompts):
-        diffs.append("the training prompts (file content changed)")
-    if diffs and not run.cfg.resume_force:
-        raise UserError(
-            f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
-            f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
-        )
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        ckpt.remove_partial(run.out)
-        for bad, problem in damaged:
-            _say(run, f"checkpoint {bad.name} is damaged ({problem}); moved to {ckpt.set_aside(bad).name}, "
-                      f"resuming from {path.name}")  # fmt: skip
-    run.accelerator.wait_for_everyone()
-    load_trained(unwrap(run.transformer), data["trained"], path)
-    run.optimizer.load_state_dict(data["optimizer"])
-    run.scheduler.load_state_dict(data["state"]["scheduler"])
-    # Only under resume_force can these differ: the new values are used, and each change is logged.
-    for change in apply_optimizer_settings(run.cfg, run.optimizer, run.scheduler):
-        _say(run, f"resume_force: optimizer now uses {change}")
-    if run.ema is not None and data["ema"] is None:  # EMA newly enabled (resume_force): from the resumed weights
-        run.ema = EMA(trained_state(run.transformer), run.cfg.ema_decay)
-        _say(run, f"checkpoint {path.name} has no EMA; the EMA starts from its weights")
-    if run.accelerator.is_main_process:
-        log = run.out / "metrics.jsonl"
-        if (path / "metrics.jsonl").is_file():  # the log up to the checkpoint, verified: each step exactly once
-            write_text_atomic(log, (path / "metrics.jsonl").read_text())
-        else:
-            truncate_metrics(log, int(data["state"]["step"]))
-    if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):
-        run.accelerator.scaler.load_state_dict(data["state"]["grad_scaler"])
-    if run.ema is not None and data["ema"] is not None:
-        run.ema.shadow = {n: t.to(run.accelerator.device) for n, t in data["ema"].items()}
-    if "rng" in data:
-        ckpt.set_rng_state(*data["rng"])
-    return int(data["state"]["step"]), int(data["state"]["consumed"])
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines after the resumed step, so the log has no duplicate steps."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a crash mid-write
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 @dataclass
@@ -363,6 +245,10 @@ def _train(cfg: Config) -> TrainResult:
         print(f"leapalign-fast: {note}", flush=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())  # fmt: skip
+    if accelerator.distributed_type.name == "FSDP":
+        raise UserError("accelerate's FSDP mode (distributed_type: FSDP) is not used by this trainer; launch with "
+                        "configs/accelerate_fsdp.yaml (distributed_type: MULTI_GPU) and set fsdp=true in the run "
+                        "config: the trainer applies FSDP2 itself")  # fmt: skip
     if cfg.deterministic and torch.cuda.is_available():  # else cuBLAS matmuls raise under deterministic mode
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
     torch.use_deterministic_algorithms(cfg.deterministic)
@@ -379,8 +265,9 @@ def _train(cfg: Config) -> TrainResult:
         write_text_atomic(run.out / "config.toml", config_toml(cfg))
         if step == 0:
             metrics_path.unlink(missing_ok=True)
-            write_grid(run, 0)
         truncate_metrics(metrics_path, step)
+    if step == 0:
+        write_grid(run, 0)
     writer = None
     if cfg.tensorboard and accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -409,12 +296,13 @@ def _train(cfg: Config) -> TrainResult:
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         # Gradients are all-reduced by now, so every rank sees the same norm and takes the same branch.
-                        grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)  # 0: off
+                        clip = fsdp.clip_grad_norm if run.saver is not None else accelerator.clip_grad_norm_
+                        grad_norm = clip(run.params, cfg.max_grad_norm or math.inf)  # 0: off
                         loss_sum = accelerator.reduce(torch.stack([*losses, out.loss.detach()]).sum(), "sum")
                         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))  # host sync
                         if finite:
                             run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
+                        run.optimizer.zero_grad(set_to_none=True)  # FSDP's bare optimizer: not between micro-steps
                 losses.append(out.loss.detach())
                 rewards.append(out.reward)
                 extra = out.metrics
@@ -450,7 +338,7 @@ def _train(cfg: Config) -> TrainResult:
                 raise TrainingDiverged(
                     f"{nonfinite_in_row} consecutive steps had a non-finite loss or gradient norm (last at step "
                     f"{step}); stopped without writing a checkpoint. Last good checkpoint: "
-                    f"{_newest(run.out)}. Lower lr, raise max_grad_norm headroom or check the reward."
+                    f"{ckpt.newest(run.out)}. Lower lr, raise max_grad_norm headroom or check the reward."
                 )
             # Any rank's signal stops every rank at the same step (a max-reduce: one more sync point).
             stopping = accelerator.reduce(torch.tensor(float(stop.received is not None), device=accelerator.device), "max")
@@ -458,16 +346,22 @@ def _train(cfg: Config) -> TrainResult:
                 path = save_checkpoint(run, step, order.consumed)
                 if bool(stopping):
                     bar.close()
+                    if run.saver is not None:
+                        run.saver.close()  # the checkpoint is committed on every rank before the exit
                     raise Preempted(step, path)
             if validator is not None and validator(run, step, writer):  # early stop: no new best for a while
                 if step % cfg.checkpoint_every != 0 and step != cfg.max_steps:  # else saved above
                     save_checkpoint(run, step, order.consumed)
                 break
-            if accelerator.is_main_process and cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
+            if cfg.grid_every and step % cfg.grid_every == 0 and step != cfg.max_steps:
                 write_grid(run, step)
     bar.close()
-    grid = write_grid(run, step) if accelerator.is_main_process else None
-    if accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: <Pipeline>.load_lora_weights
+    grid = write_grid(run, step)
+    if run.saver is not None:
+        run.saver.close()  # the last save is committed before anything reads it
+        if cfg.lora.enabled:
+            export_sharded_lora(run)
+    elif accelerator.is_main_process and cfg.lora.enabled:  # diffusers-loadable LoRA: <Pipeline>.load_lora_weights
         export_lora(unwrap(run.transformer), run.out / "lora", pipeline=run.backbone.pipeline)
         if run.ema is not None:
             export_lora(unwrap(run.transformer), run.out / "lora_ema", run.ema.shadow, pipeline=run.backbone.pipeline)
@@ -475,6 +369,8 @@ def _train(cfg: Config) -> TrainResult:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if run.saver is not None and not cfg.lora.enabled and accelerator.is_main_process:
+        export_full(run, step)  # after the other ranks are released: no collective waits on this read and write
     return TrainResult(step, time.perf_counter() - start_time, rewards_log, str(run.out), str(grid) if grid else None, run,
                        start_step)  # fmt: skip
 
@@ -484,6 +380,22 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _newest(out: Path) -> str:
-    found = ckpt.list_checkpoints(out)
-    return str(found[-1]) if found else "none"
+def export_sharded_lora(run: Run) -> None:
+    """FSDP LoRA runs: lora/ and lora_ema/ as diffusers loads them, from the adapters gathered once (a collective:
+    every rank calls this; the adapters are small)."""
+    weights = {"lora": fsdp.full_tensors(trained_state(run.transformer))}
+    if run.ema is not None:
+        weights["lora_ema"] = fsdp.full_tensors(run.ema.shadow)
+    if run.accelerator.is_main_process:
+        for name, named in weights.items():
+            export_lora(unwrap(run.transformer), run.out / name, named, pipeline=run.backbone.pipeline)
+
+
+def export_full(run: Run, step: int) -> None:
+    """FSDP full fine-tunes, rank 0: transformer/ and transformer_ema/ (diffusers model directories) consolidated
+    from the last checkpoint's shards in this process alone, as `leapalign-fast export` does."""
+    last = ckpt.checkpoint_root(run.out) / f"step_{step:08d}"
+    if last.is_dir():
+        export_transformer(last, run.out / "transformer")
+        if run.ema is not None:
+            export_transformer(last, run.out / "transformer_ema", ema=True)

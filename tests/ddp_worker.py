@@ -1,4 +1,6 @@
-"""Run by tests/test_train.py under `torchrun --nproc_per_node 2`: train, then dump this rank's weights.
+"""Run by the tests under `torchrun --nproc_per_node 2` (or as one of several ranks started by the test): train,
+then dump this rank's weights. `--dump-resumed FILE`: only build the run and resume it, then write the gathered
+trained weights, EMA and optimizer state (what a resharded resume loaded) to FILE.
 
 Always on CPU (gloo): on a one-GPU host both ranks would otherwise claim CUDA devices 0 and 1
 ("invalid device ordinal"). Hidden before torch is imported.
@@ -15,9 +17,42 @@ from safetensors.torch import save_file
 from leapalign_fast.config import load_config
 from leapalign_fast.train import train, trained_state
 
+
+def dump_resumed(cfg, path: Path) -> None:
+    """Build the run, resume it (at this world size) and write the gathered state it loaded (rank 0)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from leapalign_fast.fsdp import full_tensors
+    from leapalign_fast.train import build_run, resume, unwrap
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True)
+    run = build_run(cfg, acc)
+    resume(run)
+    out = {f"trained.{n}": t for n, t in full_tensors(trained_state(run.transformer)).items()}
+    if run.ema is not None:
+        out.update({f"ema.{n}": t for n, t in full_tensors(run.ema.shadow).items()})
+    optim = get_optimizer_state_dict(unwrap(run.transformer), run.optimizer, options=StateDictOptions(full_state_dict=True))
+    for fqn, per_param in optim["state"].items():
+        out.update({f"optimizer.state.{fqn}.{k}": v for k, v in per_param.items()})
+    if acc.is_main_process:
+        save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, str(path))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 if __name__ == "__main__":
-    cfg = load_config(None, sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--dump-resumed"]:
+        dump_resumed(load_config(None, args[2:]), Path(args[1]))
+        sys.exit(0)
+    cfg = load_config(None, args)
     result = train(cfg)
+    if cfg.fsdp:  # the process group is gone with the run; the FSDP tests read the checkpoints and exports
+        sys.exit(0)
     rank = result.run.accelerator.process_index
     weights = {k: v.cpu().contiguous() for k, v in trained_state(result.run.transformer).items()}
     save_file(weights, str(Path(cfg.output_dir) / f"final_rank{rank}.safetensors"))

@@ -23,6 +23,13 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sharded = any(type(p).__name__ == "DTensor" for p in transformer.parameters())
+    if sharded:  # FSDP: the parameters are shards; `weights` holds the gathered full tensors
+        if weights is None:
+            raise ValueError("a sharded transformer's LoRA export needs the gathered weights")
+        state = get_peft_model_state_dict(transformer, state_dict=dict(weights))
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+        weights = None
     if weights is not None:  # swap the given weights in for the export, then restore
         named = dict(transformer.named_parameters())
         saved = {n: named[n].detach().clone() for n in weights}
@@ -31,7 +38,8 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
                 named[n].copy_(t)
     try:
         # clone: on CPU `.cpu()` returns the parameter itself, which the restore below would overwrite
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+        if not sharded:
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     finally:
         if weights is not None:
             with torch.no_grad():
