@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -47,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
     configure_threads()  # before torch is imported
+    sigint = []  # Ctrl-C inside an import can surface as another error: numpy's lazy `numpy.dtypes`, interrupted
+    # half-way, then recursed (RecursionError from `import accelerate`); remember that it came
+
+    def on_sigint(signum, frame):
+        sigint.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         # Light: the config needs torch (method settings) but not diffusers/transformers/accelerate, so a config
         # error comes in about a second instead of after the whole stack's imports.
@@ -57,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return _interrupted()
+    except BaseException:
+        if sigint:
+            return _interrupted()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     if os.environ.get("RANK", "0") == "0":
         print(f"leapalign-fast: {describe_threads()}", flush=True)
