@@ -41,7 +41,8 @@ def decoder_layers(vae) -> list[torch.nn.Module]:
     if type(dec) is not Decoder or dec.mid_block is None or not isinstance(dec.conv_norm_out, torch.nn.GroupNorm):
         return []  # not AutoencoderKL's decoder, or its spatial-norm variant
     blocks = [dec.mid_block, *dec.up_blocks]
-    return [layer for b in blocks for name in LAYER_LISTS for layer in (getattr(b, name, None) or [])]
+    # a mid block without attention holds [None] as its attentions
+    return [layer for b in blocks for name in LAYER_LISTS for layer in (getattr(b, name, None) or []) if layer is not None]
 
 
 def _head(dec, sample: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The decode's per-layer recompute (model.checkpoint_decode): same image, same gradients, less kept per layer."""
 
+import pytest
 import torch
 
 from leapalign_fast.config import TinyFluxConfig
@@ -20,13 +21,16 @@ def _saved_mib(fn) -> float:
     return out, sum(seen.values()) / 2**20
 
 
-def test_decoder_recomputed_per_layer_keeps_values_and_gradients():
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_decoder_recomputed_per_layer_keeps_values_and_gradients(family):
     from leapalign_fast.models.flux import build_tiny_flux
+    from leapalign_fast.models.flux2 import build_tiny_flux2
 
-    vae = build_tiny_flux(TinyFluxConfig(), 0).vae
-    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    vae = (build_tiny_flux if family == "flux" else build_tiny_flux2)(TinyFluxConfig(), 0).vae
+    z = torch.randn(1, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     layers = decoder_layers(vae)
-    assert len(layers) == 3 + 4 * 2 + 3  # mid: 2 resnets + attention; 4 up blocks of 2 resnets; 3 upsamplers
+    # mid: 2 resnets (+ attention in FLUX.1's; FLUX.2's has none: [None]); 4 up blocks of 2 resnets; 3 upsamplers
+    assert len(layers) == (3 if family == "flux" else 2) + 4 * 2 + 3
 
     def decode_and_grad():
         zz = z.clone().requires_grad_(True)
