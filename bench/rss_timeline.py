@@ -143,7 +143,9 @@ def main(argv=None) -> int:
     name = f"rss_timeline_{args.model}_cpu{'_' + slug(args.tag) if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_result(args.out / f"{name}.json", {"model": args.model, "rows": rows, "config": train.config_dict(cfg),
-                                                    "threads": describe_threads()})  # fmt: skip
+                                                    "threads": describe_threads(), "allocator_env": {
+                                                        k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF",
+                                                        "MALLOC_ARENA_MAX", *memory._MALLOC_ENV)}})  # fmt: skip
     print("wrote", path)
     return 0
 
