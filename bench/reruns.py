@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model; temp output")
     p.add_argument("--only", choices=["memory", "sampler"], nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
+    p.add_argument("--tag", default="", help="suffix of the output file names (e.g. a second attempt)")
     args = p.parse_args(argv)
     from bench.common import write_result
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
                              f"{100 * r['median_change']:+.0f}% | {'yes' if r['agree'] else '**no**'} | "
                              f"{'yes' if r['medians_inside'] else 'no'} |")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    name = "reruns_cpu" + ("_quick" if args.quick else "")
+    name = "reruns_cpu" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = write_result(out / f"{name}.json", {"benchmarks": result, "agreement": "agree: |median2 - median1| <= "
                                                "max - min of each run; medians_inside: each median inside the other "
                                                "run's [min, max]"})  # fmt: skip
