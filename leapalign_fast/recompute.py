@@ -42,7 +42,8 @@ def decoder_layers(vae) -> list[torch.nn.Module]:
         return []  # not AutoencoderKL's decoder, or its spatial-norm variant
     blocks = [dec.mid_block, *dec.up_blocks]
     # a mid block without attention holds [None] as its attentions
-    return [layer for b in blocks for name in LAYER_LISTS for layer in (getattr(b, name, None) or []) if layer is not None]
+    layers = [layer for b in blocks for name in LAYER_LISTS for layer in (getattr(b, name, None) or [])]
+    return [layer for layer in layers if layer is not None]
 
 
 def _head(dec, sample: torch.Tensor) -> torch.Tensor:
@@ -75,13 +76,18 @@ def checkpoint_decoder(vae, enabled: bool) -> None:
             del layer.forward
     if getattr(vae, "_supports_gradient_checkpointing", False):
         per_block = enabled and not layers
-        if per_block != vae.is_gradient_checkpointing:
-            vae.enable_gradient_checkpointing() if per_block else vae.disable_gradient_checkpointing()
+        if per_block and not vae.is_gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        elif not per_block and vae.is_gradient_checkpointing:
+            vae.disable_gradient_checkpointing()
 
 
 def decoder_checkpointed(vae) -> bool:
+    """Whether the decoder's backward recomputes (per layer, or per diffusers block)."""
     layers = decoder_layers(vae)
-    return all("forward" in m.__dict__ for m in layers) if layers else bool(getattr(vae, "is_gradient_checkpointing", False))
+    if layers:
+        return all("forward" in m.__dict__ for m in layers)
+    return bool(getattr(vae, "is_gradient_checkpointing", False))
 
 
 def checkpointed_decode_reward(vae, decode: Callable, reward: Callable, enabled: bool) -> tuple[Callable, Callable]:
