@@ -123,6 +123,7 @@ def main(argv=None) -> int:
         os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     from bench.common import slug, write_result
     from leapalign_fast import train
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = memory.bench_config(margs, Path(tmp))
+        AcceleratorState._reset_state()  # as bench/memory.py: a fresh accelerator, whatever ran before in-process
+        GradientState._reset_state()
         run = train.build_run(cfg, Accelerator(mixed_precision=cfg.mixed_precision, cpu=True))
         for m in args.methods:
             rows.append(timeline(run, m, args.steps, memory.MODELS[args.model][1]))
