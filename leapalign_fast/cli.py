@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch is imported
     if args.command == "export":
         return _export(args)
+    sigint = []  # Ctrl-C inside an import can surface as another error: numpy's lazy `numpy.dtypes`, interrupted
+    # half-way, then recursed (RecursionError from `import accelerate`); remember that it came
+
+    def on_sigint(signum, frame):
+        sigint.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         # Light first: the config (no torch) and then the method's settings (torch, not diffusers/transformers/
         # accelerate), so a config error comes in a fraction of a second instead of after the whole stack's imports.
@@ -67,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return _interrupted()
+    except BaseException:
+        if sigint:
+            return _interrupted()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     if os.environ.get("RANK", "0") == "0":
         print(f"leapalign-fast: {describe_threads()}", flush=True)

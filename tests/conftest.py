@@ -7,6 +7,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Shared CPUs: OpenMP threads sleep instead of spinning when they wait (set before torch is imported; the
 # subprocesses of the tests inherit it). The trainer's CLI does the same unless the user chose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker takes one core: one OpenMP thread per
+# worker, or two workers' threads contend for the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Without a GPU, every Triton kernel runs under Triton's interpreter on CPU tensors: the kernel tests and the
 # trainer tests exercise the real kernel code. This must happen before anything imports triton.

@@ -60,11 +60,16 @@ def test_resume_is_bit_exact_single_process(tmp_path, extra):
     _assert_same_run(straight, split, 8)
 
 
+def _worker() -> int:
+    """pytest-xdist worker index (0 without xdist): the two workers draw ports from disjoint ranges."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]) % 2
+
+
 @pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_resume_is_bit_exact_two_processes(tmp_path, extra):
     def launch(out, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29600 + random.randrange(300)), str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={out}",
+               str(29600 + 150 * _worker() + random.randrange(150)), str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={out}",
                "checkpoint_every=4", *BASE, *extra, *args]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
