@@ -177,6 +177,8 @@ def main(argv=None) -> int:
     model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log)
     train_seconds = time.perf_counter() - t0
     save_toy_reward(model, args.out)
+    own_r = scores_of(model, images, prompts)  # the scale a hinge margin `lam` is set against
+    quantiles = {f"p{q}": float(np.percentile(own_r, q)) for q in (5, 50, 95, 99)}
     # held-out agreement: validation captions, fresh noise, never annotated for training
     vimages, vprompts = generate(args.model, list(val_specs), args.val_per_caption, [20], 77_777)
     g = np.array([graded(im, val_specs[q]) for im, q in zip(vimages, vprompts)])
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
         "relabel": args.relabel, "margin": args.margin, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "dim": args.dim, "smooth": args.smooth, "train_images": len(images), "annotations": len(rows),
         "pairs": len(pairs), "same_caption_pairs": n_caption, "train_pass_rate": float(np.mean(own >= 0.5)),
-        "val_images": len(vimages), "agreement": result, "train_seconds": train_seconds,
+        "val_images": len(vimages), "agreement": result, "train_sample_reward_quantiles": quantiles, "train_seconds": train_seconds,
         "seconds": time.perf_counter() - t0})  # fmt: skip
     print(f"wrote {args.out}")
     return 0
