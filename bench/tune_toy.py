@@ -42,14 +42,16 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--reuse", action="store_true", help="an lr whose quality_toy_tune_lr<lr>.json exists is read, not rerun")
     args, rest = p.parse_known_args(argv)
     t0 = time.perf_counter()
     runs = {}
     for lr in args.lrs:
         name = f"quality_toy_tune_lr{lr}"
-        quality.main(["--split", "validation", "--seeds", *map(str, args.seeds), "--methods", *args.methods,
-                      "--images", str(args.images), "--eval-every", str(args.eval_every), "--jobs", str(args.jobs),
-                      "--name", name, "--out", str(args.out), "--set", f"lr={lr}", *args.set, *rest])  # fmt: skip
+        if not (args.reuse and (args.out / f"{name}.json").is_file()):
+            quality.main(["--split", "validation", "--seeds", *map(str, args.seeds), "--methods", *args.methods,
+                         "--images", str(args.images), "--eval-every", str(args.eval_every), "--jobs", str(args.jobs),
+                         "--name", name, "--out", str(args.out), "--set", f"lr={lr}", *args.set, *rest])  # fmt: skip
         runs[lr] = json.loads((args.out / f"{name}.json").read_text())
     grid = {m: {lr: runs[lr]["table"][m]["overall"]["mean"] for lr in args.lrs} for m in args.methods}
     chosen = choose(grid)
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     plot(curves, chosen, args.out / "quality_toy_tuning_validation_vs_time.png")
     write_result(args.out / "quality_toy_tuning.json", {"grid": grid, "chosen": chosen, "base_overall": base,
                  "overrides": {m: [f"lr={lr}"] for m, lr in chosen.items()}, "seeds": args.seeds,
-                 "images": args.images, "curves": curves, "wall_seconds": time.perf_counter() - t0})  # fmt: skip
+                 "images": args.images, "curves": curves, "wall_seconds": time.perf_counter() - t0,
+                 "wall_seconds_per_lr": {lr: runs[lr]["wall_seconds"] for lr in args.lrs}})  # fmt: skip
     print("\n".join(md))
     return 0
 
