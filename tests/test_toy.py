@@ -267,3 +267,21 @@ def test_colour_entropy_sees_collapse():
     assert colour_entropy(collapsed, specs) == 0.0  # varied layouts and sizes: the pixel distance would not see it
     coloured = [Spec("colours", (("red", "circle"),))] * 16  # captions that name a colour are not counted
     assert np.isnan(colour_entropy(collapsed[:16], coloured))
+
+
+def test_preference_pairs_agreement_and_lr_choice():
+    """Pairs point from the higher graded score to the lower (same caption, or same image under two captions), ties
+    below the margin give none; agreement counts a scorer that reverses the order as 0; the tuner keeps the lr with
+    the best validation score per method, the smaller on a tie."""
+    from bench.train_pref_reward import agreement, preference_pairs
+    from bench.tune_toy import choose
+
+    rows = [(0, "a", 0.9), (1, "a", 0.2), (2, "a", 0.22), (0, "b", 0.1)]
+    pairs, n_caption = preference_pairs(rows, margin=0.05)
+    assert n_caption == 2 and set(pairs[:2]) == {((0, "a"), (1, "a")), ((0, "a"), (2, "a"))}
+    assert pairs[2:] == [((0, "a"), (0, "b"))]
+    g, passed = np.array([0.9, 0.2, 0.6]), np.array([True, False, True])
+    assert agreement(np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed) == {
+        "pairwise_accuracy": 1.0, "graded_pairs": 3, "auc": 1.0, "pass_fail_pairs": 2}
+    assert agreement(-np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed)["pairwise_accuracy"] == 0.0
+    assert choose({"m": {"5e-5": 0.2, "1e-4": 0.3, "2e-4": 0.3}, "n": {"5e-5": 0.4, "1e-4": 0.1}}) == {"m": "1e-4", "n": "5e-5"}
