@@ -45,7 +45,8 @@ from leapalign_fast.toy.scenes import CATEGORIES  # noqa: E402
 from leapalign_fast.toy.splits import evaluation_set  # noqa: E402
 
 METHODS = [m for m, spec in REGISTRY.items() if not spec.reference]  # every alignment method (not `full`)
-COLUMNS = [*CATEGORIES, "overall", "heldout", "reward", "diversity"]
+COLUMNS = [*CATEGORIES, "overall", "heldout", "reward", "ood_reward", "colour_entropy", "diversity"]
+DIFF_COLUMNS = ("overall", "heldout", "reward", "ood_reward", "colour_entropy", "diversity")
 TRAIN_PROMPTS = ROOT / "assets" / "toy" / "prompts_train.txt"
 
 
@@ -61,17 +62,20 @@ def run_config(args, method: str, seed: int, out: Path, extra=()):
         overrides.append(f"reward.options.path={args.reward}")
     from leapalign_fast.methods import with_method_settings
 
-    return with_method_settings(load_config(args.config, overrides + list(args.set) + list(extra)))
+    per_method = json.loads(Path(args.per_method).read_text())["overrides"].get(method, []) if args.per_method else []
+    return with_method_settings(load_config(args.config, overrides + list(args.set) + per_method + list(extra)))
 
 
-def score(cfg, path, eval_set, args, seed, reward) -> tuple[dict, np.ndarray]:
+def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarray]:
     """Evaluator accuracies per category, `overall` (mean of the six), `heldout` (without `single`, whose captions
-    are trained), the trained reward's mean and `diversity` (RMS pixel distance between images of one caption from
+    are trained), the trained reward's mean (in-domain), the out-of-domain scorer's mean (`ood_reward`: another
+    architecture, data and seed, never a training signal), `colour_entropy` (evaluator.colour_entropy: collapse of
+    the colours of colour-free captions) and `diversity` (RMS pixel distance between images of one caption from
     different noise, averaged over captions): (table, images)."""
     import torch
 
     from leapalign_fast.evaluate import sample_images
-    from leapalign_fast.toy.evaluator import evaluate_images
+    from leapalign_fast.toy.evaluator import colour_entropy, evaluate_images
 
     prompts, specs = [c for c, _ in eval_set], [s for _, s in eval_set]
     images = np.concatenate([im.cpu().numpy() for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n,
@@ -81,6 +85,9 @@ def score(cfg, path, eval_set, args, seed, reward) -> tuple[dict, np.ndarray]:
     with torch.no_grad():
         table["reward"] = float(torch.cat([reward(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96])
                                            for i in range(0, len(prompts), 96)]).mean())  # fmt: skip
+        table["ood_reward"] = float(torch.cat([ood(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96])
+                                               for i in range(0, len(prompts), 96)]).mean()) if ood else float("nan")  # fmt: skip
+    table["colour_entropy"] = colour_entropy(images, specs)
     by_caption: dict[str, list[np.ndarray]] = {}
     for p, im in zip(prompts, images):
         by_caption.setdefault(p, []).append(im)
@@ -130,11 +137,12 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
 
     method, seed = task
     eval_set = evaluation_set(args.split, args.images, seed=0)
+    ood = build_reward("toy", path=[str(p) for p in args.ood_reward], combine="mean") if args.ood_reward else None
     out = work / f"{method}_{seed}"
     if method == "base":
         cfg = run_config(args, "leapalign", seed, out)
         reward = build_reward(cfg.reward.name, **cfg.reward.options)
-        table, images = score(cfg, None, eval_set, args, seed, reward)
+        table, images = score(cfg, None, eval_set, args, seed, reward, ood)
         return {"task": task, "table": table, "images": grid_images(images, args)}
     extra = []
     if args.eval_every:
@@ -153,7 +161,7 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
     clock = np.cumsum([m["step_seconds"] for m in metrics]).tolist()
     path = out / "best" if args.select == "best" else ckpt.list_checkpoints(out)[-1]
     reward = res.run.reward
-    table, images = score(cfg, path, eval_set, args, seed, reward)
+    table, images = score(cfg, path, eval_set, args, seed, reward, ood)
     return {"task": task, "table": table, "images": grid_images(images, args), "rewards": res.rewards,
             "train_seconds": seconds, "steps": res.steps, "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),
             "grad_forwards_per_step": counter.grad / res.steps, "validation": [
@@ -170,7 +178,7 @@ def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
     """Per method: mean and 95% CI of every column; paired differences against base and between methods."""
     table = {m: {c: mean_ci([runs[s]["table"][c] for s in seeds]) for c in COLUMNS} for m, runs in results.items()}
     vs_base = {m: {c: paired([runs[s]["table"][c] for s in seeds], [results["base"][s]["table"][c] for s in seeds])
-                   for c in ("overall", "heldout", "reward", "diversity")}
+                   for c in DIFF_COLUMNS}
                for m, runs in results.items() if m != "base"}  # fmt: skip
     methods = [m for m in results if m != "base"]
     between = {a: {b: paired([results[a][s]["table"]["overall"] for s in seeds],
@@ -192,12 +200,13 @@ def markdown(summary: dict, results: dict, args) -> str:
                  if m != "base" else "– | –")  # fmt: skip
         md.append(f"| {m} | " + " | ".join(fmt(t[m][c]) for c in COLUMNS) + f" | {speed} |")
     md += ["", "Paired differences against base (same seeds: same evaluation noise): mean [95% CI], paired t, p, "
-           "seeds above base.", "", "| method | Δ overall | t | p | wins | Δ heldout | t | Δ reward | Δ diversity |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "seeds above base.", "", "| method | Δ overall | t | p | wins | Δ heldout | t | Δ reward | t | Δ ood_reward | t | "
+           "Δ colour_entropy | t | Δ diversity |", "|---" * 14 + "|"]  # fmt: skip
     for m in order[1:]:
-        o, h, r, d = (vb[m][c] for c in ("overall", "heldout", "reward", "diversity"))
+        o, h, r, q, e, d = (vb[m][c] for c in DIFF_COLUMNS)
         md.append(f"| {m} | {o['diff']:+.3f} [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}] | {o['t']:.2f} | {o['p']:.3f} | "
-                  f"{o['wins']}/{o['n']} | {h['diff']:+.3f} | {h['t']:.2f} | {r['diff']:+.2f} | {d['diff']:+.4f} |")  # fmt: skip
+                  f"{o['wins']}/{o['n']} | {h['diff']:+.3f} | {h['t']:.2f} | {r['diff']:+.2f} | {r['t']:.2f} | "
+                  f"{q['diff']:+.2f} | {q['t']:.2f} | {e['diff']:+.3f} | {e['t']:.2f} | {d['diff']:+.4f} |")  # fmt: skip
     methods = order[1:]
     if len(methods) > 1:
         md += ["", "Paired t of Δ overall between methods (row minus column):", "",
@@ -259,7 +268,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, default=None, help="model.source (default: the config's)")
     p.add_argument("--reward", type=Path, default=None, help="reward.options.path (default: the config's)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--per-method", type=Path, default=None, help="JSON {\"overrides\": {method: [key=value, ...]}} "
+                   "(bench/tune_toy.py's choice on validation), applied after --set")
+    p.add_argument("--ood-reward", type=Path, nargs="*", default=[ROOT / "assets" / "toy" / "reward_0.safetensors",
+                   ROOT / "assets" / "toy" / "reward_1.safetensors"], help="out-of-domain scorer(s) (mean), "
+                   "reported as ood_reward, never trained on")
+    p.add_argument("--name", default=None, help="output name (default: quality_toy_<split>)")
+    p.add_argument("--methods", nargs="*", default=METHODS, help="methods to train (none: the base model only)")
     p.add_argument("--split", choices=("validation", "test", "train"), default="validation",
                    help="evaluation captions: validation for every choice, test once for the final table; train "
                    "(the fine-tuning captions, new noise) only to diagnose in-domain against held-out gains")
@@ -293,7 +308,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict]] = {}
 
-    name = f"quality_toy_{args.split}" + ("_quick" if args.quick else "")
+    name = (args.name or f"quality_toy_{args.split}") + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"{name}_runs.jsonl"  # every finished run as it comes: a cut-short benchmark keeps its runs
     if not args.from_runs:

@@ -207,13 +207,15 @@ def test_quality_bench_quick(toy_assets, tmp_path):
         out = tmp_path / jobs
         proc = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--quick", "--model",
                                str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
+                               "--ood-reward", str(toy_assets / "reward.safetensors"),
                                "--methods", "leapalign", "refl", "--jobs", jobs, "--out", str(out)],
                               capture_output=True, text=True, timeout=900)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads((out / "quality_toy_validation_quick.json").read_text())
         table = result["table"]
         assert set(table) == {"base", "leapalign", "refl"}
-        assert set(table["leapalign"]) == set(CATEGORIES) | {"overall", "heldout", "reward", "diversity"}
+        assert set(table["leapalign"]) == set(CATEGORIES) | {"overall", "heldout", "reward", "ood_reward",
+                                                                 "colour_entropy", "diversity"}
         assert all(0.0 <= table[m][c]["mean"] <= 1.0 for m in table for c in [*CATEGORIES, "overall", "heldout"])
         assert set(result["vs_base"]) == {"leapalign", "refl"} and "t" in result["vs_base"]["leapalign"]["overall"]
         run = result["per_seed"]["leapalign"]["0"]
@@ -222,7 +224,7 @@ def test_quality_bench_quick(toy_assets, tmp_path):
         assert (out / "quality_toy_validation_quick_reward_curves.png").is_file()
         assert (out / "quality_toy_validation_quick_samples" / "leapalign.png").is_file()
         tables.append({m: {s: r["table"] for s, r in runs.items()} for m, runs in result["per_seed"].items()})
-    assert tables[0] == tables[1]
+    assert json.dumps(tables[0], sort_keys=True) == json.dumps(tables[1], sort_keys=True)  # nan-safe equality
 
 
 def test_paired_statistics():
@@ -234,3 +236,52 @@ def test_paired_statistics():
     assert s["mean"] == 2.0 and s["std"] == 1.0 and abs(s["ci"][1] - (2 + 4.302653 / 3**0.5)) < 1e-5
     d = paired([1, 2, 3, 4], [0, 1, 1, 2])
     assert d["diff"] == 1.5 and d["wins"] == 4 and abs(d["t"] - 1.5 / (0.57735 / 2)) < 1e-3
+
+
+def test_graded_ranks_passing_above_partial_above_wrong():
+    spec = Spec("binding", (("red", "square"), ("blue", "circle")))
+    right = render([Obj("square", "red", 16, 16, 14), Obj("circle", "blue", 46, 46, 14)])
+    half = render([Obj("square", "red", 16, 16, 14), Obj("circle", "green", 46, 46, 14)])  # one colour wrong
+    wrong = render([Obj("triangle", "yellow", 30, 30, 14)])
+    assert judge(right, spec) and not judge(half, spec)
+    from leapalign_fast.toy.evaluator import graded
+
+    one = render([Obj("square", "red", 16, 16, 14)])  # one of the two objects
+    g = [graded(im, spec) for im in (right, half, one, wrong, np.zeros((3, 64, 64), np.float32))]
+    assert g[0] == 1.0 and 0.5 > g[1] > g[2] > g[3] >= g[4] >= 0.0, g
+    clutter = render([Obj("square", "red", 16, 16, 12), Obj("circle", "blue", 46, 46, 12), Obj("square", "green", 46, 12, 12)])
+    assert graded(clutter, spec) < 1.0  # an extra object costs partial credit, not the pass
+
+
+def test_colour_entropy_sees_collapse():
+    from leapalign_fast.toy.evaluator import colour_entropy
+
+    rng = random.Random(0)
+    specs = [Spec("single", ((None, "circle"),))] * 16 + [Spec("two", ((None, "square"), (None, "triangle")))] * 16
+    varied = [render([Obj("circle", rng.choice(["red", "green", "blue", "yellow"]), 32, 32, 14)]) for _ in range(16)]
+    varied += [render([Obj("square", rng.choice(["red", "green", "blue", "yellow"]), 16, 16, 12),
+                       Obj("triangle", rng.choice(["red", "green", "blue", "yellow"]), 46, 46, 12)]) for _ in range(16)]
+    collapsed = [render([Obj("circle", "red", rng.uniform(20, 44), 32, rng.uniform(10, 20))]) for _ in range(16)]
+    collapsed += [render([Obj("square", "red", 16, 16, 12), Obj("triangle", "red", 46, 46, 12)]) for _ in range(16)]
+    assert colour_entropy(varied, specs) > 1.5
+    assert colour_entropy(collapsed, specs) == 0.0  # varied layouts and sizes: the pixel distance would not see it
+    coloured = [Spec("colours", (("red", "circle"),))] * 16  # captions that name a colour are not counted
+    assert np.isnan(colour_entropy(collapsed[:16], coloured))
+
+
+def test_preference_pairs_agreement_and_lr_choice():
+    """Pairs point from the higher graded score to the lower (same caption, or same image under two captions), ties
+    below the margin give none; agreement counts a scorer that reverses the order as 0; the tuner keeps the lr with
+    the best validation score per method, the smaller on a tie."""
+    from bench.train_pref_reward import agreement, preference_pairs
+    from bench.tune_toy import choose
+
+    rows = [(0, "a", 0.9), (1, "a", 0.2), (2, "a", 0.22), (0, "b", 0.1)]
+    pairs, n_caption = preference_pairs(rows, margin=0.05)
+    assert n_caption == 2 and set(pairs[:2]) == {((0, "a"), (1, "a")), ((0, "a"), (2, "a"))}
+    assert pairs[2:] == [((0, "a"), (0, "b"))]
+    g, passed = np.array([0.9, 0.2, 0.6]), np.array([True, False, True])
+    assert agreement(np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed) == {
+        "pairwise_accuracy": 1.0, "graded_pairs": 3, "auc": 1.0, "pass_fail_pairs": 2}
+    assert agreement(-np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed)["pairwise_accuracy"] == 0.0
+    assert choose({"m": {"5e-5": 0.2, "1e-4": 0.3, "2e-4": 0.3}, "n": {"5e-5": 0.4, "1e-4": 0.1}}) == {"m": "1e-4", "n": "5e-5"}

@@ -117,3 +117,60 @@ def evaluate_images(images, specs: list[Spec]) -> dict[str, float]:
     table = {c: float(np.mean(v)) for c, v in per.items()}
     table["overall"] = float(np.mean(list(table.values()))) if table else 0.0
     return table
+
+
+def _credit(f: Found, colour: str | None, shape: str) -> float:
+    """Half for the right shape, half for the right colour (any colour when the caption names none)."""
+    return 0.5 * (f.shape == shape) + 0.5 * (colour is None or f.colour == colour)
+
+
+def graded(image: np.ndarray, spec: Spec) -> float:
+    """A finer score in [0, 1] than `judge`, for ranking two images of one caption (preference pairs are mostly ties
+    under pass/fail on a weak generator): half for passing `judge`, half for partial credit, the mean of
+
+    - per named object, the best credit of a distinct detected object (shape right: 1/2, colour right: 1/2);
+    - counting: 1 - |exact matches - count| / count;  position: the relation between the two best-credited objects;
+    - 1 / (1 + detected objects beyond the ones the caption asks for).
+
+    So every image that passes scores above every image that fails, and among failures an image closer to the
+    caption scores higher."""
+    found = detect(image)
+    objs = spec.objects
+    terms = []
+    need = spec.count if spec.category == "counting" else len(objs)
+    if len(objs) == 1:
+        best = max((_credit(f, *objs[0]) for f in found), default=0.0)
+        terms.append(best)
+        if spec.category == "counting":
+            terms.append(max(0.0, 1 - abs(len(_match(found, *objs[0])) - spec.count) / spec.count))
+    else:
+        pairs = [(_credit(p, *objs[0]) + _credit(q, *objs[1]), p, q) for p in found for q in found if p is not q]
+        pairs += [(max(_credit(f, *objs[0]), _credit(f, *objs[1])), None, None) for f in found]  # one object drawn
+        best, p, q = max(pairs, key=lambda x: x[0], default=(0.0, None, None))
+        terms.append(best / 2)
+        if spec.category == "position":
+            ux, uy = RELATIONS[spec.relation]
+            ok = p is not None and ((ux and (p.cx - q.cx) * ux > 0 and abs(p.cx - q.cx) > abs(p.cy - q.cy))
+                                    or (uy and (p.cy - q.cy) * uy > 0 and abs(p.cy - q.cy) > abs(p.cx - q.cx)))  # fmt: skip
+            terms.append(float(bool(ok)))
+    terms.append(1.0 / (1 + max(0, len(found) - need)))
+    return 0.5 * float(judge(image, spec)) + 0.5 * float(np.mean(terms))
+
+
+def colour_entropy(images, specs: list[Spec]) -> float:
+    """Diversity that sees colour collapse: for each caption that names no colour (`single`, `two`), the entropy
+    (bits) of the colours of every object the evaluator detects in its images (from different noise; `mixed`
+    counts as a colour), averaged over those captions. 2 bits for the four colours used evenly, 0 when every image
+    paints one colour. Captions with fewer than two detected objects are skipped; nan when none is left. (The RMS
+    pixel distance between images of one caption rose under visible colour collapse: brighter, larger blobs.)"""
+    colours: dict[tuple, list[str]] = {}
+    for img, spec in zip(images, specs):
+        if all(c is None for c, _ in spec.objects):
+            colours.setdefault(spec.objects, []).extend(f.colour for f in detect(np.asarray(img)))
+    ent = []
+    for found in colours.values():
+        if len(found) >= 2:
+            _, counts = np.unique(found, return_counts=True)
+            q = counts / counts.sum()
+            ent.append(float(-(q * np.log2(q)).sum()))
+    return float(np.mean(ent)) if ent else float("nan")

@@ -248,8 +248,9 @@ def _load_toy_reward(path: str, contrast: int) -> ToyReward:
     if not p.is_file():
         raise UserError(f"reward 'toy': weights file {p} not found; reward.options.path names the safetensors file(s) "
                         f"written by bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)")  # fmt: skip
-    model = ToyReward()
-    model.load_state_dict(load_file(str(p)))
+    weights = load_file(str(p))
+    model = ToyReward(dim=weights["embed.weight"].shape[1])  # the width is read from the weights
+    model.load_state_dict(weights)
     model.contrast = int(contrast)
     return model.eval()
 

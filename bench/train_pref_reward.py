@@ -1,0 +1,208 @@
+"""Train a toy reward the way HPS was built: from preferences over the generator's own samples.
+
+    python bench/train_pref_reward.py --seed 0 --threads 1      # writes assets/toy/reward_pref.safetensors (+ .json)
+
+1. The toy generator (`--model`) samples every *training* caption from `--per-caption` noises (half with N = 10
+   sampling steps, the fine-tuning setting, half with N = 20, the evaluation setting).
+2. The rule-based evaluator plays the annotator, on training captions only: `evaluator.graded` scores each image
+   against its own caption and against `--relabel` other training captions (a one-attribute near miss that is a
+   training caption, and a random training caption).
+3. Preference pairs: two images of one caption (HPS's pairs), or one image under two training captions, whose
+   graded scores differ by at least `--margin`; the preferred one is the higher. A `ToyReward` scorer is trained
+   with the Bradley-Terry loss -log sigmoid(r_win - r_lose).
+4. Agreement with the evaluator on *held-out* generated pairs: fresh samples of the *validation* captions
+   (`--val-per-caption` noises each, N = 20), never used for training: pairwise accuracy on pairs of one caption
+   whose graded scores differ, and the same-caption AUC of pass vs fail (`judge`); the same numbers for every
+   `--compare` scorer (e.g. the procedural-scene rewards) on the same pairs.
+
+Writes the weights (safetensors) and a JSON beside them with the command, seed, data sizes and the agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+from leapalign_fast.toy.evaluator import graded, judge  # noqa: E402
+from leapalign_fast.toy.reward import ToyReward, perturb, save_toy_reward  # noqa: E402
+from leapalign_fast.toy.scenes import caption  # noqa: E402
+from leapalign_fast.toy.splits import split_specs  # noqa: E402
+
+
+def generate(model: Path, captions: list[str], per_caption: int, steps: list[int], seed: int) -> tuple[np.ndarray, list[str]]:
+    """(n, 3, 64, 64) images of every caption from `per_caption` noises, split evenly over the sampling steps."""
+    from leapalign_fast.config import load_config
+    from leapalign_fast.evaluate import sample_images
+
+    cfg = load_config(ROOT / "configs" / "tiny.toml", [f"model.source={model}", "tensorboard=false"])
+    images, prompts = [], []
+    for i, n in enumerate(steps):
+        k = per_caption // len(steps) + (i < per_caption % len(steps))
+        batch = [c for c in captions for _ in range(k)]
+        images += [im.numpy() for _, im in sample_images(cfg, batch, None, num_steps=n, batch_size=96, seed=seed + i)]
+        prompts += batch
+    return np.concatenate(images).astype(np.float32), prompts
+
+
+def annotate(images: np.ndarray, prompts: list[str], specs: dict, relabel: int, rng: random.Random):
+    """(image index, caption, graded score) rows: each image under its own caption and `relabel` other training
+    captions (a near miss when one is a training caption, else a random one)."""
+    pool = list(specs)
+    rows = []
+    for i, (im, p) in enumerate(zip(images, prompts)):
+        rows.append((i, p, graded(im, specs[p])))
+        for _ in range(relabel):
+            miss = caption(perturb(specs[p], rng))
+            other = miss if miss in specs and miss != p else rng.choice(pool)
+            rows.append((i, other, graded(im, specs[other])))
+    return rows
+
+
+def preference_pairs(rows, margin: float) -> list[tuple[tuple[int, str], tuple[int, str]]]:
+    """((image, caption) preferred, (image, caption) other): same caption two images, or same image two captions."""
+    by_caption: dict[str, list] = {}
+    by_image: dict[int, list] = {}
+    for i, p, s in rows:
+        by_caption.setdefault(p, []).append((i, s))
+        by_image.setdefault(i, []).append((p, s))
+    pairs = []
+    for p, items in by_caption.items():
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                (i, si), (j, sj) = items[a], items[b]
+                if abs(si - sj) >= margin:
+                    pairs.append(((i, p), (j, p)) if si > sj else ((j, p), (i, p)))
+    n_caption = len(pairs)
+    for i, items in by_image.items():
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                (p, sp), (q, sq) = items[a], items[b]
+                if p != q and abs(sp - sq) >= margin:
+                    pairs.append(((i, p), (i, q)) if sp > sq else ((i, q), (i, p)))
+    return pairs, n_caption
+
+
+def train_bt(images: np.ndarray, pairs, steps: int, batch: int, lr: float, dim: int, smooth: float, seed: int,
+             log=print) -> ToyReward:
+    """Bradley-Terry: minimise -log sigmoid(r(win) - r(lose)) over random batches of pairs."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = ToyReward(dim=dim, smooth=smooth)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    x = torch.from_numpy(images)
+    losses = []
+    for step in range(steps):
+        pick = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
+        idx = [w[0] for w, _ in pick] + [l[0] for _, l in pick]
+        caps = [w[1] for w, _ in pick] + [l[1] for _, l in pick]
+        r = model.logits(x[idx], caps)
+        loss = -F.logsigmoid(r[:batch] - r[batch:]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"preference reward step {step}: BT loss {np.mean(losses[-50:]):.4f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def scores_of(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    return torch.cat([scorer(torch.from_numpy(images[i : i + 128]), prompts[i : i + 128]).float()
+                      for i in range(0, len(prompts), 128)]).numpy()  # fmt: skip
+
+
+def agreement(r: np.ndarray, prompts: list[str], g: np.ndarray, passed: np.ndarray) -> dict:
+    """Pairwise agreement of scores `r` with the evaluator over pairs of images of one caption: on pairs whose graded
+    scores differ (`pairwise_accuracy`), and pass vs fail (`auc`: the same-caption AUC; ties count half)."""
+    by: dict[str, list[int]] = {}
+    for k, p in enumerate(prompts):
+        by.setdefault(p, []).append(k)
+    acc, auc = [], []
+    for ks in by.values():
+        for a in ks:
+            for b in ks:
+                if g[a] > g[b]:
+                    acc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
+                if passed[a] and not passed[b]:
+                    auc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
+    return {"pairwise_accuracy": float(np.mean(acc)) if acc else float("nan"), "graded_pairs": len(acc),
+            "auc": float(np.mean(auc)) if auc else float("nan"), "pass_fail_pairs": len(auc)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "assets" / "toy" / "flux")
+    p.add_argument("--per-caption", type=int, default=32, help="samples per training caption")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--relabel", type=int, default=2, help="other training captions each image is annotated under")
+    p.add_argument("--margin", type=float, default=0.05, help="min graded difference for a preference pair")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32, help="pairs per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--smooth", type=float, default=0.5, help="Gaussian blur (sigma, px) the scorer applies to its input")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-per-caption", type=int, default=8)
+    p.add_argument("--compare", nargs="*", default=[str(ROOT / "assets" / "toy" / "reward_0.safetensors"),
+                   str(ROOT / "assets" / "toy" / "reward_1.safetensors")], help="other scorers to measure on the same pairs")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "reward_pref.safetensors")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    train_specs = {caption(s): s for s in split_specs("train")}
+    val_specs = {caption(s): s for s in split_specs("validation")}
+    images, prompts = generate(args.model, list(train_specs), args.per_caption, args.sample_steps, 10_000 * (args.seed + 1))
+    log(f"generated {len(images)} training-caption samples [{time.perf_counter() - t0:.0f} s]")
+    rows = annotate(images, prompts, train_specs, args.relabel, random.Random(args.seed))
+    pairs, n_caption = preference_pairs(rows, args.margin)
+    own = np.array([s for (_, _, s) in rows[:: args.relabel + 1]])
+    log(f"{len(rows)} annotations, {len(pairs)} preference pairs ({n_caption} same-caption); own-caption pass rate "
+        f"{np.mean(own >= 0.5):.3f} [{time.perf_counter() - t0:.0f} s]")  # fmt: skip
+    model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log)
+    train_seconds = time.perf_counter() - t0
+    save_toy_reward(model, args.out)
+    own_r = scores_of(model, images, prompts)  # the scale a hinge margin `lam` is set against
+    quantiles = {f"p{q}": float(np.percentile(own_r, q)) for q in (5, 50, 95, 99)}
+    # held-out agreement: validation captions, fresh noise, never annotated for training
+    vimages, vprompts = generate(args.model, list(val_specs), args.val_per_caption, [20], 77_777)
+    g = np.array([graded(im, val_specs[q]) for im, q in zip(vimages, vprompts)])
+    passed = np.array([judge(im, val_specs[q]) for im, q in zip(vimages, vprompts)])
+    result = {"validation": agreement(scores_of(model, vimages, vprompts), vprompts, g, passed)}
+    from leapalign_fast.toy.reward import _load_toy_reward
+
+    for path in args.compare:
+        result[Path(path).name] = agreement(scores_of(_load_toy_reward(path, 0), vimages, vprompts), vprompts, g, passed)
+    if len(args.compare) > 1:
+        mean = np.mean([scores_of(_load_toy_reward(q, 0), vimages, vprompts) for q in args.compare], axis=0)
+        result["compare_mean"] = agreement(mean, vprompts, g, passed)
+    result["validation_pass_rate"] = float(passed.mean())
+    log(f"agreement with the evaluator on validation-caption samples: {result}")
+    write_result(args.out.with_suffix(".json"), {
+        "model": str(args.model), "seed": args.seed, "per_caption": args.per_caption, "sample_steps": args.sample_steps,
+        "relabel": args.relabel, "margin": args.margin, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "dim": args.dim, "smooth": args.smooth, "train_images": len(images), "annotations": len(rows),
+        "pairs": len(pairs), "same_caption_pairs": n_caption, "train_pass_rate": float(np.mean(own >= 0.5)),
+        "val_images": len(vimages), "agreement": result, "train_sample_reward_quantiles": quantiles, "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0})  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
