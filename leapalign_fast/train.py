@@ -119,6 +119,7 @@ class Run:
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
+    cfg = with_method_settings(cfg)  # idempotent; callers (benches, test workers) may pass the raw [method] table
     out = Path(cfg.output_dir)
     check_writable(out, "output_dir")
     if ckpt.checkpoint_root(out).is_dir():  # found now, not after the first training step
