@@ -146,6 +146,28 @@ def load_part(root: Path, what: str, fn):
     return module
 
 
+def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True):
+    """(transformer, vae in eval mode, scheduler or None) of a local diffusers-format directory, each through
+    `load_part` (one UserError line per bad part)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    transformer = load_part(root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw))
+    vae = load_part(root, "vae", lambda: vae_cls.from_pretrained(root, subfolder="vae", **kw)).eval()
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True) if scheduler else None
+    return transformer, vae, sched
+
+
+def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
+    """(tokenizer, text encoder in eval mode) of a SINGLE_ENCODER_PARTS directory (FLUX.2-Klein, Qwen-Image)."""
+    from transformers import AutoTokenizer
+
+    enc = load_part(root, "text_encoder", lambda: encoder_cls.from_pretrained(
+        root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
+    tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
+    return tok, enc
+
+
 def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> FluxComponents:
     """Load FLUX from a local diffusers-format directory (no hub access)."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -162,9 +184,7 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
     def load(what: str, fn):
         return load_part(root, what, fn)
 
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = load("transformer", lambda: FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
-    vae = load("vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)).eval()
+    transformer, vae, _ = load_denoiser(root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False)
     text = None
     if need_text:
         tkw = dict(dtype=dtype, local_files_only=True)

@@ -108,20 +108,13 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
 
 def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> Flux2Components:
     """FLUX.2-Klein from a local diffusers-format directory (e.g. black-forest-labs/FLUX.2-klein-base-9B)."""
-    from transformers import AutoTokenizer
-
-    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_part, model_dir
+    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
 
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "FLUX.2-Klein")
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = load_part(root, "transformer", lambda: Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
-    vae = load_part(root, "vae", lambda: AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", **kw)).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    transformer, vae, scheduler = load_denoiser(root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype)
     text = None
     if need_text:
-        enc = load_part(root, "text_encoder", lambda: Qwen3ForCausalLM.from_pretrained(
-            root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
-        tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
+        tok, enc = load_single_encoder(root, Qwen3ForCausalLM, dtype)
         n = enc.config.num_hidden_layers  # Klein's encoders (36 layers) use the pipeline's 9, 18, 27; a small one
         text = Flux2Text(tok, enc, max_sequence_length, (9, 18, 27) if n >= 27 else (n // 3, 2 * n // 3, n))
     return Flux2Components(transformer, vae, text, scheduler)

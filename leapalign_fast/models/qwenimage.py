@@ -81,20 +81,13 @@ def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
 
 def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> QwenImageComponents:
     """Qwen-Image from a local diffusers-format directory (a snapshot of Qwen/Qwen-Image)."""
-    from transformers import AutoTokenizer
-
-    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_part, model_dir
+    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
 
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "Qwen-Image")
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = load_part(root, "transformer", lambda: QwenImageTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
-    vae = load_part(root, "vae", lambda: AutoencoderKLQwenImage.from_pretrained(root, subfolder="vae", **kw)).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    transformer, vae, scheduler = load_denoiser(root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype)
     text = None
     if need_text:
-        enc = load_part(root, "text_encoder", lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
-        tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
+        tok, enc = load_single_encoder(root, Qwen2_5_VLForConditionalGeneration, dtype)
         text = QwenImageText(tok, enc, max_sequence_length)
     return QwenImageComponents(transformer, vae, text, scheduler)
 

@@ -97,13 +97,10 @@ def load_sd3(path, dtype: torch.dtype, need_text: bool = True, max_sequence_leng
     """SD3.5 from a local diffusers-format directory (a snapshot of stabilityai/stable-diffusion-3.5-medium)."""
     from transformers import AutoTokenizer
 
-    from leapalign_fast.models.flux import load_part, model_dir
+    from leapalign_fast.models.flux import load_denoiser, load_part, model_dir
 
     root = model_dir(path, _REQUIRED, need_text, "SD3.5")
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = load_part(root, "transformer", lambda: SD3Transformer2DModel.from_pretrained(root, subfolder="transformer", **kw))
-    vae = load_part(root, "vae", lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    transformer, vae, scheduler = load_denoiser(root, SD3Transformer2DModel, AutoencoderKL, dtype)
     text = None
     if need_text:
         tkw = dict(dtype=dtype, local_files_only=True)
