@@ -163,6 +163,16 @@ def test_sampler_reproduces_pipeline(family):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def test_a_resolution_the_packing_cannot_take_is_one_line_naming_a_valid_one(family):
+    from leapalign_fast.errors import UserError
+
+    backbone, comps = family
+    geom = backbone.geometry(comps, 64)
+    assert geom.tokens == (geom.h // 2) * (geom.w // 2) and 64 % geom.h == 0
+    with pytest.raises(UserError, match=r"resolution 65 is not divisible by \d+ .*use a multiple of \d+, e\.g\. 64"):
+        backbone.geometry(comps, 65)
+
+
 def test_qwenimage_padded_cache_samples_as_the_pipeline_own_encoding():
     """Our fixed-length (zero-padded, masked) prompt cache samples as the pipeline given only the prompts."""
     backbone = get_backbone("qwenimage")

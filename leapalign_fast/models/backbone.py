@@ -63,6 +63,19 @@ class Geometry:
     def noise_shape(self, batch: int) -> tuple[int, int, int]:
         return (batch, self.tokens, self.channels)
 
+    @classmethod
+    def of_patches(cls, resolution: int, vae_factor: int, latent_channels: int) -> "Geometry":
+        """A square image's VAE latents (downsampled by `vae_factor`) packed as 2x2 patches: (h/2)(w/2) tokens of
+        4 x latent_channels; a resolution the packing cannot take is one UserError line naming a valid one."""
+        step = 2 * vae_factor
+        if resolution % step:
+            raise UserError(
+                f"resolution {resolution} is not divisible by {step} (VAE factor {vae_factor} x "
+                f"2x2 latent packing); use a multiple of {step}, e.g. {max(step, resolution // step * step)}"
+            )
+        h = w = resolution // vae_factor
+        return cls(h, w, (h // 2) * (w // 2), 4 * latent_channels)
+
 
 @dataclass(frozen=True)
 class Backbone:

@@ -32,13 +32,8 @@ class FluxComponents:
 
     def latent_hw(self, resolution: int) -> tuple[int, int]:
         """VAE latent height/width for a square image; must be even to pack 2x2 patches."""
-        step = 2 * self.vae_scale_factor
-        if resolution % step:
-            raise UserError(
-                f"resolution {resolution} is not divisible by {step} (VAE factor {self.vae_scale_factor} x "
-                f"2x2 latent packing); use a multiple of {step}, e.g. {max(step, resolution // step * step)}"
-            )
-        return resolution // self.vae_scale_factor, resolution // self.vae_scale_factor
+        geom = Geometry.of_patches(resolution, self.vae_scale_factor, self.vae.config.latent_channels)
+        return geom.h, geom.w
 
 
 def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
@@ -310,8 +305,7 @@ def decode_latents(vae: AutoencoderKL, x: torch.Tensor, h: int, w: int) -> torch
 
 def geometry(components: FluxComponents, resolution: int) -> Geometry:
     """2x2 patches of the VAE latents: L = (h/2)(w/2) tokens of 4 x 16 = 64 channels."""
-    h, w = components.latent_hw(resolution)
-    return Geometry(h, w, (h // 2) * (w // 2), 4 * components.vae.config.latent_channels)
+    return Geometry.of_patches(resolution, components.vae_scale_factor, components.vae.config.latent_channels)
 
 
 def schedule(components: FluxComponents, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:

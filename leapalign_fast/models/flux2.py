@@ -146,11 +146,7 @@ def prompt_tensors(text: Flux2Text, prompts: list[str]) -> dict[str, torch.Tenso
 
 
 def geometry(components: Flux2Components, resolution: int) -> Geometry:
-    f = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    if resolution % (2 * f):
-        raise UserError(f"resolution {resolution} is not divisible by {2 * f} (VAE factor {f} x 2x2 patchify)")
-    h = w = resolution // f
-    return Geometry(h, w, (h // 2) * (w // 2), 4 * components.vae.config.latent_channels)
+    return Geometry.of_patches(resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels)
 
 
 def schedule(components: Flux2Components, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:

@@ -119,11 +119,7 @@ def prompt_tensors(text: QwenImageText, prompts: list[str]) -> dict[str, torch.T
 
 
 def geometry(components: QwenImageComponents, resolution: int) -> Geometry:
-    f = 2 ** len(components.vae.temperal_downsample)
-    if resolution % (2 * f):
-        raise UserError(f"resolution {resolution} is not divisible by {2 * f} (VAE factor {f} x 2x2 packing)")
-    h = w = resolution // f
-    return Geometry(h, w, (h // 2) * (w // 2), 4 * components.vae.config.z_dim)
+    return Geometry.of_patches(resolution, 2 ** len(components.vae.temperal_downsample), components.vae.config.z_dim)
 
 
 def schedule(components: QwenImageComponents, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:

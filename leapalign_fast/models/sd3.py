@@ -14,7 +14,6 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 from leapalign_fast.models.flux import pack_latents, unpack_latents
 from leapalign_fast.models.text import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
@@ -143,11 +142,7 @@ def prompt_tensors(text: SD3Text, prompts: list[str]) -> dict[str, torch.Tensor]
 
 
 def geometry(components: SD3Components, resolution: int) -> Geometry:
-    f = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    if resolution % (2 * f):
-        raise UserError(f"resolution {resolution} is not divisible by {2 * f} (VAE factor {f} x 2x2 patches)")
-    h = w = resolution // f
-    return Geometry(h, w, (h // 2) * (w // 2), 4 * components.vae.config.latent_channels)
+    return Geometry.of_patches(resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels)
 
 
 def schedule(components: SD3Components, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
