@@ -16,11 +16,12 @@ at full size, the prompt embeddings are random (memory and speed do not depend o
 weights are built directly in the model dtype on the device.
 
 Per row (method, N, resolution, decode checkpointing):
-- `activation_mib`: bytes autograd keeps for the backward at the end of the forward, counted by saved-tensor
-  hooks over distinct storages, *excluding* parameter and buffer storages (they exist without the step), plus
-  the inputs a recomputed (checkpointed) decode/reward holds. Split into `transformer` (saved inside the
-  transformer's forwards), `decode_reward` (VAE decoder + reward) and `other` (Euler chain, connectors, casts).
-  All of it is alive when the backward starts, so it is the activation peak that grows with N.
+- `activation_mib`: bytes autograd keeps for a backward, counted by saved-tensor hooks over distinct storages,
+  *excluding* parameter and buffer storages (they exist without the step), plus the inputs a recomputed
+  (checkpointed) decode/reward holds; the storages still alive at the end of the reward's forward or at the start
+  of the trainer's backward, whichever is larger. Split into `transformer` (saved inside the transformer's
+  forwards), `decode_reward` (VAE decoder + reward) and `other` (Euler chain, connectors, casts). It is the
+  activation peak that grows with N.
 - `peak_rss_mib` (CPU): the process's peak resident memory during a step above its resident memory before the
   step, median over the counted and the timed steps, with min and max; with `--rss-isolated`, measured in a
   fresh process per method instead (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to return freed blocks of
@@ -29,6 +30,8 @@ Per row (method, N, resolution, decode checkpointing):
 - `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
   repeat, with min and max (spread = (max - min) / median); split into sampling (no-grad forwards), grad
   forwards, decode + reward, backward.
+A method may carry settings, `name:key=value,key=value` (e.g. `leapalign:reward_first=false`, LeapAlign with its
+grad forwards inside the trajectory); ratios are full over every other row.
 Writes JSON (command, versions, hardware), a markdown table and a plot under `--out` (default bench/results/,
 or a temporary directory with --quick).
 """
@@ -235,18 +238,32 @@ def random_weights(kind: str, device: str):
 
 
 class SavedBytes:
-    """Distinct storages autograd saves for backward, by the part of the step that saved them."""
+    """Storages autograd saves for backward, by the part of the step that saved them, counted while alive.
+
+    `snapshot()` sums the saved storages still alive (a weak reference per storage); the count is the largest
+    snapshot, taken at the end of each reward forward (the decode + reward graph complete) and at the start of the
+    backward (every graph the backward needs). A method that finishes the reward's backward before its transformer
+    forwards (LeapAlign's reward-first order) never holds the two at once, and the count says so."""
 
     def __init__(self, excluded: set[int]):
         self.excluded, self.part, self.storages, self.excluded_bytes = excluded, "other", {}, {}
+        self.peak: dict[str, float] = {}
 
     def pack(self, t):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
         s = t.untyped_storage()
-        if s.data_ptr() in self.excluded:
-            self.excluded_bytes[s.data_ptr()] = s.nbytes()
-        elif s.data_ptr() not in self.storages:
-            self.storages[s.data_ptr()] = (self.part, s.nbytes())
+        ptr = s.data_ptr()
+        if ptr in self.excluded:
+            self.excluded_bytes[ptr] = s.nbytes()
+        elif ptr not in self.storages or self.storages[ptr][2].expired():  # new, or a freed storage's address reused
+            self.storages[ptr] = (self.part, s.nbytes(), StorageWeakRef(s))
         return t
+
+    def snapshot(self) -> None:
+        alive = [(p, n) for p, n, ref in self.storages.values() if not ref.expired()]
+        if sum(n for _, n in alive) / 2**20 >= sum(self.peak.values()):
+            self.peak = {part: sum(n for p, n in alive if p == part) / 2**20 for part in ("transformer", "decode_reward", "other")}
 
     def hold(self, part: str, tensors) -> None:
         """Tensors kept alive by a recomputed function's closure (its inputs): saved, though no hook sees them."""
@@ -275,7 +292,8 @@ class SavedBytes:
                 h.remove()
 
     def mib(self, part: str | None = None) -> float:
-        return sum(n for p, n in self.storages.values() if part is None or p == part) / 2**20
+        """The largest snapshot (all parts), or that snapshot's `part`."""
+        return sum(self.peak.values()) if part is None else self.peak.get(part, 0.0)
 
 
 def rss_mib(field: str = "VmRSS") -> float:
@@ -346,23 +364,44 @@ def trainer_step(run, method, timer: Timer, saved: SavedBytes | None) -> None:
     decode, reward = train.step_decode_reward(run)
     ckpt = run.cfg.model.checkpoint_decode
 
-    def held(fn, part):  # a recomputed function's inputs stay alive until its backward
+    def held(fn, part, snapshot=False):  # a recomputed function's inputs stay alive until its backward
         def call(*args):
             if saved is not None and ckpt:
                 saved.hold(part, args)
-            return fn(*args)
+            out = fn(*args)
+            if saved is not None and snapshot:  # the decode + reward graph is complete here
+                saved.snapshot()
+            return out
 
         return call
 
     inputs = StepInputs(timer.wrap(train.velocity_for(run, idx, run.embeds)), train.make_noise(run, B, gen),
                         run.sigmas, timer.wrap(held(decode, "decode_reward"), "decode_reward"),
-                        timer.wrap(held(reward, "decode_reward"), "decode_reward"),
+                        timer.wrap(held(reward, "decode_reward", snapshot=True), "decode_reward"),
                         [run.prompts[i] for i in idx], gen)  # fmt: skip
     hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved else contextlib.nullcontext()
     with hooks:
         out = method(inputs)
+    if saved is not None:
+        saved.snapshot()  # every graph the backward needs
     timer.wrap(lambda: run.accelerator.backward(out.loss), "backward")()
     run.optimizer.zero_grad(set_to_none=True)
+
+
+def method_variant(spec: str, lam: float, n: int):
+    """`name` or `name:key=value,...` (values in TOML syntax) -> that method's validated settings."""
+    import tomllib
+
+    from leapalign_fast.methods import settings_from_table
+
+    name, _, rest = spec.partition(":")
+    table = {"name": name, "lam": lam}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"bench/memory.py: method setting '{item}' in '{spec}' must be key=value")
+        table[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return settings_from_table(table, n)
 
 
 def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
@@ -370,12 +409,12 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
     import torch
 
     from leapalign_fast import train
-    from leapalign_fast.methods import build_method, method_settings
+    from leapalign_fast.methods import build_method
 
     cuda = run.accelerator.device.type == "cuda"
     run.geometry = run.backbone.geometry(run.components, res)
     run.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
-    method = build_method(method_settings(method_name, lam=run.cfg.method.lam), n)  # its own (published) defaults
+    method = build_method(method_variant(method_name, run.cfg.method.lam, n), n)  # its own (published) defaults
     excluded = {t.untyped_storage().data_ptr() for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
                 for t in [*m.parameters(), *m.buffers()]}  # fmt: skip
     saved = SavedBytes(excluded)
@@ -436,22 +475,23 @@ def summarize_times(samples: list[dict]) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """full / leapalign per (N, resolution, decode checkpointing), for every memory count."""
+    """full / each other method (`method`) per (N, resolution, decode checkpointing), for every memory count
+    (`full_over_<count>`) and the step time."""
     out = []
     keys = [("activation_mib", None), ("transformer", "activation_by_part_mib"), ("peak_rss_mib", None), ("peak_mib", None)]
     for r in rows:
-        if r["method"] != "leapalign" or r["oom"]:
+        if r["method"] == "full" or r["oom"]:
             continue
         full = next((f for f in rows if f["method"] == "full" and not f["oom"] and all(
             f[k] == r[k] for k in ("num_steps", "resolution", "checkpoint_decode"))), None)  # fmt: skip
         if full is None:
             continue
-        entry = {k: r[k] for k in ("num_steps", "resolution", "checkpoint_decode")}
+        entry = {k: r[k] for k in ("method", "num_steps", "resolution", "checkpoint_decode")}
         for key, parent in keys:
             a = (r.get(parent) or {}).get(key) if parent else r.get(key)
             b = (full.get(parent) or {}).get(key) if parent else full.get(key)
             if a and b:
-                entry[f"full_over_leapalign_{key}"] = b / a
+                entry[f"full_over_{key}"] = b / a
         if "step_seconds" not in r or "step_seconds" not in full:
             out.append(entry)
             continue
@@ -671,7 +711,10 @@ def main(argv=None) -> int:
     path = write_result(out / f"{name}.json", payload)
     extra = write_outputs(rows, out, name)
     for r in payload["ratios"]:
-        print("full/leapalign", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
+        counts = ", ".join(f"{k.removeprefix('full_over_')} {v:.2f}x" for k, v in r.items() if k.startswith("full_over"))
+        paired = r.get("step_seconds_ratio_paired", {}).get("median")
+        print(f"full/{r['method']} N={r['num_steps']} {r['resolution']}px decode-ckpt={'on' if r['checkpoint_decode'] else 'off'}: "
+              f"{counts}{'' if paired is None else f', step time {paired:.2f}x (paired median)'}")
     for f in payload["flatness"]:
         print("flatness", {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})
     print("wrote", path, *extra)

@@ -40,7 +40,8 @@ def timings(name: str, data: dict) -> dict[str, dict]:
             key = f"{r['method']} N={r['num_steps']} step s"
             out[key] = {"median": r["step_seconds"], "min": r["step_seconds_min"], "max": r["step_seconds_max"]}
         for r in data["ratios"]:
-            out[f"full/leapalign N={r['num_steps']} paired"] = dict(r["step_seconds_ratio_paired"])
+            method = r.get("method", "leapalign")  # results written before other methods had ratios
+            out[f"full/{method} N={r['num_steps']} paired"] = dict(r["step_seconds_ratio_paired"])
     else:
         for r in data["rows"]:
             out[f"{r['variant']} {r['resolution']}px s"] = {"median": r["seconds_median"], "min": r["seconds_min"],

@@ -46,7 +46,8 @@ def step_bytes(cfg, components, geometry) -> int:
     per_decode = cfg.resolution**2 * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
-    return cfg.batch_size * (graphs * per_forward + decodes * per_decode + latents)
+    grad = (max if cfg.method.decode_apart() else sum)((graphs * per_forward, decodes * per_decode))
+    return cfg.batch_size * (grad + latents)
 
 
 def check_memory(cfg, components, geometry, device: torch.device) -> None:

@@ -1,4 +1,7 @@
-"""LeapAlign inside the sampling loop == the pure leap oracle, with exactly N model calls."""
+"""LeapAlign == the pure leap oracle in both orders: reward first (N + 2 model calls, 2 with grad) and inside
+the sampling loop (exactly N calls, 2 with grad); the two orders give the same loss and gradients."""
+
+import json
 
 import pytest
 import torch
@@ -39,8 +42,9 @@ def _oracle_loss(model, noise, sigmas, a, b, alpha, tau, lam):
     return (w * torch.relu(lam - _reward(_decode(res.x0), None))).mean(), traj.x0
 
 
+@pytest.mark.parametrize("reward_first", [True, False])
 @pytest.mark.parametrize("seed", range(4))
-def test_in_loop_equals_oracle_and_calls_model_n_times(seed):
+def test_leapalign_equals_oracle_and_counts_model_calls(seed, reward_first):
     torch.manual_seed(seed)
     N, B = 7, 3
     model = MLPVelocity(channels=6).double()
@@ -52,24 +56,27 @@ def test_in_loop_equals_oracle_and_calls_model_n_times(seed):
     counted = Counting(model)
     gen = torch.Generator().manual_seed(100 + seed)
     out = leapalign_loss(
-        StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, gen), alpha, tau, lam, (0, N)
+        StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, gen), alpha, tau, lam, (0, N),
+        reward_first=reward_first,
     )
     got = torch.autograd.grad(out.loss, params)
-    assert counted.calls == N and counted.grad_calls == 2
+    assert counted.calls == N + 2 * reward_first and counted.grad_calls == 2
 
     a, b = draw_two_indices(0, N, torch.Generator().manual_seed(100 + seed))
     assert out.metrics["k"] == pytest.approx(float(sigmas[a])) and out.metrics["j"] == pytest.approx(float(sigmas[b]))
     want_loss, x0 = _oracle_loss(model, noise, sigmas, a, b, alpha, tau, lam)
     want = torch.autograd.grad(want_loss, params)
     torch.testing.assert_close(out.loss, want_loss, rtol=0, atol=1e-12)
-    # the in-loop trajectory is the no-grad one (up to the connectors' float round-off: xh + (x - xh))
-    torch.testing.assert_close(out.x0, x0, rtol=0, atol=1e-13)
+    # the in-loop trajectory is the no-grad one (up to the connectors' float round-off: xh + (x - xh));
+    # reward first samples it without grad: exactly the no-grad one
+    torch.testing.assert_close(out.x0, x0, rtol=0, atol=0 if reward_first else 1e-13)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert any(g.abs().sum() > 0 for g in got)
 
 
-def test_in_loop_on_tiny_flux_matches_oracle():
+@pytest.mark.parametrize("reward_first", [True, False])
+def test_leapalign_on_tiny_flux_matches_oracle(reward_first):
     from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids
 
     comps = build_tiny_flux(TinyFluxConfig(), seed=0)
@@ -83,7 +90,7 @@ def test_in_loop_on_tiny_flux_matches_oracle():
     sigmas = flux_schedule(N, 4)
     out = leapalign_loss(
         StepInputs(velocity, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(3)),
-        0.3, 0.1, 2.0, (0, N),
+        0.3, 0.1, 2.0, (0, N), reward_first=reward_first,
     )  # fmt: skip
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
     a, b = draw_two_indices(0, N, torch.Generator().manual_seed(3))
@@ -115,3 +122,74 @@ def test_bad_window_is_a_user_error(window):
 def test_window_default_is_whole_trajectory():
     assert resolve_window([], 8) == (0, 8)
     assert resolve_window([1, 3], 8) == (1, 3)
+
+
+class _Marked(torch.autograd.Function):
+    """Identity that records, when its backward runs, how many grad-enabled model forwards had run by then."""
+
+    @staticmethod
+    def forward(ctx, x, counted, seen):
+        ctx.counted, ctx.seen = counted, seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.seen.append(ctx.counted.grad_calls)
+        return grad, None, None
+
+
+@pytest.mark.parametrize("reward_first, grad_forwards_before_decode_backward", [(True, 0), (False, 2)])
+def test_reward_first_runs_the_decode_backward_before_the_grad_forwards(reward_first, grad_forwards_before_decode_backward):
+    """The memory claim of the reward-first order: the decode + reward backward is over before the leap's two
+    grad forwards exist (in the trajectory order both transformer graphs are held during it)."""
+    torch.manual_seed(0)
+    N, B = 6, 2
+    counted = Counting(MLPVelocity(channels=6).double())
+    seen: list[int] = []
+    decode = lambda x: _decode(_Marked.apply(x, counted, seen))  # noqa: E731
+    noise = torch.randn(B, 5, 6, dtype=torch.float64)
+    sigmas = torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64)
+    inp = StepInputs(counted, noise, sigmas, decode, _reward, ["p"] * B, torch.Generator().manual_seed(1))
+    out = leapalign_loss(inp, 0.3, 0.1, 5.0, (0, N), reward_first=reward_first)
+    out.loss.backward()
+    assert seen == [grad_forwards_before_decode_backward] and counted.grad_calls == 2
+
+
+def test_both_orders_train_the_same_weights(tmp_path):
+    """Three trainer steps of the library default (random tiny FLUX, VAE, colour reward) in each order: the same
+    losses and weights up to float round-off (the orders differ only in the connector's `xh + (x - xh)`)."""
+    from safetensors.torch import load_file
+
+    from leapalign_fast.config import load_config
+    from leapalign_fast.train import train
+
+    base = ["max_steps=3", "checkpoint_every=3", "batch_size=2", "num_steps=5", "tensorboard=false", "lr=1e-3",
+            "deterministic=true", "model.checkpoint_decode=true"]  # fmt: skip
+    runs = {}
+    for order in ("true", "false"):
+        out = tmp_path / order
+        train(load_config(None, [f"output_dir={out}", f"method.reward_first={order}", *base]))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[order] = rows, load_file(str(out / "checkpoints" / "step_00000003" / "trained.safetensors"))
+    (rows_a, w_a), (rows_b, w_b) = runs["true"], runs["false"]
+    assert [r["loss"] for r in rows_a] == pytest.approx([r["loss"] for r in rows_b], rel=1e-4, abs=1e-6)
+    assert any(r["loss"] > 0 for r in rows_a)
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-4, atol=1e-5)
+    assert w_a.keys() == w_b.keys()
+
+
+def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
+    from leapalign_fast.config import load_config
+    from leapalign_fast.methods import with_method_settings
+    from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux
+    from leapalign_fast.models.backbone import get_backbone
+    from leapalign_fast.preflight import step_bytes
+
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    need = {}
+    for order in (True, False):
+        cfg = with_method_settings(load_config(None, [f"method.reward_first={str(order).lower()}", "resolution=256"]))
+        geometry = get_backbone("flux").geometry(comps, cfg.resolution)
+        need[order] = step_bytes(cfg, comps, geometry)
+    assert 0 < need[True] < need[False]

@@ -51,6 +51,11 @@ class MethodSettings:
         """Decodes (and reward forwards) one sample keeps for the backward."""
         return 1
 
+    def decode_apart(self) -> bool:
+        """True when the decode + reward backward is over before the grad forwards run (their graphs never
+        coexist: the step needs the larger of the two, not the sum)."""
+        return False
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -80,6 +85,27 @@ def hinge(inp: StepInputs, x0: torch.Tensor, lam: float) -> tuple[torch.Tensor, 
 def prefix_state(inp: StepInputs, stop: int) -> torch.Tensor:
     """The detached state at index `stop`, sampled without grad."""
     return sample_trajectory(inp.velocity, inp.noise, inp.sigmas[: stop + 1]).x0
+
+
+class _Pullback(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g)
+        ctx.dtype = x.dtype
+        return x.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (g,) = ctx.saved_tensors
+        return (g * grad).to(ctx.dtype), None
+
+
+def pullback(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A scalar of value exactly 0 whose gradient w.r.t. `x` is `g` (times the incoming scale): adding it to a
+    loss computed elsewhere sends that loss's gradient `g = dloss/dx`, found earlier, back through x's graph."""
+    if g.shape != x.shape:
+        raise ValueError(f"pullback: gradient shape {tuple(g.shape)} != tensor shape {tuple(x.shape)}")
+    return _Pullback.apply(x, g.detach())
 
 
 def grad_only(v: torch.Tensor) -> torch.Tensor:

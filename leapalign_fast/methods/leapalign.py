@@ -1,13 +1,22 @@
-"""LeapAlign (arXiv 2604.15311): reward gradients through a two-step leap built inside the sampling loop.
+"""LeapAlign (arXiv 2604.15311): reward gradients through a two-step leap `x_k -> x_j -> x_0`.
 
-One trajectory, N model forwards. At index a (time k) the forward runs with grad and gives the
-one-step leap `xh_j = x_k - (k - j) v(x_k)`. At index b (time j) the latent connector
-`x_j' = xh_j + sg(x_j - xh_j)` (value x_j) is discounted, `u_j = alpha x_j' + (1 - alpha) sg(x_j')`
-(value x_j, grad scaled by alpha), and the forward `v(u_j, j)` runs with grad. Both forwards are the
-trajectory's own: their values drive the Euler steps, so nothing is re-run. After the last step,
-`xh_0 = x_j' - j v(u_j)`, `x_0' = xh_0 + sg(x_0 - xh_0)` (value x_0), and the loss is
-`sg(w) * max(0, lam - r(decode(x_0')))` with `w = 1 / (max(d_j, tau) + max(d_0, tau))`.
-`flow.leap_trajectory` states the same leap as a pure function; tests check the two agree.
+Two orders of the same gradient (`method.reward_first`):
+
+- reward first (default, the paper's order): sample the whole trajectory without grad (N forwards, keeping
+  x_k, x_j and the velocities there), weight `w = 1 / (max(d_j, tau) + max(d_0, tau))` from those velocities,
+  then decode + reward the real x_0 and take `g = dloss/dx_0` with `loss = mean(w * max(0, lam - r))`, and
+  only then run the leap's two forwards with grad (`flow.leap_trajectory`) and send g back through them
+  (`base.pullback`). The decoder's backward never runs on top of the transformer's activations: the step's
+  peak is about two transformer forwards. N + 2 forwards.
+- in the trajectory (`reward_first = false`): at index a (time k) the trajectory's own forward runs with grad
+  and gives `xh_j = x_k - (k - j) v(x_k)`; at index b (time j) the connector `x_j' = xh_j + sg(x_j - xh_j)` is
+  discounted, `u_j = alpha x_j' + (1 - alpha) sg(x_j')`, and `v(u_j, j)` runs with grad and drives the step.
+  After the last step `xh_0 = x_j' - j v(u_j)`, `x_0' = xh_0 + sg(x_0 - xh_0)` and the loss is
+  `sg(w) * max(0, lam - r(decode(x_0')))`. N forwards, but the decode + reward backward runs while both
+  transformer graphs are held.
+
+Both give the loss and gradient of the formula in DESIGN.md (equal up to float round-off; tests check both
+against `flow.leap_trajectory` and each other).
 """
 
 from __future__ import annotations
@@ -16,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leapalign_fast.flow import as_batch_time, euler_step
+from leapalign_fast.flow import as_batch_time, euler_step, leap_distances, leap_trajectory
 from leapalign_fast.kernels import connect, connect_discount, similarity_weight
-from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need, pullback
 from leapalign_fast.methods.indices import PairSettings
 from leapalign_fast.sampler import sample_trajectory
 
@@ -28,17 +37,23 @@ class LeapAlignSettings(PairSettings):
     name: str = "leapalign"
     alpha: float = 0.3  # gradient discount of the nested term
     tau: float = 0.1  # distance floor of the similarity weight
+    reward_first: bool = True  # decode + reward backward before the leap's grad forwards (2 more forwards, less memory)
 
     def validate(self, num_steps: int) -> None:
         need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
         need(self.tau > 0, f"method.tau must be > 0, got {self.tau}")
         super().validate(num_steps)
 
+    def decode_apart(self) -> bool:
+        return self.reward_first
+
 
 def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window: tuple[int, int],
-                   pair: tuple[int, int] | None = None) -> StepOutput:  # fmt: skip
+                   pair: tuple[int, int] | None = None, reward_first: bool = True) -> StepOutput:  # fmt: skip
     """`pair` = (a, b) forces the draw; by default two distinct indices uniform in `window`."""
     a, b = pair if pair is not None else draw_two_indices(*window, inp.generator)
+    if reward_first:
+        return _reward_first(inp, alpha, tau, lam, a, b)
     k, j = inp.sigmas[a], inp.sigmas[b]
     leap: dict[str, torch.Tensor] = {}
 
@@ -69,9 +84,39 @@ def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 
+def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int, b: int) -> StepOutput:
+    k, j = inp.sigmas[a], inp.sigmas[b]
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(i: int, x: torch.Tensor) -> torch.Tensor | None:
+        if i not in (a, b):
+            return None
+        with torch.no_grad():  # the call the sampler would make, kept with its input
+            v = inp.velocity(x, as_batch_time(inp.sigmas[i], x))
+        kept[i] = (x, v)
+        return v
+
+    traj = sample_trajectory(inp.velocity, inp.noise, inp.sigmas, step_hook=keep)  # no grad
+    (x_k, v_k), (x_j, v_j) = kept[a], kept[b]
+    d_j, d_0 = leap_distances(x_k, v_k, x_j, v_j, traj.x0, k, j, alpha)
+    w = similarity_weight(d_j, d_0, tau)  # (B,), no grad
+    del v_k, v_j, kept
+
+    x0 = traj.x0.detach().requires_grad_(True)  # the real x_0 as a leaf: the reward's gradient stops here
+    with torch.enable_grad():
+        r = inp.reward(inp.decode(x0), inp.prompts)  # the reward sees the real image
+        loss = (w * torch.relu(lam - r)).mean()
+        (g,) = torch.autograd.grad(loss, x0)  # the decode + reward graph is freed here
+
+    leap = leap_trajectory(inp.velocity, x_k, x_j, traj.x0, k, j, alpha)  # the two grad forwards
+    metrics = {"k": float(k), "j": float(j), "d_j": d_j.mean().item(), "d_0": d_0.mean().item(),
+               "weight": w.mean().item()}  # fmt: skip
+    return StepOutput(loss.detach() + pullback(leap.x0, g), r.detach(), metrics, traj.x0)
+
+
 def _loss(inp: StepInputs, s: LeapAlignSettings) -> StepOutput:
     n = len(inp.sigmas) - 1
-    return leapalign_loss(inp, s.alpha, s.tau, s.lam, s.window(n), s.draw(n, inp.generator))
+    return leapalign_loss(inp, s.alpha, s.tau, s.lam, s.window(n), s.draw(n, inp.generator), s.reward_first)
 
 
 METHOD = MethodSpec("leapalign", LeapAlignSettings, _loss)
