@@ -29,7 +29,8 @@ Per row (method, N, resolution, decode checkpointing):
   the memory allocated before the step) and `nvml_used_mib` (the device CUDA_VISIBLE_DEVICES maps to).
 - `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
   repeat, with min and max (spread = (max - min) / median); split into sampling (no-grad forwards), grad
-  forwards, decode + reward, backward.
+  forwards, decode + reward (forwards), backward (the trainer's), other (the rest of the step: a backward inside
+  the method, such as LeapAlign's reward-first decode + reward backward, the connectors, the Euler steps).
 A method may carry settings, `name:key=value,key=value` (e.g. `leapalign:reward_first=false`, LeapAlign with its
 grad forwards inside the trajectory); ratios are full over every other row.
 Writes JSON (command, versions, hardware), a markdown table and a plot under `--out` (default bench/results/,
@@ -461,7 +462,8 @@ def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
             before = rss_mib() if not cuda and reset_peak_rss() else None  # after the reset: trimmed baseline
             t0 = time.perf_counter()
             trainer_step(run, method, timer, None)
-            out[name].append({"step": time.perf_counter() - t0, **timer.seconds,
+            step = time.perf_counter() - t0
+            out[name].append({"step": step, **timer.seconds, "other": step - sum(timer.seconds.values()),
                               "peak_rss": None if before is None else rss_mib("VmHWM") - before})  # fmt: skip
     return out
 
@@ -502,6 +504,27 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def variant_ratios(rows: list[dict]) -> list[dict]:
+    """Each `name:key=value` row against its method at the defaults (same N, resolution, decode checkpointing):
+    variant / default for the memory counts, and step time round by round (paired: median [min, max])."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if ":" in r["method"] and b["method"] == r["method"].split(":")[0] and all(
+            b[k] == r[k] for k in ("num_steps", "resolution", "checkpoint_decode"))), None)  # fmt: skip
+        if base is None or r["oom"] or base["oom"]:
+            continue
+        entry = {"variant": r["method"], "method": base["method"],
+                 **{k: r[k] for k in ("num_steps", "resolution", "checkpoint_decode")}}  # fmt: skip
+        for key in ("activation_mib", "peak_rss_mib", "peak_mib"):
+            if r.get(key) and base.get(key):
+                entry[f"variant_over_method_{key}"] = r[key] / base[key]
+        if "step_seconds_all" in r and "step_seconds_all" in base:
+            paired = [v / b for v, b in zip(r["step_seconds_all"], base["step_seconds_all"])]
+            entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+        out.append(entry)
+    return out
+
+
 def flatness(rows: list[dict], method: str = "leapalign") -> list[dict]:
     """Relative change of each memory count from the smallest to the largest N."""
     out = []
@@ -527,20 +550,22 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     md = ["| method | N | res | decode ckpt | activation MiB | transformer | decode+reward | other | peak MiB | "
-          "step s (median) | spread | sampling s | grad fwd s | decode+reward s | backward s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "step s (median) | spread | sampling s | grad fwd s | decode+reward s | backward s | other s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["oom"]:
             md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['checkpoint_decode']} | OOM |"
-                      + " |" * 10)
+                      + " |" * 11)
             continue
         p = r["activation_by_part_mib"]
-        s = r.get("seconds") or dict.fromkeys(("sampling", "grad_forwards", "decode_reward", "backward"), float("nan"))
+        s = {"other": float("nan"), **(r.get("seconds") or dict.fromkeys(("sampling", "grad_forwards", "decode_reward",
+                                                                         "backward"), float("nan")))}  # fmt: skip
         peak = r.get("peak_mib", r.get("peak_rss_mib"))
         md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {'on' if r['checkpoint_decode'] else 'off'} | "
                   f"{r['activation_mib']:.1f} | {p['transformer']:.1f} | {p['decode_reward']:.1f} | {p['other']:.1f} | "
                   f"{'n/a' if peak is None else f'{peak:.1f}'} | {r.get('step_seconds', float('nan')):.3f} | {100 * r.get('spread', float('nan')):.0f}% | "
-                  f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} |")  # fmt: skip
+                  f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} | "
+                  f"{s['other']:.3f} |")  # fmt: skip
     paths = [out / f"{name}.md"]
     paths[0].write_text("\n".join(md) + "\n")
     for res in sorted({r["resolution"] for r in rows}):
@@ -704,7 +729,8 @@ def main(argv=None) -> int:
     name = f"memory_{args.model}_{slug(gpu)}{'_' + slug(args.tag) if args.tag else ''}"
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "device": device, "transformer_parameters": n_params, "rows": rows,
-               "ratios": ratios(rows), "flatness": flatness(rows), "config": train.config_dict(cfg),
+               "ratios": ratios(rows), "variant_ratios": variant_ratios(rows), "flatness": flatness(rows),
+               "config": train.config_dict(cfg),
                "threads": describe_threads(), "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
                "wall_seconds": time.perf_counter() - t0,
                "note": "random weights (and, at full size, random prompt embeddings); the trainer's own step"}  # fmt: skip
@@ -715,6 +741,11 @@ def main(argv=None) -> int:
         paired = r.get("step_seconds_ratio_paired", {}).get("median")
         print(f"full/{r['method']} N={r['num_steps']} {r['resolution']}px decode-ckpt={'on' if r['checkpoint_decode'] else 'off'}: "
               f"{counts}{'' if paired is None else f', step time {paired:.2f}x (paired median)'}")
+    for r in payload["variant_ratios"]:
+        counts = ", ".join(f"{k.removeprefix('variant_over_method_')} {v:.2f}x" for k, v in r.items() if k.startswith("variant_over"))
+        paired = r.get("step_seconds_ratio_paired", {})
+        print(f"{r['variant']}/{r['method']} N={r['num_steps']}: {counts}"
+              + (f", step time {paired['median']:.2f}x [{paired['min']:.2f}, {paired['max']:.2f}] (paired)" if paired else ""))
     for f in payload["flatness"]:
         print("flatness", {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})
     print("wrote", path, *extra)

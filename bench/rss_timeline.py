@@ -42,7 +42,8 @@ class Phases:
 
         def pre(*_):
             grad = "grad" if torch.is_grad_enabled() else "no grad"
-            self.label = f"{'backward: recompute ' if self.backward else ''}{name} ({grad})"
+            in_backward = self.backward or torch._C._current_graph_task_id() != -1  # also a backward inside the method
+            self.label = f"{'backward: recompute ' if in_backward else ''}{name} ({grad})"
 
         return pre
 

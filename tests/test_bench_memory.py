@@ -25,7 +25,7 @@ def test_memory_bench_quick(tmp_path):
     for r in data["rows"]:
         parts = r["activation_by_part_mib"]
         assert not r["oom"] and r["activation_mib"] > 0 and abs(sum(parts.values()) - r["activation_mib"]) < 1e-6
-        assert set(r["seconds"]) == {"sampling", "grad_forwards", "decode_reward", "backward"}
+        assert set(r["seconds"]) == {"sampling", "grad_forwards", "decode_reward", "backward", "other"}
         assert r["step_seconds_min"] <= r["step_seconds"] <= r["step_seconds_max"] and r["repeats"] == 1
         assert r["peak_rss_mib"] is not None and r["parameters_saved_mib"] > 0  # parameters: reported, not counted
     for c in (True, False):
@@ -78,3 +78,25 @@ def test_memory_bench_random_weight_path_of_other_backbones(model, family, tmp_p
     data = json.loads((tmp_path / f"memory_{model}_cpu.json").read_text())
     assert data["config"]["model"]["family"] == family and data["config"]["lora"]["enabled"]
     assert [r["method"] for r in data["rows"]] == ["leapalign"] and not any(r["oom"] for r in data["rows"])
+
+
+def test_method_variants_parse_and_pair_with_their_method():
+    sys.path.append(str(ROOT))
+    from bench import memory
+    from leapalign_fast.errors import UserError
+
+    s = memory.method_variant("leapalign:reward_first=false, alpha=0.5", 2.0, 10)
+    assert (s.name, s.reward_first, s.alpha, s.lam) == ("leapalign", False, 0.5, 2.0)
+    assert memory.method_variant("leapalign", 2.0, 10).reward_first
+    with pytest.raises(UserError, match="method.reward_frist"):
+        memory.method_variant("leapalign:reward_frist=false", 1.0, 10)
+    with pytest.raises(SystemExit, match="key=value"):
+        memory.method_variant("leapalign:reward_first", 1.0, 10)
+    row = lambda m, peak, steps: {"method": m, "num_steps": 25, "resolution": 256, "checkpoint_decode": True,  # noqa: E731
+                                  "oom": False, "activation_mib": 150.0, "peak_rss_mib": peak, "step_seconds_all": steps}
+    rows = [row("leapalign", 160.0, [1.0, 2.0, 4.0]), row("leapalign:reward_first=false", 200.0, [1.1, 2.0, 3.0]),
+            row("full", 2000.0, [3.0, 6.0, 12.0])]  # fmt: skip
+    (v,) = memory.variant_ratios(rows)
+    assert v["variant"] == "leapalign:reward_first=false" and v["method"] == "leapalign"
+    assert v["variant_over_method_peak_rss_mib"] == pytest.approx(1.25)
+    assert v["step_seconds_ratio_paired"] == pytest.approx({"median": 1.0, "min": 0.75, "max": 1.1})
