@@ -97,10 +97,11 @@ for s in "${STAGES[@]}"; do
     kernels) stage kernels 120 "$PY" bench/kernels.py --reps 100 --out "$R" ;;
     sampler) stage sampler 420 "$PY" bench/sampler.py --resolutions 512 1024 --reps 3 --out "$R" ;;
     memory)  # the shipped LoRA config's step at 512² (LeapAlign and full backprop, N 10/25/50; full may OOM: a
-             # result), then LeapAlign at 1024²; eager (compile changes memory little and costs minutes).
+             # result), then LeapAlign at 1024² in both orders (reward first, the default, and the grad forwards
+             # inside the trajectory: the decoder's backward on top of them); eager (compile changes memory little).
              stage memory 300 "$PY" bench/memory.py --model flux-dev --methods leapalign full --steps 10 25 50 \
                --resolutions 512 --repeats 2 --set 'model.compile="none"' --out "$R"
-             stage memory-1024 240 "$PY" bench/memory.py --model flux-dev --methods leapalign --steps 25 \
+             stage memory-1024 300 "$PY" bench/memory.py --model flux-dev --methods leapalign leapalign:reward_first=false --steps 25 \
                --resolutions 1024 --repeats 2 --set 'model.compile="none"' --out "$R/m1024" ;;
     train)   stage train 420 "$PY" bench/gpu_train_steps.py --steps 4 --resolution 512 --out "$R" ;;
   esac

@@ -77,6 +77,7 @@ CASES = [
     ("num-steps", ["num_steps=0"], "'num_steps' must be >= 1"),
     ("alpha-range", ["method.alpha=1.5"], "method.alpha must be in [0, 1]"),
     ("precision", ["mixed_precision=fp8"], "mixed_precision must be no, bf16 or fp16"),
+    ("fp16-reward-first", ["mixed_precision=fp16"], "outside fp16's loss scaling"),
     ("dtype", ["model.dtype=float64"], "model.dtype must be"),
     ("lora-targets", ["lora.enabled=true", "lora.target_modules=['no_such_layer']"], "no_such_layer"),
 ]

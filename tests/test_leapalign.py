@@ -193,3 +193,13 @@ def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
         geometry = get_backbone("flux").geometry(comps, cfg.resolution)
         need[order] = step_bytes(cfg, comps, geometry)
     assert 0 < need[True] < need[False]
+
+
+def test_fp16_needs_the_in_trajectory_order():
+    from leapalign_fast.config import load_config
+    from leapalign_fast.methods import with_method_settings
+
+    with pytest.raises(UserError, match="method.reward_first=false"):
+        with_method_settings(load_config(None, ["mixed_precision=fp16"]))
+    assert not with_method_settings(load_config(None, ["mixed_precision=fp16", "method.reward_first=false"])).method.reward_first
+    assert with_method_settings(load_config(None, ["mixed_precision=fp16", "method.name=refl"])).method.name == "refl"

@@ -85,8 +85,13 @@ def with_method_settings(cfg: Config) -> Config:
     """`cfg` with its raw `[method]` table replaced by the chosen method's settings dataclass, validated (a bad key
     or value is a UserError). Torch, but none of the model stack: the CLI calls it before the heavy imports."""
     if isinstance(cfg.method, MethodTable):
-        return dataclasses.replace(cfg, method=settings_from_table(cfg.method, cfg.num_steps))
-    cfg.method.validate(cfg.num_steps)
+        cfg = dataclasses.replace(cfg, method=settings_from_table(cfg.method, cfg.num_steps))
+    else:
+        cfg.method.validate(cfg.num_steps)
+    if cfg.mixed_precision == "fp16" and cfg.method.decode_apart():
+        raise UserError(f"method '{cfg.method.name}' with method.reward_first=true takes the reward's gradient before "
+                        "the trainer's backward, outside fp16's loss scaling (small gradients would underflow); use "
+                        "mixed_precision='bf16' or 'no', or method.reward_first=false")  # fmt: skip
     return cfg
 
 
