@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, from the repository root on the GPU machine (no package index there):
-#     bench/gpu_run.sh                      # every stage, about 16-20 minutes on one H100
-#     bench/gpu_run.sh tests kernels sampler   then   bench/gpu_run.sh memory train   # where a command may run 10 min
+#     bench/gpu_run.sh                      # every stage in priority order within GPU_BUDGET_S (540 s: one call of
+#                                           # a 10-minute command limit); the stages the budget skips are recorded,
+#                                           # run them in a second call by name, e.g. bench/gpu_run.sh kernels sampler
 #     bench/gpu_run.sh --dry-run            # CPU: every command's argument parsing and plan, no GPU work (CI)
 # Stages: install (always first: the wheels of bench/gpu_prepare.sh from .whl*/ into $GPU_SITE, offline),
 #   tests   pytest -m gpu
@@ -13,7 +14,9 @@
 # Writes under $OUT (default ./gpu-results): gpu_results.json (GPU name, versions, every command with its exit
 # status and seconds, every benchmark's JSON), summary.md (the tables) and gpu_run.log (all output).
 # A stage that fails or runs out of time is recorded and the next one runs; the exit status is the number of
-# failed stages. GPU_BUDGET_S (default 1200) bounds the whole run; each stage has its own limit inside it.
+# failed stages. GPU_BUDGET_S (default 540) bounds the whole run; each stage has its own limit inside it. The
+# summary is rewritten after every stage, so a call stopped from outside still leaves the finished stages' results.
+# Default order: tests, train, memory, kernels, sampler (correctness and the end-to-end step before timings).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,11 +30,11 @@ for a in "$@"; do
     *) echo "gpu_run: unknown argument '$a' (stages: tests kernels sampler memory train; --dry-run)" >&2; exit 2 ;;
   esac
 done
-(( ${#STAGES[@]} )) || STAGES=(tests kernels sampler memory train)
+(( ${#STAGES[@]} )) || STAGES=(tests train memory kernels sampler)
 OUT=${OUT:-$ROOT/gpu-results}
 WORK=${GPU_WORK:-/tmp/gpu-bench}          # results of every call on this machine (kept while it stays up)
 SITE=${GPU_SITE:-/tmp/site}
-BUDGET=${GPU_BUDGET_S:-1200}
+BUDGET=${GPU_BUDGET_S:-540}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$OUT" "$WORK/results"
 LOG=$OUT/gpu_run.log
@@ -76,6 +79,7 @@ stage() {
   local rc=${PIPESTATUS[0]}
   (( rc == 0 )) || FAILED=$((FAILED + 1))
   "$PY" bench/gpu_summary.py record "$WORK" "$name" "$rc" $(( $(date +%s) - t0 )) "$*"
+  "$PY" bench/gpu_summary.py summarize "$WORK" "$OUT" $( (( DRY )) && echo --dry-run ) >/dev/null 2>&1 || true
 }
 
 install || FAILED=$((FAILED + 1))

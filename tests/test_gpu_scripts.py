@@ -33,7 +33,7 @@ def test_gpu_run_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
     assert data["dry_run"] and data["environment"]["torch"]
-    assert [c["stage"] for c in data["commands"]] == ["tests", "kernels", "sampler", "memory", "train"]
+    assert [c["stage"] for c in data["commands"]] == ["tests", "train", "memory", "kernels", "sampler"]
     assert all(c["status"] == "ok" for c in data["commands"]), data["commands"]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "dry run" in summary and "bench/memory.py" in summary
@@ -49,3 +49,14 @@ def test_gpu_train_steps_path_on_cpu(tmp_path):
                                  str(tmp_path)]) == 0  # fmt: skip
     data = json.loads((tmp_path / "train_steps_random-tiny_cpu.json").read_text())
     assert data["steps"] == 2 and len(data["step_seconds"]) == 2 and data["config"]["lora"]["enabled"]
+
+
+def test_gpu_run_records_the_stages_its_budget_cannot_reach(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_WORK=str(tmp_path / "work"), GPU_SITE=str(tmp_path / "site"),
+               PYTHON=sys.executable, GPU_BUDGET_S="5")  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "kernels", "sampler"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # two stages not run: two failures
+    data = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
+    assert [(c["stage"], c["status"]) for c in data["commands"]] == [("kernels", "skipped"), ("sampler", "skipped")]
+    assert "skipped" in (tmp_path / "out" / "summary.md").read_text()
