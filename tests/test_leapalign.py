@@ -174,6 +174,8 @@ def test_both_orders_train_the_same_weights(tmp_path):
     (rows_a, w_a), (rows_b, w_b) = runs["true"], runs["false"]
     assert [r["loss"] for r in rows_a] == pytest.approx([r["loss"] for r in rows_b], rel=1e-4, abs=1e-6)
     assert any(r["loss"] > 0 for r in rows_a)
+    assert {(r["grad_forwards"], r["reforwards"]) for r in rows_a} == {(2.0, 2.0)}  # the leap re-runs its forwards
+    assert {(r["grad_forwards"], r["reforwards"]) for r in rows_b} == {(2.0, 0.0)}
     for k in w_a:
         torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-4, atol=1e-5)
     assert w_a.keys() == w_b.keys()

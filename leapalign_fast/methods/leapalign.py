@@ -80,6 +80,8 @@ def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window
         "d_j": leap["d_j"].mean().item(),  # host sync: logging only
         "d_0": d_0.mean().item(),
         "weight": w.mean().item(),
+        "grad_forwards": 2.0,
+        "reforwards": 0.0,
     }
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
@@ -110,7 +112,7 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
 
     leap = leap_trajectory(inp.velocity, x_k, x_j, traj.x0, k, j, alpha)  # the two grad forwards
     metrics = {"k": float(k), "j": float(j), "d_j": d_j.mean().item(), "d_0": d_0.mean().item(),
-               "weight": w.mean().item()}  # fmt: skip
+               "weight": w.mean().item(), "grad_forwards": 2.0, "reforwards": 2.0}  # fmt: skip
     return StepOutput(loss.detach() + pullback(leap.x0, g), r.detach(), metrics, traj.x0)
 
 
