@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.common import slug, write_result
-    from bench.memory import random_weights
+    from bench.random_models import random_weights
     from leapalign_fast import train
 
     cuda = torch.cuda.is_available()

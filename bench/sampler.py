@@ -7,7 +7,7 @@ phase, repeats are interleaved and medians reported.
                                                   # and prompt embeddings (speed and memory do not depend on the
                                                   # values), 512 and 1024 px, 28 steps, its config's guidance
     python bench/sampler.py --backbone sd3        # GPU: SD3.5-Medium; flux2: FLUX.2-Klein-base 9B; qwenimage:
-                                                  # Qwen-Image (bench/memory.py RANDOM_MODELS: shapes and config)
+                                                  # Qwen-Image (bench/random_models.py RANDOM_MODELS: shapes and config)
     python bench/sampler.py --quick --backbone X  # CPU: the same path at toy size, float32, eager vs the pipeline
 
 On a GPU machine without diffusers or a package index: bench/gpu_prepare.sh here, bench/gpu_run.sh there.
@@ -30,18 +30,18 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
 from bench.common import interleaved_times, paired_ratio, peak_rss_mib, slug, time_summary, write_result  # noqa: E402
-from bench.memory import RANDOM_MODELS, RANDOM_RESOLUTIONS  # noqa: E402
+from bench.random_models import RANDOM_MODELS, RANDOM_RESOLUTIONS  # noqa: E402
 from leapalign_fast.models.backbone import BACKBONES, get_backbone  # noqa: E402
 from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
 from leapalign_fast.sampler import sample_trajectory  # noqa: E402
 
 
 def model_kind(family: str, full_size: bool) -> str:
-    """The bench/memory.py random-weight model of `family`: its full size, or its toy-size stand-in on CPU."""
+    """The bench/random_models.py random-weight model of `family`: its full size, or its toy-size stand-in on CPU."""
     kinds = [k for k, spec in RANDOM_MODELS.items() if spec[0] == family and k.startswith("random-tiny") != full_size]
     if not kinds:
         raise SystemExit(f"bench/sampler.py: no {'full-size' if full_size else 'toy'} model of backbone {family} in "
-                         "bench/memory.py RANDOM_MODELS")  # fmt: skip
+                         "bench/random_models.py RANDOM_MODELS")  # fmt: skip
     return kinds[0]
 
 

@@ -111,7 +111,7 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
         (g,) = torch.autograd.grad(loss, x0)  # the decode + reward graph is freed here
 
     leap = leap_trajectory(inp.velocity, x_k, x_j, traj.x0, k, j, alpha)  # the two grad forwards
-    metrics = {"k": float(k), "j": float(j), "d_j": d_j.mean().item(), "d_0": d_0.mean().item(),
+    metrics = {"k": float(k), "j": float(j), "d_j": d_j.mean().item(), "d_0": d_0.mean().item(),  # host sync: logging
                "weight": w.mean().item(), "grad_forwards": 2.0, "reforwards": 2.0}  # fmt: skip
     return StepOutput(loss.detach() + pullback(leap.x0, g), r.detach(), metrics, traj.x0)
 
