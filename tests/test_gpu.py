@@ -116,6 +116,32 @@ def test_training_run_bf16_autocast_lora_compile_cuda_graph_checkpointing(tmp_pa
     torch._dynamo.reset()
 
 
+def test_leapalign_orders_give_the_same_gradient_on_the_device():
+    """LeapAlign's reward-first and in-trajectory orders on the device (CUDA: the Triton connector kernels, whose
+    connector value is exactly the real latent) in bf16: the same loss and the same gradient direction."""
+    from test_leapalign import _decode, _reward
+
+    from leapalign_fast.methods.base import StepInputs
+    from leapalign_fast.methods.leapalign import leapalign_loss
+
+    tr = build_tiny_flux(WIDE, seed=0).transformer.to(DEV, torch.bfloat16)
+    t5, pooled, _, _ = _inputs(WIDE, torch.bfloat16)
+    velocity = FluxVelocity(tr, t5, pooled, latent_image_ids(8, 8, DEV), 3.5)
+    noise = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    sigmas = flux_schedule(8, 16, device=DEV)
+    params = [p for p in tr.parameters() if p.requires_grad]
+    out = {}
+    for order in (True, False):
+        inp = StepInputs(velocity, noise, sigmas, _decode, _reward, ["p", "q"], torch.Generator().manual_seed(3))
+        step = leapalign_loss(inp, 0.3, 0.1, 2.0, (0, 8), pair=(2, 5), reward_first=order)
+        grads = torch.autograd.grad(step.loss, params, allow_unused=True)
+        out[order] = step.loss.float(), torch.cat([g.float().flatten() for g in grads if g is not None])
+    (loss_a, g_a), (loss_b, g_b) = out[True], out[False]
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=1e-3)
+    assert g_a.norm() > 0
+    torch.testing.assert_close(g_a, g_b, rtol=2e-2, atol=1e-3 * float(g_b.abs().max()))
+
+
 def _final_weights(out, *extra):
     res = train(load_config(None, [f"output_dir={out}", "max_steps=2", *RUN, "deterministic=true", "lr=1e-3", *extra]))
     return {k: v.float().cpu() for k, v in trained_state(res.run.transformer).items()}
