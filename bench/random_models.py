@@ -138,7 +138,7 @@ def random_weights(kind: str, device: str):
 
     _, _, build_components, shapes = RANDOM_MODELS[kind]
 
-    def load_components(cfg, need_text=True):
+    def load_components(cfg, need_text=True, empty_transformer=False):  # random weights: built whole
         dtype, previous = DTYPES[cfg.model.dtype], torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:

@@ -19,13 +19,15 @@ from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prom
 from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
 
 
-def load_components(cfg: Config, need_text: bool = True):
-    """The model's components; the text encoders only when some prompt embeddings are not cached yet."""
+def load_components(cfg: Config, need_text: bool = True, empty_transformer: bool = False):
+    """The model's components; the text encoders only when some prompt embeddings are not cached yet.
+    `empty_transformer`: a model directory's transformer on the meta device, weights unread (FSDP reads each rank's
+    shards itself); the tiny random model is built whole."""
     backbone = backbone_for(cfg.model)
     if cfg.model.source == "tiny":
         return backbone.build_tiny(cfg.model.tiny, cfg.seed)
     return backbone.load(cfg.model.source, DTYPES[cfg.model.dtype], need_text=need_text,
-                         max_sequence_length=cfg.model.max_sequence_length)  # fmt: skip
+                         max_sequence_length=cfg.model.max_sequence_length, empty_transformer=empty_transformer)  # fmt: skip
 
 
 def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:

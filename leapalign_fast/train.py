@@ -136,7 +136,9 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     cached = all(prompt_cache_path(cfg, p).is_file() for p in prompt_sets)
     # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank).
     backbone = backbone_for(cfg.model)
-    components = build.load_components(cfg, need_text=not cached and accelerator.is_main_process)
+    # FSDP from a model directory: the transformer on the meta device; each rank reads only its shards (fsdp.py).
+    components = build.load_components(cfg, need_text=not cached and accelerator.is_main_process,
+                                       empty_transformer=cfg.fsdp)  # fmt: skip
     geometry = backbone.geometry(components, cfg.resolution)
     check_memory(cfg, components, geometry, accelerator.device)  # a blow-up fails now, with an estimate, not minutes later
     if accelerator.is_main_process:  # rank 0 encodes what is not cached, on its accelerator
@@ -162,10 +164,13 @@ def build_run(cfg: Config, accelerator: Accelerator) -> Run:
     if cfg.fsdp and next(transformer.parameters()).dtype != dtype:
         transformer.to(dtype)
     torch.manual_seed(cfg.seed + 1)  # LoRA init, identical on every rank
-    params = add_trainable(transformer, cfg, upcast=not cfg.fsdp)
+    with fsdp.host_placeholders(transformer):  # on meta parameters, peft's LoRA init as on loaded ones
+        params = add_trainable(transformer, cfg, upcast=not cfg.fsdp)
     switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then DDP/FSDP
     if cfg.fsdp:  # the trainable state (parameters, optimizer, EMA) is built from the shards, after this
-        switches += ", " + fsdp.shard_transformer(transformer, device, fsdp.compute_dtype(cfg.mixed_precision, dtype))
+        weights = Path(cfg.model.source) / "transformer" if cfg.model.source != "tiny" else None
+        switches += ", " + fsdp.shard_transformer(transformer, device, fsdp.compute_dtype(cfg.mixed_precision, dtype),
+                                                  weights, dtype)  # fmt: skip
         params = [p for p in transformer.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         decode = ", decode+reward recomputed in the backward" if cfg.model.checkpoint_decode else ""

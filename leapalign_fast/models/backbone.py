@@ -85,7 +85,9 @@ class Backbone:
     name: str
     pipeline: str  # diffusers pipeline `_class_name` of model_index.json (directory detection, LoRA export)
     build_tiny: Callable[[Any, int], Any]  # (model.tiny config, seed) -> components (random real classes)
-    load: Callable[..., Any]  # (path, dtype, need_text, max_sequence_length) -> components; UserError lists gaps
+    # (path, dtype, need_text, max_sequence_length, empty_transformer=False) -> components; UserError lists gaps;
+    # empty_transformer: the transformer on the meta device, its weights unread (FSDP loads its shards itself)
+    load: Callable[..., Any]
     encode_prompts: Callable[[Any, list[str]], dict[str, torch.Tensor]]  # (text, prompts) -> named (P, ...) CPU
     conditioning: tuple[str, ...]  # the cached tensors `velocity` reads (a cache may hold more, e.g. lengths)
     geometry: Callable[[Any, int], Geometry]  # (components, resolution) -> Geometry; UserError if not divisible

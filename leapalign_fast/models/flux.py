@@ -141,13 +141,33 @@ def load_part(root: Path, what: str, fn):
     return module
 
 
-def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True):
+def empty_transformer(root: Path, transformer_cls, dtype: torch.dtype):
+    """The transformer of `root/transformer/config.json` with its parameters on the meta device (no memory, no
+    weights read) in `dtype`, in eval mode like from_pretrained's; buffers are real (built by __init__, small).
+    fsdp.py shards it, then fills each rank's shards from the safetensors files."""
+    from accelerate import init_empty_weights
+
+    try:
+        config = transformer_cls.load_config(root / "transformer")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {root / 'transformer' / 'config.json'}: {e}; check the model directory") from e
+    with init_empty_weights(include_buffers=False):
+        model = transformer_cls.from_config(config)
+    return torch.nn.Module.to(model, dtype).eval()  # (diffusers' own .to(dtype) warns)
+
+
+def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True,
+                  empty: bool = False):  # fmt: skip
     """(transformer, vae in eval mode, scheduler or None) of a local diffusers-format directory, each through
-    `load_part` (one UserError line per bad part)."""
+    `load_part` (one UserError line per bad part). `empty`: the transformer on the meta device, weights unread
+    (`empty_transformer`, for FSDP)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = load_part(root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw))
+    if empty:
+        transformer = empty_transformer(root, transformer_cls, dtype)
+    else:
+        transformer = load_part(root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw))
     vae = load_part(root, "vae", lambda: vae_cls.from_pretrained(root, subfolder="vae", **kw)).eval()
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True) if scheduler else None
     return transformer, vae, sched
@@ -163,8 +183,9 @@ def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
     return tok, enc
 
 
-def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> FluxComponents:
-    """Load FLUX from a local diffusers-format directory (no hub access)."""
+def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
+              empty_transformer: bool = False) -> FluxComponents:  # fmt: skip
+    """Load FLUX from a local diffusers-format directory (no hub access); `empty_transformer`: see load_denoiser."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     root = Path(path)
@@ -179,7 +200,8 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
     def load(what: str, fn):
         return load_part(root, what, fn)
 
-    transformer, vae, _ = load_denoiser(root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False)
+    transformer, vae, _ = load_denoiser(root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False,
+                                     empty=empty_transformer)  # fmt: skip
     text = None
     if need_text:
         tkw = dict(dtype=dtype, local_files_only=True)

@@ -106,12 +106,13 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
 
 
 
-def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> Flux2Components:
+def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
+              empty_transformer: bool = False) -> Flux2Components:
     """FLUX.2-Klein from a local diffusers-format directory (e.g. black-forest-labs/FLUX.2-klein-base-9B)."""
     from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
 
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "FLUX.2-Klein")
-    transformer, vae, scheduler = load_denoiser(root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype)
+    transformer, vae, scheduler = load_denoiser(root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype, empty=empty_transformer)
     text = None
     if need_text:
         tok, enc = load_single_encoder(root, Qwen3ForCausalLM, dtype)

@@ -79,12 +79,13 @@ def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
 
 
 
-def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512) -> QwenImageComponents:
+def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
+              empty_transformer: bool = False) -> QwenImageComponents:
     """Qwen-Image from a local diffusers-format directory (a snapshot of Qwen/Qwen-Image)."""
     from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
 
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "Qwen-Image")
-    transformer, vae, scheduler = load_denoiser(root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype)
+    transformer, vae, scheduler = load_denoiser(root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype, empty=empty_transformer)
     text = None
     if need_text:
         tok, enc = load_single_encoder(root, Qwen2_5_VLForConditionalGeneration, dtype)

@@ -92,14 +92,15 @@ _REQUIRED = {
 }
 
 
-def load_sd3(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 256) -> SD3Components:
+def load_sd3(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 256,
+              empty_transformer: bool = False) -> SD3Components:
     """SD3.5 from a local diffusers-format directory (a snapshot of stabilityai/stable-diffusion-3.5-medium)."""
     from transformers import AutoTokenizer
 
     from leapalign_fast.models.flux import load_denoiser, load_part, model_dir
 
     root = model_dir(path, _REQUIRED, need_text, "SD3.5")
-    transformer, vae, scheduler = load_denoiser(root, SD3Transformer2DModel, AutoencoderKL, dtype)
+    transformer, vae, scheduler = load_denoiser(root, SD3Transformer2DModel, AutoencoderKL, dtype, empty=empty_transformer)
     text = None
     if need_text:
         tkw = dict(dtype=dtype, local_files_only=True)
