@@ -110,22 +110,47 @@ def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
 
 
 def train_flow(comps, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192, decay: str = "none",
-               save=None, save_every: int = 0) -> list[float]:  # fmt: skip
+               save=None, save_every: int = 0, caption_dropout: float = 0.0, mg_scale: float = 0.0,
+               mg_ramp: int = 0, t_dist: str = "logit-normal") -> list[float]:  # fmt: skip
+    """Rectified-flow training of `comps.transformer`. `caption_dropout` > 0 replaces that fraction of captions by
+    the empty caption (an unconditional branch); `mg_scale` = w > 0 (needs caption dropout) trains the conditional
+    branch toward `eps - x0 + w * sg(v(x_t, c) - v(x_t, empty))`, model guidance (Tang et al., 2025): the fixed point
+    is the CFG velocity of scale 1/(1-w), baked into the conditional model, so sampling needs no second forward and
+    no trainer change; w ramps linearly from 0 over `mg_ramp` steps. Defaults (0): the plain recipe, bit-identical."""
     transformer = comps.transformer
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, decay))
     geom = BACKBONE.geometry(comps, RESOLUTION)
     bank_x, bank_cond = latent_bank(comps, bank_size, rng)
     log(f"latent bank: {tuple(bank_x.shape)}, std {bank_x.std():.3f}")
+    if mg_scale > 0 and caption_dropout <= 0:
+        raise SystemExit("--mg-scale needs --caption-dropout > 0 (the unconditional branch it reads)")
+    if caption_dropout > 0:
+        with torch.no_grad():
+            empty_all = BACKBONE.encode_prompts(comps.text, [""])
+        empty = {k: empty_all[k] for k in BACKBONE.conditioning}
     losses = []
     for step in range(steps):
         pick = torch.randint(len(bank_x), (batch,))
         x0, cond = bank_x[pick], {k: v[pick] for k, v in bank_cond.items()}
         eps = torch.randn(*geom.noise_shape(batch))  # (B, L, C)
-        t = torch.sigmoid(torch.randn(batch))  # logit-normal times, as SD3/FLUX training
+        # logit-normal times, as SD3/FLUX training; `uniform` also trains the low-noise end (edges, corners)
+        t = torch.sigmoid(torch.randn(batch)) if t_dist == "logit-normal" else torch.rand(batch)
         xt = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
+        target = eps - x0
+        if caption_dropout > 0:
+            drop = torch.rand(batch) < caption_dropout
+            w = mg_scale * (min(1.0, step / mg_ramp) if mg_ramp else 1.0)
+            if w > 0:
+                with torch.no_grad():
+                    both = {k: torch.cat([v, empty[k].expand_as(v)]) for k, v in cond.items()}
+                    guided = BACKBONE.velocity(transformer, both, geom, 3.5)
+                    vc, vu = guided(torch.cat([xt, xt]), torch.cat([t, t])).chunk(2)
+                target = target + w * (~drop).view(-1, 1, 1).float() * (vc - vu)
+            cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v)
+                    for k, v in cond.items()}
         v = BACKBONE.velocity(transformer, cond, geom, 3.5)(xt, t)
-        loss = F.mse_loss(v, eps - x0)
+        loss = F.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -152,6 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--decay", choices=("none", "cosine"), default="none", help="flow-stage lr after warm-up")
     p.add_argument("--init-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its VAE and "
                    "text encoders, continue training its transformer (no VAE stage)")
+    p.add_argument("--components-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its "
+                   "VAE and text encoders (no VAE stage), train a fresh transformer of --width/--layers")
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of captions replaced by the empty "
+                   "caption in the flow stage (an unconditional branch for --mg-scale)")
+    p.add_argument("--mg-scale", type=float, default=0.0, help="model guidance w in [0, 1): the conditional branch "
+                   "learns the CFG velocity of scale 1/(1-w) (0: off)")
+    p.add_argument("--mg-ramp", type=int, default=0, help="flow steps over which w ramps up from 0")
+    p.add_argument("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal",
+                   help="flow-stage time distribution")
     p.add_argument("--save-every", type=int, default=0, help="also write the model every n flow steps (0: at the end)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
@@ -167,6 +201,12 @@ def main(argv=None) -> int:
         comps.vae.requires_grad_(False)
         vae_losses = [float("nan")]
         args.vae_steps, args.width, args.layers = 0, comps.transformer.config.num_attention_heads * 16, comps.transformer.config.num_layers
+    elif args.components_from is not None:
+        base = BACKBONE.load(args.components_from, torch.float32, max_sequence_length=32)
+        base.vae.requires_grad_(False)
+        torch.manual_seed(args.seed)  # the fresh transformer's init depends on the seed only
+        comps = FluxComponents(build_transformer(args.width, args.layers), base.vae, base.text)
+        vae_losses, args.vae_steps = [float("nan")], 0
     else:
         vae = build_vae()
         vae_losses = train_vae(vae, args.vae_steps, args.batch, rng, log)
@@ -180,12 +220,17 @@ def main(argv=None) -> int:
             "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_steps_done": step,
             "batch": args.batch, "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
             "decay": args.decay, "init_from": str(args.init_from) if args.init_from else None,
+            **({"components_from": str(args.components_from)} if args.components_from else {}),
+            **({"t_dist": args.t_dist} if args.t_dist != "logit-normal" else {}),
+            **({"caption_dropout": args.caption_dropout, "mg_scale": args.mg_scale, "mg_ramp": args.mg_ramp}
+               if args.caption_dropout else {}),
             "train_seconds": time.perf_counter() - t0,
             "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
         })  # fmt: skip
 
     flow_losses = train_flow(comps, args.flow_steps, args.batch, args.lr, rng, log, args.bank, args.decay, save,
-                             args.save_every)  # fmt: skip
+                             args.save_every, args.caption_dropout, args.mg_scale, args.mg_ramp,
+                             args.t_dist)  # fmt: skip
     comps.transformer.eval()
     save(args.flow_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
