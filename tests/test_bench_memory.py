@@ -100,3 +100,18 @@ def test_method_variants_parse_and_pair_with_their_method():
     assert v["variant"] == "leapalign:reward_first=false" and v["method"] == "leapalign"
     assert v["variant_over_method_peak_rss_mib"] == pytest.approx(1.25)
     assert v["step_seconds_ratio_paired"] == pytest.approx({"median": 1.0, "min": 0.75, "max": 1.1})
+
+
+def test_train_time_quick_pairs_trainer_runs(tmp_path):
+    """bench/train_time.py: each variant a real `leapalign-fast train` process, rounds interleaved, paired ratios."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_time.py"), "--quick", "--config",
+                           str(ROOT / "configs" / "defaults.toml"), "--set", "batch_size=2", "num_steps=4",
+                           "--variants", "method.reward_first=true", "method.reward_first=false;lr=1e-3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "train_time.json").read_text())
+    assert len(data["rounds"]) == 2 and all(len(r) == 2 for r in data["rounds"])
+    first, second = data["rows"]
+    assert first["ratio_to_first_paired"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    assert second["variant"] == "method.reward_first=false;lr=1e-3" and second["step_seconds"] > 0
+    assert all(r[v]["steps"] == 8 for r in data["rounds"] for v in r)
