@@ -75,7 +75,7 @@ def main() -> int:
 
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
-    from bench.common import slug, write_result
+    from bench.common import paired_ratio, slug, write_result
     from leapalign_fast.kernels import connect_discount
 
     cuda = torch.cuda.is_available() and not args.interpret_smoke
@@ -115,10 +115,8 @@ def main() -> int:
                     rows.append(row)
                 row[f"{mode}_ms_p20_p50_p80"] = _quantiles(ms)
                 row[f"{mode}_spread"] = (max(ms) - min(ms)) / statistics.median(ms)
-            paired = [r / t for r, t in zip(times["reference"], times["triton"])]
             row = next(r for r in rows if r["batch"] == b and r["impl"] == "triton")
-            row[f"{mode}_speedup_vs_reference_paired"] = {"median": statistics.median(paired), "min": min(paired),
-                                                          "max": max(paired)}  # fmt: skip
+            row[f"{mode}_speedup_vs_reference_paired"] = paired_ratio(times["reference"], times["triton"])
         for row in (r for r in rows if r["batch"] == b):
             if cuda:
                 torch.cuda.synchronize()

@@ -60,7 +60,10 @@ if str(ROOT) not in sys.path:
 # 32 MiB) and RSS never falls. Read by glibc at start-up, so the script re-executes itself once with it set.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
+from bench.common import paired_ratio  # noqa: E402
 from bench.random_models import RANDOM_MODELS, RANDOM_RESOLUTIONS, random_weights  # noqa: E402
+
+POINT = ("num_steps", "resolution", "checkpoint_decode")  # what makes two rows the same measurement point
 
 MODELS = {  # TinyFluxConfig sizes of the CPU models, with their default resolution
     "tiny": (dict(), 64),
@@ -337,10 +340,10 @@ def ratios(rows: list[dict]) -> list[dict]:
         if r["method"] == "full" or r["oom"]:
             continue
         full = next((f for f in rows if f["method"] == "full" and not f["oom"] and all(
-            f[k] == r[k] for k in ("num_steps", "resolution", "checkpoint_decode"))), None)  # fmt: skip
+            f[k] == r[k] for k in POINT)), None)  # fmt: skip
         if full is None:
             continue
-        entry = {k: r[k] for k in ("method", "num_steps", "resolution", "checkpoint_decode")}
+        entry = {k: r[k] for k in ("method", *POINT)}
         for key, parent in keys:
             a = (r.get(parent) or {}).get(key) if parent else r.get(key)
             b = (full.get(parent) or {}).get(key) if parent else full.get(key)
@@ -350,8 +353,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             out.append(entry)
             continue
         entry["step_seconds_ratio"] = full["step_seconds"] / r["step_seconds"]
-        paired = [f / a for f, a in zip(full["step_seconds_all"], r["step_seconds_all"])]  # same round: same load
-        entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+        entry["step_seconds_ratio_paired"] = paired_ratio(full["step_seconds_all"], r["step_seconds_all"])  # same round
         out.append(entry)
     return out
 
@@ -362,17 +364,16 @@ def variant_ratios(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         base = next((b for b in rows if ":" in r["method"] and b["method"] == r["method"].split(":")[0] and all(
-            b[k] == r[k] for k in ("num_steps", "resolution", "checkpoint_decode"))), None)  # fmt: skip
+            b[k] == r[k] for k in POINT)), None)  # fmt: skip
         if base is None or r["oom"] or base["oom"]:
             continue
         entry = {"variant": r["method"], "method": base["method"],
-                 **{k: r[k] for k in ("num_steps", "resolution", "checkpoint_decode")}}  # fmt: skip
+                 **{k: r[k] for k in POINT}}  # fmt: skip
         for key in ("activation_mib", "peak_rss_mib", "peak_mib"):
             if r.get(key) and base.get(key):
                 entry[f"variant_over_method_{key}"] = r[key] / base[key]
         if "step_seconds_all" in r and "step_seconds_all" in base:
-            paired = [v / b for v, b in zip(r["step_seconds_all"], base["step_seconds_all"])]
-            entry["step_seconds_ratio_paired"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+            entry["step_seconds_ratio_paired"] = paired_ratio(r["step_seconds_all"], base["step_seconds_all"])
         out.append(entry)
     return out
 
@@ -452,7 +453,7 @@ def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
             child = json.loads(next(Path(tmp).glob("*.json")).read_text())["rows"]
         for c in child:
             for r in rows:
-                if all(r[k] == c[k] for k in ("method", "num_steps", "resolution", "checkpoint_decode")) and not r["oom"]:
+                if all(r[k] == c[k] for k in ("method", *POINT)) and not r["oom"]:
                     r["peak_rss_mib_shared_process"] = r.get("peak_rss_mib")
                     r["peak_rss_mib"] = c.get("peak_rss_mib")
                     r["peak_rss_isolated"] = True

@@ -45,15 +45,15 @@ def run_once(config: Path, overrides: list[str], out: Path, skip: int) -> dict:
 
 
 def summarize(rounds: list[dict[str, dict]], variants: list[str]) -> list[dict]:
-    first = variants[0]
+    from bench.common import paired_ratio
+
+    first = [r[variants[0]]["step_seconds"] for r in rounds]
     out = []
     for v in variants:
         steps = [r[v]["step_seconds"] for r in rounds]
-        paired = [r[v]["step_seconds"] / r[first]["step_seconds"] for r in rounds]
         out.append({"variant": v, "step_seconds": statistics.median(steps), "min": min(steps), "max": max(steps),
                     "wall_seconds": statistics.median(r[v]["wall_seconds"] for r in rounds),
-                    "ratio_to_first_paired": {"median": statistics.median(paired), "min": min(paired),
-                                              "max": max(paired)}})  # fmt: skip
+                    "ratio_to_first_paired": paired_ratio(steps, first)})  # fmt: skip
     return out
 
 
