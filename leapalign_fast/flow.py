@@ -96,22 +96,3 @@ def leap_trajectory(
     xh_0 = euler_step(x_jc, velocity(u_j, j), j, 0.0)  # leap 2
     x0, d_0 = connect(xh_0, x_0)  # value x_0
     return LeapResult(x0, d_j, d_0)
-
-
-@torch.no_grad()
-def leap_distances(
-    x_k: torch.Tensor,
-    v_k: torch.Tensor,
-    x_j: torch.Tensor,
-    v_j: torch.Tensor,
-    x_0: torch.Tensor,
-    k: float | torch.Tensor,
-    j: float | torch.Tensor,
-    alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(d_j, d_0)` of the leap `x_k -> x_j -> x_0` from the velocities the trajectory already computed at k and j
-    (no model call): the same ops as `leap_trajectory`, whose second velocity is taken at `u_j` (value `x_j`)."""
-    k, j = as_batch_time(k, x_k), as_batch_time(j, x_k)
-    x_jc, _, d_j = connect_discount(euler_step(x_k, v_k, k, j), x_j, alpha)
-    _, d_0 = connect(euler_step(x_jc, v_j, j, 0.0), x_0)
-    return d_j, d_0

@@ -3,7 +3,8 @@
 Two orders of the same gradient (`method.reward_first`):
 
 - reward first (default, the paper's order): sample the whole trajectory without grad (N forwards, keeping
-  x_k, x_j and the velocities there), weight `w = 1 / (max(d_j, tau) + max(d_0, tau))` from those velocities,
+  x_k, x_j and the velocities there), weight `w = 1 / (max(d_j, tau) + max(d_0, tau))` from the leap replayed on
+  those velocities,
   then decode + reward the real x_0 and take `g = dloss/dx_0` with `loss = mean(w * max(0, lam - r))`, and
   only then run the leap's two forwards with grad (`flow.leap_trajectory`) and send g back through them
   (`base.pullback`). The decoder's backward never runs on top of the transformer's activations: the step's
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leapalign_fast.flow import as_batch_time, euler_step, leap_distances, leap_trajectory
+from leapalign_fast.flow import as_batch_time, euler_step, leap_trajectory
 from leapalign_fast.kernels import connect, connect_discount, similarity_weight
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need, pullback
 from leapalign_fast.methods.indices import PairSettings
@@ -100,9 +101,12 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
 
     traj = sample_trajectory(inp.velocity, inp.noise, inp.sigmas, step_hook=keep)  # no grad
     (x_k, v_k), (x_j, v_j) = kept[a], kept[b]
-    d_j, d_0 = leap_distances(x_k, v_k, x_j, v_j, traj.x0, k, j, alpha)
+    with torch.no_grad():  # the leap on the velocities the trajectory computed at k and j: no model call
+        replay = iter((v_k, v_j))
+        sampled = leap_trajectory(lambda x, t: next(replay), x_k, x_j, traj.x0, k, j, alpha)
+    d_j, d_0 = sampled.d_j, sampled.d_0
     w = similarity_weight(d_j, d_0, tau)  # (B,), no grad
-    del v_k, v_j, kept
+    del v_k, v_j, kept, replay, sampled
 
     x0 = traj.x0.detach().requires_grad_(True)  # the real x_0 as a leaf: the reward's gradient stops here
     with torch.enable_grad():
