@@ -194,6 +194,29 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
     assert res.steps == 2 and len(res.rewards) == 2
 
 
+def test_pretrain_script_new_transformer_on_components_with_model_guidance(toy_assets, tmp_path):
+    """--components-from (a fresh transformer of another width on a model's VAE and text encoders) with caption
+    dropout, model guidance and uniform times runs and records them; model guidance without caption dropout (no
+    unconditional branch to read) is refused with one message."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "pretrain_toy.py"
+    base = [sys.executable, str(script), "--components-from", str(toy_assets / "flux"), "--flow-steps", "2", "--batch",
+            "4", "--bank", "64", "--width", "32", "--layers", "1"]  # fmt: skip
+    proc = subprocess.run([*base, "--caption-dropout", "0.5", "--mg-scale", "0.5", "--mg-ramp", "1", "--t-dist",
+                           "uniform", "--out", str(tmp_path / "flux")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "flux.json").read_text())
+    assert (meta["width"], meta["layers"], meta["vae_steps"], meta["t_dist"]) == (32, 1, 0, "uniform")
+    assert (meta["caption_dropout"], meta["mg_scale"], meta["components_from"]) == (0.5, 0.5, str(toy_assets / "flux"))
+    bad = subprocess.run([*base, "--mg-scale", "0.5", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert bad.returncode != 0 and "--mg-scale needs --caption-dropout > 0" in bad.stderr
+
+
 def test_quality_bench_quick(toy_assets, tmp_path):
     """The benchmark end to end (1 seed, 3 steps); in parallel (--jobs 2) it gives the very same numbers."""
     import json
