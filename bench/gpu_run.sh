@@ -6,7 +6,7 @@
 #     bench/gpu_run.sh --dry-run            # CPU: every command's argument parsing and plan, no GPU work (CI)
 # Stages: install (always first: the wheels of bench/gpu_prepare.sh from .whl*/ into $GPU_SITE, offline),
 #   tests   pytest -m gpu
-#   kernels bench/kernels.py (Triton connector kernels vs eager, B 1/4/8 x 4096 x 64, bf16)
+#   kernels bench/kernel_speed.py (Triton connector kernels vs eager, B 1/4/8 x 4096 x 64, bf16)
 #   sampler bench/sampler.py at 512² and 1024² (ours eager / compiled / compiled + CUDA graph vs FluxPipeline;
 #           --backbone sd3|flux2|qwenimage runs the others)
 #   memory  bench/memory.py --model flux-dev (configs/flux_leapalign.toml's step, random weights)
@@ -45,7 +45,7 @@ export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 log() { echo "$*" | tee -a "$LOG"; }
 
 # install: offline, into $SITE (kept across calls while the machine stays up); the project's own package from
-# its wheel, and leapalign_fast.kernels linked in the tree so `python -m` from the root finds it too.
+# its wheel (leapalign_fast/kernels is a link to ../kernels in the tree, so `python -m` from the root finds it too).
 install() {
   local wheels=(.whl*/*.whl)
   if [[ ! -e "${wheels[0]}" ]]; then
@@ -56,10 +56,9 @@ install() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" \
       >>"$LOG" 2>&1 || { log "install: pip failed (see log)"; return 1; }
   fi
-  (( DRY )) || [[ -e leapalign_fast/kernels ]] || ln -s ../kernels leapalign_fast/kernels  # git-ignored
   export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
   (( DRY )) || { nvidia-smi >>"$LOG" 2>&1 || log "install: nvidia-smi failed"; }
-  (( DRY )) || "$PY" -c "import torch, diffusers, leapalign_fast.kernels; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
+  (( DRY )) || "$PY" -c "import torch, diffusers, leapalign_fast.kernels.connector; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
 }
 
 FAILED=0
@@ -88,7 +87,7 @@ for s in "${STAGES[@]}"; do
   if (( DRY )); then
     case $s in
       tests)   stage tests 120 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider ;;
-      kernels) stage kernels 60 "$PY" bench/kernels.py --reps 100 --out "$R" --help ;;
+      kernels) stage kernels 60 "$PY" bench/kernel_speed.py --reps 100 --out "$R" --help ;;
       sampler) stage sampler 60 "$PY" bench/sampler.py --resolutions 512 1024 --reps 3 --out "$R" --help ;;
       memory)  stage memory 60 "$PY" bench/memory.py --dry-run --model flux-dev --methods leapalign full --steps 10 25 50 \
                  --resolutions 512 --repeats 2 --set 'model.compile="none"' --out "$R" ;;
@@ -98,7 +97,7 @@ for s in "${STAGES[@]}"; do
   fi
   case $s in
     tests)   stage tests 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider ;;
-    kernels) stage kernels 120 "$PY" bench/kernels.py --reps 100 --out "$R" ;;
+    kernels) stage kernels 120 "$PY" bench/kernel_speed.py --reps 100 --out "$R" ;;
     sampler) stage sampler 420 "$PY" bench/sampler.py --resolutions 512 1024 --reps 3 --out "$R" ;;
     memory)  # the shipped LoRA config's step at 512² (LeapAlign and full backprop, N 10/25/50; full may OOM: a
              # result), then LeapAlign at 1024² in both orders (reward first, the default, and the grad forwards

@@ -91,7 +91,9 @@ def summarize(work: Path, out: Path, dry: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["record"] and len(argv) == 6:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+    elif argv[:1] == ["record"] and len(argv) == 6:
         record(Path(argv[1]), *argv[2:])
     elif argv[:1] == ["summarize"] and len(argv) in (3, 4):
         summarize(Path(argv[1]), Path(argv[2]), "--dry-run" in argv)

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
 
-    if os.environ.get("RANK", "0") == "0":
+    rank0 = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one closing line, not one per rank
+    if rank0:
         print(f"leapalign-fast: {describe_threads()}", flush=True)
     try:
         if args.command == "train":
@@ -94,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             n = min(10, len(r))
             ran = result.steps - result.start_step  # after a resume: the steps this call ran, not the total
             span = f"steps {result.start_step + 1}-{result.steps}" if result.start_step else f"{ran} steps"
-            if r:
+            if rank0 and r:
                 print(
                     f"done: {span} in {result.wall_seconds:.1f} s; mean reward first {n} "
                     f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                 )
-            else:
+            elif rank0:
                 print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
                       f"{result.output_dir}")  # fmt: skip
         elif args.command == "eval":

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from leapalign_fast.kernels import connect, connect_discount
+from leapalign_fast.kernels.connector import connect, connect_discount
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x (B, ...), t (B,)) -> (B, ...)
 

@@ -7,14 +7,9 @@ with a GPU the same tests run compiled (marked `gpu`).
 import pytest
 import torch
 
-from leapalign_fast.kernels import (
-    connect,
-    connect_discount,
-    connect_discount_ref,
-    connect_ref,
-    similarity_weight,
-    similarity_weight_ref,
-)
+from leapalign_fast.kernels.connector import connect, connect_discount
+from leapalign_fast.kernels.reference import connect_discount_ref, connect_ref, similarity_weight_ref
+from leapalign_fast.kernels.similarity import similarity_weight
 
 import os
 
@@ -140,7 +135,7 @@ def test_bench_kernels_interpret_smoke(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--interpret-smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(root / "bench" / "kernel_speed.py"), "--interpret-smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "kernels_cpu-interpret.json").read_text())

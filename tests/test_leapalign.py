@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from leapalign_fast.flow import leap_trajectory
-from leapalign_fast.kernels import similarity_weight
+from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import StepInputs, draw_two_indices, resolve_window
 from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.errors import UserError

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from leapalign_fast.flow import as_batch_time
-from leapalign_fast.kernels import connect, connect_discount, similarity_weight
+from leapalign_fast.kernels.connector import connect, connect_discount
+from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, need, scale_grad
 from leapalign_fast.methods.indices import PairSettings, rescale_factor
 from leapalign_fast.sampler import sample_trajectory

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step, leap_trajectory
-from leapalign_fast.kernels import connect, connect_discount, similarity_weight
+from leapalign_fast.kernels.connector import connect, connect_discount
+from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need, pullback
 from leapalign_fast.methods.indices import PairSettings
 from leapalign_fast.sampler import sample_trajectory

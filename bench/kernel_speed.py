@@ -1,7 +1,7 @@
 """Fused connector kernels vs the eager PyTorch reference at FLUX latent shapes.
 
-    python bench/kernels.py                      # CUDA: B in {1,4,8} x 4096 tokens x 64 channels, bf16
-    python bench/kernels.py --interpret-smoke    # CPU: tiny shapes under TRITON_INTERPRET=1 (checks the script)
+    python bench/kernel_speed.py                      # CUDA: B in {1,4,8} x 4096 tokens x 64 channels, bf16
+    python bench/kernel_speed.py --interpret-smoke    # CPU: tiny shapes under TRITON_INTERPRET=1 (checks the script)
 
 Reports p20/p50/p80 ms for forward, backward and forward+backward of `connect_discount` (the LeapAlign
 connector at x_j, the larger of the two), achieved HBM GB/s of the Triton path (bytes it must move: forward
@@ -76,11 +76,11 @@ def main() -> int:
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
     from bench.common import paired_ratio, slug, write_result
-    from leapalign_fast.kernels import connect_discount
+    from leapalign_fast.kernels.connector import connect_discount
 
     cuda = torch.cuda.is_available() and not args.interpret_smoke
     if not cuda and not args.interpret_smoke:
-        print("bench/kernels.py needs a CUDA GPU; use --interpret-smoke to check the script on CPU", file=sys.stderr)
+        print("bench/kernel_speed.py needs a CUDA GPU; use --interpret-smoke to check the script on CPU", file=sys.stderr)
         return 2
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, args.dtype)
     rows = []
