@@ -23,10 +23,7 @@ import tomli_w
 
 from leapalign_fast.errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 # FLUX attention and MLP projections (double and single blocks), as diffusers' LoRA examples name them.
 FLUX_LORA_TARGETS = [
