@@ -72,7 +72,7 @@ def write(lock: Path) -> None:
         "# The exact versions the test suite last passed with: CI (.ci/run) installs these (pip -c), then runs the",
         "# README's test command; it also runs the suite on the newest versions pyproject.toml allows and reports",
         "# what differs from this file. Refresh: bash .ci/lock (a fresh venv with the newest versions, torch 2.13.0",
-        "# CPU build as CI; writes this file only after the suite passes there).",
+        "# CPU build as CI; the new file is kept only if the suite passes with it).",
         f"# Written {datetime.date.today().isoformat()} with Python {platform.python_version()} on "
         f"{platform.system()} {platform.machine()}.",
     ]
