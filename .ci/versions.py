@@ -95,25 +95,65 @@ def failed_tests(junit_xml: Path) -> list[str]:
     return sorted(set(ids))
 
 
+REQ = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
+EXTRA = re.compile(r"\bextra\s*==\s*['\"]([^'\"]+)['\"]")
+
+
 def requires() -> dict[str, list[str]]:
-    """Each installed distribution's unconditional requirements (extras left out), by normalized name."""
-    graph = {}
-    for dist in importlib.metadata.distributions():
-        needs = set()
-        for req in dist.requires or []:
-            if re.search(r"\bextra\s*==", req):
+    """This environment's dependency graph (see `graph`)."""
+    return graph({dist.metadata["Name"]: dist.requires or [] for dist in importlib.metadata.distributions()})
+
+
+def graph(requirements: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{distribution: its Requires-Dist lines} -> {normalized name: the names it needs}: the unconditional
+    requirements, plus, for a requirement with extras (`cuda-toolkit[cublas]`), what those extras of it require."""
+    plain: dict[str, list[tuple[str, list[str]]]] = {}
+    by_extra: dict[tuple[str, str], list[tuple[str, list[str]]]] = {}
+    for dist_name, reqs in requirements.items():
+        key = normalize(dist_name)
+        plain.setdefault(key, [])
+        for req in reqs:
+            m = REQ.match(req)
+            if not m:
                 continue
-            name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
-            if name:
-                needs.add(normalize(name.group(1)))
-        graph[normalize(dist.metadata["Name"])] = sorted(needs)
-    return graph
+            need = (normalize(m.group(1)), [normalize(e.strip()) for e in (m.group(2) or "").split(",") if e.strip()])
+            extra = EXTRA.search(req)
+            if extra:
+                by_extra.setdefault((key, normalize(extra.group(1))), []).append(need)
+            else:
+                plain[key].append(need)
+    out = {}
+    for key, needs in plain.items():
+        names, seen, todo = set(), set(), list(needs)
+        while todo:
+            name, extras = todo.pop()
+            names.add(name)
+            for e in extras:
+                if (name, e) not in seen:
+                    seen.add((name, e))
+                    todo += by_extra.get((name, e), [])
+        out[key] = sorted(names - {key})
+    return out
 
 
 def roots(drifted: list[str], graph: dict[str, list[str]]) -> list[str]:
     """The drifted packages that no other drifted package needs (the others come with them)."""
     pulled = {need for name in drifted for need in graph.get(name, []) if need != name}
     return [name for name in drifted if name not in pulled]
+
+
+def restore(locked: dict[str, tuple[str, str]]) -> None:
+    """Put this environment back to the recorded set: remove what the lock lacks, reinstall what differs."""
+    now = parse(freeze())
+    extra = [now[k][0] for k in sorted(now) if k not in locked]
+    if extra:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *extra], check=True)
+    changed = [f"{n}=={v}" for k, (n, v) in sorted(locked.items()) if now.get(k, ("", ""))[1] != v]
+    if changed:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *changed], check=True)
+    left = differences(locked, parse(freeze()))
+    if left:
+        raise RuntimeError(f"blame: could not put the recorded set back: {left}")
 
 
 def blame(lock: Path, newest_freeze: Path, junit_xml: Path, requires_json: Path) -> int:
@@ -129,18 +169,20 @@ def blame(lock: Path, newest_freeze: Path, junit_xml: Path, requires_json: Path)
     drifted = [newest[k] for k in tried]
     print(f"blame: {len(tests)} failed tests; {len(changed)} packages drifted; trying {len(tried)} of them one at a "
           f"time (the rest come with these): {', '.join(tried)}")
+    restore(locked)  # start from the recorded set
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     broken = []
     for name, version in drifted:
         if subprocess.run([*pip, f"{name}=={version}"]).returncode != 0:
             print(f"blame: {name}=={version} does not install beside the locked set; skipped")
             continue
-        rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                            capture_output=True, text=True).returncode
-        if rc != 0:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            first = next((line for line in run.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))), "")
             broken.append(f"{name} {locked.get(normalize(name), ('', 'none'))[1]} -> {version}")
-            print(f"BROKEN-BY: {broken[-1]} fails {len(tests)} tests on its own (first: {tests[0]})")
-        subprocess.run([*pip, "-r", str(lock)], check=True)  # back to the recorded set
+            print(f"BROKEN-BY: {broken[-1]} (alone, it fails the tests the newest set failed: {first})")
+        restore(locked)
     if not broken:
         print("blame: no single release breaks them on its own (a combination does); see the drift list above")
     return 1 if broken else 0

@@ -120,3 +120,17 @@ def test_requires_reads_this_environment():
     graph = versions.requires()
     assert "huggingface-hub" in graph["transformers"] and "sympy" in graph["torch"]
     assert "pytest" not in graph["transformers"]  # only its `testing` extra needs pytest: extras are left out
+
+
+def test_graph_follows_the_extras_a_requirement_names():
+    """torch's CUDA build needs `cuda-toolkit[cublas,...]`, whose extras name the nvidia-* libraries: they count
+    as torch's, so blame tries torch with them rather than each library alone. Other extras are left out."""
+    g = versions.graph({
+        "torch": ["cuda-toolkit[cublas, cudart]==13.0.3; platform_system == 'Linux'", "sympy>=1.13",
+                  'optree>=0.13; extra == "optree"'],
+        "cuda-toolkit": ['nvidia-cublas==13.1; extra == "cublas"', 'nvidia-cuda-runtime; extra == "cudart"',
+                         'nvidia-cufft; extra == "cufft"'],
+        "Transformers": ["huggingface-hub<3.0,>=2.4.0", "kernels<0.20,>=0.19.1", 'pytest; extra == "testing"'],
+    })
+    assert g["torch"] == ["cuda-toolkit", "nvidia-cublas", "nvidia-cuda-runtime", "sympy"]
+    assert g["cuda-toolkit"] == [] and g["transformers"] == ["huggingface-hub", "kernels"]
