@@ -60,10 +60,12 @@ def differences(locked: dict[str, tuple[str, str]], installed: dict[str, tuple[s
 
 
 def freeze(python: str = sys.executable) -> str:
-    """This environment's distributions, without the project itself (an editable install)."""
-    out = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True,
-                         text=True).stdout
-    return "\n".join(line for line in out.splitlines() if "==" in line and not line.startswith("-e "))
+    """This environment's distributions, setuptools (the build backend: CI builds the editable install with the
+    recorded one) included, without pip and without the project itself (an editable install)."""
+    out = subprocess.run([python, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
+                         capture_output=True, text=True).stdout
+    lines = [line for line in out.splitlines() if "==" in line and not line.startswith("-e ")]
+    return "\n".join(line for line in lines if normalize(line.partition("==")[0]) != "pip")
 
 
 def write(lock: Path) -> None:
