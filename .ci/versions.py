@@ -1,6 +1,7 @@
 """The recorded versions (.ci/locked-cpu.txt) against what a virtual environment holds.
 
     python .ci/versions.py write LOCK        record this environment's versions (after the suite passed in it)
+    python .ci/versions.py freeze OUT        write this environment's versions as LOCK would hold them
     python .ci/versions.py check LOCK        exit 1, naming each package, unless this environment equals LOCK
     python .ci/versions.py drift LOCK        list what this environment (the newest versions) has that LOCK has not
     python .ci/versions.py requires OUT      write this environment's dependency graph (JSON: name -> needs)
@@ -197,6 +198,9 @@ def main(argv: list[str]) -> int:
     cmd, args = argv[0], [Path(a) for a in argv[1:]]
     if cmd == "write" and len(args) == 1:
         write(args[0])
+        return 0
+    if cmd == "freeze" and len(args) == 1:
+        args[0].write_text(freeze() + "\n")
         return 0
     if cmd == "check" and len(args) == 1:
         lines = differences(parse(args[0].read_text()), parse(freeze()))
