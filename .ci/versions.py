@@ -60,10 +60,10 @@ def differences(locked: dict[str, tuple[str, str]], installed: dict[str, tuple[s
     return lines
 
 
-def freeze(python: str = sys.executable) -> str:
+def freeze() -> str:
     """This environment's distributions, setuptools (the build backend: CI builds the editable install with the
     recorded one) included, without pip and without the project itself (an editable install)."""
-    out = subprocess.run([python, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
+    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
                          capture_output=True, text=True).stdout
     lines = [line for line in out.splitlines() if "==" in line and not line.startswith("-e ")]
     return "\n".join(line for line in lines if normalize(line.partition("==")[0]) != "pip")
@@ -84,6 +84,11 @@ def write(lock: Path) -> None:
     tmp.write_text("\n".join(header + body) + "\n")
     tmp.replace(lock)
     print(f"versions: wrote {len(body)} versions to {lock}")
+
+
+def moved(base: dict[str, tuple[str, str]], other: dict[str, tuple[str, str]]) -> list[str]:
+    """The packages of `other` (normalized names, sorted) that `base` lacks or holds at another version."""
+    return [k for k in sorted(other) if base.get(k, ("", ""))[1] != other[k][1]]
 
 
 def failed_tests(junit_xml: Path) -> list[str]:
@@ -151,7 +156,7 @@ def restore(locked: dict[str, tuple[str, str]]) -> None:
     extra = [now[k][0] for k in sorted(now) if k not in locked]
     if extra:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *extra], check=True)
-    changed = [f"{n}=={v}" for k, (n, v) in sorted(locked.items()) if now.get(k, ("", ""))[1] != v]
+    changed = [f"{locked[k][0]}=={locked[k][1]}" for k in moved(now, locked)]
     if changed:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *changed], check=True)
     left = differences(locked, parse(freeze()))
@@ -167,7 +172,7 @@ def blame(lock: Path, newest_freeze: Path, junit_xml: Path, requires_json: Path)
     if not tests:
         print("blame: no failed test in the report")
         return 0
-    changed = [k for k in sorted(newest) if k not in locked or locked[k][1] != newest[k][1]]
+    changed = moved(locked, newest)
     tried = roots(changed, json.loads(requires_json.read_text()))
     drifted = [newest[k] for k in tried]
     print(f"blame: {len(tests)} failed tests; {len(changed)} packages drifted; trying {len(tried)} of them one at a "

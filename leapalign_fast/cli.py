@@ -95,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
             n = min(10, len(r))
             ran = result.steps - result.start_step  # after a resume: the steps this call ran, not the total
             span = f"steps {result.start_step + 1}-{result.steps}" if result.start_step else f"{ran} steps"
-            if rank0 and r:
-                print(
-                    f"done: {span} in {result.wall_seconds:.1f} s; mean reward first {n} "
-                    f"steps {sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
-                )
-            elif rank0:
-                print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
-                      f"{result.output_dir}")  # fmt: skip
+            if rank0:
+                if r:
+                    print(
+                        f"done: {span} in {result.wall_seconds:.1f} s; mean reward first {n} steps "
+                        f"{sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
+                    )
+                else:
+                    print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
+                          f"{result.output_dir}")  # fmt: skip
         elif args.command == "eval":
             from leapalign_fast.evaluate import evaluate
 

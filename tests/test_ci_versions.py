@@ -64,6 +64,8 @@ def test_parse_and_differences_name_each_package():
         "kernels: not in the lock, installed 0.19.1",
         "torch: locked 2.13.0+cpu, installed 2.14.1",
     ]
+    assert versions.moved(locked, installed) == ["kernels", "torch"]  # what blame tries
+    assert versions.moved(installed, locked) == ["gone", "torch"]  # what restore reinstalls
 
 
 @pytest.mark.parametrize("line", ["torch>=2.13", "torch==", "==1.0", "-e ."])

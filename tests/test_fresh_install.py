@@ -14,13 +14,13 @@ import functools
 import importlib.metadata
 import os
 import pkgutil
-import socket
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+from test_fsdp import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PATHS = [ROOT, ROOT / "bench", ROOT / "tests"]  # what `python -m`, `python bench/x.py` and pytest prepend
@@ -135,17 +135,10 @@ def test_import_kernels_in_the_test_process():
     _assert_installed_kernels(Path(kernels.__file__))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-LAUNCHERS = {
-    "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port)],
-    "accelerate": lambda port: ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                "--main_process_port", str(port)],
+LAUNCHERS = {  # the launcher's executable (beside this Python) -> its arguments for 2 processes on a free port
+    "torchrun": lambda port: ["--nproc_per_node", "2", "--master_port", str(port)],
+    "accelerate": lambda port: ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)],
 }
 
 
@@ -153,8 +146,8 @@ LAUNCHERS = {
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_launch_from_the_repository_root(launcher, tmp_path):
     """The README's multi-process commands, with 2 CPU processes (gloo), `-m leapalign_fast.cli` from the root."""
-    exe = Path(sys.executable).parent / LAUNCHERS[launcher](0)[0]
-    cmd = [str(exe), *LAUNCHERS[launcher](_free_port())[1:], "-m", "leapalign_fast.cli", "train",
+    exe = Path(sys.executable).parent / launcher
+    cmd = [str(exe), *LAUNCHERS[launcher](_free_port()), "-m", "leapalign_fast.cli", "train",
            "max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
