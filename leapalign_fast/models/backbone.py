@@ -20,10 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from leapalign_fast.dtypes import DTYPES  # noqa: F401  (re-exported: the one dtype map lives in a leaf both sides use)
 from leapalign_fast.errors import UserError
-
-# The one map from config dtype names to torch dtypes.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # family -> module holding its `BACKBONE`; imported on first use, so a run imports only its own family's classes.
 BACKBONES = {

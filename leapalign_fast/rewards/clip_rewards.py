@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -119,8 +120,6 @@ class ClipReward(torch.nn.Module):
 
 def _load_clip(path: Path, dtype: str):
     from transformers import CLIPModel, CLIPTokenizer
-
-    from leapalign_fast.models.backbone import DTYPES
 
     dt = DTYPES[dtype]
     return CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True), CLIPTokenizer.from_pretrained(path)

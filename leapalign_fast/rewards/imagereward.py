@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.rewards.clip_rewards import clip_preprocess, load_weights_file
 
@@ -121,7 +122,5 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
                             f"unexpected {result.unexpected_keys[:3]})")  # fmt: skip
     tok = BertTokenizer.from_pretrained(tk)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer
-    from leapalign_fast.models.backbone import DTYPES
-
     dt = DTYPES[dtype]
     return ImageRewardModel(vision.to(dt), text.to(dt), mlp, tok)
