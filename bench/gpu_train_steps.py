@@ -44,11 +44,7 @@ def main(argv=None) -> int:
     overrides = [f"resolution={res}", f"max_steps={args.steps}", f"batch_size={args.batch}", "checkpoint_every=100000",
                  "grid_every=0", "resume=false", 'prompt_file=""', "tensorboard=false", 'reward.name="colour"',
                  "reward.options={}", f"eval_prompts={json.dumps(COLOUR_PROMPTS)}", *args.set]  # fmt: skip
-    cfg = load_config(args.config, overrides)
-    if not args.dry_run:  # the dry run stays without torch
-        from leapalign_fast.methods import with_method_settings
-
-        cfg = with_method_settings(cfg)  # the method's full settings in the result's config
+    cfg = load_config(args.config, overrides)  # the method's full settings typed in, torch not imported
     if args.dry_run:
         print(f"plan: {args.model} random weights, {cfg.max_steps} steps at {cfg.resolution}², batch {cfg.batch_size}, "
               f"N={cfg.num_steps}, compile={cfg.model.compile}, cuda_graph={cfg.model.cuda_graph}, "

@@ -88,9 +88,7 @@ def bench_config(args, tmp: Path):
         cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     if args.checkpoint_decode is not None:
         cfg.model.checkpoint_decode = args.checkpoint_decode == "on"
-    from leapalign_fast.methods import with_method_settings
-
-    return with_method_settings(cfg)
+    return cfg
 
 
 class SavedBytes:

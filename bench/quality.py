@@ -60,10 +60,9 @@ def run_config(args, method: str, seed: int, out: Path, extra=()):
         overrides.append(f"model.source={args.model}")
     if args.reward:
         overrides.append(f"reward.options.path={args.reward}")
-    from leapalign_fast.methods import with_method_settings
 
     per_method = json.loads(Path(args.per_method).read_text())["overrides"].get(method, []) if args.per_method else []
-    return with_method_settings(load_config(args.config, overrides + list(args.set) + per_method + list(extra)))
+    return load_config(args.config, overrides + list(args.set) + per_method + list(extra))
 
 
 def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarray]:

@@ -40,7 +40,6 @@ from leapalign_fast.dist_checkpoint import SHARDS
 from leapalign_fast.errors import TrainingDiverged, UserError
 from leapalign_fast.fsdp import all_finite
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
-from leapalign_fast.methods import with_method_settings
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -425,7 +424,7 @@ def save_checkpoint(run, step: int, consumed: int) -> Path:
 
 
 def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
-    defaults = config_dict(with_method_settings(Config())) if defaults is None else defaults
+    defaults = config_dict(Config()) if defaults is None else defaults
     diffs = []
     for k in keys:
         a, b = saved.get(k), current.get(k)

@@ -64,14 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        # Light first: the config (no torch) and then the method's settings (torch, not diffusers/transformers/
-        # accelerate), so a config error comes in a fraction of a second instead of after the whole stack's imports.
+        # The whole config, the method's keys included, is read and checked before torch is imported: a config
+        # error comes in a fraction of a second instead of after the whole stack's imports.
         from leapalign_fast.config import load_config
 
         cfg = load_config(args.config or _default_config(), args.overrides)
-        from leapalign_fast.methods import with_method_settings
-
-        cfg = with_method_settings(cfg)
         from leapalign_fast.train import EXIT_PREEMPTED, Preempted, TrainingDiverged
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)

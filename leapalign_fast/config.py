@@ -3,9 +3,9 @@
 Precedence: CLI overrides > TOML file > dataclass defaults (the defaults are the tiny CPU run).
 An unknown key or a value of the wrong type is a UserError naming the key and the fix.
 
-A leaf: imports nothing from the package but `errors` (no torch), so a config error comes before any heavy import.
-The `[method]` table stays raw here (its `name` checked against `METHOD_NAMES`); the methods registry builds and
-validates the chosen method's settings dataclass from it (`leapalign_fast.methods.with_method_settings`).
+Typed once: `load_config` returns the final Config, `[method]` included (as the chosen method's settings dataclass,
+registered by name in `leapalign_fast/methods/settings.py`). No torch: config.py imports only `errors` and the
+method settings, so a config error comes before any heavy import.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import tomli_w
 
 from leapalign_fast.errors import UserError
+from leapalign_fast.methods.settings import METHOD_SETTINGS, LeapAlignSettings, MethodSettings
 
 import tomllib
 
@@ -74,21 +75,6 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_LORA_TARGETS))
 
 
-# The method names of the registry (leapalign_fast.methods.METHODS, which asserts it holds exactly these).
-METHOD_NAMES = ("leapalign", "refl", "draft", "draft_lv", "drtune", "flowbp_sparse", "flowbp_bridge", "flowbp_lagrange",
-                "full")  # fmt: skip
-
-
-class MethodTable(dict):
-    """`[method]` as written: `name` (checked here) and that method's keys, raw. Each method's settings dataclass
-    lives beside its loss; `leapalign_fast.methods.with_method_settings` builds and validates it from this table
-    (train does, and the CLI before the heavy imports)."""
-
-    @property
-    def name(self) -> str:
-        return self.get("name", "leapalign")
-
-
 @dataclass
 class RewardConfig:
     name: str = "colour"
@@ -139,7 +125,7 @@ class Config:
     async_checkpoint: bool = True  # fsdp: shards are written in the background while training goes on
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    method: MethodTable = field(default_factory=lambda: MethodTable(name="leapalign"))  # then the settings dataclass
+    method: MethodSettings = field(default_factory=LeapAlignSettings)  # [method]: `name` picks the settings class
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -190,7 +176,7 @@ def _build(cls, data: dict, prefix: str, root_cls):
         if key not in names:
             raise _unknown(full, root_cls)
         hint = hints[key]
-        if hint is MethodTable:
+        if hint is MethodSettings:
             kwargs[key] = _build_method(value, full + ".")
         elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -201,16 +187,29 @@ def _build(cls, data: dict, prefix: str, root_cls):
     return cls(**kwargs)
 
 
-def _build_method(data, prefix: str) -> MethodTable:
-    """The `[method]` table, its name checked; its other keys are checked by the chosen method's settings."""
+def _build_method(data, prefix: str) -> MethodSettings:
+    """The `[method]` table as the chosen method's settings (its values checked in `validate`, which knows
+    num_steps). Keys that belong only to other methods are ignored, so one file can switch methods with
+    `method.name=...`; an error names only the chosen method's keys."""
     if not isinstance(data, dict):
         raise UserError(f"config key '{prefix[:-1]}' is a table; write it as [{prefix[:-1]}] with keys inside")
     name = check_type(prefix + "name", data.get("name", "leapalign"), str)
-    if name not in METHOD_NAMES:
-        close = difflib.get_close_matches(name, METHOD_NAMES, n=1)
+    if name not in METHOD_SETTINGS:
+        close = difflib.get_close_matches(name, METHOD_SETTINGS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHOD_NAMES))}.{hint}")
-    return MethodTable(data, name=name)
+        raise UserError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHOD_SETTINGS))}.{hint}")
+    cls = METHOD_SETTINGS[name]
+    hints, own = typing.get_type_hints(cls), set(cls.keys())
+    others = {k for c in METHOD_SETTINGS.values() for k in c.keys()} - own
+    kwargs = {}
+    for key, value in data.items():
+        if key in own:
+            kwargs[key] = check_type(prefix + key, value, hints[key])
+        elif key not in others:
+            close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {', '.join(sorted(own))}"
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
+    return cls(**kwargs)
 
 
 def parse_value(text: str):
@@ -348,8 +347,17 @@ def validate(cfg: Config) -> None:
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
     need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
-    validate_validation(cfg, need)  # [method]: leapalign_fast.methods.with_method_settings
+    validate_validation(cfg, need)
     validate_fsdp(cfg, need)
+    validate_method(cfg, need)
+
+
+def validate_method(cfg: Config, need) -> None:
+    """The chosen method's keys (they depend on num_steps) and what it cannot run with."""
+    cfg.method.validate(cfg.num_steps)
+    need(not (cfg.mixed_precision == "fp16" and cfg.method.decode_apart()), f"method '{cfg.method.name}' with "
+         "method.reward_first=true takes the reward's gradient before the trainer's backward, outside fp16's loss "
+         "scaling (small gradients would underflow); use mixed_precision='bf16' or 'no', or method.reward_first=false")
 
 
 def validate_fsdp(cfg: Config, need) -> None:

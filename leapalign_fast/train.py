@@ -44,7 +44,7 @@ from leapalign_fast.dist_checkpoint import ShardedSaver, export_transformer
 from leapalign_fast.errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: re-exported)
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_text_atomic
-from leapalign_fast.methods import StepInputs, build_method, with_method_settings
+from leapalign_fast.methods import StepInputs, build_method
 from leapalign_fast.models.backbone import DTYPES, Backbone, Geometry, backbone_for
 from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
 from leapalign_fast.models.lora_export import export_lora
@@ -119,7 +119,6 @@ class Run:
 
 
 def build_run(cfg: Config, accelerator: Accelerator) -> Run:
-    cfg = with_method_settings(cfg)  # idempotent; callers (benches, test workers) may pass the raw [method] table
     out = Path(cfg.output_dir)
     check_writable(out, "output_dir")
     if ckpt.checkpoint_root(out).is_dir():  # found now, not after the first training step
@@ -242,7 +241,6 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config) -> TrainResult:
-    cfg = with_method_settings(cfg)  # [method] as the chosen method's settings dataclass, validated
     # accelerate keeps its settings in process-wide singletons; a second run in this process (tests, benchmarks)
     # may use other ones. The process group (PartialState) is kept.
     AcceleratorState._reset_state()

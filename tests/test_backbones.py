@@ -10,7 +10,7 @@ import torch
 
 from leapalign_fast.build import unwrap
 from leapalign_fast.config import TinyFluxConfig, load_config
-from leapalign_fast.methods import METHODS, with_method_settings
+from leapalign_fast.methods import METHODS
 from leapalign_fast.methods.base import StepInputs, draw_two_indices
 from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.models.backbone import backbone_for, family_of, get_backbone
@@ -42,7 +42,7 @@ def _sd3_encode(pipe, comps, prompts):
 
 
 def _sd3_sample(pipe, comps, cond, noise, geom):
-    from leapalign_fast.models.flux import pack_latents, unpack_latents
+    from leapalign_fast.models.common import pack_latents, unpack_latents
 
     z = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"],
              negative_prompt_embeds=cond["neg_embeds"], negative_pooled_prompt_embeds=cond["neg_pooled"],
@@ -257,7 +257,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("variant", ["", "_full"])
 @pytest.mark.parametrize("name, family, guidance, batch", PUBLISHED)
 def test_backbone_configs_hold_the_published_settings(name, family, guidance, batch, variant):
-    cfg = with_method_settings(load_config(CONFIGS / f"{name}_leapalign{variant}.toml"))
+    cfg = load_config(CONFIGS / f"{name}_leapalign{variant}.toml")
     assert (cfg.model.family, cfg.guidance, cfg.batch_size) == (family, guidance, batch)
     assert (cfg.resolution, cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.max_steps) == (512, 25, 1e-5, 0.995, 300)
     assert (cfg.mixed_precision, cfg.model.dtype, cfg.weight_decay, cfg.max_grad_norm) == ("bf16", "bfloat16", 1e-4, 1.0)

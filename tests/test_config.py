@@ -8,18 +8,17 @@ import pytest
 
 from leapalign_fast.config import Config, config_toml, load_config
 from leapalign_fast.errors import UserError
-from leapalign_fast.methods import with_method_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolved(*args):
     """A config with its `[method]` table built into the method's settings (what train and the CLI run)."""
-    return with_method_settings(load_config(*args))
+    return load_config(*args)
 
 
 def test_defaults_toml_equals_the_library_defaults():
-    assert resolved(ROOT / "configs" / "defaults.toml") == with_method_settings(Config())
+    assert resolved(ROOT / "configs" / "defaults.toml") == Config()
 
 
 def test_tiny_toml_is_the_shipped_toy_setup_from_any_directory(tmp_path, monkeypatch):

@@ -355,9 +355,8 @@ def test_flux_configs_checkpoint_blocks_to_fit_80gb(name):
     (720² batch 4: 187 GiB; 512² batch 8: 217 GiB); with it 63 and 66 GiB."""
     from pathlib import Path
 
-    from leapalign_fast.methods import with_method_settings
 
-    cfg = with_method_settings(load_config(Path(__file__).resolve().parent.parent / "configs" / name))
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
     assert cfg.model.gradient_checkpointing and cfg.model.attention == "auto"
     assert (cfg.resolution, cfg.batch_size) in {(720, 4), (512, 8)}
     assert (cfg.num_steps, cfg.lr, cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.mixed_precision) == (

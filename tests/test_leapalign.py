@@ -8,7 +8,8 @@ import torch
 
 from leapalign_fast.flow import leap_trajectory
 from leapalign_fast.kernels.similarity import similarity_weight
-from leapalign_fast.methods.base import StepInputs, draw_two_indices, resolve_window
+from leapalign_fast.methods.base import StepInputs, draw_two_indices
+from leapalign_fast.methods.settings import resolve_window
 from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.errors import UserError
 from leapalign_fast.sampler import sample_trajectory
@@ -183,7 +184,6 @@ def test_both_orders_train_the_same_weights(tmp_path):
 
 def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
     from leapalign_fast.config import load_config
-    from leapalign_fast.methods import with_method_settings
     from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux
     from leapalign_fast.models.backbone import get_backbone
     from leapalign_fast.preflight import step_bytes
@@ -191,7 +191,7 @@ def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
     comps = build_tiny_flux(TinyFluxConfig(), seed=0)
     need = {}
     for order in (True, False):
-        cfg = with_method_settings(load_config(None, [f"method.reward_first={str(order).lower()}", "resolution=256"]))
+        cfg = load_config(None, [f"method.reward_first={str(order).lower()}", "resolution=256"])
         geometry = get_backbone("flux").geometry(comps, cfg.resolution)
         need[order] = step_bytes(cfg, comps, geometry)
     assert 0 < need[True] < need[False]
@@ -199,9 +199,8 @@ def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
 
 def test_fp16_needs_the_in_trajectory_order():
     from leapalign_fast.config import load_config
-    from leapalign_fast.methods import with_method_settings
 
     with pytest.raises(UserError, match="method.reward_first=false"):
-        with_method_settings(load_config(None, ["mixed_precision=fp16"]))
-    assert not with_method_settings(load_config(None, ["mixed_precision=fp16", "method.reward_first=false"])).method.reward_first
-    assert with_method_settings(load_config(None, ["mixed_precision=fp16", "method.name=refl"])).method.name == "refl"
+        load_config(None, ["mixed_precision=fp16"])
+    assert not load_config(None, ["mixed_precision=fp16", "method.reward_first=false"]).method.reward_first
+    assert load_config(None, ["mixed_precision=fp16", "method.name=refl"]).method.name == "refl"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leapalign_fast import config
-from leapalign_fast.methods import METHODS, build_method, method_settings, with_method_settings
+from leapalign_fast.methods import METHODS, build_method, method_settings
 from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.methods.base import StepInputs
 from leapalign_fast.sampler import sample_trajectory
@@ -16,7 +16,7 @@ N, B, LAM = 6, 3, 2.0
 
 def load_config(*args):
     """A config with its `[method]` table built into the method's settings, as train and the CLI see it."""
-    return with_method_settings(config.load_config(*args))
+    return config.load_config(*args)
 
 
 @pytest.fixture

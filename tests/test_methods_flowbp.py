@@ -10,7 +10,7 @@ from leapalign_fast.methods import build_method, method_settings
 from leapalign_fast.methods.base import StepInputs
 from leapalign_fast.methods.flowbp_bridge import draw_bridge, split_active
 from leapalign_fast.methods.flowbp_lagrange import active_supports, interval_supports, quadrature_weights
-from leapalign_fast.methods.indices import draw_dirichlet_pair, draw_late_biased
+from leapalign_fast.methods.indices import draw_dirichlet_pair, draw_late_biased, draw_pair
 from leapalign_fast.sampler import sample_trajectory
 from test_flow import MLPVelocity
 from test_leapalign import Counting, _decode, _reward
@@ -102,7 +102,7 @@ def test_bridge_adds_one_nested_path_through_x_j(setup, seed, kw):
     out, counted, got = _run("flowbp_bridge", model, sigmas, noise, seed, **kw)
     s = method_settings("flowbp_bridge", **kw)
     gen = torch.Generator().manual_seed(seed)
-    _, j = s.draw(N, gen)
+    _, j = draw_pair(s, N, gen)
     pre, post = draw_bridge(N, j, s, gen)
     assert j in post and all(i < j for i in pre) and all(i >= j for i in post) and len(pre) >= 1
     assert counted.calls == N and counted.grad_calls == len(pre) + len(post) == min(s.num_active_steps, N)
@@ -151,7 +151,7 @@ def test_lagrange_is_two_quadrature_leaps_with_a_nested_term(setup, seed, kw):
     model, params, sigmas, noise, states = setup
     out, counted, got = _run("flowbp_lagrange", model, sigmas, noise, seed, **kw)
     s = method_settings("flowbp_lagrange", **kw)
-    a, b = s.draw(N, torch.Generator().manual_seed(seed))
+    a, b = draw_pair(s, N, torch.Generator().manual_seed(seed))
     t = sigmas.tolist()
     F = Field(model, sigmas, states)
 

@@ -3,14 +3,13 @@ the hinge objective, the no-grad prefix, value-preserving gradient scaling, and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from leapalign_fast.errors import UserError
 from leapalign_fast.flow import Velocity
+from leapalign_fast.methods.settings import MethodSettings
 from leapalign_fast.sampler import sample_trajectory
 
 
@@ -33,47 +32,20 @@ class StepOutput:
     x0: torch.Tensor | None = None  # (B, L, C) final latents, detached (for logging)
 
 
-@dataclass
-class MethodSettings:
-    """The `[method]` table: `name` picks the method; each method subclasses this with its own keys."""
-
-    name: str = ""
-    lam: float = 1.0  # hinge margin: loss = max(0, lam - reward)
-
-    def validate(self, num_steps: int) -> None:
-        """Raise UserError naming `method.<key>` for a bad value (only this method's keys)."""
-
-    def grad_graphs(self, num_steps: int) -> int:
-        """Upper bound on the grad-enabled velocity forwards one sample keeps for the backward (memory preflight)."""
-        return 2
-
-    def grad_decodes(self) -> int:
-        """Decodes (and reward forwards) one sample keeps for the backward."""
-        return 1
-
-    def decode_apart(self) -> bool:
-        """True when the decode + reward backward is over before the grad forwards run (their graphs never
-        coexist: the step needs the larger of the two, not the sum)."""
-        return False
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-
 @dataclass(frozen=True)
 class MethodSpec:
-    """One registry entry: a method's name, its settings dataclass and its loss builder."""
+    """One loss module's entry: its settings dataclass (methods/settings.py) and its loss builder."""
 
-    name: str
     settings: type[MethodSettings]
     loss: Callable[[StepInputs, MethodSettings], StepOutput]
-    reference: bool = False  # a memory/throughput reference, not an alignment method (bench/quality.py skips it)
 
+    @property
+    def name(self) -> str:
+        return self.settings.__dataclass_fields__["name"].default
 
-def need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)
+    @property
+    def reference(self) -> bool:
+        return self.settings.reference
 
 
 def hinge(inp: StepInputs, x0: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,20 +88,6 @@ def grad_only(v: torch.Tensor) -> torch.Tensor:
 def scale_grad(v: torch.Tensor, factor: float) -> torch.Tensor:
     """Value v (exactly), gradient scaled by `factor`: `sg(v) + factor (v - sg(v))`."""
     return v if factor == 1.0 else v.detach() + factor * grad_only(v)
-
-
-def resolve_window(window: list[int], num_steps: int, min_span: int = 2) -> tuple[int, int]:
-    """`[lo, hi)` trajectory-index window for (k, j); empty means the whole range [0, N)."""
-    if num_steps < min_span:
-        raise UserError(f"num_steps={num_steps} is too few for this method's (k, j) draw: it needs num_steps >= "
-                        f"{min_span}")  # fmt: skip
-    lo, hi = (0, num_steps) if len(window) == 0 else (tuple(window) + (None,))[:2]
-    if len(window) not in (0, 2) or hi is None or not (0 <= lo < hi <= num_steps) or hi - lo < min_span:
-        raise UserError(
-            f"method.index_window={list(window)} must be [] (whole trajectory) or [lo, hi) with "
-            f"0 <= lo, lo + {min_span} <= hi <= num_steps={num_steps}; e.g. [0, {num_steps}]"
-        )
-    return lo, hi
 
 
 def draw_two_indices(lo: int, hi: int, generator: torch.Generator) -> tuple[int, int]:

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge, need, prefix_state
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge, prefix_state
 from leapalign_fast.sampler import integrate_with_grad
-
-
-@dataclass
-class DraftSettings(MethodSettings):
-    name: str = "draft"
-    draft_k: int = 1  # backprop through the last K steps
-    checkpointing: bool = False  # recompute the grad forwards in the backward (activation checkpointing)
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return self.draft_k
-
-    def validate(self, num_steps: int) -> None:
-        n = num_steps
-        need(1 <= self.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {self.draft_k}")
+from leapalign_fast.methods.settings import DraftSettings
 
 
 def draft_loss(inp: StepInputs, s: DraftSettings) -> StepOutput:
@@ -30,4 +16,4 @@ def draft_loss(inp: StepInputs, s: DraftSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), {"k": float(k), "grad_forwards": float(k)}, x0.detach())
 
 
-METHOD = MethodSpec("draft", DraftSettings, draft_loss)
+METHOD = MethodSpec(DraftSettings, draft_loss)

@@ -4,28 +4,13 @@ Published FLUX.1 setting (FlowBP's `draft_lv.num_noised_samples`): n = 2."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge, need, prefix_state
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge, prefix_state
 from leapalign_fast.sampler import integrate_with_grad
-
-
-@dataclass
-class DraftLVSettings(MethodSettings):
-    name: str = "draft_lv"
-    renoise: int = 2  # re-noisings of the detached x_0
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return self.renoise + 1
-
-    def grad_decodes(self) -> int:
-        return self.renoise + 1
-
-    def validate(self, num_steps: int) -> None:
-        need(self.renoise >= 0, f"method.renoise must be >= 0, got {self.renoise}")
+from leapalign_fast.methods.settings import DraftLVSettings
 
 
 def draft_lv_loss(inp: StepInputs, s: DraftLVSettings) -> StepOutput:
@@ -44,4 +29,4 @@ def draft_lv_loss(inp: StepInputs, s: DraftLVSettings) -> StepOutput:
     return StepOutput(torch.stack(losses).mean(), rewards[0].detach(), metrics, base)
 
 
-METHOD = MethodSpec("draft_lv", DraftLVSettings, draft_lv_loss)
+METHOD = MethodSpec(DraftLVSettings, draft_lv_loss)

@@ -15,35 +15,13 @@ rollout, and the reward on the real x_0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge, need, resolve_window
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge
 from leapalign_fast.sampler import integrate_with_grad
-
-VARIANTS = ("published", "uniform")
-
-
-@dataclass
-class DRTuneSettings(MethodSettings):
-    name: str = "drtune"
-    variant: str = "published"  # published (early stop, equally spaced steps) | uniform (ours: random steps, real x_0)
-    drtune_steps: int = 3  # K trained steps
-    early_stop_fraction: float = 0.4  # published: e is one of the last round(fraction * N) steps; 0: e = N - 1
-    index_window: list[int] = field(default_factory=list)  # uniform: [lo, hi) the trained steps come from
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return self.drtune_steps
-
-    def validate(self, num_steps: int) -> None:
-        need(self.variant in VARIANTS, f"method.variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
-        need(self.drtune_steps >= 1, f"method.drtune_steps must be >= 1, got {self.drtune_steps}")
-        need(0.0 <= self.early_stop_fraction <= 1.0,
-             f"method.early_stop_fraction must be in [0, 1], got {self.early_stop_fraction}")  # fmt: skip
-        if self.variant == "uniform":
-            resolve_window(self.index_window, num_steps, min_span=1)
+from leapalign_fast.methods.settings import DRTuneSettings, resolve_window
 
 
 def draw_early_stop(num_steps: int, fraction: float, generator: torch.Generator) -> int:
@@ -91,4 +69,4 @@ def drtune_loss(inp: StepInputs, s: DRTuneSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), metrics, x0_pred.detach())
 
 
-METHOD = MethodSpec("drtune", DRTuneSettings, drtune_loss)
+METHOD = MethodSpec(DRTuneSettings, drtune_loss)

@@ -18,35 +18,15 @@ uniform (k, j), batch 8 per GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from leapalign_fast.flow import as_batch_time
-from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, grad_only, hinge, need
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, grad_only, hinge
 from leapalign_fast.methods.flowbp_sparse import step_weights
-from leapalign_fast.methods.indices import PairSettings, draw_late_biased, rescale_factor
+from leapalign_fast.methods.indices import draw_pair, draw_late_biased, rescale_factor
 from leapalign_fast.sampler import sample_trajectory
-
-
-@dataclass
-class BridgeSettings(PairSettings):
-    name: str = "flowbp_bridge"
-    alpha: float = 0.1  # gradient discount of the nested path through x_j
-    num_active_steps: int = 5  # K grad-enabled steps, split around j
-    late_bias: float = 2.0
-    grad_rescale: float = 1.0
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return self.num_active_steps
-
-    def validate(self, num_steps: int) -> None:
-        need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
-        need(self.num_active_steps >= 2, f"method.num_active_steps must be >= 2 (one each side of j), "
-                                         f"got {self.num_active_steps}")  # fmt: skip
-        need(self.late_bias >= 0, f"method.late_bias must be >= 0, got {self.late_bias}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
-        super().validate(num_steps)
+from leapalign_fast.methods.settings import BridgeSettings
 
 
 def split_active(total: int, pre_len: int, post_len: int) -> tuple[int, int]:
@@ -68,7 +48,7 @@ def draw_bridge(n: int, j: int, s: BridgeSettings, generator: torch.Generator) -
 
 def bridge_loss(inp: StepInputs, s: BridgeSettings) -> StepOutput:
     n = len(inp.sigmas) - 1
-    _, j = s.draw(n, inp.generator)
+    _, j = draw_pair(s, n, inp.generator)
     pre, post = draw_bridge(n, j, s, inp.generator)
     dt = step_weights(inp.sigmas)
     f = rescale_factor(dt, pre + post, s.grad_rescale)
@@ -98,4 +78,4 @@ def bridge_loss(inp: StepInputs, s: BridgeSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 
-METHOD = MethodSpec("flowbp_bridge", BridgeSettings, bridge_loss)
+METHOD = MethodSpec(BridgeSettings, bridge_loss)

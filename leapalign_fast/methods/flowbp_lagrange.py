@@ -22,7 +22,7 @@ alpha 0.1, tau 0.2, Dirichlet (k, j) with concentrations (2.5, 6.0, 2.0), batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,47 +30,11 @@ import torch
 from leapalign_fast.flow import as_batch_time
 from leapalign_fast.kernels.connector import connect, connect_discount
 from leapalign_fast.kernels.similarity import similarity_weight
-from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, need, scale_grad
-from leapalign_fast.methods.indices import PairSettings, rescale_factor
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, scale_grad
+from leapalign_fast.methods.indices import draw_pair, rescale_factor
 from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.methods.settings import LagrangeSettings
 
-SUPPORT_MODES = ("start", "midpoint", "all")
-WEIGHT_SCHEMES = ("lagrange", "uniform")
-
-
-@dataclass
-class LagrangeSettings(PairSettings):
-    name: str = "flowbp_lagrange"
-    alpha: float = 0.1  # gradient discount of the nested term
-    tau: float = 0.2  # distance floor of the similarity weight
-    index_sampler: str = "dirichlet"
-    dirichlet_alpha: list[float] = field(default_factory=lambda: [2.5, 6.0, 2.0])
-    connector_order: int = 3  # supports per interval
-    support_mode: str = "midpoint"  # which supports get gradient: start | midpoint (first two) | all
-    support_scale: float = 0.25  # gradient scale of the non-start active supports
-    max_active_supports: int = 2  # per interval; 0 = no limit
-    grad_rescale: float = 0.5
-    anchor_lambda: float = 1.0  # 1: the Lagrange leap; 0: LeapAlign's Euler leap from v(x_k) for k -> j
-    weight_scheme: str = "lagrange"  # lagrange | uniform (equal weights summing to t_e - t_s)
-
-    def grad_graphs(self, num_steps: int) -> int:  # two intervals (k -> j, j -> 0)
-        per = self.max_active_supports or self.connector_order
-        return 2 * min(per, self.connector_order)
-
-    def validate(self, num_steps: int) -> None:
-        need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
-        need(self.tau > 0, f"method.tau must be > 0, got {self.tau}")
-        need(self.connector_order >= 1, f"method.connector_order must be >= 1, got {self.connector_order}")
-        need(self.support_mode in SUPPORT_MODES,
-             f"method.support_mode must be one of {', '.join(SUPPORT_MODES)}, got '{self.support_mode}'")  # fmt: skip
-        need(self.support_scale >= 0, f"method.support_scale must be >= 0, got {self.support_scale}")
-        need(self.max_active_supports >= 0, f"method.max_active_supports must be >= 0, got {self.max_active_supports}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
-        need(0.0 <= self.anchor_lambda <= 1.0, f"method.anchor_lambda must be in [0, 1], got {self.anchor_lambda}")
-        schemes = ", ".join(WEIGHT_SCHEMES)
-        need(self.weight_scheme in WEIGHT_SCHEMES,
-             f"method.weight_scheme must be one of {schemes}, got '{self.weight_scheme}'")  # fmt: skip
-        super().validate(num_steps)
 
 
 def interval_supports(start: int, end: int, order: int) -> list[int]:
@@ -128,7 +92,7 @@ class Interval:
 
 def lagrange_loss(inp: StepInputs, s: LagrangeSettings) -> StepOutput:
     n = len(inp.sigmas) - 1
-    a, b = s.draw(n, inp.generator)
+    a, b = draw_pair(s, n, inp.generator)
     k, j = inp.sigmas[a], inp.sigmas[b]
     times = inp.sigmas.tolist()  # one host sync on the (N + 1,) schedule
     kj, j0 = Interval.build(a, b, times, s), Interval.build(b, n, times, s)
@@ -175,4 +139,4 @@ def lagrange_loss(inp: StepInputs, s: LagrangeSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 
-METHOD = MethodSpec("flowbp_lagrange", LagrangeSettings, lagrange_loss)
+METHOD = MethodSpec(LagrangeSettings, lagrange_loss)

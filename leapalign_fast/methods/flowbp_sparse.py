@@ -15,30 +15,14 @@ rollout; here the K forwards are the trajectory's own (N model calls, K with gra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from leapalign_fast.flow import as_batch_time
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, grad_only, hinge, need
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, grad_only, hinge
 from leapalign_fast.methods.indices import draw_late_biased, rescale_factor
 from leapalign_fast.sampler import sample_trajectory
-
-
-@dataclass
-class SparseSettings(MethodSettings):
-    name: str = "flowbp_sparse"
-    num_active_steps: int = 3  # K grad-enabled steps per trajectory
-    late_bias: float = 2.0  # P(i) ~ (i + 1) ** late_bias; 0 = uniform
-    grad_rescale: float = 1.0  # 0: raw Euler weights; 1: the active steps carry the whole trajectory's weight
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return self.num_active_steps
-
-    def validate(self, num_steps: int) -> None:
-        need(self.num_active_steps >= 1, f"method.num_active_steps must be >= 1, got {self.num_active_steps}")
-        need(self.late_bias >= 0, f"method.late_bias must be >= 0, got {self.late_bias}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
+from leapalign_fast.methods.settings import SparseSettings
 
 
 def step_weights(sigmas: torch.Tensor) -> dict[int, float]:
@@ -69,4 +53,4 @@ def sparse_loss(inp: StepInputs, s: SparseSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 
-METHOD = MethodSpec("flowbp_sparse", SparseSettings, sparse_loss)
+METHOD = MethodSpec(SparseSettings, sparse_loss)

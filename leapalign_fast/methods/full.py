@@ -3,19 +3,10 @@ throughput reference, not an alignment method of its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge
 from leapalign_fast.sampler import integrate_with_grad
-
-
-@dataclass
-class FullSettings(MethodSettings):
-    name: str = "full"
-    checkpointing: bool = False  # recompute each grad forward in the backward (activation checkpointing)
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return num_steps
+from leapalign_fast.methods.settings import FullSettings
 
 
 def full_loss(inp: StepInputs, s: FullSettings) -> StepOutput:
@@ -25,4 +16,4 @@ def full_loss(inp: StepInputs, s: FullSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), {"grad_forwards": float(n)}, x0.detach())
 
 
-METHOD = MethodSpec("full", FullSettings, full_loss, reference=True)
+METHOD = MethodSpec(FullSettings, full_loss)

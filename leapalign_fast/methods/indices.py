@@ -6,39 +6,18 @@ Indices are forward trajectory indices: 0 is the noise end (t = 1), N - 1 the la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from leapalign_fast.methods.base import MethodSettings, draw_two_indices, need, resolve_window
+from leapalign_fast.methods.base import draw_two_indices
+from leapalign_fast.methods.settings import PairSettings
 
-SAMPLERS = ("uniform", "dirichlet")
-
-
-@dataclass
-class PairSettings(MethodSettings):
-    """Keys of every method that draws a (k, j) pair."""
-
-    index_window: list[int] = field(default_factory=list)  # [lo, hi) trajectory indices for (k, j); [] = all
-    index_sampler: str = "uniform"  # uniform (LeapAlign paper) | dirichlet (FlowBP configs)
-    dirichlet_alpha: list[float] = field(default_factory=lambda: [2.5, 6.0, 2.0])  # (after j, j..k gap, before k)
-
-    def validate(self, num_steps: int) -> None:
-        need(self.index_sampler in SAMPLERS, f"method.index_sampler must be one of {', '.join(SAMPLERS)}, "
-                                             f"got '{self.index_sampler}'")  # fmt: skip
-        need(len(self.dirichlet_alpha) == 3 and all(a > 0 for a in self.dirichlet_alpha),
-             f"method.dirichlet_alpha must be three positive numbers, got {self.dirichlet_alpha}")  # fmt: skip
-        self.window(num_steps)
-
-    def window(self, num_steps: int) -> tuple[int, int]:
-        return resolve_window(self.index_window, num_steps, min_span=3 if self.index_sampler == "dirichlet" else 2)
-
-    def draw(self, num_steps: int, generator: torch.Generator) -> tuple[int, int]:
-        lo, hi = self.window(num_steps)
-        if self.index_sampler == "dirichlet":
-            return draw_dirichlet_pair(lo, hi, self.dirichlet_alpha, generator)
-        return draw_two_indices(lo, hi, generator)
+def draw_pair(s: PairSettings, num_steps: int, generator: torch.Generator) -> tuple[int, int]:
+    """The (a, b) trajectory indices, a < b, of a pair method: uniform in its window, or Dirichlet-shaped."""
+    lo, hi = s.window(num_steps)
+    if s.index_sampler == "dirichlet":
+        return draw_dirichlet_pair(lo, hi, s.dirichlet_alpha, generator)
+    return draw_two_indices(lo, hi, generator)
 
 
 def draw_dirichlet_pair(lo: int, hi: int, conc: list[float], generator: torch.Generator) -> tuple[int, int]:

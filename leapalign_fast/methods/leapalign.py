@@ -22,32 +22,16 @@ against `flow.leap_trajectory` and each other).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step, leap_trajectory
 from leapalign_fast.kernels.connector import connect, connect_discount
 from leapalign_fast.kernels.similarity import similarity_weight
-from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, need, pullback
-from leapalign_fast.methods.indices import PairSettings
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, pullback
 from leapalign_fast.sampler import sample_trajectory
-
-
-@dataclass
-class LeapAlignSettings(PairSettings):
-    name: str = "leapalign"
-    alpha: float = 0.3  # gradient discount of the nested term
-    tau: float = 0.1  # distance floor of the similarity weight
-    reward_first: bool = True  # decode + reward backward before the leap's grad forwards (2 more forwards, less memory)
-
-    def validate(self, num_steps: int) -> None:
-        need(0.0 <= self.alpha <= 1.0, f"method.alpha must be in [0, 1], got {self.alpha}")
-        need(self.tau > 0, f"method.tau must be > 0, got {self.tau}")
-        super().validate(num_steps)
-
-    def decode_apart(self) -> bool:
-        return self.reward_first
+from leapalign_fast.methods.indices import draw_pair
+from leapalign_fast.methods.settings import LeapAlignSettings
 
 
 def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window: tuple[int, int],
@@ -123,7 +107,7 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
 
 def _loss(inp: StepInputs, s: LeapAlignSettings) -> StepOutput:
     n = len(inp.sigmas) - 1
-    return leapalign_loss(inp, s.alpha, s.tau, s.lam, s.window(n), s.draw(n, inp.generator), s.reward_first)
+    return leapalign_loss(inp, s.alpha, s.tau, s.lam, s.window(n), draw_pair(s, n, inp.generator), s.reward_first)
 
 
-METHOD = MethodSpec("leapalign", LeapAlignSettings, _loss)
+METHOD = MethodSpec(LeapAlignSettings, _loss)

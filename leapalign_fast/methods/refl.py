@@ -8,31 +8,12 @@ Published FLUX.1 setting (FlowBP's `refl.last_n_steps = 11` at N = 25): t is one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
-from leapalign_fast.methods.base import MethodSettings, MethodSpec, StepInputs, StepOutput, hinge, need, prefix_state
-
-
-@dataclass
-class ReFLSettings(MethodSettings):
-    name: str = "refl"
-    late_fraction: float = 0.44  # the grad step is one of the last round(late_fraction * N) steps (11 of 25)
-    late_steps: int = 0  # > 0: one of the last `late_steps` steps instead, for any N
-
-    def count(self, num_steps: int) -> int:
-        return self.late_steps if self.late_steps > 0 else max(1, round(self.late_fraction * num_steps))
-
-    def grad_graphs(self, num_steps: int) -> int:
-        return 1
-
-    def validate(self, num_steps: int) -> None:
-        need(0.0 < self.late_fraction <= 1.0, f"method.late_fraction must be in (0, 1], got {self.late_fraction}")
-        need(0 <= self.late_steps <= num_steps,
-             f"method.late_steps must be in [0, num_steps={num_steps}] (0: use method.late_fraction), "
-             f"got {self.late_steps}")  # fmt: skip
+from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge, prefix_state
+from leapalign_fast.methods.settings import ReFLSettings
 
 
 def refl_loss(inp: StepInputs, s: ReFLSettings) -> StepOutput:
@@ -45,4 +26,4 @@ def refl_loss(inp: StepInputs, s: ReFLSettings) -> StepOutput:
     return StepOutput(loss, r.detach(), {"t": float(t), "grad_forwards": 1.0}, x0_pred.detach())
 
 
-METHOD = MethodSpec("refl", ReFLSettings, refl_loss)
+METHOD = MethodSpec(ReFLSettings, refl_loss)
