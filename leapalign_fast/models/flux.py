@@ -1,8 +1,9 @@
-"""FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), latent packing, velocity.
+"""FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), image ids, velocity.
 
 The FLUX.1 backbone (`BACKBONE`, at the end). One code path for every size: `build_tiny_flux` makes random-init components of the real classes,
 `load_flux` reads a local diffusers-format directory (FLUX.1-dev, or a tiny one written by `save_flux`).
-Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W).
+Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W). The packing and the
+directory loading every family shares live in models/common.py (`pack_latents`, `unpack_latents` re-exported here).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from leapalign_fast.config import FLUX_LORA_TARGETS, TinyFluxConfig  # noqa: F40
 from leapalign_fast.errors import UserError
 from leapalign_fast.flow import flux_schedule
 from leapalign_fast.models.backbone import DTYPES, Backbone, ConditionedVelocity, Geometry  # noqa: F401  (DTYPES re-exported)
+from leapalign_fast.models.common import load_denoiser, load_part, missing_parts, pack_latents, unpack_latents
 from leapalign_fast.models.text import TextStack, build_tiny_text_stack, encode_prompts
 
 
@@ -84,103 +86,9 @@ _REQUIRED = {
 }
 
 
-def missing_parts(root: Path, required: dict, need_text: bool = True) -> list[str]:
-    """Paths (relative to root) that a diffusers-format directory lacks of `required` ({subfolder: [file or
-    (alternatives)]}); alternatives are joined with ' or '. Text parts are skipped unless `need_text`."""
-    missing = []
-    for sub, entries in required.items():
-        if not need_text and sub.startswith(("text_encoder", "tokenizer")):
-            continue
-        for entry in entries:
-            names = (entry,) if isinstance(entry, str) else entry
-            if not any((root / sub / n).is_file() for n in names):
-                missing.append(" or ".join(f"{sub}/{n}" for n in names))
-    return missing
-
-
 def missing_files(root: Path, need_text: bool = True) -> list[str]:
     """Paths (relative to root) that a FLUX directory lacks; alternatives are joined with ' or '."""
     return missing_parts(root, _REQUIRED, need_text)
-
-
-def model_dir(path, required: dict, need_text: bool, family: str) -> Path:
-    """`path` as a local diffusers-format directory holding every part in `required`, else one UserError line."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"model.source: {root} is not a directory; give a local diffusers-format {family} directory")
-    missing = missing_parts(root, required, need_text)
-    if missing:
-        raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
-    return root
-
-
-# One transformer, one VAE, one LLM text encoder with its tokenizer (FLUX.2-Klein, Qwen-Image).
-SINGLE_ENCODER_PARTS = {
-    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
-    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
-    "scheduler": ["scheduler_config.json"],
-    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
-    "tokenizer": [("tokenizer.json", "vocab.json")],
-}
-
-
-def load_part(root: Path, what: str, fn):
-    """`fn()` (a from_pretrained of part `what`), with a load failure or missing weights as one UserError line."""
-    try:
-        module = fn()
-    except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
-                        "matching config.json and weights") from e  # fmt: skip
-    # Weights of another model (e.g. the VAE's in the transformer's place) load with a warning, leaving the
-    # parameters they lack on the meta device: refuse here, not at the first .to() or step.
-    empty = [n for n, p in getattr(module, "named_parameters", lambda: [])() if p.is_meta]
-    if empty:
-        raise UserError(f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
-                        f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?")  # fmt: skip
-    return module
-
-
-def empty_transformer(root: Path, transformer_cls, dtype: torch.dtype):
-    """The transformer of `root/transformer/config.json` with its parameters on the meta device (no memory, no
-    weights read) in `dtype`, in eval mode like from_pretrained's; buffers are real (built by __init__, small).
-    fsdp.py shards it, then fills each rank's shards from the safetensors files."""
-    from accelerate import init_empty_weights
-
-    try:
-        config = transformer_cls.load_config(root / "transformer")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {root / 'transformer' / 'config.json'}: {e}; check the model directory") from e
-    with init_empty_weights(include_buffers=False):
-        model = transformer_cls.from_config(config)
-    return torch.nn.Module.to(model, dtype).eval()  # (diffusers' own .to(dtype) warns)
-
-
-def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True,
-                  empty: bool = False):  # fmt: skip
-    """(transformer, vae in eval mode, scheduler or None) of a local diffusers-format directory, each through
-    `load_part` (one UserError line per bad part). `empty`: the transformer on the meta device, weights unread
-    (`empty_transformer`, for FSDP)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    if empty:
-        transformer = empty_transformer(root, transformer_cls, dtype)
-    else:
-        transformer = load_part(root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw))
-    vae = load_part(root, "vae", lambda: vae_cls.from_pretrained(root, subfolder="vae", **kw)).eval()
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True) if scheduler else None
-    return transformer, vae, sched
-
-
-def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
-    """(tokenizer, text encoder in eval mode) of a SINGLE_ENCODER_PARTS directory (FLUX.2-Klein, Qwen-Image)."""
-    from transformers import AutoTokenizer
-
-    enc = load_part(root, "text_encoder", lambda: encoder_cls.from_pretrained(
-        root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
-    tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
-    return tok, enc
 
 
 def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
@@ -243,20 +151,6 @@ def save_flux(components: FluxComponents, path: str | Path) -> None:
         t.t5.save_pretrained(root / "text_encoder_2")
         t.clip_tokenizer.save_pretrained(root / "tokenizer")
         t.t5_tokenizer.save_pretrained(root / "tokenizer_2")
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C), FluxPipeline's 2x2 patch packing."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H/2 * W/2, 4C) -> (B, C, H, W), the inverse of `pack_latents`."""
-    b, _, c4 = x.shape
-    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
 
 
 def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:

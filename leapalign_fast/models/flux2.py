@@ -17,12 +17,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
+from leapalign_fast.models.common import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
+from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out",
                 "ff_context.linear_in", "ff_context.linear_out")  # fmt: skip
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 
 
 @dataclass
@@ -39,35 +39,6 @@ class Flux2Components:
     vae: AutoencoderKLFlux2
     text: Flux2Text | None
     scheduler: FlowMatchEulerDiscreteScheduler
-
-
-def build_tiny_qwen_tokenizer():
-    """A Qwen2 byte-level BPE over the tiny prompt words, with the chat specials and a chat template."""
-    from transformers import Qwen2Tokenizer
-
-    from leapalign_fast.models.text import TINY_WORDS, _bytes_to_unicode
-
-    vocab: dict[str, int] = {}
-    for tok in _bytes_to_unicode().values():
-        vocab.setdefault(tok, len(vocab))
-    merges: list[tuple[str, str]] = []
-    # Whole-word tokens: the tiny prompt words and those of the chat / Qwen-Image templates after a space ("Ġ"),
-    # the template's line-initial words bare (so its system prefix is 34 tokens, as with the real tokenizer).
-    spaced = list(TINY_WORDS) + "by detailing color shape size texture quantity text spatial relationships objects background".split()
-    for word in [("Ġ" + w) for w in spaced] + ["system", "user", "assistant", "Describe"]:
-        cur = word[0]
-        for nxt in word[1:]:
-            if (cur, nxt) not in merges:
-                merges.append((cur, nxt))
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab.setdefault(special, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")  # fmt: skip
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def build_tiny_qwen3(vocab_size: int, hidden: int, layers: int) -> Qwen3ForCausalLM:
@@ -109,8 +80,6 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
 def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
               empty_transformer: bool = False) -> Flux2Components:
     """FLUX.2-Klein from a local diffusers-format directory (e.g. black-forest-labs/FLUX.2-klein-base-9B)."""
-    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
-
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "FLUX.2-Klein")
     transformer, vae, scheduler = load_denoiser(root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype, empty=empty_transformer)
     text = None

@@ -4,7 +4,7 @@ hidden state with a mask), the FLUX-style dynamic shift through its scheduler, a
 norm rescale `comb * |v_pos| / |comb|` and the empty negative prompt.
 
 Prompt embeddings are cached padded (zeros) to `max_sequence_length` with their mask, so every batch has one shape.
-Packed latents are FLUX's 2x2 packing of the (B, 16, h, w) latents of the single frame.
+Packed latents are FLUX's 2x2 packing (models/common.py) of the (B, 16, h, w) latents of the single frame.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
-from leapalign_fast.models.flux import unpack_latents
+from leapalign_fast.models.common import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir, unpack_latents
+from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -47,8 +48,6 @@ class QwenImageComponents:
 
 def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
     """Random-init tiny Qwen-Image: transformer, a small AutoencoderKLQwenImage (8x), a 2-layer Qwen2.5-VL."""
-    from leapalign_fast.models.flux2 import build_tiny_qwen_tokenizer
-
     if tiny_cfg.head_dim % 8:
         raise UserError(f"model.tiny.head_dim={tiny_cfg.head_dim} must be divisible by 8 (rope axes split it)")
     torch.manual_seed(seed)
@@ -82,8 +81,6 @@ def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
 def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
               empty_transformer: bool = False) -> QwenImageComponents:
     """Qwen-Image from a local diffusers-format directory (a snapshot of Qwen/Qwen-Image)."""
-    from leapalign_fast.models.flux import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
-
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "Qwen-Image")
     transformer, vae, scheduler = load_denoiser(root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype, empty=empty_transformer)
     text = None

@@ -2,7 +2,7 @@
 shift factors, CLIP-L + CLIP-G + T5 text encoders as `StableDiffusion3Pipeline.encode_prompt` uses them, the
 scheduler's static shift, and true classifier-free guidance with the (empty) negative prompt.
 
-Latents are packed 2x2 like FLUX's, (B, (h/2)(w/2), 64), so the shared code sees the transformer's token count;
+Latents are packed 2x2 like FLUX's (models/common.py), (B, (h/2)(w/2), 64), so the shared code sees the transformer's token count;
 the velocity unpacks to the (B, 16, h, w) the transformer patchifies itself.
 """
 
@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
-from leapalign_fast.models.flux import pack_latents, unpack_latents
+from leapalign_fast.models.common import load_denoiser, load_part, model_dir, pack_latents, unpack_latents
 from leapalign_fast.models.text import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -96,8 +96,6 @@ def load_sd3(path, dtype: torch.dtype, need_text: bool = True, max_sequence_leng
               empty_transformer: bool = False) -> SD3Components:
     """SD3.5 from a local diffusers-format directory (a snapshot of stabilityai/stable-diffusion-3.5-medium)."""
     from transformers import AutoTokenizer
-
-    from leapalign_fast.models.flux import load_denoiser, load_part, model_dir
 
     root = model_dir(path, _REQUIRED, need_text, "SD3.5")
     transformer, vae, scheduler = load_denoiser(root, SD3Transformer2DModel, AutoencoderKL, dtype, empty=empty_transformer)

@@ -1,7 +1,8 @@
 """FLUX's text side: CLIP (pooled) + T5 (sequence) encoders and tokenizers, and the prompt-embedding cache.
 
 Real transformers classes only. Tiny tokenizers are built offline from an in-memory vocabulary
-(no hub): a CLIP byte-level BPE and a T5 unigram over the words of the tiny prompt language.
+(no hub): a CLIP byte-level BPE and a T5 unigram over the words of the tiny prompt language, and the Qwen2
+byte-level BPE the tiny FLUX.2-Klein and Qwen-Image encoders share.
 """
 
 from __future__ import annotations
@@ -94,6 +95,39 @@ def build_tiny_t5_tokenizer(words=TINY_WORDS) -> T5Tokenizer:
     pieces += [("▁" + w, -1.0) for w in words]
     pieces += [(c, -5.0) for c in _CHARS] + [("▁" + c, -4.0) for c in _CHARS]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+# The chat template of the tiny Qwen tokenizer (the real ones ship their own).
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def build_tiny_qwen_tokenizer():
+    """A Qwen2 byte-level BPE over the tiny prompt words, with the chat specials and a chat template (the tiny
+    FLUX.2-Klein and Qwen-Image encoders' tokenizer)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab: dict[str, int] = {}
+    for tok in _bytes_to_unicode().values():
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    # Whole-word tokens: the tiny prompt words and those of the chat / Qwen-Image templates after a space ("Ġ"),
+    # the template's line-initial words bare (so its system prefix is 34 tokens, as with the real tokenizer).
+    spaced = list(TINY_WORDS) + "by detailing color shape size texture quantity text spatial relationships objects background".split()
+    for word in [("Ġ" + w) for w in spaced] + ["system", "user", "assistant", "Describe"]:
+        cur = word[0]
+        for nxt in word[1:]:
+            if (cur, nxt) not in merges:
+                merges.append((cur, nxt))
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab.setdefault(special, len(vocab))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
 
 
 def build_tiny_text_stack(hidden: int, max_sequence_length: int, seed: int) -> TextStack:
