@@ -138,7 +138,7 @@ def random_weights(kind: str, device: str):
 
     _, _, build_components, shapes = RANDOM_MODELS[kind]
 
-    def load_components(cfg, need_text=True, empty_transformer=False):  # random weights: built whole
+    def load_components(cfg, backbone, need_text=True, empty_transformer=False):  # random weights: built whole
         dtype, previous = DTYPES[cfg.model.dtype], torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -147,7 +147,7 @@ def random_weights(kind: str, device: str):
         finally:
             torch.set_default_dtype(previous)
 
-    def prompt_embeddings(cfg, components, prompts, device=None):
+    def prompt_embeddings(cfg, backbone, components, prompts, device=None):
         return RandomEmbeds(prompts, shapes(cfg.model.max_sequence_length), DTYPES[cfg.model.dtype])
 
     saved = build.load_components, build.prompt_embeddings

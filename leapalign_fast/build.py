@@ -1,7 +1,8 @@
 """Building a run's parts from a Config, shared by training and evaluation: the backbone's components, the
 prompt-embedding cache, the trainable parameters (LoRA or full) and loading trained weights back into them.
 
-Only the backbone interface (models/backbone.py) is used: nothing here knows a model family.
+Only the backbone interface (models/backbone.py) is used: nothing here knows a model family. The backbone is
+resolved once, by the caller (`backbone_for(cfg.model)`), and passed to every function here that needs it.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from leapalign_fast.config import FLUX_LORA_TARGETS, Config
+from leapalign_fast.config import Config
+from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
-from leapalign_fast.models.backbone import DTYPES, Backbone, backbone_for
+from leapalign_fast.models.backbone import Backbone, backbone_for
 from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
 
 
-def load_components(cfg: Config, need_text: bool = True, empty_transformer: bool = False):
+def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, empty_transformer: bool = False):
     """The model's components; the text encoders only when some prompt embeddings are not cached yet.
     `empty_transformer`: a model directory's transformer on the meta device, weights unread (FSDP reads each rank's
     shards itself); the tiny random model is built whole."""
-    backbone = backbone_for(cfg.model)
     if cfg.model.source == "tiny":
         return backbone.build_tiny(cfg.model.tiny, cfg.seed)
     return backbone.load(cfg.model.source, DTYPES[cfg.model.dtype], need_text=need_text,
@@ -42,28 +43,26 @@ def train_prompts(cfg: Config) -> list[str]:
     return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
 
 
-def prompt_cache_path(cfg: Config, prompts: list[str]) -> Path:
+def prompt_cache_path(cfg: Config, backbone: Backbone, prompts: list[str]) -> Path:
     """The index of the cached embeddings of `prompts`: output_dir/prompt_cache/<key>/index.json, keyed by model
-    and prompts, written last (its presence means the cache is complete)."""
-    backbone = backbone_for(cfg.model)
-    model_id = f"{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}"
-    if backbone.name != "flux":  # FLUX keys as before this interface, so its existing caches stay valid
-        model_id = f"{backbone.name}:{model_id}"
+    (the backbone's `cache_prefix`, the source, the seed of a tiny model) and prompts, written last (its presence
+    means the cache is complete)."""
+    model_id = f"{backbone.cache_prefix}{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}"
     key = prompt_cache_key(model_id, prompts, cfg.model.max_sequence_length)
     return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
 
 
-def prompt_embeddings(cfg: Config, components, prompts: list[str], device=None) -> PromptCache:
+def prompt_embeddings(cfg: Config, backbone: Backbone, components, prompts: list[str], device=None) -> PromptCache:
     """Encode every prompt once, on `device` (the accelerator; `leapalign-fast encode-prompts` does it ahead of
     training), then read them per batch from the cache."""
-    path = prompt_cache_path(cfg, prompts)
+    path = prompt_cache_path(cfg, backbone, prompts)
     if not path.is_file():
         text = components.text
         if device is not None:  # T5-XXL (or an LLM encoder) on a CPU takes hours for a large prompt set
             for module in vars(text).values():
                 if isinstance(module, torch.nn.Module):
                     module.to(device)
-        write_prompt_cache(partial(backbone_for(cfg.model).encode_prompts, text), prompts, path)
+        write_prompt_cache(partial(backbone.encode_prompts, text), prompts, path)
     return PromptCache(path)
 
 
@@ -81,26 +80,26 @@ def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float
 def encode_prompt_cache(cfg: Config) -> list[Path]:
     """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    components = load_components(cfg, need_text=True)
+    backbone = backbone_for(cfg.model)
+    components = load_components(cfg, backbone, need_text=True)
     device = torch.device("cuda") if torch.cuda.is_available() else None
     paths = []
     for prompts in (train_prompts(cfg), list(cfg.eval_prompts), *validation_prompts(cfg)):
-        prompt_embeddings(cfg, components, prompts, device)
-        paths.append(prompt_cache_path(cfg, prompts))
+        prompt_embeddings(cfg, backbone, components, prompts, device)
+        paths.append(prompt_cache_path(cfg, backbone, prompts))
     return paths
 
 
 def lora_targets(cfg: Config, backbone: Backbone) -> list[str]:
-    """`lora.target_modules`; left at its (FLUX) default on another backbone, that backbone's own names."""
-    targets = list(cfg.lora.target_modules)
-    return list(backbone.lora_targets) if targets == FLUX_LORA_TARGETS and backbone.name != "flux" else targets
+    """`lora.target_modules`; left at its default, the backbone's own names (`Backbone.resolve_lora_targets`)."""
+    return backbone.resolve_lora_targets(cfg.lora.target_modules)
 
 
-def add_trainable(transformer, cfg: Config, upcast: bool = True) -> list[torch.nn.Parameter]:
+def add_trainable(transformer, cfg: Config, backbone: Backbone, upcast: bool = True) -> list[torch.nn.Parameter]:
     """Freeze the base, add LoRA (peft) or unfreeze everything; trainable parameters in float32 (`upcast=False`:
     left in the storage dtype, for FSDP, which upcasts them block by block as it shards)."""
     transformer.requires_grad_(False)
-    targets = lora_targets(cfg, backbone_for(cfg.model))
+    targets = lora_targets(cfg, backbone)
     if cfg.lora.enabled:
         from peft import LoraConfig
         from peft.utils.error import NoMatchingPeftModuleError

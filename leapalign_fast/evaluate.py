@@ -22,10 +22,11 @@ from leapalign_fast.build import (
     to_device,
 )
 from leapalign_fast.config import Config
+from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.images import save_grid
 from leapalign_fast.io import write_json_atomic
-from leapalign_fast.models.backbone import DTYPES, backbone_for
+from leapalign_fast.models.backbone import backbone_for
 from leapalign_fast.prompts import read_prompt_file
 from leapalign_fast.rewards import build_reward
 from leapalign_fast.sampler import sample_trajectory
@@ -62,14 +63,14 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
     """Yield (indices, images (b, 3, H, W) in [0, 1]) for `prompts`, sampled with the checkpoint at `path`
     (its trained or EMA weights) or the base model (`path` None), from noise seeded by `seed`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = backbone_for(cfg.model)
-    comps = load_components(cfg, need_text=not prompt_cache_path(cfg, prompts).is_file())
-    embeds = prompt_embeddings(cfg, comps, prompts)
+    backbone = backbone_for(cfg.model)  # resolved once, here, for everything below
+    comps = load_components(cfg, backbone, need_text=not prompt_cache_path(cfg, backbone, prompts).is_file())
+    embeds = prompt_embeddings(cfg, backbone, comps, prompts)
     comps.text = None
     dtype = DTYPES[cfg.model.dtype]
     transformer = to_device(comps.transformer, device, dtype)
     if path is not None:  # the trained parameters, by name, onto the same architecture (LoRA added as in training)
-        add_trainable(transformer, cfg)
+        add_trainable(transformer, cfg, backbone)
         which = "ema" if ema else "trained"
         # FSDP checkpoints: the shards consolidated here, in one process (any world size wrote them)
         weights = consolidate(path, which) if is_sharded(path) else ckpt.read_weights(path, which)

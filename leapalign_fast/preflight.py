@@ -30,10 +30,10 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def step_bytes(cfg, components, geometry) -> int:
+def step_bytes(cfg, backbone, components, geometry) -> int:
     """Lower bound on the bytes one optimizer micro-step keeps alive on its device (`geometry`: the backbone's
     latent layout at cfg.resolution)."""
-    tc, vc = components.transformer.config, components.vae.config
+    tc = components.transformer.config
     elem = 4 if cfg.model.dtype == "float32" and cfg.mixed_precision == "no" else 2
     tokens = geometry.tokens + cfg.model.max_sequence_length
     hidden = tc.num_attention_heads * tc.attention_head_dim
@@ -42,7 +42,7 @@ def step_bytes(cfg, components, geometry) -> int:
     checkpointed = cfg.model.gradient_checkpointing or getattr(cfg.method, "checkpointing", False)
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
     graphs = cfg.method.grad_graphs(cfg.num_steps)
-    widest = max(vc.block_out_channels) if "block_out_channels" in vc else vc.base_dim * max(vc.dim_mult)  # Qwen-Image
+    widest = backbone.decoder_width(components.vae)
     per_decode = cfg.resolution**2 * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
@@ -50,9 +50,9 @@ def step_bytes(cfg, components, geometry) -> int:
     return cfg.batch_size * (grad + latents)
 
 
-def check_memory(cfg, components, geometry, device: torch.device) -> None:
+def check_memory(cfg, backbone, components, geometry, device: torch.device) -> None:
     """A UserError naming the estimate when one micro-step cannot fit in the free memory of `device`."""
-    need, free = step_bytes(cfg, components, geometry), available_bytes(device)
+    need, free = step_bytes(cfg, backbone, components, geometry), available_bytes(device)
     if free is not None and need > free:
         raise UserError(f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
                         f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "

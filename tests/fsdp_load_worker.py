@@ -22,7 +22,7 @@ import torch
 from leapalign_fast.build import add_trainable
 from leapalign_fast.config import TinyFluxConfig, load_config
 from leapalign_fast.fsdp import compute_dtype, host_placeholders, shard_transformer
-from leapalign_fast.models.backbone import DTYPES
+from leapalign_fast.models.backbone import DTYPES, get_backbone
 from leapalign_fast.models.flux import load_flux
 
 TINY = TinyFluxConfig(layers=2, single_layers=3, heads=3, head_dim=8)  # odd row counts: uneven last shards
@@ -37,7 +37,7 @@ def build_sharded(root: Path, overrides: list[str], by_shard: bool):
     assert all(p.is_meta for p in transformer.parameters()) == by_shard
     torch.manual_seed(cfg.seed + 1)  # as build_run: the LoRA init
     with host_placeholders(transformer):
-        add_trainable(transformer, cfg, upcast=False)
+        add_trainable(transformer, cfg, get_backbone("flux"), upcast=False)
     line = shard_transformer(transformer, torch.device("cpu"), compute_dtype(cfg.mixed_precision, dtype),
                              root / "transformer" if by_shard else None, dtype)  # fmt: skip
     return transformer, line

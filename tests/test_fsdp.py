@@ -110,11 +110,12 @@ def test_sharding_keeps_the_frozen_base_in_its_storage_dtype_and_upcasts_the_tra
     from leapalign_fast.build import add_trainable
     from leapalign_fast.config import TinyFluxConfig
     from leapalign_fast.fsdp import shard_transformer
+    from leapalign_fast.models.backbone import get_backbone
     from leapalign_fast.models.flux import build_tiny_flux
 
     cfg = load_config(None, ["lora.enabled=true", "lora.rank=4", "fsdp=true", "model.dtype=bfloat16"])
     transformer = build_tiny_flux(TinyFluxConfig(), 0).transformer.to(torch.bfloat16)
-    add_trainable(transformer, cfg, upcast=False)
+    add_trainable(transformer, cfg, get_backbone("flux"), upcast=False)
     assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}  # nothing upcast before sharding
     shard_transformer(transformer, torch.device("cpu"), torch.bfloat16)
     for n, p in transformer.named_parameters():

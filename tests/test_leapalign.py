@@ -192,8 +192,9 @@ def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
     need = {}
     for order in (True, False):
         cfg = load_config(None, [f"method.reward_first={str(order).lower()}", "resolution=256"])
-        geometry = get_backbone("flux").geometry(comps, cfg.resolution)
-        need[order] = step_bytes(cfg, comps, geometry)
+        backbone = get_backbone("flux")
+        geometry = backbone.geometry(comps, cfg.resolution)
+        need[order] = step_bytes(cfg, backbone, comps, geometry)
     assert 0 < need[True] < need[False]
 
 

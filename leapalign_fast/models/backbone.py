@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from leapalign_fast.config import FLUX_LORA_TARGETS
 from leapalign_fast.dtypes import DTYPES  # noqa: F401  (re-exported: the one dtype map lives in a leaf both sides use)
 from leapalign_fast.errors import UserError
 
@@ -94,12 +95,27 @@ class Backbone:
     velocity: Callable[..., Any]
     decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]  # (vae, packed x, geometry) -> images in [0, 1]
     lora_targets: tuple[str, ...]  # peft target_modules of the transformer
+    decoder_width: Callable[[Any], int]  # (vae) -> its decoder's widest channel count (the memory preflight's bound)
     # (vae, images (B, 3, H, W) in [0, 1]) -> packed latents, the inverse of `decode` (toy benchmarks); optional
     encode_images: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     # (components, conditioning dict, noise (B, L, C), geometry, num_steps, guidance) -> packed x0 (B, L, C) sampled
     # by the family's diffusers pipeline (text encoders absent): the reference of bench/sampler.py
     pipeline_sample: Callable[..., torch.Tensor] | None = None
+    # The prompt cache's model-id prefix (`cache_prefix`); None: "<name>:". FLUX's is "": its keys predate this
+    # interface, so its existing caches stay valid.
+    prompt_cache_prefix: str | None = None
     # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
+
+    @property
+    def cache_prefix(self) -> str:
+        """What the prompt cache puts before the model's source in its key, so families never share a cache."""
+        return f"{self.name}:" if self.prompt_cache_prefix is None else self.prompt_cache_prefix
+
+    def resolve_lora_targets(self, configured) -> list[str]:
+        """`lora.target_modules` on this backbone: as configured, except that the config's default (FLUX.1's
+        names, `config.FLUX_LORA_TARGETS`) means this backbone's own `lora_targets`."""
+        targets = list(configured)
+        return list(self.lora_targets) if targets == FLUX_LORA_TARGETS else targets
 
 
 def family_of(source: str, family: str | None) -> str:

@@ -262,6 +262,10 @@ def pipeline_sample(components: FluxComponents, cond: dict[str, torch.Tensor], n
                 num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent", return_dict=False)[0]  # fmt: skip
 
 
+def decoder_width(vae: AutoencoderKL) -> int:
+    return max(vae.config.block_out_channels)
+
+
 def _build_tiny(tiny_cfg, seed: int) -> FluxComponents:
     return build_tiny_flux(tiny_cfg, seed)
 
@@ -278,6 +282,8 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=tuple(FLUX_LORA_TARGETS),
+    decoder_width=decoder_width,
     encode_images=encode_images,
     pipeline_sample=pipeline_sample,
+    prompt_cache_prefix="",  # FLUX's cache keys predate the backbone interface: unprefixed, existing caches stay valid
 )

@@ -203,6 +203,10 @@ def decode(vae: AutoencoderKLFlux2, x: torch.Tensor, geom: Geometry) -> torch.Te
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
+def decoder_width(vae: AutoencoderKLFlux2) -> int:
+    return max(vae.config.block_out_channels)
+
+
 @torch.no_grad()
 def pipeline_sample(components: Flux2Components, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
                     num_steps: int, guidance: float) -> torch.Tensor:
@@ -233,5 +237,6 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    decoder_width=decoder_width,
     pipeline_sample=pipeline_sample,
 )

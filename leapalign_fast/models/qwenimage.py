@@ -186,6 +186,11 @@ def decode(vae: AutoencoderKLQwenImage, x: torch.Tensor, geom: Geometry) -> torc
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
+def decoder_width(vae: AutoencoderKLQwenImage) -> int:
+    """The causal 3D VAE's widest stage: base_dim x its largest multiplier (no block_out_channels)."""
+    return vae.config.base_dim * max(vae.config.dim_mult)
+
+
 @torch.no_grad()
 def pipeline_sample(components: QwenImageComponents, cond: dict[str, torch.Tensor], noise: torch.Tensor,
                     geom: Geometry, num_steps: int, guidance: float) -> torch.Tensor:
@@ -214,5 +219,6 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    decoder_width=decoder_width,
     pipeline_sample=pipeline_sample,
 )

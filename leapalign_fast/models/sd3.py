@@ -199,6 +199,10 @@ def decode(vae: AutoencoderKL, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return (image.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 
+def decoder_width(vae: AutoencoderKL) -> int:
+    return max(vae.config.block_out_channels)
+
+
 @torch.no_grad()
 def pipeline_sample(components: SD3Components, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
                     num_steps: int, guidance: float) -> torch.Tensor:
@@ -231,5 +235,6 @@ BACKBONE = Backbone(
     velocity=velocity,
     decode=decode,
     lora_targets=LORA_TARGETS,
+    decoder_width=decoder_width,
     pipeline_sample=pipeline_sample,
 )
