@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="load the config, print the plan, exit")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from leapalign_fast.config import load_config
+    from leapalign_fast.config import config_dict, load_config
 
     res = args.resolution if args.model == "flux-dev" else 64
     overrides = [f"resolution={res}", f"max_steps={args.steps}", f"batch_size={args.batch}", "checkpoint_every=100000",
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     payload = {"model": args.model, "steps": result.steps, "wall_seconds": wall, "step_seconds": [m["step_seconds"] for m in metrics],
                "rewards": result.rewards, "losses": [m["loss"] for m in metrics], "compiled_graphs": graphs,
                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-               "config": train.config_dict(cfg), "metrics": metrics,
+               "config": config_dict(cfg), "metrics": metrics,
                "note": "random weights and prompt embeddings, colour reward; the first step includes compilation"}  # fmt: skip
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-train-")) if args.model == "random-tiny" else ROOT / "bench" / "results")
     path = write_result(out / f"train_steps_{args.model}_{slug(gpu)}.json", payload)

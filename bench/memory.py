@@ -9,9 +9,9 @@
     python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
     python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
-The step is the trainer's: `train.build_run` builds the run from a Config (dtype, LoRA, autocast through
-accelerate, activation checkpointing, compile), and each measured step is the training loop's micro-step
-(`velocity_for`, `make_noise`, `step_decode_reward`, the method, `accelerator.backward`). Only the weights and,
+The step is the trainer's: `train.Trainer` is built from a Config (dtype, LoRA, autocast through accelerate,
+activation checkpointing, compile), and each measured step is its `micro_step` seam, the one the training loop
+runs (inputs, the method's loss, `accelerator.backward`), instrumented by part. Only the weights and,
 at full size, the prompt embeddings are random (memory and speed do not depend on their values); full-size
 weights are built directly in the model dtype on the device.
 
@@ -206,16 +206,12 @@ class Timer:
 
 
 def trainer_step(run, method, timer: Timer, saved: SavedBytes | None) -> None:
-    """One micro-step of the training loop (train.train), timed by part, saved tensors counted."""
+    """One micro-step of the trainer (`Trainer.micro_step`, the training loop's own), timed by part, saved tensors
+    counted; the gradients are dropped instead of stepped."""
     import torch
 
     from leapalign_fast import train
-    from leapalign_fast.methods import StepInputs
 
-    B = run.cfg.batch_size
-    idx = list(range(B))
-    gen = train.step_generator(run.cfg.seed, 0, 0, 0)
-    decode, reward = train.step_decode_reward(run)
     ckpt = run.cfg.model.checkpoint_decode
 
     def held(fn, part, snapshot=False):  # a recomputed function's inputs stay alive until its backward
@@ -229,16 +225,24 @@ def trainer_step(run, method, timer: Timer, saved: SavedBytes | None) -> None:
 
         return call
 
-    inputs = StepInputs(timer.wrap(train.velocity_for(run, idx, run.embeds)), train.make_noise(run, B, gen),
-                        run.sigmas, timer.wrap(held(decode, "decode_reward"), "decode_reward"),
-                        timer.wrap(held(reward, "decode_reward", snapshot=True), "decode_reward"),
-                        [run.prompts[i] for i in idx], gen)  # fmt: skip
-    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved else contextlib.nullcontext()
-    with hooks:
-        out = method(inputs)
-    if saved is not None:
-        saved.snapshot()  # every graph the backward needs
-    timer.wrap(lambda: run.accelerator.backward(out.loss), "backward")()
+    def instrument(fn, part):
+        if part == "velocity":
+            return timer.wrap(fn)  # sampling or grad_forwards, by grad mode
+        if part in ("decode", "reward"):
+            return timer.wrap(held(fn, "decode_reward", snapshot=part == "reward"), "decode_reward")
+        return timer.wrap(fn, part)
+
+    @contextlib.contextmanager
+    def counted():  # every graph the backward needs is alive when the method returns
+        if saved is None:
+            yield
+            return
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            yield
+        saved.snapshot()
+
+    idx = list(range(run.cfg.batch_size))
+    run.micro_step(idx, train.step_generator(run.cfg.seed, 0, 0, 0), method, instrument, counted)
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -246,7 +250,7 @@ def method_variant(spec: str, lam: float, n: int):
     """`name` or `name:key=value,...` (values in TOML syntax) -> that method's validated settings."""
     import tomllib
 
-    from leapalign_fast.methods import settings_from_table
+    from leapalign_fast.config import check_numbers, method_from_table
 
     name, _, rest = spec.partition(":")
     table = {"name": name, "lam": lam}
@@ -255,7 +259,10 @@ def method_variant(spec: str, lam: float, n: int):
         if not eq:
             raise SystemExit(f"bench/memory.py: method setting '{item}' in '{spec}' must be key=value")
         table[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-    return settings_from_table(table, n)
+    settings = method_from_table(table)
+    check_numbers(settings, "method.")
+    settings.validate(n)
+    return settings
 
 
 def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
@@ -538,7 +545,7 @@ def main(argv=None) -> int:
         GradientState._reset_state()
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not cuda)
         with random_weights(args.model, device) if args.model in RANDOM_MODELS else contextlib.nullcontext():
-            run = train.build_run(cfg, accelerator)
+            run = train.Trainer(cfg, accelerator)
         n_params = sum(p.numel() for p in train.unwrap(run.transformer).parameters())
         parts = [(train.unwrap(run.transformer), "transformer"), (run.components.vae.decoder, "decode_reward"),
                  (run.reward, "decode_reward")]  # fmt: skip
@@ -581,7 +588,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "device": device, "transformer_parameters": n_params, "rows": rows,
                "ratios": ratios(rows), "variant_ratios": variant_ratios(rows), "flatness": flatness(rows),
-               "config": train.config_dict(cfg),
+               "config": config_dict(cfg),
                "threads": describe_threads(), "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
                "wall_seconds": time.perf_counter() - t0,
                "note": "random weights (and, at full size, random prompt embeddings); the trainer's own step"}  # fmt: skip

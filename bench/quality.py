@@ -159,7 +159,7 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
     validation = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()] if args.eval_every else []
     clock = np.cumsum([m["step_seconds"] for m in metrics]).tolist()
     path = out / "best" if args.select == "best" else ckpt.list_checkpoints(out)[-1]
-    reward = res.run.reward
+    reward = res.trainer.reward
     table, images = score(cfg, path, eval_set, args, seed, reward, ood)
     return {"task": task, "table": table, "images": grid_images(images, args), "rewards": res.rewards,
             "train_seconds": seconds, "steps": res.steps, "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),

@@ -128,6 +128,7 @@ def main(argv=None) -> int:
 
     from bench.common import slug, write_result
     from leapalign_fast import train
+    from leapalign_fast.config import config_dict
     from leapalign_fast.threads import describe_threads
 
     margs = memory.parse_args(["--model", args.model, "--checkpoint-decode", args.checkpoint_decode, "--set", *args.set])
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         cfg = memory.bench_config(margs, Path(tmp))
         AcceleratorState._reset_state()  # as bench/memory.py: a fresh accelerator, whatever ran before in-process
         GradientState._reset_state()
-        run = train.build_run(cfg, Accelerator(mixed_precision=cfg.mixed_precision, cpu=True))
+        run = train.Trainer(cfg, Accelerator(mixed_precision=cfg.mixed_precision, cpu=True))
         for m in args.methods:
             rows.append(timeline(run, m, args.steps, memory.MODELS[args.model][1]))
             r = rows[-1]
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                 print(f"    {v:8.1f} MiB  {label}")
     name = f"rss_timeline_{args.model}_cpu{'_' + slug(args.tag) if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = write_result(args.out / f"{name}.json", {"model": args.model, "rows": rows, "config": train.config_dict(cfg),
+    path = write_result(args.out / f"{name}.json", {"model": args.model, "rows": rows, "config": config_dict(cfg),
                                                     "threads": describe_threads(), "allocator_env": {
                                                         k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF",
                                                         "MALLOC_ARENA_MAX", *memory._MALLOC_ENV)}})  # fmt: skip

@@ -27,6 +27,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,13 @@ import torch
 from safetensors.torch import load_file
 
 from leapalign_fast import dist_checkpoint as dcp_ckpt
-from leapalign_fast.build import EMA, load_trained, trained_state, unwrap
+from leapalign_fast.build import load_trained, trained_state, unwrap
+from leapalign_fast.ema import EMA
 from leapalign_fast.config import Config, config_dict
 from leapalign_fast.dist_checkpoint import SHARDS
 from leapalign_fast.errors import TrainingDiverged, UserError
-from leapalign_fast.fsdp import all_finite
+from leapalign_fast.fsdp import all_finite, full_tensors
+from leapalign_fast.models.lora_export import export_lora
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
@@ -338,89 +341,19 @@ def _read_checkpoint(path: Path, rank: int) -> dict:
     return out
 
 
-# ---- a run's save and resume ------------------------------------------------------------------------------
+# ---- a run's save and resume: one interface, a local and a sharded implementation ---------------------------
 
 # Config keys whose change alters the math of a resumed run.
-MATH_KEYS = ("seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay",
-             "adam_betas", "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision",
-             "prompt_file", "model", "lora", "method", "reward")  # fmt: skip
+MATH_KEYS = (
+    "seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay", "adam_betas",
+    "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision", "prompt_file", "model", "lora",
+    "method", "reward",
+)
 
 
 def newest(out: Path) -> str:
     found = list_checkpoints(out)
     return str(found[-1]) if found else "none"
-
-
-def save_checkpoint(run, step: int, consumed: int) -> Path:
-    """Checkpoint `run` at `step` (every rank calls it). Sharded runs (run.saver) write asynchronously when so
-    configured: the returned directory exists once the save is committed (run.saver.wait())."""
-    acc, started = run.accelerator, time.perf_counter()
-    if run.saver is not None:
-        unwrap(run.transformer).reshard()  # parameters as shards (the root stays unsharded after a no-grad forward)
-    # Never write a checkpoint that cannot be resumed usefully. Every rank takes the same branch (DDP: the same
-    # weights; FSDP: a min-reduce over the shards). One host sync per checkpoint.
-    trained = trained_state(run.transformer)
-    ema = run.ema.shadow if run.ema is not None else None
-    if run.saver is not None:
-        bad = [] if all_finite([*trained.values(), *(ema or {}).values()]) else ["a sharded weight"]
-    else:
-        bad = [n for n, t in {**trained, **(ema or {})}.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad[0]}); not checkpointed. "
-                               f"Last good checkpoint: {newest(run.out)}. Lower lr or check the reward.")  # fmt: skip
-    if run.saver is not None:
-        run.saver.wait()  # at most one save in flight: the previous one is committed before this one starts
-    tmp = staging_dir(run.out, step)
-    if acc.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    save_rank_rng(tmp, acc.process_index)
-    acc.wait_for_everyone()
-    path = checkpoint_root(run.out) / f"step_{step:08d}"
-    state = {"consumed": consumed, "scheduler": run.scheduler.state_dict(), "config": config_dict(run.cfg),
-             "world_size": acc.num_processes, "prompts_sha256": prompts_digest(run.prompts)}  # fmt: skip
-    metrics = run.out / "metrics.jsonl"
-    if acc.is_main_process and metrics.is_file():  # the log is made durable whenever a checkpoint is
-        with open(metrics, "rb+") as f:
-            os.fsync(f.fileno())
-    if run.saver is not None:
-        if acc.is_main_process:
-            try:
-                dcp_ckpt.write_model_config(tmp, unwrap(run.transformer))
-                if metrics.is_file():
-                    write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
-                write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, "format": dcp_ckpt.FORMAT,
-                                                       "grad_scaler": None, **state})  # fmt: skip
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise _write_failed(run.out, step, e) from None
-        world, keep = acc.num_processes, run.cfg.keep_checkpoints
-
-        def commit():  # rank 0, after every rank's shards are written
-            try:
-                dcp_ckpt.check_shards(tmp, world)
-            except OSError as e:
-                raise _failed_save(e) from None
-            return commit_staged(run.out, step, keep)
-
-        def _failed_save(error):  # rank 0, when any rank's part failed: no staging dir left, one line for disk errors
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(error, UserError):
-                return error
-            failures = [error, *getattr(error, "failures", {}).values()]  # DCP's CheckpointException: per rank
-            disk = next((f for f in failures if isinstance(f, OSError)), None)
-            return _write_failed(run.out, step, disk) if disk is not None else None
-
-        shards = dcp_ckpt.sharded_state(unwrap(run.transformer), trained, ema, run.optimizer)
-        _fault_point(f"checkpoint_shards_rank{acc.process_index}", step)
-        run.saver.save(tmp, step, shards, commit, _failed_save, started)
-        return path
-    if acc.is_main_process:
-        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-        write_checkpoint(run.out, step, trained, ema, run.optimizer.state_dict(), {**state, "grad_scaler": scaler},
-                         run.cfg.keep_checkpoints, metrics=metrics)  # fmt: skip
-    acc.wait_for_everyone()
-    return path
 
 
 def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dict | None = None) -> list[str]:
@@ -438,86 +371,271 @@ def config_differences(saved: dict, current: dict, keys=MATH_KEYS, defaults: dic
     return diffs
 
 
-def _say(run, text: str) -> None:
-    if run.accelerator.is_main_process:
-        print(f"leapalign-fast: {text}", flush=True)
+@dataclass
+class TrainState:
+    """What a checkpoint holds of a run besides its config: the (maybe wrapped) transformer, its optimizer and
+    scheduler, the EMA (or None). Loading writes into these objects in place."""
+
+    transformer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
 
 
-def resume(run) -> tuple[int, int]:
-    """Load the newest intact checkpoint; returns (step, prompts consumed). (0, 0) when there is none.
-    Damaged newer checkpoints are reported and moved aside; none intact is a UserError (nothing changed).
-    A sharded checkpoint loads at any world size (resharded by DCP)."""
-    path, damaged = choose_checkpoint(run.out)
-    run.accelerator.wait_for_everyone()  # every rank verified before rank 0 moves anything
-    if path is None:
-        if run.accelerator.is_main_process:
-            remove_partial(run.out)
-        _say(run, f"resume=true: no checkpoint in {run.out}; starting from step 0")
-        return 0, 0
-    sharded = dcp_ckpt.is_sharded(path)
-    if sharded != (run.saver is not None):
-        written, now = ("fsdp=true", "fsdp=false") if sharded else ("fsdp=false", "fsdp=true")
-        raise UserError(f"cannot resume from {path}: it was written with {written} and this run has {now}; resume "
-                        f"with {written}, or export it (`leapalign-fast export`) and start a new run from that")
-    data = _guarded(path, lambda: _read_sharded_meta(path, run.accelerator.process_index)) if sharded else \
-        read_checkpoint(path, run.accelerator.process_index)  # fmt: skip
-    diffs = config_differences(data["state"]["config"], config_dict(run.cfg))
-    saved_prompts = data["state"].get("prompts_sha256")
-    if saved_prompts is not None and saved_prompts != prompts_digest(run.prompts):
-        diffs.append("the training prompts (file content changed)")
-    if diffs and not run.cfg.resume_force:
-        raise UserError(
-            f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
-            f"({run.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
-        )
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        remove_partial(run.out)
-        for bad, problem in damaged:
-            _say(run, f"checkpoint {bad.name} is damaged ({problem}); moved to {set_aside(bad).name}, "
-                      f"resuming from {path.name}")  # fmt: skip
-    run.accelerator.wait_for_everyone()
-    if sharded:
+class Checkpointer:
+    """A run's checkpoints: save, resume, verify, prune, export. The layout, staging, manifest, fallback to the
+    newest intact checkpoint and the config check are written once here; `LocalCheckpointer` (one process or DDP:
+    rank 0 writes safetensors) and `ShardedCheckpointer` (FSDP: every rank writes its DCP shards) differ only in
+    how the weights and optimizer state are written and read. Every rank calls every method."""
+
+    sharded = False
+
+    def __init__(self, cfg: Config, accelerator, out: Path, prompts: list[str]):
+        self.cfg, self.acc, self.out, self.prompts = cfg, accelerator, Path(out), prompts
+
+    # -- shared ------------------------------------------------------------------------------------------
+    verify = staticmethod(verify_checkpoint)
+
+    def list(self) -> list[Path]:
+        return list_checkpoints(self.out)
+
+    def say(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(f"leapalign-fast: {text}", flush=True)
+
+    def save(self, step: int, consumed: int, state: TrainState) -> Path:
+        """Checkpoint at `step` (prunes beyond keep_checkpoints). Never writes weights that cannot be resumed
+        usefully: non-finite weights are TrainingDiverged. The returned directory exists once the save is
+        committed (`wait()`; synchronous saves are committed on return)."""
+        started = time.perf_counter()
+        trained = trained_state(state.transformer)
+        ema = state.ema.shadow if state.ema is not None else None
+        bad = self._nonfinite(trained, ema)  # every rank takes the same branch; one host sync per checkpoint
+        if bad:
+            raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad}); not checkpointed. "
+                                   f"Last good checkpoint: {newest(self.out)}. Lower lr or check the reward.")
+        self.wait()  # at most one save in flight: the previous one is committed before this one starts
+        tmp = staging_dir(self.out, step)
+        if self.acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        save_rank_rng(tmp, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        meta = {"consumed": consumed, "scheduler": state.scheduler.state_dict(), "config": config_dict(self.cfg),
+                "world_size": self.acc.num_processes, "prompts_sha256": prompts_digest(self.prompts)}
+        metrics = self.out / "metrics.jsonl"
+        if self.acc.is_main_process and metrics.is_file():  # the log is made durable whenever a checkpoint is
+            with open(metrics, "rb+") as f:
+                os.fsync(f.fileno())
+        self._write(tmp, step, state, trained, ema, meta, metrics, started)
+        return checkpoint_root(self.out) / f"step_{step:08d}"
+
+    def resume(self, state: TrainState) -> tuple[int, int]:
+        """Load the newest intact checkpoint into `state`; returns (step, prompts consumed), (0, 0) when there is
+        none. Damaged newer checkpoints are reported and moved aside; none intact is a UserError (nothing
+        changed); a config that differs in a math key is a UserError unless resume_force."""
+        path, damaged = choose_checkpoint(self.out)
+        self.acc.wait_for_everyone()  # every rank verified before rank 0 moves anything
+        if path is None:
+            if self.acc.is_main_process:
+                remove_partial(self.out)
+            self.say(f"resume=true: no checkpoint in {self.out}; starting from step 0")
+            return 0, 0
+        if dcp_ckpt.is_sharded(path) != self.sharded:
+            written, now = ("fsdp=true", "fsdp=false") if not self.sharded else ("fsdp=false", "fsdp=true")
+            raise UserError(f"cannot resume from {path}: it was written with {written} and this run has {now}; resume "
+                            f"with {written}, or export it (`leapalign-fast export`) and start a new run from that")
+        data = _guarded(path, lambda: self._read(path))
+        diffs = config_differences(data["state"]["config"], config_dict(self.cfg))
+        saved_prompts = data["state"].get("prompts_sha256")
+        if saved_prompts is not None and saved_prompts != prompts_digest(self.prompts):
+            diffs.append("the training prompts (file content changed)")
+        if diffs and not self.cfg.resume_force:
+            raise UserError(
+                f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
+                f"({self.out / 'config.toml'}), a new output_dir, or resume_force=true to resume anyway"
+            )
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            remove_partial(self.out)
+            for bad, problem in damaged:
+                self.say(f"checkpoint {bad.name} is damaged ({problem}); moved to {set_aside(bad).name}, "
+                         f"resuming from {path.name}")
+        self.acc.wait_for_everyone()
+        had_ema = self._load(path, data, state)
+        state.scheduler.load_state_dict(data["state"]["scheduler"])
+        # Only under resume_force can these differ: the new values are used, and each change is logged.
+        for change in apply_optimizer_settings(self.cfg, state.optimizer, state.scheduler):
+            self.say(f"resume_force: optimizer now uses {change}")
+        if state.ema is not None and not had_ema:  # EMA newly enabled (resume_force): from the resumed weights
+            state.ema.reset(trained_state(state.transformer))
+            self.say(f"checkpoint {path.name} has no EMA; the EMA starts from its weights")
+        if self.acc.is_main_process:
+            log = self.out / "metrics.jsonl"
+            if (path / "metrics.jsonl").is_file():  # the log up to the checkpoint, verified: each step exactly once
+                write_text_atomic(log, (path / "metrics.jsonl").read_text())
+            else:
+                truncate_metrics(log, int(data["state"]["step"]))
+        if "rng" in data:
+            set_rng_state(*data["rng"])
+        return int(data["state"]["step"]), int(data["state"]["consumed"])
+
+    def _read_rng(self, path: Path, out: dict) -> dict:
+        rng = path / f"rng_rank{self.acc.process_index}.safetensors"
+        if rng.is_file():  # a rank the saving run did not have (a resharded resume) has none
+            out["rng"] = (load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
+        return out
+
+    # -- what the implementations differ in ---------------------------------------------------------------
+    def _nonfinite(self, trained: dict, ema: dict | None) -> str | None:
+        raise NotImplementedError
+
+    def _write(self, tmp, step, state, trained, ema, meta, metrics, started) -> None:
+        raise NotImplementedError
+
+    def _read(self, path: Path) -> dict:
+        raise NotImplementedError
+
+    def _load(self, path: Path, data: dict, state: TrainState) -> bool:
+        """Load weights, EMA and optimizer state into `state`; returns whether the checkpoint had an EMA."""
+        raise NotImplementedError
+
+    def export(self, step: int, state: TrainState, pipeline: str) -> None:
+        """The end of a run: its diffusers-loadable weights (lora/, lora_ema/; sharded full fine-tunes:
+        transformer/, transformer_ema/). Every rank calls it."""
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is committed."""
+
+    def close(self) -> None:
+        """Commit the save in flight and release the background writer."""
+
+
+class LocalCheckpointer(Checkpointer):
+    """One process or DDP: identical weights on every rank; rank 0 writes safetensors, every rank its RNG."""
+
+    def _nonfinite(self, trained, ema):
+        return next((n for n, t in {**trained, **(ema or {})}.items() if not torch.isfinite(t).all()), None)
+
+    def _write(self, tmp, step, state, trained, ema, meta, metrics, started):
+        if self.acc.is_main_process:
+            scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+            write_checkpoint(self.out, step, trained, ema, state.optimizer.state_dict(), {**meta, "grad_scaler": scaler},
+                             self.cfg.keep_checkpoints, metrics=metrics)
+        self.acc.wait_for_everyone()
+
+    def _read(self, path):
+        return read_checkpoint(path, self.acc.process_index)
+
+    def _load(self, path, data, state):
+        load_trained(unwrap(state.transformer), data["trained"], path)
+        state.optimizer.load_state_dict(data["optimizer"])
+        if self.acc.scaler is not None and data["state"].get("grad_scaler"):
+            self.acc.scaler.load_state_dict(data["state"]["grad_scaler"])
+        if state.ema is not None and data["ema"] is not None:
+            state.ema.shadow = {n: t.to(self.acc.device) for n, t in data["ema"].items()}
+        return data["ema"] is not None
+
+    def export(self, step, state, pipeline):
+        if self.acc.is_main_process and self.cfg.lora.enabled:  # <Pipeline>.load_lora_weights
+            export_lora(unwrap(state.transformer), self.out / "lora", pipeline=pipeline)
+            if state.ema is not None:
+                export_lora(unwrap(state.transformer), self.out / "lora_ema", state.ema.shadow, pipeline=pipeline)
+
+
+class ShardedCheckpointer(Checkpointer):
+    """FSDP: every rank writes its own shards through DCP (maybe asynchronously, `async_checkpoint`); rank 0
+    commits the checkpoint once every rank's shards are on disk. Loads at any world size (resharded by DCP)."""
+
+    sharded = True
+
+    def __init__(self, cfg, accelerator, out, prompts):
+        super().__init__(cfg, accelerator, out, prompts)
+        self.saver = dcp_ckpt.ShardedSaver(cfg.async_checkpoint, log=self.out / "checkpoints.jsonl")
+
+    def _nonfinite(self, trained, ema):
+        return None if all_finite([*trained.values(), *(ema or {}).values()]) else "a sharded weight"
+
+    def save(self, step, consumed, state):
+        unwrap(state.transformer).reshard()  # parameters as shards (the root stays unsharded after a no-grad forward)
+        return super().save(step, consumed, state)
+
+    def _write(self, tmp, step, state, trained, ema, meta, metrics, started):
+        out, acc = self.out, self.acc
+        if acc.is_main_process:
+            try:
+                dcp_ckpt.write_model_config(tmp, unwrap(state.transformer))
+                if metrics.is_file():
+                    write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
+                write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, "format": dcp_ckpt.FORMAT,
+                                                       "grad_scaler": None, **meta})
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _write_failed(out, step, e) from None
+        world, keep = acc.num_processes, self.cfg.keep_checkpoints
+
+        def failed(error):  # rank 0, when any rank's part failed: no staging dir left, one line for disk errors
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, UserError):
+                return error
+            failures = [error, *getattr(error, "failures", {}).values()]  # DCP's CheckpointException: per rank
+            disk = next((f for f in failures if isinstance(f, OSError)), None)
+            return _write_failed(out, step, disk) if disk is not None else None
+
+        def commit():  # rank 0, after every rank's shards are written
+            try:
+                dcp_ckpt.check_shards(tmp, world)
+            except OSError as e:
+                raise failed(e) from None
+            return commit_staged(out, step, keep)
+
+        shards = dcp_ckpt.sharded_state(unwrap(state.transformer), trained, ema, state.optimizer)
+        _fault_point(f"checkpoint_shards_rank{acc.process_index}", step)
+        self.saver.save(tmp, step, shards, commit, failed, started)
+
+    def _read(self, path):
+        return self._read_rng(path, {"state": json.loads((path / "state.json").read_text())})
+
+    def _load(self, path, data, state):
         saved_world = data["state"].get("world_size")
-        if saved_world != run.accelerator.num_processes:
-            _say(run, f"resharding {path.name} from {saved_world} to {run.accelerator.num_processes} process(es): "
-                      "same weights, EMA and optimizer state; the global batch is now world x batch_size and each "
-                      "rank's noise stream is seeded by its rank, so the steps ahead differ from a same-size run")
-        shadow = run.ema.shadow if run.ema is not None else None
-        data["ema"] = shadow if dcp_ckpt.load_sharded(path, unwrap(run.transformer), trained_state(run.transformer),
-                                                      shadow, run.optimizer) else None  # fmt: skip
-    else:
-        load_trained(unwrap(run.transformer), data["trained"], path)
-        run.optimizer.load_state_dict(data["optimizer"])
-    run.scheduler.load_state_dict(data["state"]["scheduler"])
-    # Only under resume_force can these differ: the new values are used, and each change is logged.
-    for change in apply_optimizer_settings(run.cfg, run.optimizer, run.scheduler):
-        _say(run, f"resume_force: optimizer now uses {change}")
-    if run.ema is not None and data["ema"] is None:  # EMA newly enabled (resume_force): from the resumed weights
-        run.ema = EMA(trained_state(run.transformer), run.cfg.ema_decay)
-        _say(run, f"checkpoint {path.name} has no EMA; the EMA starts from its weights")
-    if run.accelerator.is_main_process:
-        log = run.out / "metrics.jsonl"
-        if (path / "metrics.jsonl").is_file():  # the log up to the checkpoint, verified: each step exactly once
-            write_text_atomic(log, (path / "metrics.jsonl").read_text())
-        else:
-            truncate_metrics(log, int(data["state"]["step"]))
-    if run.accelerator.scaler is not None and data["state"].get("grad_scaler"):
-        run.accelerator.scaler.load_state_dict(data["state"]["grad_scaler"])
-    if run.ema is not None and data["ema"] is not None and not sharded:
-        run.ema.shadow = {n: t.to(run.accelerator.device) for n, t in data["ema"].items()}
-    if "rng" in data:
-        set_rng_state(*data["rng"])
-    return int(data["state"]["step"]), int(data["state"]["consumed"])
+        if saved_world != self.acc.num_processes:
+            self.say(f"resharding {path.name} from {saved_world} to {self.acc.num_processes} process(es): same "
+                     "weights, EMA and optimizer state; the global batch is now world x batch_size and each rank's "
+                     "noise stream is seeded by its rank, so the steps ahead differ from a same-size run")
+        shadow = state.ema.shadow if state.ema is not None else None
+        model = unwrap(state.transformer)
+        return dcp_ckpt.load_sharded(path, model, trained_state(state.transformer), shadow, state.optimizer)
+
+    def export(self, step, state, pipeline):
+        self.close()  # the last save is committed before anything reads it
+        if self.cfg.lora.enabled:  # adapters gathered once (a collective; they are small), written by rank 0
+            weights = {"lora": full_tensors(trained_state(state.transformer))}
+            if state.ema is not None:
+                weights["lora_ema"] = full_tensors(state.ema.shadow)
+            if self.acc.is_main_process:
+                for name, named in weights.items():
+                    export_lora(unwrap(state.transformer), self.out / name, named, pipeline=pipeline)
+
+    def export_full(self, step: int, ema: bool) -> None:
+        """Full fine-tunes, rank 0 alone, after the other ranks are released: transformer/ (and transformer_ema/)
+        consolidated from the last checkpoint's shards in this process, as `leapalign-fast export` does."""
+        last = checkpoint_root(self.out) / f"step_{step:08d}"
+        if last.is_dir():
+            dcp_ckpt.export_transformer(last, self.out / "transformer")
+            if ema:
+                dcp_ckpt.export_transformer(last, self.out / "transformer_ema", ema=True)
+
+    def wait(self):
+        self.saver.wait()
+
+    def close(self):
+        self.saver.close()
 
 
-def _read_sharded_meta(path: Path, rank: int) -> dict:
-    """state.json and this rank's RNG state of a sharded checkpoint (a rank the saving run did not have: none)."""
-    out = {"state": json.loads((path / "state.json").read_text())}
-    rng = path / f"rng_rank{rank}.safetensors"
-    if rng.is_file():
-        out["rng"] = (load_file(str(rng)), json.loads((path / f"rng_rank{rank}.json").read_text()))
-    return out
+def make_checkpointer(cfg: Config, accelerator, out: Path, prompts: list[str]) -> Checkpointer:
+    """The run's checkpointer, chosen once: sharded under fsdp=true, else local."""
+    return (ShardedCheckpointer if cfg.fsdp else LocalCheckpointer)(cfg, accelerator, out, prompts)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -177,7 +177,7 @@ def _build(cls, data: dict, prefix: str, root_cls):
             raise _unknown(full, root_cls)
         hint = hints[key]
         if hint is MethodSettings:
-            kwargs[key] = _build_method(value, full + ".")
+            kwargs[key] = method_from_table(value, full + ".")
         elif dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{full}' is a table; write it as [{full}] with keys inside")
@@ -187,7 +187,7 @@ def _build(cls, data: dict, prefix: str, root_cls):
     return cls(**kwargs)
 
 
-def _build_method(data, prefix: str) -> MethodSettings:
+def method_from_table(data, prefix: str = "method.") -> MethodSettings:
     """The `[method]` table as the chosen method's settings (its values checked in `validate`, which knows
     num_steps). Keys that belong only to other methods are ignored, so one file can switch methods with
     `method.name=...`; an error names only the chosen method's keys."""

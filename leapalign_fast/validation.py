@@ -27,16 +27,20 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from leapalign_fast.build import decoder, prompt_embeddings, trained_state, velocity_for
+from leapalign_fast.build import prompt_embeddings, trained_state
 from leapalign_fast.config import Config
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
 from leapalign_fast.prompts import read_prompt_file, validation_prompts  # noqa: F401  (train reads it from here)
 from leapalign_fast.sampler import sample_trajectory
+
+if TYPE_CHECKING:
+    from leapalign_fast.train import Trainer
 
 BUILTIN = ("reward", "evaluator")
 
@@ -95,12 +99,12 @@ def _since_best(rows: list[dict], metric: str) -> tuple[float, int]:
 class Validator:
     """Owns the validation prompts, noise, scorers and best-so-far state of one run."""
 
-    def __init__(self, run, start_step: int):
+    def __init__(self, run: Trainer, start_step: int):
         cfg = run.cfg
         self.cfg, self.out = cfg, run.out
         self.metric = cfg.best_metric or cfg.eval_rewards[0]
         self.prompts = read_prompt_file(cfg.eval_prompt_file)
-        self.embeds = prompt_embeddings(cfg, run.components, self.prompts)
+        self.embeds = prompt_embeddings(cfg, run.backbone, run.components, self.prompts)
         self.scorers = build_scorers(cfg, self.prompts, run.reward, run.accelerator.device)
         n = cfg.eval_num_steps or cfg.num_steps
         self.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
@@ -120,7 +124,7 @@ class Validator:
         self.best, self.since_best = _since_best(rows, self.metric)
 
     @torch.no_grad()
-    def scores(self, run) -> dict[str, list[float]]:
+    def scores(self, run: Trainer) -> dict[str, list[float]]:
         """Per-image scores of every scorer on the validation prompts, with the current weights."""
         from leapalign_fast.models.backbone import DTYPES
 
@@ -129,9 +133,9 @@ class Validator:
         B = self.cfg.batch_size
         for start in range(0, len(self.prompts), B):
             idx = list(range(start, min(start + B, len(self.prompts))))
-            velocity = velocity_for(run, idx, self.embeds)
+            velocity = run.velocity(idx, self.embeds)
             x0 = sample_trajectory(velocity, self.noise[idx].to(dev, dtype), self.sigmas).x0
-            images = decoder(run)(x0)
+            images = run.decode(x0)
             prompts = [self.prompts[i] for i in idx]
             for label, scorer in self.scorers.items():
                 out[label] += scorer(images, prompts).float().cpu().tolist()  # host sync, once per validation batch
@@ -153,7 +157,7 @@ class Validator:
         row["eval_seconds"] = seconds
         return row
 
-    def __call__(self, run, step: int, writer=None) -> bool:
+    def __call__(self, run: Trainer, step: int, writer=None) -> bool:
         """Validate at `step` if due; returns True when training should stop early (on every rank)."""
         if step % self.cfg.eval_every != 0 and step != self.cfg.max_steps:
             return False
@@ -182,7 +186,7 @@ class Validator:
         verdict = acc.reduce(verdict, "sum")  # only rank 0 contributes: its verdict, on every rank
         return bool(verdict[1] > 0)  # host sync
 
-    def _write_best(self, run, step: int, value: float) -> None:
+    def _write_best(self, run: Trainer, step: int, value: float) -> None:
         tmp, final, old = self.out / ".tmp-best", self.out / "best", self.out / ".old-best"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -216,5 +220,5 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def build_validator(run, start_step: int) -> Validator | None:
+def build_validator(run: Trainer, start_step: int) -> Validator | None:
     return Validator(run, start_step) if run.cfg.eval_every else None

@@ -20,18 +20,14 @@ from leapalign_fast.train import train, trained_state
 
 def dump_resumed(cfg, path: Path) -> None:
     """Build the run, resume it (at this world size) and write the gathered state it loaded (rank 0)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from leapalign_fast.fsdp import full_tensors
-    from leapalign_fast.train import build_run, resume, unwrap
+    from leapalign_fast.train import Trainer, unwrap
 
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    acc = Accelerator(cpu=True)
-    run = build_run(cfg, acc)
-    resume(run)
+    run = Trainer(cfg)
+    acc = run.accelerator
+    run.resume()
     out = {f"trained.{n}": t for n, t in full_tensors(trained_state(run.transformer)).items()}
     if run.ema is not None:
         out.update({f"ema.{n}": t for n, t in full_tensors(run.ema.shadow).items()})
@@ -53,6 +49,6 @@ if __name__ == "__main__":
     result = train(cfg)
     if cfg.fsdp:  # the process group is gone with the run; the FSDP tests read the checkpoints and exports
         sys.exit(0)
-    rank = result.run.accelerator.process_index
-    weights = {k: v.cpu().contiguous() for k, v in trained_state(result.run.transformer).items()}
+    rank = result.trainer.accelerator.process_index
+    weights = {k: v.cpu().contiguous() for k, v in trained_state(result.trainer.transformer).items()}
     save_file(weights, str(Path(cfg.output_dir) / f"final_rank{rank}.safetensors"))

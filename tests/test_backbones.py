@@ -223,9 +223,9 @@ def test_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(family,
     train(load_config(None, [f"output_dir={split}", "max_steps=2", *args]))
     train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *args]))
     _assert_same_run(straight, split, 4)
-    assert res.run.backbone.name == backbone.name
+    assert res.trainer.backbone.name == backbone.name
 
-    trained = unwrap(res.run.transformer).cpu()
+    trained = unwrap(res.trainer.transformer).cpu()
     pipe = _pipeline(backbone, backbone.build_tiny(TinyFluxConfig(), 0))  # a fresh base model, same seed
     pipe.load_lora_weights(straight / "lora", adapter_name="leap")
     geom = backbone.geometry(comps, RES)

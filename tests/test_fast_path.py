@@ -70,7 +70,7 @@ def test_lora_export_loads_in_flux_pipeline(flux_dir, tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", f"model.source={path}", "lora.enabled=true",
                                    "lora.rank=4", "lr=5e-2", "max_steps=2", "batch_size=2", "num_steps=4",
                                    "tensorboard=false"]))  # fmt: skip
-    trained = unwrap(res.run.transformer).cpu()  # on a GPU host the run trained on CUDA; the pipeline is on CPU
+    trained = unwrap(res.trainer.transformer).cpu()  # on a GPU host the run trained on CUDA; the pipeline is on CPU
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in trained.named_parameters())
     pipe = _pipeline(path)
     pipe.load_lora_weights(tmp_path / "lora", adapter_name="leap")
@@ -367,7 +367,7 @@ def test_other_ranks_wait_for_the_prompt_cache_on_the_file_system(tmp_path):
     """Not a barrier: a collective would time out while rank 0 encodes a large prompt set."""
     import threading
 
-    from leapalign_fast.train import wait_for_files
+    from leapalign_fast.build import wait_for_files
 
     index = tmp_path / "cache" / "index.json"
     timer = threading.Timer(0.2, lambda: (index.parent.mkdir(), index.write_text("{}")))

@@ -101,7 +101,7 @@ def test_a_run_from_a_directory_trains_like_the_same_model_built_whole(tmp_path,
     assert "loaded whole on every rank" in capsys.readouterr().out
     res = train(load_config(None, [f"output_dir={tmp_path / 'by_shard'}", f"model.source={flux_dir}", *common]))
     assert "built on meta and loaded by shard" in capsys.readouterr().out
-    assert all(isinstance(p, DTensor) for p in res.run.params)
+    assert all(isinstance(p, DTensor) for p in res.trainer.params)
     _assert_same_run(tmp_path / "whole", tmp_path / "by_shard", 2)
 
 

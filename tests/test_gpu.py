@@ -108,11 +108,11 @@ def test_training_run_bf16_autocast_lora_compile_cuda_graph_checkpointing(tmp_pa
                                    "model.cuda_graph=true", "model.gradient_checkpointing=true"]))  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] is not None and r["grad_norm"] is not None for r in rows)
-    trained = trained_state(res.run.transformer)
+    trained = trained_state(res.trainer.transformer)
     assert all(v.device.type == DEV.type and v.dtype == torch.float32 for v in trained.values())
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in trained.items())
     if CUDA:
-        assert res.run.graphed is not None and len(res.run.graphed.graphs) >= 1
+        assert res.trainer.graphed is not None and len(res.trainer.graphed.graphs) >= 1
     torch._dynamo.reset()
 
 
@@ -144,7 +144,7 @@ def test_leapalign_orders_give_the_same_gradient_on_the_device():
 
 def _final_weights(out, *extra):
     res = train(load_config(None, [f"output_dir={out}", "max_steps=2", *RUN, "deterministic=true", "lr=1e-3", *extra]))
-    return {k: v.float().cpu() for k, v in trained_state(res.run.transformer).items()}
+    return {k: v.float().cpu() for k, v in trained_state(res.trainer.transformer).items()}
 
 
 def test_cuda_graph_and_compile_leave_the_run_unchanged(tmp_path):

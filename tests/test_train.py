@@ -36,7 +36,7 @@ def test_outputs_of_a_short_run(tmp_path):
     written = load_config(out / "config.toml")
     assert written == load_config(None, [f"output_dir={out}", "max_steps=5", "checkpoint_every=2",
         "tensorboard=true", "keep_checkpoints=2", "batch_size=2", "num_steps=4"])  # fmt: skip
-    assert load_config(out / "config.toml").method == res.run.cfg.method  # the resolved settings
+    assert load_config(out / "config.toml").method == res.trainer.cfg.method  # the resolved settings
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_000000.png", "step_000005.png"]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000004", "step_00000005"]  # keep_checkpoints=2
@@ -45,7 +45,7 @@ def test_outputs_of_a_short_run(tmp_path):
             "rng_rank0.safetensors", "rng_rank0.json"} <= files  # fmt: skip
     assert any((out / "tensorboard").iterdir())
     trained = load_file(str(out / "checkpoints" / "step_00000005" / "trained.safetensors"))
-    live = {n: p for n, p in res.run.transformer.named_parameters()}
+    live = {n: p for n, p in res.trainer.transformer.named_parameters()}
     for n, t in trained.items():
         torch.testing.assert_close(t, live[n].detach().cpu(), rtol=0, atol=0)
 
@@ -66,7 +66,7 @@ def test_lora_trains_only_adapters(tmp_path):
     trained = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "trained.safetensors"))
     assert trained and all("lora_" in k for k in trained)
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in trained.items())
-    base = [p for n, p in res.run.transformer.named_parameters() if "lora_" not in n]
+    base = [p for n, p in res.trainer.transformer.named_parameters() if "lora_" not in n]
     assert base and not any(p.requires_grad for p in base)
 
 
@@ -79,7 +79,7 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     r0, r1 = (load_file(str(tmp_path / f"final_rank{r}.safetensors")) for r in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     init = train(load_config(None, [f"output_dir={tmp_path / 'init'}", "max_steps=1", "lr=1e-12", *FAST]))
-    moved = {n: p for n, p in init.run.transformer.named_parameters()}
+    moved = {n: p for n, p in init.trainer.transformer.named_parameters()}
     assert any(not torch.allclose(r0[k], moved[k].detach().cpu()) for k in r0)  # training changed the weights
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -126,7 +126,7 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
 def test_bf16_autocast_and_bf16_frozen_weights_with_lora(tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "mixed_precision=bf16",
                                    "model.dtype=bfloat16", "lora.enabled=true", *FAST]))  # fmt: skip
-    params = dict(res.run.transformer.named_parameters())
+    params = dict(res.trainer.transformer.named_parameters())
     assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)  # trained in fp32
     assert all(p.dtype == torch.bfloat16 for n, p in params.items() if not p.requires_grad)
     assert all(r["loss"] is not None for r in _metrics(tmp_path))
@@ -134,7 +134,7 @@ def test_bf16_autocast_and_bf16_frozen_weights_with_lora(tmp_path):
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=3", "grad_accum=3", *FAST]))
-    state = res.run.optimizer.state_dict()["state"]
+    state = res.trainer.optimizer.state_dict()["state"]
     assert {float(s["step"]) for s in state.values()} == {3.0}  # 9 micro-steps, 3 updates
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] is not None for r in rows)
@@ -146,7 +146,7 @@ def test_checkpointed_decode_and_reward_change_nothing(tmp_path, method):
     runs = [train(load_config(None, [f"output_dir={tmp_path / str(on)}", "max_steps=2", f"method.name='{method}'",
                                      f"model.checkpoint_decode={str(on).lower()}", "checkpoint_every=100", *FAST]))
             for on in (False, True)]  # fmt: skip
-    assert decoder_checkpointed(runs[1].run.components.vae) and not decoder_checkpointed(runs[0].run.components.vae)
+    assert decoder_checkpointed(runs[1].trainer.components.vae) and not decoder_checkpointed(runs[0].trainer.components.vae)
     assert [r["loss"] for r in _metrics(tmp_path / "False")] == [r["loss"] for r in _metrics(tmp_path / "True")]
-    for (n, a), (_, b) in zip(runs[0].run.transformer.named_parameters(), runs[1].run.transformer.named_parameters()):
+    for (n, a), (_, b) in zip(runs[0].trainer.transformer.named_parameters(), runs[1].trainer.transformer.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

@@ -66,7 +66,7 @@ def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
     # the best checkpoint is a checkpoint directory `eval` accepts
     from leapalign_fast.evaluate import resolve_checkpoint
 
-    assert resolve_checkpoint(res.run.cfg, str(out / "best")) == out / "best"
+    assert resolve_checkpoint(res.trainer.cfg, str(out / "best")) == out / "best"
 
 
 def test_early_stop_after_patience_validations_without_improvement(tmp_path):
