@@ -129,7 +129,7 @@ class RandomEmbeds:
 
 @contextlib.contextmanager
 def random_weights(kind: str, device: str):
-    """Make `train.build_run` build the `kind` components with random weights directly in the model dtype on
+    """Make `train.Trainer` build the `kind` components with random weights directly in the model dtype on
     `device` (no float32 copy first, nothing left in the allocator) and random prompt embeddings."""
     import torch
 

@@ -92,7 +92,7 @@ def _err(out, rank=0):
 
 def test_trainable_state_and_ema_are_built_from_the_shards(tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *BASE]))
-    run = res.run
+    run = res.trainer
     named = dict(run.transformer.named_parameters())
     assert named and all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.requires_grad for p in named.values())
     assert [id(p) for p in run.params] == [id(p) for p in named.values()]  # the optimizer holds the sharded ones
@@ -137,7 +137,7 @@ def test_resume_is_bit_exact_sync_and_async_saves_agree_and_the_export_loads_in_
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(load_config(None, [f"output_dir={straight}", "max_steps=4", "async_checkpoint=false", *BASE]))
     res = train(load_config(None, [f"output_dir={split}", "max_steps=2", *BASE]))
-    assert len(res.run.saver.blocking_seconds) == 1
+    assert len(res.trainer.checkpointer.saver.blocking_seconds) == 1
     train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *BASE]))
     _assert_same_run(straight, split, 4)
 
@@ -150,7 +150,7 @@ def test_resume_is_bit_exact_sync_and_async_saves_agree_and_the_export_loads_in_
         for k in want:
             assert torch.equal(got[k], want[k]), k
     text = build_tiny_text_stack(32, 32, seed=1)
-    comps = res.run.components
+    comps = res.trainer.components
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=comps.vae, text_encoder=text.clip,
                         tokenizer=text.clip_tokenizer, text_encoder_2=text.t5, tokenizer_2=text.t5_tokenizer,
                         transformer=model)  # fmt: skip
@@ -363,7 +363,7 @@ def test_on_a_gpu_bf16_compute_float32_master_shards_resume_bit_exact_and_bf16_e
     gpu = ["mixed_precision=bf16", "model.dtype=bfloat16", "model.gradient_checkpointing=true", *BASE]
     straight, split = tmp_path / "straight", tmp_path / "split"
     res = train(load_config(None, [f"output_dir={straight}", "max_steps=4", *gpu]))
-    named = dict(res.run.transformer.named_parameters())
+    named = dict(res.trainer.transformer.named_parameters())
     assert all(isinstance(p, DTensor) and p.device.type == "cuda" and p.dtype == torch.float32 for p in named.values())
     train(load_config(None, [f"output_dir={split}", "max_steps=2", *gpu]))
     train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *gpu]))
