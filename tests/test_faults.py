@@ -390,12 +390,15 @@ def test_checkpoint_from_before_checksums_still_resumes(run_copy, capsys):
 
 
 def _full_disk_in(monkeypatch, module_attr: str, after_calls: int):
-    """Make `leapalign_fast.train.<module_attr>` (a writer) fail with ENOSPC from its `after_calls`-th call on."""
+    """Make the writer `module_attr` of the trainer (`leapalign_fast.train`; its checkpointer's `export_lora`)
+    fail with ENOSPC from its `after_calls`-th call on."""
     import builtins
 
+    import leapalign_fast.checkpoint as ckpt_mod
     import leapalign_fast.train as train_mod
 
-    real = getattr(train_mod, module_attr, None) or getattr(builtins, module_attr)
+    owner = ckpt_mod if module_attr == "export_lora" else train_mod
+    real = getattr(owner, module_attr, None) or getattr(builtins, module_attr)
     calls = []
 
     def full(*a, **kw):
@@ -406,7 +409,7 @@ def _full_disk_in(monkeypatch, module_attr: str, after_calls: int):
                 raise OSError(errno.ENOSPC, "No space left on device", target or module_attr)
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_mod, module_attr, full, raising=False)
+    monkeypatch.setattr(owner, module_attr, full, raising=False)
 
 
 @pytest.mark.parametrize("writer", ["open", "save_grid", "export_lora"])

@@ -16,7 +16,7 @@ Two orders of the same gradient (`method.reward_first`):
   `sg(w) * max(0, lam - r(decode(x_0')))`. N forwards, but the decode + reward backward runs while both
   transformer graphs are held.
 
-Both give the loss and gradient of the formula in DESIGN.md (equal up to float round-off; tests check both
+Both give the loss and gradient of the formula in docs/method.md (equal up to float round-off; tests check both
 against `flow.leap_trajectory` and each other).
 """
 
