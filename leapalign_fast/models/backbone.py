@@ -7,6 +7,9 @@ methods, the sampler and the loop are the same code for every family. Shapes the
 latents (B, L, C) with (L, C) = `Geometry.tokens, Geometry.channels`, times t in [0, 1] with t = 1 noise.
 
 Adding a family: write `models/<family>.py` ending in `BACKBONE = Backbone(...)`, add one line to `BACKBONES`.
+A family module imports no other family's: what they share (directory loading, 2x2 latent packing) is in
+models/common.py, the tiny tokenizers in models/text.py. Nothing outside the family modules tests a family's name
+(tests/test_backbone_boundary.py): a difference between families is a field of `Backbone`.
 """
 
 from __future__ import annotations
