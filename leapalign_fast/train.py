@@ -46,12 +46,12 @@ from leapalign_fast.models.backbone import DTYPES, backbone_for
 from leapalign_fast.models.fast import GraphedVelocity, prepare_transformer
 from leapalign_fast.models.text import PromptCache
 from leapalign_fast.preflight import check_memory, mixed_precision_note
-from leapalign_fast.prompts import PromptOrder
+from leapalign_fast.prompts import PromptOrder, validation_prompts
 from leapalign_fast.recompute import checkpointed_decode_reward
 from leapalign_fast.rewards import build_reward, check_reward_name
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
-from leapalign_fast.validation import build_validator, validation_prompts
+from leapalign_fast.validation import build_validator
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after writing a checkpoint; rerun with resume=true
 

@@ -27,7 +27,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,8 +39,23 @@ from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic,
 from leapalign_fast.prompts import read_prompt_file, validation_prompts  # noqa: F401  (train reads it from here)
 from leapalign_fast.sampler import sample_trajectory
 
-if TYPE_CHECKING:
-    from leapalign_fast.train import Trainer
+
+class Trainer(Protocol):
+    """What validation reads of the trainer (`leapalign_fast.train.Trainer`)."""
+
+    cfg: Config
+    out: Path
+    accelerator: object
+    backbone: object
+    components: object
+    geometry: object
+    reward: torch.nn.Module
+    transformer: torch.nn.Module
+    ema: object
+
+    def velocity(self, idx: list[int], embeds=None): ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
 
 BUILTIN = ("reward", "evaluator")
 
