@@ -63,8 +63,12 @@ def differences(locked: dict[str, tuple[str, str]], installed: dict[str, tuple[s
 def freeze() -> str:
     """This environment's distributions, setuptools (the build backend: CI builds the editable install with the
     recorded one) included, without pip and without the project itself (an editable install)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     lines = [line for line in out.splitlines() if "==" in line and not line.startswith("-e ")]
     return "\n".join(line for line in lines if normalize(line.partition("==")[0]) != "pip")
 
@@ -175,8 +179,10 @@ def blame(lock: Path, newest_freeze: Path, junit_xml: Path, requires_json: Path)
     changed = moved(locked, newest)
     tried = roots(changed, json.loads(requires_json.read_text()))
     drifted = [newest[k] for k in tried]
-    print(f"blame: {len(tests)} failed tests; {len(changed)} packages drifted; trying {len(tried)} of them one at a "
-          f"time (the rest come with these): {', '.join(tried)}")
+    print(
+        f"blame: {len(tests)} failed tests; {len(changed)} packages drifted; trying {len(tried)} of them one at a "
+        f"time (the rest come with these): {', '.join(tried)}"
+    )
     restore(locked)  # start from the recorded set
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     broken = []
@@ -184,8 +190,11 @@ def blame(lock: Path, newest_freeze: Path, junit_xml: Path, requires_json: Path)
         if subprocess.run([*pip, f"{name}=={version}"]).returncode != 0:
             print(f"blame: {name}=={version} does not install beside the locked set; skipped")
             continue
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode != 0:
             first = next((line for line in run.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))), "")
             broken.append(f"{name} {locked.get(normalize(name), ('', 'none'))[1]} -> {version}")
@@ -212,8 +221,11 @@ def main(argv: list[str]) -> int:
         for line in lines:
             print(f"versions: {line}")
         if lines:
-            print(f"versions: this environment is not {args[0]} ({len(lines)} differences); if a dependency was "
-                  "added or its bounds changed on purpose, refresh the record: bash .ci/lock", file=sys.stderr)
+            print(
+                f"versions: this environment is not {args[0]} ({len(lines)} differences); if a dependency was "
+                "added or its bounds changed on purpose, refresh the record: bash .ci/lock",
+                file=sys.stderr,
+            )
             return 1
         print(f"versions: this environment equals {args[0]}")
         return 0

@@ -32,8 +32,16 @@ sys.path.insert(0, str(ROOT))
 from bench.common import slug, write_result  # noqa: E402
 
 MODELS = {  # overrides of the library defaults (tiny FLUX classes, colour reward)
-    "cpu-large": ["model.tiny.layers=6", "model.tiny.single_layers=12", "model.tiny.heads=8", "model.tiny.head_dim=64",
-                  "model.tiny.text_dim=64", "batch_size=1", "num_steps=4", "resolution=64"],
+    "cpu-large": [
+        "model.tiny.layers=6",
+        "model.tiny.single_layers=12",
+        "model.tiny.heads=8",
+        "model.tiny.head_dim=64",
+        "model.tiny.text_dim=64",
+        "batch_size=1",
+        "num_steps=4",
+        "resolution=64",
+    ],
     "tiny": ["batch_size=2", "num_steps=4"],
     "config": [],  # the --config file as it is (full-size FLUX on GPUs)
 }
@@ -47,12 +55,32 @@ def _port() -> int:
 
 def run_mode(args, asynchronous: bool, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    settings = [*MODELS[args.model], f"output_dir={out}", f"max_steps={args.steps}", f"checkpoint_every={args.every}",
-                "keep_checkpoints=1", "fsdp=true", f"async_checkpoint={str(asynchronous).lower()}", "tensorboard=false",
-                *args.overrides]  # fmt: skip
+    settings = [
+        *MODELS[args.model],
+        f"output_dir={out}",
+        f"max_steps={args.steps}",
+        f"checkpoint_every={args.every}",
+        "keep_checkpoints=1",
+        "fsdp=true",
+        f"async_checkpoint={str(asynchronous).lower()}",
+        "tensorboard=false",
+        *args.overrides,
+    ]
     config = ["--config", str(args.config)] if args.config else ["--config", str(ROOT / "configs" / "defaults.toml")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           str(_port()), "-m", "leapalign_fast.cli", "train", *config, *settings]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.nproc),
+        "--master_port",
+        str(_port()),
+        "-m",
+        "leapalign_fast.cli",
+        "train",
+        *config,
+        *settings,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -68,13 +96,17 @@ def run_mode(args, asynchronous: bool, out: Path) -> dict:
     blocking = statistics.median(s["blocking_s"] for s in saves)
     step_s = statistics.median(plain)
     return {
-        "asynchronous": asynchronous, "command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1),
-        "checkpoints": saves, "checkpoint_gb": round(shard_bytes / 1e9, 3),
-        "blocking_s_median": round(blocking, 4), "step_s_median": round(step_s, 4),
+        "asynchronous": asynchronous,
+        "command": " ".join(cmd[1:]),
+        "wall_seconds": round(wall, 1),
+        "checkpoints": saves,
+        "checkpoint_gb": round(shard_bytes / 1e9, 3),
+        "blocking_s_median": round(blocking, 4),
+        "step_s_median": round(step_s, 4),
         "blocking_over_step": round(blocking / step_s, 4),
         "committed_after_s_median": round(statistics.median(s["committed_after_s"] for s in saves), 4),
         "step_s_after_save_median": round(statistics.median(after), 4) if after else None,
-    }  # fmt: skip
+    }
 
 
 def main(argv=None) -> int:
@@ -96,14 +128,22 @@ def main(argv=None) -> int:
     modes = {name: run_mode(args, a, work / name) for name, a in (("sync", False), ("async", True))}
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     out = args.out or ROOT / "bench" / "results" / f"checkpoint_{slug(gpu)}.json"
-    payload = {"model": args.model, "nproc": args.nproc, "steps": args.steps, "every": args.every,
-               "overrides": args.overrides, "modes": modes,
-               "async_blocking_vs_sync": round(modes["async"]["blocking_s_median"] / modes["sync"]["blocking_s_median"], 4)}  # fmt: skip
+    payload = {
+        "model": args.model,
+        "nproc": args.nproc,
+        "steps": args.steps,
+        "every": args.every,
+        "overrides": args.overrides,
+        "modes": modes,
+        "async_blocking_vs_sync": round(modes["async"]["blocking_s_median"] / modes["sync"]["blocking_s_median"], 4),
+    }
     write_result(out, payload)
     for name, m in modes.items():
-        print(f"{name}: blocking {m['blocking_s_median']:.3f} s per checkpoint ({m['checkpoint_gb']} GB of shards), "
-              f"step {m['step_s_median']:.3f} s, ratio {m['blocking_over_step']:.3f}; committed after "
-              f"{m['committed_after_s_median']:.2f} s; steps during a write {m['step_s_after_save_median']}")
+        print(
+            f"{name}: blocking {m['blocking_s_median']:.3f} s per checkpoint ({m['checkpoint_gb']} GB of shards), "
+            f"step {m['step_s_median']:.3f} s, ratio {m['blocking_over_step']:.3f}; committed after "
+            f"{m['committed_after_s_median']:.2f} s; steps during a write {m['step_s_after_save_median']}"
+        )
     print(f"wrote {out}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

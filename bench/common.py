@@ -61,8 +61,9 @@ def slug(text: str | None) -> str:
     return "".join(c if c.isalnum() else "-" for c in (text or "cpu")).strip("-").lower()
 
 
-def interleaved_times(variants: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None,
-                      warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    variants: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of each variant over `repeats` rounds; each round runs every variant once, in turn, so a change in
     the machine's load hits all variants alike. `warmup` untimed rounds first (compilation, allocator, caches)."""
     for _ in range(warmup):
@@ -82,8 +83,13 @@ def interleaved_times(variants: dict[str, Callable[[], object]], repeats: int, s
 def time_summary(samples: list[float]) -> dict:
     """Median with min, max and spread ((max - min) / median) of a list of seconds."""
     med = statistics.median(samples)
-    return {"seconds_median": med, "seconds_min": min(samples), "seconds_max": max(samples),
-            "spread": (max(samples) - min(samples)) / med if med else 0.0, "repeats": len(samples)}  # fmt: skip
+    return {
+        "seconds_median": med,
+        "seconds_min": min(samples),
+        "seconds_max": max(samples),
+        "spread": (max(samples) - min(samples)) / med if med else 0.0,
+        "repeats": len(samples),
+    }
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:

@@ -46,8 +46,12 @@ def compare(a: dict, b: dict, method: str) -> dict:
     if len(seeds) < 2:
         raise SystemExit(f"compare_runs: method '{method}' has {len(seeds)} seed(s) in both files; need >= 2")
     base = [s for s in seeds if ("base", s) in a and ("base", s) in b]
-    out = {"method": method, "seeds": seeds, "base_identical": bool(base) and all(a["base", s] == b["base", s] for s in base),
-           "metrics": {}}  # fmt: skip
+    out = {
+        "method": method,
+        "seeds": seeds,
+        "base_identical": bool(base) and all(a["base", s] == b["base", s] for s in base),
+        "metrics": {},
+    }
     for key in METRICS:
         if all(key in a[method, s] and key in b[method, s] for s in seeds):
             xa, xb = [a[method, s][key] for s in seeds], [b[method, s][key] for s in seeds]
@@ -56,11 +60,18 @@ def compare(a: dict, b: dict, method: str) -> dict:
 
 
 def markdown(res: dict, a: Path, b: Path) -> str:
-    lines = [f"A = `{a}`, B = `{b}`, method `{res['method']}`, seeds {res['seeds']}; base runs identical: "
-             f"{res['base_identical']}.", "", "| metric | A - B | t | p | A > B | per seed |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"A = `{a}`, B = `{b}`, method `{res['method']}`, seeds {res['seeds']}; base runs identical: "
+        f"{res['base_identical']}.",
+        "",
+        "| metric | A - B | t | p | A > B | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, m in res["metrics"].items():
-        lines.append(f"| {key} | {m['diff']:+.4f} [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] | {m['t']:.2f} | {m['p']:.3f} | "
-                     f"{m['wins']}/{m['n']} | {' '.join(f'{x:+.3f}' for x in m['per_seed'])} |")  # fmt: skip
+        lines.append(
+            f"| {key} | {m['diff']:+.4f} [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] | {m['t']:.2f} | {m['p']:.3f} | "
+            f"{m['wins']}/{m['n']} | {' '.join(f'{x:+.3f}' for x in m['per_seed'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -41,15 +41,28 @@ def main(argv=None) -> int:
     from leapalign_fast.config import config_dict, load_config
 
     res = args.resolution if args.model == "flux-dev" else 64
-    overrides = [f"resolution={res}", f"max_steps={args.steps}", f"batch_size={args.batch}", "checkpoint_every=100000",
-                 "grid_every=0", "resume=false", 'prompt_file=""', "tensorboard=false", 'reward.name="colour"',
-                 "reward.options={}", f"eval_prompts={json.dumps(COLOUR_PROMPTS)}", *args.set]  # fmt: skip
+    overrides = [
+        f"resolution={res}",
+        f"max_steps={args.steps}",
+        f"batch_size={args.batch}",
+        "checkpoint_every=100000",
+        "grid_every=0",
+        "resume=false",
+        'prompt_file=""',
+        "tensorboard=false",
+        'reward.name="colour"',
+        "reward.options={}",
+        f"eval_prompts={json.dumps(COLOUR_PROMPTS)}",
+        *args.set,
+    ]
     cfg = load_config(args.config, overrides)  # the method's full settings typed in, torch not imported
     if args.dry_run:
-        print(f"plan: {args.model} random weights, {cfg.max_steps} steps at {cfg.resolution}², batch {cfg.batch_size}, "
-              f"N={cfg.num_steps}, compile={cfg.model.compile}, cuda_graph={cfg.model.cuda_graph}, "
-              f"lora={cfg.lora.enabled} r{cfg.lora.rank}, mixed_precision={cfg.mixed_precision}, "
-              f"checkpoint_decode={cfg.model.checkpoint_decode}")  # fmt: skip
+        print(
+            f"plan: {args.model} random weights, {cfg.max_steps} steps at {cfg.resolution}², batch {cfg.batch_size}, "
+            f"N={cfg.num_steps}, compile={cfg.model.compile}, cuda_graph={cfg.model.cuda_graph}, "
+            f"lora={cfg.lora.enabled} r{cfg.lora.rank}, mixed_precision={cfg.mixed_precision}, "
+            f"checkpoint_decode={cfg.model.checkpoint_decode}"
+        )
         return 0
     import torch
 
@@ -59,7 +72,9 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     if args.model == "flux-dev" and not cuda:
-        print("bench/gpu_train_steps.py needs a CUDA GPU; --model random-tiny runs the same path on CPU", file=sys.stderr)
+        print(
+            "bench/gpu_train_steps.py needs a CUDA GPU; --model random-tiny runs the same path on CPU", file=sys.stderr
+        )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output_dir = tmp
@@ -75,15 +90,27 @@ def main(argv=None) -> int:
     except Exception:  # dynamo internals moved: the count is informative only
         graphs = None
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    payload = {"model": args.model, "steps": result.steps, "wall_seconds": wall, "step_seconds": [m["step_seconds"] for m in metrics],
-               "rewards": result.rewards, "losses": [m["loss"] for m in metrics], "compiled_graphs": graphs,
-               "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-               "config": config_dict(cfg), "metrics": metrics,
-               "note": "random weights and prompt embeddings, colour reward; the first step includes compilation"}  # fmt: skip
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-train-")) if args.model == "random-tiny" else ROOT / "bench" / "results")
+    payload = {
+        "model": args.model,
+        "steps": result.steps,
+        "wall_seconds": wall,
+        "step_seconds": [m["step_seconds"] for m in metrics],
+        "rewards": result.rewards,
+        "losses": [m["loss"] for m in metrics],
+        "compiled_graphs": graphs,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "config": config_dict(cfg),
+        "metrics": metrics,
+        "note": "random weights and prompt embeddings, colour reward; the first step includes compilation",
+    }
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-train-")) if args.model == "random-tiny" else ROOT / "bench" / "results"
+    )
     path = write_result(out / f"train_steps_{args.model}_{slug(gpu)}.json", payload)
-    print(f"{result.steps} steps, seconds per step {[round(s, 2) for s in payload['step_seconds']]}, peak "
-          f"{payload['peak_gpu_mib'] or float('nan'):.0f} MiB, compiled graphs {graphs}; wrote {path}")  # fmt: skip
+    print(
+        f"{result.steps} steps, seconds per step {[round(s, 2) for s in payload['step_seconds']]}, peak "
+        f"{payload['peak_gpu_mib'] or float('nan'):.0f} MiB, compiled graphs {graphs}; wrote {path}"
+    )
     return 0
 
 

@@ -7,7 +7,8 @@ Reports p20/p50/p80 ms for forward, backward and forward+backward of `connect_di
 connector at x_j, the larger of the two), achieved HBM GB/s of the Triton path (bytes it must move: forward
 reads x_pred, x_real and writes x_conn, x_disc; backward reads two gradients and writes one) and the peak
 memory of forward+backward. The two implementations are timed interleaved (one call of each per round), and
-the speed-up is also given round by round (median, min, max). Ratios are measured in this run. Writes JSON under bench/results/.
+the speed-up is also given round by round (median, min, max). Ratios are measured in this run. Writes JSON under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def main() -> int:
 
     cuda = torch.cuda.is_available() and not args.interpret_smoke
     if not cuda and not args.interpret_smoke:
-        print("bench/kernel_speed.py needs a CUDA GPU; use --interpret-smoke to check the script on CPU", file=sys.stderr)
+        print(
+            "bench/kernel_speed.py needs a CUDA GPU; use --interpret-smoke to check the script on CPU", file=sys.stderr
+        )
         return 2
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, args.dtype)
     rows = []
@@ -92,6 +95,7 @@ def main() -> int:
         nbytes = x_real.numel() * x_real.element_size()
         fns: dict[tuple[str, str], object] = {}
         for impl in ("reference", "triton"):
+
             def fwd(impl=impl):
                 with torch.no_grad():
                     return connect_discount(x_pred, x_real, 0.3, impl=impl)
@@ -111,7 +115,13 @@ def main() -> int:
             for impl, ms in times.items():
                 row = next((r for r in rows if r["batch"] == b and r["impl"] == impl), None)
                 if row is None:
-                    row = {"batch": b, "tokens": args.tokens, "channels": args.channels, "dtype": args.dtype, "impl": impl}
+                    row = {
+                        "batch": b,
+                        "tokens": args.tokens,
+                        "channels": args.channels,
+                        "dtype": args.dtype,
+                        "impl": impl,
+                    }
                     rows.append(row)
                 row[f"{mode}_ms_p20_p50_p80"] = _quantiles(ms)
                 row[f"{mode}_spread"] = (max(ms) - min(ms)) / statistics.median(ms)
@@ -134,13 +144,17 @@ def main() -> int:
     import torch as _t
 
     gpu = _t.cuda.get_device_name(0) if cuda else ("cpu-interpret" if args.interpret_smoke else "cpu")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-kernels-")) if args.interpret_smoke else ROOT / "bench" / "results")
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-kernels-")) if args.interpret_smoke else ROOT / "bench" / "results"
+    )
     path = write_result(out / f"kernels_{slug(gpu)}.json", {"rows": rows, "interpret_smoke": args.interpret_smoke})
     print(f"{'B':>3} {'impl':>9} {'fwd ms':>8} {'bwd ms':>8} {'full ms':>8} {'fwd GB/s':>9} {'speedup':>8}")
     for r in rows:
-        print(f"{r['batch']:>3} {r['impl']:>9} {r['forward_ms_p20_p50_p80'][1]:>8.3f} "
-              f"{r['backward_ms_p20_p50_p80'][1]:>8.3f} {r['full_ms_p20_p50_p80'][1]:>8.3f} "
-              f"{r['forward_gbps']:>9.1f} {r.get('full_speedup_vs_reference', 1.0):>8.2f}")  # fmt: skip
+        print(
+            f"{r['batch']:>3} {r['impl']:>9} {r['forward_ms_p20_p50_p80'][1]:>8.3f} "
+            f"{r['backward_ms_p20_p50_p80'][1]:>8.3f} {r['full_ms_p20_p50_p80'][1]:>8.3f} "
+            f"{r['forward_gbps']:>9.1f} {r.get('full_speedup_vs_reference', 1.0):>8.2f}"
+        )
     print(f"wrote {path}")
     return 0
 

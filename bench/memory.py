@@ -5,7 +5,8 @@
     python bench/memory.py --model flux-dev             # GPU: FLUX.1-dev transformer + VAE shapes, random weights,
                                                         # the setup of configs/flux_leapalign.toml (LoRA, bf16)
     python bench/memory.py --model sd35-medium          # GPU: SD3.5-Medium shapes, configs/sd35_medium_leapalign.toml
-    python bench/memory.py --model flux2-klein-9b       # GPU: FLUX.2-Klein-base 9B shapes, configs/flux2_klein_leapalign.toml
+    python bench/memory.py --model flux2-klein-9b       # GPU: FLUX.2-Klein-base 9B shapes,
+    configs/flux2_klein_leapalign.toml
     python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
     python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
@@ -24,7 +25,8 @@ Per row (method, N, resolution, decode checkpointing):
   activation peak that grows with N.
 - `peak_rss_mib` (CPU): the process's peak resident memory during a step above its resident memory before the
   step, median over the counted and the timed steps, with min and max; with `--rss-isolated`, measured in a
-  fresh process per method instead (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to return freed blocks of
+  fresh process per method instead (Linux VmHWM, reset per step through /proc/self/clear_refs; glibc is told to
+  return freed blocks of
   64 KiB or more to the OS so resident memory follows live memory). On CUDA: `peak_mib` (allocator peak above
   the memory allocated before the step) and `nvml_used_mib` (the device CUDA_VISIBLE_DEVICES maps to).
 - `seconds`: median over `--repeats` measured steps, the methods of one (N, resolution) interleaved in each
@@ -69,9 +71,11 @@ MODELS = {  # TinyFluxConfig sizes of the CPU models, with their default resolut
     "tiny": (dict(), 64),
     "mid": (dict(layers=4, single_layers=8, heads=4, head_dim=64, text_dim=64, vae_channels=16), 256),
 }
+
+
 def bench_config(args, tmp: Path):
     """The Config whose run is measured: a CPU model size, or a FLUX config file (full size, random weights)."""
-    from leapalign_fast.config import Config, TinyFluxConfig, load_config
+    from leapalign_fast.config import TinyFluxConfig, load_config
 
     if args.model in MODELS:
         cfg = load_config(args.config, args.set) if args.config else load_config(None, args.set)
@@ -117,7 +121,10 @@ class SavedBytes:
     def snapshot(self) -> None:
         alive = [(p, n) for p, n, ref in self.storages.values() if not ref.expired()]
         if sum(n for _, n in alive) / 2**20 >= sum(self.peak.values()):
-            self.peak = {part: sum(n for p, n in alive if p == part) / 2**20 for part in ("transformer", "decode_reward", "other")}
+            self.peak = {
+                part: sum(n for p, n in alive if p == part) / 2**20
+                for part in ("transformer", "decode_reward", "other")
+            }
 
     def hold(self, part: str, tensors) -> None:
         """Tensors kept alive by a recomputed function's closure (its inputs): saved, though no hook sees them."""
@@ -276,11 +283,19 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
     run.geometry = run.backbone.geometry(run.components, res)
     run.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
     method = build_method(method_variant(method_name, run.cfg.method.lam, n), n)  # its own (published) defaults
-    excluded = {t.untyped_storage().data_ptr() for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
-                for t in [*m.parameters(), *m.buffers()]}  # fmt: skip
+    excluded = {
+        t.untyped_storage().data_ptr()
+        for m in (train.unwrap(run.transformer), run.components.vae, run.reward)
+        for t in [*m.parameters(), *m.buffers()]
+    }
     saved = SavedBytes(excluded)
-    row = {"method": method_name, "num_steps": n, "resolution": res, "batch": run.cfg.batch_size,
-           "checkpoint_decode": run.cfg.model.checkpoint_decode}  # fmt: skip
+    row = {
+        "method": method_name,
+        "num_steps": n,
+        "resolution": res,
+        "batch": run.cfg.batch_size,
+        "checkpoint_decode": run.cfg.model.checkpoint_decode,
+    }
     try:
         if cuda:
             torch.cuda.synchronize()
@@ -323,29 +338,47 @@ def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
             t0 = time.perf_counter()
             trainer_step(run, method, timer, None)
             step = time.perf_counter() - t0
-            out[name].append({"step": step, **timer.seconds, "other": step - sum(timer.seconds.values()),
-                              "peak_rss": None if before is None else rss_mib("VmHWM") - before})  # fmt: skip
+            out[name].append(
+                {
+                    "step": step,
+                    **timer.seconds,
+                    "other": step - sum(timer.seconds.values()),
+                    "peak_rss": None if before is None else rss_mib("VmHWM") - before,
+                }
+            )
     return out
 
 
 def summarize_times(samples: list[dict]) -> dict:
     steps = [s["step"] for s in samples]
     med = statistics.median(steps)
-    return {"step_seconds": med, "step_seconds_min": min(steps), "step_seconds_max": max(steps), "step_seconds_all": steps,
-            "spread": (max(steps) - min(steps)) / med if med else 0.0, "repeats": len(steps),
-            "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("step", "peak_rss")}}  # fmt: skip
+    return {
+        "step_seconds": med,
+        "step_seconds_min": min(steps),
+        "step_seconds_max": max(steps),
+        "step_seconds_all": steps,
+        "spread": (max(steps) - min(steps)) / med if med else 0.0,
+        "repeats": len(steps),
+        "seconds": {k: statistics.median(s[k] for s in samples) for k in samples[0] if k not in ("step", "peak_rss")},
+    }
 
 
 def ratios(rows: list[dict]) -> list[dict]:
     """full / each other method (`method`) per (N, resolution, decode checkpointing), for every memory count
     (`full_over_<count>`) and the step time."""
     out = []
-    keys = [("activation_mib", None), ("transformer", "activation_by_part_mib"), ("peak_rss_mib", None), ("peak_mib", None)]
+    keys = [
+        ("activation_mib", None),
+        ("transformer", "activation_by_part_mib"),
+        ("peak_rss_mib", None),
+        ("peak_mib", None),
+    ]
     for r in rows:
         if r["method"] == "full" or r["oom"]:
             continue
-        full = next((f for f in rows if f["method"] == "full" and not f["oom"] and all(
-            f[k] == r[k] for k in POINT)), None)  # fmt: skip
+        full = next(
+            (f for f in rows if f["method"] == "full" and not f["oom"] and all(f[k] == r[k] for k in POINT)), None
+        )
         if full is None:
             continue
         entry = {k: r[k] for k in ("method", *POINT)}
@@ -368,12 +401,17 @@ def variant_ratios(rows: list[dict]) -> list[dict]:
     variant / default for the memory counts, and step time round by round (paired: median [min, max])."""
     out = []
     for r in rows:
-        base = next((b for b in rows if ":" in r["method"] and b["method"] == r["method"].split(":")[0] and all(
-            b[k] == r[k] for k in POINT)), None)  # fmt: skip
+        base = next(
+            (
+                b
+                for b in rows
+                if ":" in r["method"] and b["method"] == r["method"].split(":")[0] and all(b[k] == r[k] for k in POINT)
+            ),
+            None,
+        )
         if base is None or r["oom"] or base["oom"]:
             continue
-        entry = {"variant": r["method"], "method": base["method"],
-                 **{k: r[k] for k in POINT}}  # fmt: skip
+        entry = {"variant": r["method"], "method": base["method"], **{k: r[k] for k in POINT}}
         for key in ("activation_mib", "peak_rss_mib", "peak_mib"):
             if r.get(key) and base.get(key):
                 entry[f"variant_over_method_{key}"] = r[key] / base[key]
@@ -387,12 +425,23 @@ def flatness(rows: list[dict], method: str = "leapalign") -> list[dict]:
     """Relative change of each memory count from the smallest to the largest N."""
     out = []
     for res, ck in sorted({(r["resolution"], r["checkpoint_decode"]) for r in rows}):
-        pts = sorted((r for r in rows if r["method"] == method and r["resolution"] == res
-                      and r["checkpoint_decode"] == ck and not r["oom"]), key=lambda r: r["num_steps"])  # fmt: skip
+        pts = sorted(
+            (
+                r
+                for r in rows
+                if r["method"] == method and r["resolution"] == res and r["checkpoint_decode"] == ck and not r["oom"]
+            ),
+            key=lambda r: r["num_steps"],
+        )
         if len(pts) < 2:
             continue
-        entry = {"method": method, "resolution": res, "checkpoint_decode": ck,
-                 "from_n": pts[0]["num_steps"], "to_n": pts[-1]["num_steps"]}  # fmt: skip
+        entry = {
+            "method": method,
+            "resolution": res,
+            "checkpoint_decode": ck,
+            "from_n": pts[0]["num_steps"],
+            "to_n": pts[-1]["num_steps"],
+        }
         for key in ("activation_mib", "peak_rss_mib", "peak_mib"):
             a, b = pts[0].get(key), pts[-1].get(key)
             if a and b is not None:
@@ -407,33 +456,52 @@ def write_outputs(rows: list[dict], out: Path, name: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md = ["| method | N | res | decode ckpt | activation MiB | transformer | decode+reward | other | peak MiB | "
-          "step s (median) | spread | sampling s | grad fwd s | decode+reward s | backward s | other s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        "| method | N | res | decode ckpt | activation MiB | transformer | decode+reward | other | peak MiB | "
+        "step s (median) | spread | sampling s | grad fwd s | decode+reward s | backward s | other s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["oom"]:
-            md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['checkpoint_decode']} | OOM |"
-                      + " |" * 11)
+            md.append(
+                f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {r['checkpoint_decode']} | OOM |" + " |" * 11
+            )
             continue
         p = r["activation_by_part_mib"]
-        s = {"other": float("nan"), **(r.get("seconds") or dict.fromkeys(("sampling", "grad_forwards", "decode_reward",
-                                                                         "backward"), float("nan")))}  # fmt: skip
+        s = {
+            "other": float("nan"),
+            **(
+                r.get("seconds")
+                or dict.fromkeys(("sampling", "grad_forwards", "decode_reward", "backward"), float("nan"))
+            ),
+        }
         peak = r.get("peak_mib", r.get("peak_rss_mib"))
-        md.append(f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {'on' if r['checkpoint_decode'] else 'off'} | "
-                  f"{r['activation_mib']:.1f} | {p['transformer']:.1f} | {p['decode_reward']:.1f} | {p['other']:.1f} | "
-                  f"{'n/a' if peak is None else f'{peak:.1f}'} | {r.get('step_seconds', float('nan')):.3f} | {100 * r.get('spread', float('nan')):.0f}% | "
-                  f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} | "
-                  f"{s['other']:.3f} |")  # fmt: skip
+        md.append(
+            f"| {r['method']} | {r['num_steps']} | {r['resolution']} | {'on' if r['checkpoint_decode'] else 'off'} | "
+            f"{r['activation_mib']:.1f} | {p['transformer']:.1f} | {p['decode_reward']:.1f} | {p['other']:.1f} | "
+            f"{'n/a' if peak is None else f'{peak:.1f}'} | {r.get('step_seconds', float('nan')):.3f} | "
+            f"{100 * r.get('spread', float('nan')):.0f}% | "
+            f"{s['sampling']:.3f} | {s['grad_forwards']:.3f} | {s['decode_reward']:.3f} | {s['backward']:.3f} | "
+            f"{s['other']:.3f} |"
+        )
     paths = [out / f"{name}.md"]
     paths[0].write_text("\n".join(md) + "\n")
     for res in sorted({r["resolution"] for r in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for m, ck in dict.fromkeys((r["method"], r["checkpoint_decode"]) for r in rows):
-            pts = [r for r in rows if (r["method"], r["checkpoint_decode"]) == (m, ck) and r["resolution"] == res
-                   and not r["oom"]]  # fmt: skip
+            pts = [
+                r
+                for r in rows
+                if (r["method"], r["checkpoint_decode"]) == (m, ck) and r["resolution"] == res and not r["oom"]
+            ]
             label = f"{m}{'' if ck else ' (decode kept)'}"
             axes[0].plot([r["num_steps"] for r in pts], [r["activation_mib"] for r in pts], marker="o", label=label)
-            axes[1].plot([r["num_steps"] for r in pts], [r.get("step_seconds", float("nan")) for r in pts], marker="o", label=label)
+            axes[1].plot(
+                [r["num_steps"] for r in pts],
+                [r.get("step_seconds", float("nan")) for r in pts],
+                marker="o",
+                label=label,
+            )
         axes[0].set(xlabel="sampling steps N", ylabel="activation memory (MiB)", title=f"memory vs N, {res} px")
         axes[1].set(xlabel="sampling steps N", ylabel="step time (s, median)", title=f"time vs N, {res} px")
         axes[0].legend(fontsize=7)
@@ -451,8 +519,19 @@ def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
 
     for m in args.methods:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--methods", m, "--repeats", "0", "--out", tmp,
-                   "--tag", "child"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *argv,
+                "--methods",
+                m,
+                "--repeats",
+                "0",
+                "--out",
+                tmp,
+                "--tag",
+                "child",
+            ]
             cmd = [c for c in cmd if c != "--rss-isolated"]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             child = json.loads(next(Path(tmp).glob("*.json")).read_text())["rows"]
@@ -469,27 +548,45 @@ def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px, N 10 and 50, 1 repeat; temp output")
-    p.add_argument("--model", choices=[*MODELS, *RANDOM_MODELS], default=None,
-                   help="default: mid on CPU, flux-dev on GPU (random-tiny*: the full-size code path at toy size)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="the run config whose step is measured (default: the tiny default's setup for tiny/mid, "
-                        "the backbone's configs/*_leapalign.toml for the full-size models)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=[*MODELS, *RANDOM_MODELS],
+        default=None,
+        help="default: mid on CPU, flux-dev on GPU (random-tiny*: the full-size code path at toy size)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the run config whose step is measured (default: the tiny default's setup for tiny/mid, "
+        "the backbone's configs/*_leapalign.toml for the full-size models)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as on the CLI")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
     p.add_argument("--resolutions", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--checkpoint-decode", choices=["on", "off", "both"], default=None,
-                   help="recompute decode + reward in the backward (default: the config's model.checkpoint_decode)")
+    p.add_argument(
+        "--checkpoint-decode",
+        choices=["on", "off", "both"],
+        default=None,
+        help="recompute decode + reward in the backward (default: the config's model.checkpoint_decode)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row, interleaved across methods")
     p.add_argument("--reward", default="colour", help="reward name (its graph counts in the memory)")
-    p.add_argument("--reward-options", default="{}", help='JSON, e.g. \'{"clip": "...", "checkpoint": "...", '
-                   '"dtype": "bfloat16"}\' for hpsv2.1')  # fmt: skip
+    p.add_argument(
+        "--reward-options",
+        default="{}",
+        help='JSON, e.g. \'{"clip": "...", "checkpoint": "...", "dtype": "bfloat16"}\' for hpsv2.1',
+    )
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
     p.add_argument("--tag", default="", help="suffix of the output file names (e.g. lora)")
-    p.add_argument("--rss-isolated", action="store_true",
-                   help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
-                        "allocator's heap fragmented, which raises the resident memory of the steps after it)")
+    p.add_argument(
+        "--rss-isolated",
+        action="store_true",
+        help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
+        "allocator's heap fragmented, which raises the resident memory of the steps after it)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     if args.quick:
@@ -504,7 +601,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if sys.platform == "linux" and any(k not in os.environ for k in _MALLOC_ENV) and not args.dry_run:
         os.environ.update(_MALLOC_ENV)
-        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
+        os.execv(
+            sys.executable,
+            [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])],
+        )
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: a busy machine must not spin-wait
     if args.methods is None:
         from leapalign_fast.methods import METHODS
@@ -515,23 +615,32 @@ def main(argv=None) -> int:
 
         full_size = args.model in RANDOM_MODELS and not args.config
         load_config(ROOT / "configs" / RANDOM_MODELS[args.model][1] if full_size else args.config, args.set)
-        print(f"plan: model {args.model or 'mid on CPU, flux-dev on GPU'}, methods {args.methods}, N {args.steps}, "
-              f"resolutions {args.resolutions or 'default'}, batch {args.batch}, decode checkpointing "
-              f"{args.checkpoint_decode or 'from config'}, {args.repeats} interleaved repeats, out {args.out or 'default'}")
+        print(
+            f"plan: model {args.model or 'mid on CPU, flux-dev on GPU'}, methods {args.methods}, N {args.steps}, "
+            f"resolutions {args.resolutions or 'default'}, batch {args.batch}, decode checkpointing "
+            f"{args.checkpoint_decode or 'from config'}, {args.repeats} interleaved repeats, out "
+            f"{args.out or 'default'}"
+        )
         return 0
     import torch
 
     from bench.common import slug, write_result
     from leapalign_fast import train
+    from leapalign_fast.config import config_dict
     from leapalign_fast.threads import describe_threads
 
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
     args.model = args.model or ("flux-dev" if cuda else "mid")
     if args.model in RANDOM_RESOLUTIONS and not cuda:
-        print(f"bench/memory.py --model {args.model} needs a CUDA GPU (full size); use --model mid on CPU", file=sys.stderr)
+        print(
+            f"bench/memory.py --model {args.model} needs a CUDA GPU (full size); use --model mid on CPU",
+            file=sys.stderr,
+        )
         return 2
-    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, **RANDOM_RESOLUTIONS}.get(args.model, [64])
+    res_list = args.resolutions or {**{k: [v[1]] for k, v in MODELS.items()}, **RANDOM_RESOLUTIONS}.get(
+        args.model, [64]
+    )
     variants = {"on": [True], "off": [False], "both": [True, False], None: [None]}[args.checkpoint_decode]
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-memory-")) if args.quick else ROOT / "bench" / "results")
     print(f"bench/memory.py: {describe_threads()}", flush=True)
@@ -547,8 +656,11 @@ def main(argv=None) -> int:
         with random_weights(args.model, device) if args.model in RANDOM_MODELS else contextlib.nullcontext():
             run = train.Trainer(cfg, accelerator)
         n_params = sum(p.numel() for p in train.unwrap(run.transformer).parameters())
-        parts = [(train.unwrap(run.transformer), "transformer"), (run.components.vae.decoder, "decode_reward"),
-                 (run.reward, "decode_reward")]  # fmt: skip
+        parts = [
+            (train.unwrap(run.transformer), "transformer"),
+            (run.components.vae.decoder, "decode_reward"),
+            (run.reward, "decode_reward"),
+        ]
         for ck in variants:
             if ck is not None:
                 run.cfg.model.checkpoint_decode = ck
@@ -568,42 +680,74 @@ def main(argv=None) -> int:
                     for row in group:
                         if not row["oom"] and args.repeats:
                             row.update(summarize_times(times[row["method"]]))
-                            rss = [x for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
-                                   if x is not None]  # fmt: skip
+                            rss = [
+                                x
+                                for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
+                                if x is not None
+                            ]
                             if rss:  # resident memory moves with the allocator's reuse: median over every step
                                 row["peak_rss_mib_counted_step"] = row["peak_rss_mib"]
-                                row.update(peak_rss_mib=statistics.median(rss), peak_rss_mib_min=min(rss),
-                                           peak_rss_mib_max=max(rss))  # fmt: skip
+                                row.update(
+                                    peak_rss_mib=statistics.median(rss),
+                                    peak_rss_mib_min=min(rss),
+                                    peak_rss_mib_max=max(rss),
+                                )
                         rows.append(row)
-                        print(f"{row['method']:>10} N={n:<3} {res}px decode-ckpt={'on' if row['checkpoint_decode'] else 'off':<3} "
-                              f"activation {row.get('activation_mib', float('nan')):8.2f} MiB "
-                              f"(transformer {row.get('activation_by_part_mib', {}).get('transformer', float('nan')):.2f}) "
-                              f"peak {row.get('peak_mib', row.get('peak_rss_mib')) or float('nan'):8.1f} MiB  "
-                              f"step {row.get('step_seconds', float('nan')):7.3f} s ±{100 * row.get('spread', 0):.0f}%"
-                              f"{'  OOM' if row['oom'] else ''}", flush=True)  # fmt: skip
+                        print(
+                            f"{row['method']:>10} N={n:<3} {res}px "
+                            f"decode-ckpt={'on' if row['checkpoint_decode'] else 'off':<3} "
+                            f"activation {row.get('activation_mib', float('nan')):8.2f} MiB "
+                            f"(transformer "
+                            f"{row.get('activation_by_part_mib', {}).get('transformer', float('nan')):.2f}) "
+                            f"peak {row.get('peak_mib', row.get('peak_rss_mib')) or float('nan'):8.1f} MiB  "
+                            f"step {row.get('step_seconds', float('nan')):7.3f} s ±{100 * row.get('spread', 0):.0f}%"
+                            f"{'  OOM' if row['oom'] else ''}",
+                            flush=True,
+                        )
     if args.rss_isolated and not cuda:
         isolated_rss(rows, args, argv if argv is not None else sys.argv[1:])
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     name = f"memory_{args.model}_{slug(gpu)}{'_' + slug(args.tag) if args.tag else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "device": device, "transformer_parameters": n_params, "rows": rows,
-               "ratios": ratios(rows), "variant_ratios": variant_ratios(rows), "flatness": flatness(rows),
-               "config": config_dict(cfg),
-               "threads": describe_threads(), "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
-               "wall_seconds": time.perf_counter() - t0,
-               "note": "random weights (and, at full size, random prompt embeddings); the trainer's own step"}  # fmt: skip
+    payload = {
+        "model": args.model,
+        "device": device,
+        "transformer_parameters": n_params,
+        "rows": rows,
+        "ratios": ratios(rows),
+        "variant_ratios": variant_ratios(rows),
+        "flatness": flatness(rows),
+        "config": config_dict(cfg),
+        "threads": describe_threads(),
+        "malloc_env": {k: os.environ.get(k) for k in _MALLOC_ENV},
+        "wall_seconds": time.perf_counter() - t0,
+        "note": "random weights (and, at full size, random prompt embeddings); the trainer's own step",
+    }
     path = write_result(out / f"{name}.json", payload)
     extra = write_outputs(rows, out, name)
     for r in payload["ratios"]:
-        counts = ", ".join(f"{k.removeprefix('full_over_')} {v:.2f}x" for k, v in r.items() if k.startswith("full_over"))
+        counts = ", ".join(
+            f"{k.removeprefix('full_over_')} {v:.2f}x" for k, v in r.items() if k.startswith("full_over")
+        )
         paired = r.get("step_seconds_ratio_paired", {}).get("median")
-        print(f"full/{r['method']} N={r['num_steps']} {r['resolution']}px decode-ckpt={'on' if r['checkpoint_decode'] else 'off'}: "
-              f"{counts}{'' if paired is None else f', step time {paired:.2f}x (paired median)'}")
+        print(
+            f"full/{r['method']} N={r['num_steps']} {r['resolution']}px "
+            f"decode-ckpt={'on' if r['checkpoint_decode'] else 'off'}: "
+            f"{counts}{'' if paired is None else f', step time {paired:.2f}x (paired median)'}"
+        )
     for r in payload["variant_ratios"]:
-        counts = ", ".join(f"{k.removeprefix('variant_over_method_')} {v:.2f}x" for k, v in r.items() if k.startswith("variant_over"))
+        counts = ", ".join(
+            f"{k.removeprefix('variant_over_method_')} {v:.2f}x" for k, v in r.items() if k.startswith("variant_over")
+        )
         paired = r.get("step_seconds_ratio_paired", {})
-        print(f"{r['variant']}/{r['method']} N={r['num_steps']}: {counts}"
-              + (f", step time {paired['median']:.2f}x [{paired['min']:.2f}, {paired['max']:.2f}] (paired)" if paired else ""))
+        print(
+            f"{r['variant']}/{r['method']} N={r['num_steps']}: {counts}"
+            + (
+                f", step time {paired['median']:.2f}x [{paired['min']:.2f}, {paired['max']:.2f}] (paired)"
+                if paired
+                else ""
+            )
+        )
     for f in payload["flatness"]:
         print("flatness", {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})
     print("wrote", path, *extra)

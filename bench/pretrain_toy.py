@@ -2,7 +2,8 @@
 
     python bench/pretrain_toy.py --vae-steps 1500 --flow-steps 4000 --seed 0 --out assets/toy/flux
     python bench/pretrain_toy.py --init-from assets/toy/flux --flow-steps 4000 --batch 32 --lr 5e-4 --decay cosine \
-        --out /tmp/flux_longer      # continue a pretrained model: its VAE and text encoders kept, the transformer trained on
+        --out /tmp/flux_longer      # continue a pretrained model: its VAE and text encoders kept, the transformer
+        trained on
 
 Stage 1 trains a 16-channel AutoencoderKL (8x downsampling: 64 px -> 8x8 latents) on rendered scenes and sets its
 FLUX-style `scaling_factor`/`shift_factor` from the latent statistics. Stage 2 trains a FluxTransformer2DModel
@@ -52,18 +53,36 @@ def scenes(rng: random.Random, n: int):
 def build_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 16, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def build_transformer(width: int, layers: int):
     from diffusers import FluxTransformer2DModel
 
     heads = width // 16
-    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=layers,
-                                  attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))  # fmt: skip
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=layers,
+        num_single_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
 
 
 def train_vae(vae, steps: int, batch: int, rng, log) -> list[float]:
@@ -109,9 +128,22 @@ def lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
     return warm if decay == "none" else warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
-def train_flow(comps, steps: int, batch: int, lr: float, rng, log, bank_size: int = 8192, decay: str = "none",
-               save=None, save_every: int = 0, caption_dropout: float = 0.0, mg_scale: float = 0.0,
-               mg_ramp: int = 0, t_dist: str = "logit-normal") -> list[float]:  # fmt: skip
+def train_flow(
+    comps,
+    steps: int,
+    batch: int,
+    lr: float,
+    rng,
+    log,
+    bank_size: int = 8192,
+    decay: str = "none",
+    save=None,
+    save_every: int = 0,
+    caption_dropout: float = 0.0,
+    mg_scale: float = 0.0,
+    mg_ramp: int = 0,
+    t_dist: str = "logit-normal",
+) -> list[float]:
     """Rectified-flow training of `comps.transformer`. `caption_dropout` > 0 replaces that fraction of captions by
     the empty caption (an unconditional branch); `mg_scale` = w > 0 (needs caption dropout) trains the conditional
     branch toward `eps - x0 + w * sg(v(x_t, c) - v(x_t, empty))`, model guidance (Tang et al., 2025): the fixed point
@@ -147,8 +179,9 @@ def train_flow(comps, steps: int, batch: int, lr: float, rng, log, bank_size: in
                     guided = BACKBONE.velocity(transformer, both, geom, 3.5)
                     vc, vu = guided(torch.cat([xt, xt]), torch.cat([t, t])).chunk(2)
                 target = target + w * (~drop).view(-1, 1, 1).float() * (vc - vu)
-            cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v)
-                    for k, v in cond.items()}
+            cond = {
+                k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v) for k, v in cond.items()
+            }
         v = BACKBONE.velocity(transformer, cond, geom, 3.5)(xt, t)
         loss = F.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
@@ -175,17 +208,37 @@ def main(argv=None) -> int:
     p.add_argument("--bank", type=int, default=8192, help="scenes encoded once for the flow stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decay", choices=("none", "cosine"), default="none", help="flow-stage lr after warm-up")
-    p.add_argument("--init-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its VAE and "
-                   "text encoders, continue training its transformer (no VAE stage)")
-    p.add_argument("--components-from", type=Path, default=None, help="a pretrained toy FLUX directory: keep its "
-                   "VAE and text encoders (no VAE stage), train a fresh transformer of --width/--layers")
-    p.add_argument("--caption-dropout", type=float, default=0.0, help="fraction of captions replaced by the empty "
-                   "caption in the flow stage (an unconditional branch for --mg-scale)")
-    p.add_argument("--mg-scale", type=float, default=0.0, help="model guidance w in [0, 1): the conditional branch "
-                   "learns the CFG velocity of scale 1/(1-w) (0: off)")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a pretrained toy FLUX directory: keep its VAE and "
+        "text encoders, continue training its transformer (no VAE stage)",
+    )
+    p.add_argument(
+        "--components-from",
+        type=Path,
+        default=None,
+        help="a pretrained toy FLUX directory: keep its "
+        "VAE and text encoders (no VAE stage), train a fresh transformer of --width/--layers",
+    )
+    p.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.0,
+        help="fraction of captions replaced by the empty "
+        "caption in the flow stage (an unconditional branch for --mg-scale)",
+    )
+    p.add_argument(
+        "--mg-scale",
+        type=float,
+        default=0.0,
+        help="model guidance w in [0, 1): the conditional branch learns the CFG velocity of scale 1/(1-w) (0: off)",
+    )
     p.add_argument("--mg-ramp", type=int, default=0, help="flow steps over which w ramps up from 0")
-    p.add_argument("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal",
-                   help="flow-stage time distribution")
+    p.add_argument(
+        "--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-stage time distribution"
+    )
     p.add_argument("--save-every", type=int, default=0, help="also write the model every n flow steps (0: at the end)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
@@ -200,7 +253,11 @@ def main(argv=None) -> int:
         comps.transformer.train().requires_grad_(True)
         comps.vae.requires_grad_(False)
         vae_losses = [float("nan")]
-        args.vae_steps, args.width, args.layers = 0, comps.transformer.config.num_attention_heads * 16, comps.transformer.config.num_layers
+        args.vae_steps, args.width, args.layers = (
+            0,
+            comps.transformer.config.num_attention_heads * 16,
+            comps.transformer.config.num_layers,
+        )
     elif args.components_from is not None:
         base = BACKBONE.load(args.components_from, torch.float32, max_sequence_length=32)
         base.vae.requires_grad_(False)
@@ -216,21 +273,49 @@ def main(argv=None) -> int:
 
     def save(step: int, flow_losses: list[float]) -> None:
         save_flux(comps, args.out)
-        write_result(args.out.parent / f"{args.out.name}.json", {
-            "seed": args.seed, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_steps_done": step,
-            "batch": args.batch, "width": args.width, "layers": args.layers, "lr": args.lr, "bank": args.bank,
-            "decay": args.decay, "init_from": str(args.init_from) if args.init_from else None,
-            **({"components_from": str(args.components_from)} if args.components_from else {}),
-            **({"t_dist": args.t_dist} if args.t_dist != "logit-normal" else {}),
-            **({"caption_dropout": args.caption_dropout, "mg_scale": args.mg_scale, "mg_ramp": args.mg_ramp}
-               if args.caption_dropout else {}),
-            "train_seconds": time.perf_counter() - t0,
-            "vae_final_loss": float(np.mean(vae_losses[-100:])), "flow_final_loss": float(np.mean(flow_losses[-100:])),
-        })  # fmt: skip
+        write_result(
+            args.out.parent / f"{args.out.name}.json",
+            {
+                "seed": args.seed,
+                "vae_steps": args.vae_steps,
+                "flow_steps": args.flow_steps,
+                "flow_steps_done": step,
+                "batch": args.batch,
+                "width": args.width,
+                "layers": args.layers,
+                "lr": args.lr,
+                "bank": args.bank,
+                "decay": args.decay,
+                "init_from": str(args.init_from) if args.init_from else None,
+                **({"components_from": str(args.components_from)} if args.components_from else {}),
+                **({"t_dist": args.t_dist} if args.t_dist != "logit-normal" else {}),
+                **(
+                    {"caption_dropout": args.caption_dropout, "mg_scale": args.mg_scale, "mg_ramp": args.mg_ramp}
+                    if args.caption_dropout
+                    else {}
+                ),
+                "train_seconds": time.perf_counter() - t0,
+                "vae_final_loss": float(np.mean(vae_losses[-100:])),
+                "flow_final_loss": float(np.mean(flow_losses[-100:])),
+            },
+        )
 
-    flow_losses = train_flow(comps, args.flow_steps, args.batch, args.lr, rng, log, args.bank, args.decay, save,
-                             args.save_every, args.caption_dropout, args.mg_scale, args.mg_ramp,
-                             args.t_dist)  # fmt: skip
+    flow_losses = train_flow(
+        comps,
+        args.flow_steps,
+        args.batch,
+        args.lr,
+        rng,
+        log,
+        args.bank,
+        args.decay,
+        save,
+        args.save_every,
+        args.caption_dropout,
+        args.mg_scale,
+        args.mg_ramp,
+        args.t_dist,
+    )
     comps.transformer.eval()
     save(args.flow_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")

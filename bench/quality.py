@@ -53,9 +53,17 @@ TRAIN_PROMPTS = ROOT / "assets" / "toy" / "prompts_train.txt"
 def run_config(args, method: str, seed: int, out: Path, extra=()):
     from leapalign_fast.config import load_config
 
-    overrides = [f"output_dir={out}", f"prompt_file={TRAIN_PROMPTS}", f"seed={seed}", f"method.name={method}",
-                 f"max_steps={args.steps}", "tensorboard=false", f"checkpoint_every={args.steps}", "keep_checkpoints=1",
-                 "eval_prompts=['a red square', 'a blue circle and a yellow triangle']"]  # fmt: skip
+    overrides = [
+        f"output_dir={out}",
+        f"prompt_file={TRAIN_PROMPTS}",
+        f"seed={seed}",
+        f"method.name={method}",
+        f"max_steps={args.steps}",
+        "tensorboard=false",
+        f"checkpoint_every={args.steps}",
+        "keep_checkpoints=1",
+        "eval_prompts=['a red square', 'a blue circle and a yellow triangle']",
+    ]
     if args.model:
         overrides.append(f"model.source={args.model}")
     if args.reward:
@@ -77,21 +85,40 @@ def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarra
     from leapalign_fast.toy.evaluator import colour_entropy, evaluate_images
 
     prompts, specs = [c for c, _ in eval_set], [s for _, s in eval_set]
-    images = np.concatenate([im.cpu().numpy() for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n,
-                                                                            batch_size=96, seed=1000 + seed)])  # fmt: skip
+    images = np.concatenate(
+        [
+            im.cpu().numpy()
+            for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n, batch_size=96, seed=1000 + seed)
+        ]
+    )
     table = evaluate_images(images, specs)
     table["heldout"] = float(np.mean([table[c] for c in CATEGORIES if c != "single"]))
     with torch.no_grad():
-        table["reward"] = float(torch.cat([reward(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96])
-                                           for i in range(0, len(prompts), 96)]).mean())  # fmt: skip
-        table["ood_reward"] = float(torch.cat([ood(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96])
-                                               for i in range(0, len(prompts), 96)]).mean()) if ood else float("nan")  # fmt: skip
+        table["reward"] = float(
+            torch.cat(
+                [reward(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96]) for i in range(0, len(prompts), 96)]
+            ).mean()
+        )
+        table["ood_reward"] = (
+            float(
+                torch.cat(
+                    [ood(torch.from_numpy(images[i : i + 96]), prompts[i : i + 96]) for i in range(0, len(prompts), 96)]
+                ).mean()
+            )
+            if ood
+            else float("nan")
+        )
     table["colour_entropy"] = colour_entropy(images, specs)
     by_caption: dict[str, list[np.ndarray]] = {}
     for p, im in zip(prompts, images):
         by_caption.setdefault(p, []).append(im)
-    dists = [np.sqrt(np.mean((a - b) ** 2)) for ims in by_caption.values() if len(ims) > 1
-             for i, a in enumerate(ims) for b in ims[i + 1 :]]  # fmt: skip
+    dists = [
+        np.sqrt(np.mean((a - b) ** 2))
+        for ims in by_caption.values()
+        if len(ims) > 1
+        for i, a in enumerate(ims)
+        for b in ims[i + 1 :]
+    ]
     table["diversity"] = float(np.mean(dists)) if dists else float("nan")
     return table, images
 
@@ -145,8 +172,13 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
         return {"task": task, "table": table, "images": grid_images(images, args)}
     extra = []
     if args.eval_every:
-        extra = [f"eval_every={args.eval_every}", f"eval_prompt_file={work / 'validation_prompts.txt'}",
-                 "eval_rewards=['evaluator', 'reward']", "best_metric='evaluator'", f"eval_num_steps={args.eval_n}"]  # fmt: skip
+        extra = [
+            f"eval_every={args.eval_every}",
+            f"eval_prompt_file={work / 'validation_prompts.txt'}",
+            "eval_rewards=['evaluator', 'reward']",
+            "best_metric='evaluator'",
+            f"eval_num_steps={args.eval_n}",
+        ]
     cfg = run_config(args, method, seed, out, extra)
     counter = ForwardCounter()
     t0 = time.perf_counter()
@@ -161,10 +193,17 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
     path = out / "best" if args.select == "best" else ckpt.list_checkpoints(out)[-1]
     reward = res.trainer.reward
     table, images = score(cfg, path, eval_set, args, seed, reward, ood)
-    return {"task": task, "table": table, "images": grid_images(images, args), "rewards": res.rewards,
-            "train_seconds": seconds, "steps": res.steps, "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),
-            "grad_forwards_per_step": counter.grad / res.steps, "validation": [
-                {**r, "train_seconds": clock[r["step"] - 1] if r["step"] else 0.0} for r in validation]}  # fmt: skip
+    return {
+        "task": task,
+        "table": table,
+        "images": grid_images(images, args),
+        "rewards": res.rewards,
+        "train_seconds": seconds,
+        "steps": res.steps,
+        "step_seconds": float(np.mean([m["step_seconds"] for m in metrics])),
+        "grad_forwards_per_step": counter.grad / res.steps,
+        "validation": [{**r, "train_seconds": clock[r["step"] - 1] if r["step"] else 0.0} for r in validation],
+    }
 
 
 def _worker(payload):
@@ -176,13 +215,25 @@ def _worker(payload):
 def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
     """Per method: mean and 95% CI of every column; paired differences against base and between methods."""
     table = {m: {c: mean_ci([runs[s]["table"][c] for s in seeds]) for c in COLUMNS} for m, runs in results.items()}
-    vs_base = {m: {c: paired([runs[s]["table"][c] for s in seeds], [results["base"][s]["table"][c] for s in seeds])
-                   for c in DIFF_COLUMNS}
-               for m, runs in results.items() if m != "base"}  # fmt: skip
+    vs_base = {
+        m: {
+            c: paired([runs[s]["table"][c] for s in seeds], [results["base"][s]["table"][c] for s in seeds])
+            for c in DIFF_COLUMNS
+        }
+        for m, runs in results.items()
+        if m != "base"
+    }
     methods = [m for m in results if m != "base"]
-    between = {a: {b: paired([results[a][s]["table"]["overall"] for s in seeds],
-                             [results[b][s]["table"]["overall"] for s in seeds]) for b in methods if b != a}
-               for a in methods}  # fmt: skip
+    between = {
+        a: {
+            b: paired(
+                [results[a][s]["table"]["overall"] for s in seeds], [results[b][s]["table"]["overall"] for s in seeds]
+            )
+            for b in methods
+            if b != a
+        }
+        for a in methods
+    }
     return {"table": table, "vs_base": vs_base, "between": between}
 
 
@@ -190,28 +241,53 @@ def markdown(summary: dict, results: dict, args) -> str:
     t, vb = summary["table"], summary["vs_base"]
     order = ["base"] + sorted((m for m in t if m != "base"), key=lambda m: -t[m]["overall"]["mean"])
     fmt = lambda s: f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"  # noqa: E731
-    md = [f"Split `{args.split}`, seeds {args.seeds} (n = {len(args.seeds)}), {args.images} images per category; "
-          "mean [95% t interval] over seeds.", "",
-          "| method | " + " | ".join(COLUMNS) + " | s/step | grad fwd/step |", "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
+    md = [
+        f"Split `{args.split}`, seeds {args.seeds} (n = {len(args.seeds)}), {args.images} images per category; "
+        "mean [95% t interval] over seeds.",
+        "",
+        "| method | " + " | ".join(COLUMNS) + " | s/step | grad fwd/step |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
     for m in order:
         runs = list(results[m].values())
-        speed = (f"{np.mean([r['step_seconds'] for r in runs]):.2f} | {np.mean([r['grad_forwards_per_step'] for r in runs]):.2f}"
-                 if m != "base" else "– | –")  # fmt: skip
+        speed = (
+            f"{np.mean([r['step_seconds'] for r in runs]):.2f} | "
+            f"{np.mean([r['grad_forwards_per_step'] for r in runs]):.2f}"
+            if m != "base"
+            else "– | –"
+        )
         md.append(f"| {m} | " + " | ".join(fmt(t[m][c]) for c in COLUMNS) + f" | {speed} |")
-    md += ["", "Paired differences against base (same seeds: same evaluation noise): mean [95% CI], paired t, p, "
-           "seeds above base.", "", "| method | Δ overall | t | p | wins | Δ heldout | t | Δ reward | t | Δ ood_reward | t | "
-           "Δ colour_entropy | t | Δ diversity |", "|---" * 14 + "|"]  # fmt: skip
+    md += [
+        "",
+        "Paired differences against base (same seeds: same evaluation noise): mean [95% CI], paired t, p, "
+        "seeds above base.",
+        "",
+        "| method | Δ overall | t | p | wins | Δ heldout | t | Δ reward | t | Δ ood_reward | t | "
+        "Δ colour_entropy | t | Δ diversity |",
+        "|---" * 14 + "|",
+    ]
     for m in order[1:]:
         o, h, r, q, e, d = (vb[m][c] for c in DIFF_COLUMNS)
-        md.append(f"| {m} | {o['diff']:+.3f} [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}] | {o['t']:.2f} | {o['p']:.3f} | "
-                  f"{o['wins']}/{o['n']} | {h['diff']:+.3f} | {h['t']:.2f} | {r['diff']:+.2f} | {r['t']:.2f} | "
-                  f"{q['diff']:+.2f} | {q['t']:.2f} | {e['diff']:+.3f} | {e['t']:.2f} | {d['diff']:+.4f} |")  # fmt: skip
+        md.append(
+            f"| {m} | {o['diff']:+.3f} [{o['ci'][0]:+.3f}, {o['ci'][1]:+.3f}] | {o['t']:.2f} | {o['p']:.3f} | "
+            f"{o['wins']}/{o['n']} | {h['diff']:+.3f} | {h['t']:.2f} | {r['diff']:+.2f} | {r['t']:.2f} | "
+            f"{q['diff']:+.2f} | {q['t']:.2f} | {e['diff']:+.3f} | {e['t']:.2f} | {d['diff']:+.4f} |"
+        )
     methods = order[1:]
     if len(methods) > 1:
-        md += ["", "Paired t of Δ overall between methods (row minus column):", "",
-               "| | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]  # fmt: skip
+        md += [
+            "",
+            "Paired t of Δ overall between methods (row minus column):",
+            "",
+            "| | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
         for a in methods:
-            md.append(f"| {a} | " + " | ".join("–" if a == b else f"{summary['between'][a][b]['t']:+.1f}" for b in methods) + " |")
+            md.append(
+                f"| {a} | "
+                + " | ".join("–" if a == b else f"{summary['between'][a][b]['t']:+.1f}" for b in methods)
+                + " |"
+            )
     base_std = t["base"]["overall"]["std"]
     md += ["", f"Base model's own seed-to-seed std of overall (evaluation noise only): {base_std:.4f}."]
     return "\n".join(md) + "\n"
@@ -241,8 +317,12 @@ def plots(results: dict, out: Path, name: str) -> None:
             vals = [r["validation"] for r in runs.values() if r.get("validation")]
             if vals:
                 length = min(len(v) for v in vals)
-                ax.plot(np.mean([[row["train_seconds"] for row in v[:length]] for v in vals], axis=0),
-                        np.mean([[row["val/evaluator"] for row in v[:length]] for v in vals], axis=0), marker=".", label=m)  # fmt: skip
+                ax.plot(
+                    np.mean([[row["train_seconds"] for row in v[:length]] for v in vals], axis=0),
+                    np.mean([[row["val/evaluator"] for row in v[:length]] for v in vals], axis=0),
+                    marker=".",
+                    label=m,
+                )
         ax.set(xlabel="training wall-clock (s, excluding validation)", ylabel="validation evaluator (mean over seeds)")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -267,19 +347,36 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, default=None, help="model.source (default: the config's)")
     p.add_argument("--reward", type=Path, default=None, help="reward.options.path (default: the config's)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
-    p.add_argument("--per-method", type=Path, default=None, help="JSON {\"overrides\": {method: [key=value, ...]}} "
-                   "(bench/tune_toy.py's choice on validation), applied after --set")
-    p.add_argument("--ood-reward", type=Path, nargs="*", default=[ROOT / "assets" / "toy" / "reward_0.safetensors",
-                   ROOT / "assets" / "toy" / "reward_1.safetensors"], help="out-of-domain scorer(s) (mean), "
-                   "reported as ood_reward, never trained on")
+    p.add_argument(
+        "--per-method",
+        type=Path,
+        default=None,
+        help='JSON {"overrides": {method: [key=value, ...]}} '
+        "(bench/tune_toy.py's choice on validation), applied after --set",
+    )
+    p.add_argument(
+        "--ood-reward",
+        type=Path,
+        nargs="*",
+        default=[ROOT / "assets" / "toy" / "reward_0.safetensors", ROOT / "assets" / "toy" / "reward_1.safetensors"],
+        help="out-of-domain scorer(s) (mean), reported as ood_reward, never trained on",
+    )
     p.add_argument("--name", default=None, help="output name (default: quality_toy_<split>)")
     p.add_argument("--methods", nargs="*", default=METHODS, help="methods to train (none: the base model only)")
-    p.add_argument("--split", choices=("validation", "test", "train"), default="validation",
-                   help="evaluation captions: validation for every choice, test once for the final table; train "
-                   "(the fine-tuning captions, new noise) only to diagnose in-domain against held-out gains")
+    p.add_argument(
+        "--split",
+        choices=("validation", "test", "train"),
+        default="validation",
+        help="evaluation captions: validation for every choice, test once for the final table; train "
+        "(the fine-tuning captions, new noise) only to diagnose in-domain against held-out gains",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, equal for every method "
-                   "(default: the config's max_steps)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per run, equal for every method (default: the config's max_steps)",
+    )
     p.add_argument("--eval-n", type=int, default=20, help="evaluation sampling steps")
     p.add_argument("--images", type=int, default=48, help="evaluation images per category")
     p.add_argument("--eval-every", type=int, default=0, help="trainer validation every K steps (curves; --select best)")
@@ -287,8 +384,12 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--grid", type=int, default=12, help="sample images kept per method (first seed)")
-    p.add_argument("--from-runs", type=Path, default=None, help="summarise a runs.jsonl of an earlier (maybe cut "
-                   "short) benchmark: the seeds every listed method finished")
+    p.add_argument(
+        "--from-runs",
+        type=Path,
+        default=None,
+        help="summarise a runs.jsonl of an earlier (maybe cut short) benchmark: the seeds every listed method finished",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -302,7 +403,8 @@ def main(argv=None) -> int:
     args.steps = args.steps or load_config(args.config, list(args.set)).max_steps
     work = Path(tempfile.mkdtemp(prefix="quality-"))
     (work / "validation_prompts.txt").write_text(
-        "".join(c + "\n" for c, _ in evaluation_set("validation", max(2, args.images // 4), seed=1)))
+        "".join(c + "\n" for c, _ in evaluation_set("validation", max(2, args.images // 4), seed=1))
+    )
     tasks = [(m, s) for s in args.seeds for m in ["base", *args.methods]]  # seed-major: a cut run has whole seeds
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict]] = {}
@@ -320,8 +422,11 @@ def main(argv=None) -> int:
             f.write(json.dumps({k: v for k, v in r.items() if k != "images"}) + "\n")
         base = results.get("base", {}).get(s)
         note = f" (base {base['table']['overall']:.3f})" if base and m != "base" else ""
-        print(f"{m} seed {s}: overall {r['table']['overall']:.3f}{note}, reward {r['table']['reward']:.2f} "
-              f"[{time.perf_counter() - t0:.0f} s]", flush=True)  # fmt: skip
+        print(
+            f"{m} seed {s}: overall {r['table']['overall']:.3f}{note}, reward {r['table']['reward']:.2f} "
+            f"[{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
 
     if args.from_runs:
         runs = [json.loads(x) for x in args.from_runs.read_text().splitlines() if x.strip()]
@@ -350,11 +455,20 @@ def main(argv=None) -> int:
     plots(results, args.out, name)
     save_grids(results, args.seeds[0], args.out, name)
     wall = time.perf_counter() - t0
-    per_seed = {m: {s: {k: v for k, v in r.items() if k != "images"} for s, r in runs.items()} for m, runs in results.items()}
-    write_result(args.out / f"{name}.json", {**summary, "per_seed": per_seed, "wall_seconds": wall,
-                 "settings": {k: str(v) for k, v in vars(args).items()},
-                 "config": config_dict(run_config(args, "leapalign", args.seeds[0], work / "x")),
-                 "budget": "equal optimizer steps, batch size and sampling steps per method"})  # fmt: skip
+    per_seed = {
+        m: {s: {k: v for k, v in r.items() if k != "images"} for s, r in runs.items()} for m, runs in results.items()
+    }
+    write_result(
+        args.out / f"{name}.json",
+        {
+            **summary,
+            "per_seed": per_seed,
+            "wall_seconds": wall,
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "config": config_dict(run_config(args, "leapalign", args.seeds[0], work / "x")),
+            "budget": "equal optimizer steps, batch size and sampling steps per method",
+        },
+    )
     print(md)
     print(f"wall time {wall:.0f} s")
     return 0

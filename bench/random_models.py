@@ -8,26 +8,61 @@ from __future__ import annotations
 
 import contextlib
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))  # fmt: skip
-FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                use_post_quant_conv=False)  # fmt: skip
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 
 
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")  # its transformer/config.json
+SD35_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)  # its transformer/config.json
 SD3_VAE = dict(FLUX_VAE, scaling_factor=1.5305, shift_factor=0.0609)
 
 
 # FLUX.2-klein-base-9B transformer/config.json (8 double + 24 single blocks, 32 x 128 heads, Qwen3-8B's 3 stacked
 # hidden states: 3 x 4096); the other keys are the class defaults, as are the VAE's (AutoencoderKLFlux2).
-KLEIN_9B = dict(num_layers=8, num_single_layers=24, num_attention_heads=32, attention_head_dim=128,
-                joint_attention_dim=12288, guidance_embeds=False)
+KLEIN_9B = dict(
+    num_layers=8,
+    num_single_layers=24,
+    num_attention_heads=32,
+    attention_head_dim=128,
+    joint_attention_dim=12288,
+    guidance_embeds=False,
+)
 
 
 def _flux(transformer_kw, vae_kw, text_dim, pooled_dim):
@@ -47,8 +82,12 @@ def _sd3(transformer_kw, vae_kw):
 
         from leapalign_fast.models.sd3 import SHIFT, SD3Components
 
-        return SD3Components(SD3Transformer2DModel(**transformer_kw), AutoencoderKL(**vae_kw).eval(), None,
-                             FlowMatchEulerDiscreteScheduler(shift=SHIFT))  # fmt: skip
+        return SD3Components(
+            SD3Transformer2DModel(**transformer_kw),
+            AutoencoderKL(**vae_kw).eval(),
+            None,
+            FlowMatchEulerDiscreteScheduler(shift=SHIFT),
+        )
 
     d, p = transformer_kw["joint_attention_dim"], transformer_kw["pooled_projection_dim"]
     shapes = lambda msl: {"embeds": (77 + msl, d), "pooled": (p,), "neg_embeds": (77 + msl, d), "neg_pooled": (p,)}  # noqa: E731
@@ -61,8 +100,12 @@ def _flux2(transformer_kw, vae_kw):
 
         from leapalign_fast.models.flux2 import Flux2Components
 
-        return Flux2Components(Flux2Transformer2DModel(**transformer_kw), AutoencoderKLFlux2(**vae_kw).eval(), None,
-                               FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0))  # fmt: skip
+        return Flux2Components(
+            Flux2Transformer2DModel(**transformer_kw),
+            AutoencoderKLFlux2(**vae_kw).eval(),
+            None,
+            FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0),
+        )
 
     d = transformer_kw["joint_attention_dim"]
     return "flux2", "flux2_klein_leapalign.toml", build, lambda msl: {"embeds": (msl, d), "neg_embeds": (msl, d)}
@@ -74,11 +117,18 @@ def _qwenimage(transformer_kw, vae_kw):
 
         from leapalign_fast.models.qwenimage import QwenImageComponents
 
-        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                    base_image_seq_len=256, max_image_seq_len=8192,
-                                                    shift_terminal=0.02, time_shift_type="exponential")  # fmt: skip
-        return QwenImageComponents(QwenImageTransformer2DModel(**transformer_kw),
-                                   AutoencoderKLQwenImage(**vae_kw).eval(), None, scheduler)  # fmt: skip
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=0.9,
+            base_image_seq_len=256,
+            max_image_seq_len=8192,
+            shift_terminal=0.02,
+            time_shift_type="exponential",
+        )
+        return QwenImageComponents(
+            QwenImageTransformer2DModel(**transformer_kw), AutoencoderKLQwenImage(**vae_kw).eval(), None, scheduler
+        )
 
     d = transformer_kw.get("joint_attention_dim", 3584)
     shapes = lambda msl: {"embeds": (msl, d), "mask": (msl,), "neg_embeds": (msl, d), "neg_mask": (msl,)}  # noqa: E731
@@ -92,24 +142,70 @@ RANDOM_MODELS = {
     "sd35-medium": _sd3(SD35_MEDIUM, SD3_VAE),
     "flux2-klein-9b": _flux2(KLEIN_9B, {}),
     "qwen-image": _qwenimage({}, {}),  # the classes' defaults are Qwen-Image's
-    "random-tiny": _flux(dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                              joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
-                         dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8), 32, 32),
-    "random-tiny-sd3": _sd3(dict(SD35_MEDIUM, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-                                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-                                 pos_embed_max_size=32, dual_attention_layers=(0,)),
-                            dict(SD3_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8)),
-    "random-tiny-qwen": _qwenimage(dict(num_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
-                                   dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
-    "random-tiny-flux2": _flux2(dict(KLEIN_9B, in_channels=32, num_layers=1, num_single_layers=1, num_attention_heads=2,
-                                     attention_head_dim=16, joint_attention_dim=48, timestep_guidance_channels=32,
-                                     axes_dims_rope=(4, 4, 4, 4)),
-                                dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=8,
-                                     norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-                                     mid_block_add_attention=False)),
-}  # fmt: skip
-RANDOM_RESOLUTIONS = {"flux-dev": [512, 1024], "sd35-medium": [512], "flux2-klein-9b": [512], "qwen-image": [512]}  # others: 64
+    "random-tiny": _flux(
+        dict(
+            FLUX_DEV,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8),
+        ),
+        dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8),
+        32,
+        32,
+    ),
+    "random-tiny-sd3": _sd3(
+        dict(
+            SD35_MEDIUM,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            pos_embed_max_size=32,
+            dual_attention_layers=(0,),
+        ),
+        dict(SD3_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8),
+    ),
+    "random-tiny-qwen": _qwenimage(
+        dict(
+            num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
+        ),
+        dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+    ),
+    "random-tiny-flux2": _flux2(
+        dict(
+            KLEIN_9B,
+            in_channels=32,
+            num_layers=1,
+            num_single_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=48,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+        ),
+        dict(
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=8,
+            norm_num_groups=8,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+        ),
+    ),
+}
+RANDOM_RESOLUTIONS = {
+    "flux-dev": [512, 1024],
+    "sd35-medium": [512],
+    "flux2-klein-9b": [512],
+    "qwen-image": [512],
+}  # others: 64
 
 
 class RandomEmbeds:
@@ -120,8 +216,12 @@ class RandomEmbeds:
 
         g, n = torch.Generator().manual_seed(0), len(prompts)
         self.prompts = list(prompts)
-        self.data = {k: (torch.ones(n, *s, dtype=torch.long) if k.endswith("mask") else
-                         torch.randn(n, *s, generator=g).to(dtype)) for k, s in shapes.items()}  # fmt: skip
+        self.data = {
+            k: (
+                torch.ones(n, *s, dtype=torch.long) if k.endswith("mask") else torch.randn(n, *s, generator=g).to(dtype)
+            )
+            for k, s in shapes.items()
+        }
 
     def tensors(self, idx, names):
         return {k: self.data[k][idx] for k in names}

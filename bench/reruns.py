@@ -7,7 +7,8 @@ within their own reported spread.
 
 Agreement of one timing (a step time, a sampler variant's seconds, a round-by-round ratio): `agree` when the two
 medians differ by no more than either run's own spread (max - min); `medians_inside` (stricter) when each run's
-median lies inside the other run's [min, max]. Both runs' numbers go into the JSON (`bench/results/reruns_cpu.json`) with
+median lies inside the other run's [min, max]. Both runs' numbers go into the JSON (`bench/results/reruns_cpu.json`)
+with
 the load average before and after each run: on a shared machine a disagreement can be the machine's doing.
 """
 
@@ -28,8 +29,10 @@ if str(ROOT) not in sys.path:
 
 def benchmarks(quick: bool) -> dict[str, list[str]]:
     model = ["--model", "tiny", "--steps", "10", "25"] if quick else ["--model", "mid", "--steps", "10"]
-    return {"memory": ["bench/memory.py", *model, "--methods", "leapalign", "full", "--repeats", "5"],
-            "sampler": ["bench/sampler.py", "--quick"]}  # fmt: skip
+    return {
+        "memory": ["bench/memory.py", *model, "--methods", "leapalign", "full", "--repeats", "5"],
+        "sampler": ["bench/sampler.py", "--quick"],
+    }
 
 
 def timings(name: str, data: dict) -> dict[str, dict]:
@@ -44,8 +47,11 @@ def timings(name: str, data: dict) -> dict[str, dict]:
             out[f"full/{method} N={r['num_steps']} paired"] = dict(r["step_seconds_ratio_paired"])
     else:
         for r in data["rows"]:
-            out[f"{r['variant']} {r['resolution']}px s"] = {"median": r["seconds_median"], "min": r["seconds_min"],
-                                                           "max": r["seconds_max"]}  # fmt: skip
+            out[f"{r['variant']} {r['resolution']}px s"] = {
+                "median": r["seconds_median"],
+                "min": r["seconds_min"],
+                "max": r["seconds_max"],
+            }
             ratio = next(v for k, v in r.items() if k.startswith("time_ratio_vs_"))
             if r["variant"] != data["rows"][0]["variant"]:
                 out[f"{r['variant']}/{data['rows'][0]['variant']} {r['resolution']}px paired"] = dict(ratio)
@@ -57,9 +63,13 @@ def agreement(a: dict, b: dict) -> dict:
     median lies inside the other run's [min, max]."""
     inside = lambda x, r: r["min"] <= x <= r["max"]  # noqa: E731
     diff = abs(b["median"] - a["median"])
-    return {"run1": a, "run2": b, "agree": diff <= a["max"] - a["min"] and diff <= b["max"] - b["min"],
-            "medians_inside": inside(a["median"], b) and inside(b["median"], a),
-            "median_change": (b["median"] - a["median"]) / a["median"]}  # fmt: skip
+    return {
+        "run1": a,
+        "run2": b,
+        "agree": diff <= a["max"] - a["min"] and diff <= b["max"] - b["min"],
+        "medians_inside": inside(a["median"], b) and inside(b["median"], a),
+        "median_change": (b["median"] - a["median"]) / a["median"],
+    }
 
 
 def run_twice(name: str, cmd: list[str], tmp: Path) -> tuple[list[dict], list[dict]]:
@@ -70,8 +80,14 @@ def run_twice(name: str, cmd: list[str], tmp: Path) -> tuple[list[dict], list[di
         subprocess.run([sys.executable, *cmd, "--out", str(out)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         data = json.loads(next(out.glob("*.json")).read_text())
         runs.append(timings(name, data))
-        envs.append({"load_average_before": load, "load_average_after": os.getloadavg(),
-                     "wall_seconds": data.get("wall_seconds"), "command": data["environment"]["command"]})  # fmt: skip
+        envs.append(
+            {
+                "load_average_before": load,
+                "load_average_after": os.getloadavg(),
+                "wall_seconds": data.get("wall_seconds"),
+                "command": data["environment"]["command"],
+            }
+        )
     return runs, envs
 
 
@@ -92,21 +108,37 @@ def main(argv=None) -> int:
                 continue
             (a, b), envs = run_twice(name, cmd, Path(tmp))
             rows = {k: agreement(a[k], b[k]) for k in a if k in b}
-            result[name] = {"command": " ".join(cmd), "runs": envs, "timings": rows,
-                            "all_agree": all(r["agree"] for r in rows.values()),
-                            "all_medians_inside": all(r["medians_inside"] for r in rows.values())}  # fmt: skip
+            result[name] = {
+                "command": " ".join(cmd),
+                "runs": envs,
+                "timings": rows,
+                "all_agree": all(r["agree"] for r in rows.values()),
+                "all_medians_inside": all(r["medians_inside"] for r in rows.values()),
+            }
             for k, r in rows.items():
-                lines.append(f"| {name} | {k} | {r['run1']['median']:.4g} [{r['run1']['min']:.4g}, {r['run1']['max']:.4g}] | "
-                             f"{r['run2']['median']:.4g} [{r['run2']['min']:.4g}, {r['run2']['max']:.4g}] | "
-                             f"{100 * r['median_change']:+.0f}% | {'yes' if r['agree'] else '**no**'} | "
-                             f"{'yes' if r['medians_inside'] else 'no'} |")  # fmt: skip
+                lines.append(
+                    f"| {name} | {k} | {r['run1']['median']:.4g} [{r['run1']['min']:.4g}, {r['run1']['max']:.4g}] | "
+                    f"{r['run2']['median']:.4g} [{r['run2']['min']:.4g}, {r['run2']['max']:.4g}] | "
+                    f"{100 * r['median_change']:+.0f}% | {'yes' if r['agree'] else '**no**'} | "
+                    f"{'yes' if r['medians_inside'] else 'no'} |"
+                )
     out.mkdir(parents=True, exist_ok=True)
     name = "reruns_cpu" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    path = write_result(out / f"{name}.json", {"benchmarks": result, "agreement": "agree: |median2 - median1| <= "
-                                               "max - min of each run; medians_inside: each median inside the other "
-                                               "run's [min, max]"})  # fmt: skip
-    md = ["| benchmark | timing | run 1 median [min, max] | run 2 median [min, max] | change | within spread | "
-          "medians inside |", "|---|---|---|---|---|---|---|", *lines]
+    path = write_result(
+        out / f"{name}.json",
+        {
+            "benchmarks": result,
+            "agreement": "agree: |median2 - median1| <= "
+            "max - min of each run; medians_inside: each median inside the other "
+            "run's [min, max]",
+        },
+    )
+    md = [
+        "| benchmark | timing | run 1 median [min, max] | run 2 median [min, max] | change | within spread | "
+        "medians inside |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+    ]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print("wrote", path)

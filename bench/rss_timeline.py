@@ -57,12 +57,17 @@ class Phases:
         from leapalign_fast import train
 
         tr, dec = train.unwrap(run.transformer), run.components.vae.decoder
-        handles = [tr.register_forward_pre_hook(self.set("transformer")), dec.register_forward_pre_hook(self.set("decode")),
-                   run.reward.register_forward_pre_hook(self.set("reward"))]  # fmt: skip
+        handles = [
+            tr.register_forward_pre_hook(self.set("transformer")),
+            dec.register_forward_pre_hook(self.set("decode")),
+            run.reward.register_forward_pre_hook(self.set("reward")),
+        ]
         for name, m in dec.named_modules():  # the decoder's layers (resnets, upsamplers, head convs)
             if name.count(".") in (0, 3) and name and not name.startswith("mid_block"):
-                handles += [m.register_forward_pre_hook(self.set(f"decode {name}")),
-                            m.register_full_backward_pre_hook(self.set_backward(f"decode {name}"))]  # fmt: skip
+                handles += [
+                    m.register_forward_pre_hook(self.set(f"decode {name}")),
+                    m.register_full_backward_pre_hook(self.set_backward(f"decode {name}")),
+                ]
         blocks = [*getattr(tr, "transformer_blocks", []), *getattr(tr, "single_transformer_blocks", [])]
         for i, b in enumerate(blocks):
             handles.append(b.register_full_backward_pre_hook(self.set_backward(f"transformer block {i}")))
@@ -103,10 +108,18 @@ def timeline(run, method_name: str, n: int, res: int) -> dict:
         by_phase[label] = max(by_phase.get(label, float("-inf")), rss - before)
     top = sorted(by_phase.items(), key=lambda kv: -kv[1])
     trainable = sum(p.numel() * p.element_size() for p in train.unwrap(run.transformer).parameters() if p.requires_grad)
-    return {"method": method_name, "num_steps": n, "resolution": res, "activation_mib": row["activation_mib"],
-            "peak_rss_mib": peak, "peak_phase": top[0][0], "peak_over_activation_mib": peak - row["activation_mib"],
-            "trainable_parameter_mib": trainable / 2**20, "phase_max_rss_mib": dict(top),
-            "samples": len(phases.samples)}  # fmt: skip
+    return {
+        "method": method_name,
+        "num_steps": n,
+        "resolution": res,
+        "activation_mib": row["activation_mib"],
+        "peak_rss_mib": peak,
+        "peak_phase": top[0][0],
+        "peak_over_activation_mib": peak - row["activation_mib"],
+        "trainable_parameter_mib": trainable / 2**20,
+        "phase_max_rss_mib": dict(top),
+        "samples": len(phases.samples),
+    }
 
 
 def main(argv=None) -> int:
@@ -121,7 +134,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if sys.platform == "linux" and any(k not in os.environ for k in memory._MALLOC_ENV):
         os.environ.update(memory._MALLOC_ENV)  # as bench/memory.py: resident memory follows live memory
-        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])])
+        os.execv(
+            sys.executable,
+            [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:])],
+        )
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -131,7 +147,9 @@ def main(argv=None) -> int:
     from leapalign_fast.config import config_dict
     from leapalign_fast.threads import describe_threads
 
-    margs = memory.parse_args(["--model", args.model, "--checkpoint-decode", args.checkpoint_decode, "--set", *args.set])
+    margs = memory.parse_args(
+        ["--model", args.model, "--checkpoint-decode", args.checkpoint_decode, "--set", *args.set]
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = memory.bench_config(margs, Path(tmp))
@@ -141,16 +159,27 @@ def main(argv=None) -> int:
         for m in args.methods:
             rows.append(timeline(run, m, args.steps, memory.MODELS[args.model][1]))
             r = rows[-1]
-            print(f"{m} N={args.steps}: peak RSS {r['peak_rss_mib']:.1f} MiB above the step's start, activation "
-                  f"{r['activation_mib']:.1f} MiB; peak in '{r['peak_phase']}'", flush=True)  # fmt: skip
+            print(
+                f"{m} N={args.steps}: peak RSS {r['peak_rss_mib']:.1f} MiB above the step's start, activation "
+                f"{r['activation_mib']:.1f} MiB; peak in '{r['peak_phase']}'",
+                flush=True,
+            )
             for label, v in list(r["phase_max_rss_mib"].items())[:8]:
                 print(f"    {v:8.1f} MiB  {label}")
     name = f"rss_timeline_{args.model}_cpu{'_' + slug(args.tag) if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = write_result(args.out / f"{name}.json", {"model": args.model, "rows": rows, "config": config_dict(cfg),
-                                                    "threads": describe_threads(), "allocator_env": {
-                                                        k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF",
-                                                        "MALLOC_ARENA_MAX", *memory._MALLOC_ENV)}})  # fmt: skip
+    path = write_result(
+        args.out / f"{name}.json",
+        {
+            "model": args.model,
+            "rows": rows,
+            "config": config_dict(cfg),
+            "threads": describe_threads(),
+            "allocator_env": {
+                k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", *memory._MALLOC_ENV)
+            },
+        },
+    )
     print("wrote", path)
     return 0
 

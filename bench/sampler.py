@@ -40,8 +40,10 @@ def model_kind(family: str, full_size: bool) -> str:
     """The bench/random_models.py random-weight model of `family`: its full size, or its toy-size stand-in on CPU."""
     kinds = [k for k, spec in RANDOM_MODELS.items() if spec[0] == family and k.startswith("random-tiny") != full_size]
     if not kinds:
-        raise SystemExit(f"bench/sampler.py: no {'full-size' if full_size else 'toy'} model of backbone {family} in "
-                         "bench/random_models.py RANDOM_MODELS")  # fmt: skip
+        raise SystemExit(
+            f"bench/sampler.py: no {'full-size' if full_size else 'toy'} model of backbone {family} in "
+            "bench/random_models.py RANDOM_MODELS"
+        )
     return kinds[0]
 
 
@@ -58,8 +60,10 @@ def build(kind: str, device: str, dtype: torch.dtype, batch: int, max_sequence_l
         torch.set_default_dtype(previous)
     comps.transformer.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    cond = {k: (torch.ones(batch, *s, dtype=torch.long) if k.endswith("mask") else torch.randn(batch, *s, generator=g))
-            for k, s in shapes(max_sequence_length).items()}  # fmt: skip
+    cond = {
+        k: (torch.ones(batch, *s, dtype=torch.long) if k.endswith("mask") else torch.randn(batch, *s, generator=g))
+        for k, s in shapes(max_sequence_length).items()
+    }
     cond = {k: v.to(device) if k.endswith("mask") else v.to(device, dtype) for k, v in cond.items()}
     return get_backbone(family), comps, cond
 
@@ -105,8 +109,18 @@ def timed_interleaved(variants: list[tuple[str, callable]], reps: int, cuda: boo
     return stats
 
 
-def bench_resolution(kind: str, device: str, dtype, res: int, steps: int, batch: int, reps: int, cuda: bool,
-                     guidance: float, max_sequence_length: int) -> list[dict]:
+def bench_resolution(
+    kind: str,
+    device: str,
+    dtype,
+    res: int,
+    steps: int,
+    batch: int,
+    reps: int,
+    cuda: bool,
+    guidance: float,
+    max_sequence_length: int,
+) -> list[dict]:
     backbone, comps, cond = build(kind, device, dtype, batch, max_sequence_length)
     geom = backbone.geometry(comps, res)
     noise = torch.randn(*geom.noise_shape(batch), generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -120,18 +134,31 @@ def bench_resolution(kind: str, device: str, dtype, res: int, steps: int, batch:
     for variants in phases + ([None] if cuda else []):
         if variants is None:  # the compiled phase, built only after the eager one is timed
             compile_transformer(comps.transformer, "regional")
-            variants = [("ours_compiled", ours_runner(*args, graphed=False)),
-                        ("ours_compiled_cuda_graph", ours_runner(*args, graphed=True))]  # fmt: skip
+            variants = [
+                ("ours_compiled", ours_runner(*args, graphed=False)),
+                ("ours_compiled_cuda_graph", ours_runner(*args, graphed=True)),
+            ]
         for name, stat in timed_interleaved(variants, reps, cuda).items():
             run = dict(variants)[name]
-            r = {"variant": name, "backbone": backbone.name, "pipeline": backbone.pipeline, "resolution": res,
-                 "steps": steps, "batch": batch, "guidance": guidance, "dtype": str(dtype), **stat}  # fmt: skip
+            r = {
+                "variant": name,
+                "backbone": backbone.name,
+                "pipeline": backbone.pipeline,
+                "resolution": res,
+                "steps": steps,
+                "batch": batch,
+                "guidance": guidance,
+                "dtype": str(dtype),
+                **stat,
+            }
             r["images_per_second"] = batch / r["seconds_median"]
             r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
             rows.append(r)
-            print(f"{backbone.name} {res}px {name:>24}: {r['images_per_second']:.3f} img/s (median of {reps})  "
-                  f"peak {r['peak_mib']:.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{backbone.name} {res}px {name:>24}: {r['images_per_second']:.3f} img/s (median of {reps})  "
+                f"peak {r['peak_mib']:.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
+                flush=True,
+            )
     base = next(r for r in rows if r["variant"] == "pipeline_eager")
     for r in rows:
         r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
@@ -164,16 +191,23 @@ def main(argv=None) -> int:
     rows = []
     for res in res_list:
         # One full-size model alive at a time: the previous resolution's model and graphs are gone before this build.
-        rows += bench_resolution(kind, device, dtype, res, steps, args.batch, args.reps if cuda else 3, cuda,
-                                 cfg.guidance, msl)  # fmt: skip
+        rows += bench_resolution(
+            kind, device, dtype, res, steps, args.batch, args.reps if cuda else 3, cuda, cfg.guidance, msl
+        )
         gc.collect()
         if cuda:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    path = write_result(out / f"sampler_{kind}_{slug(gpu)}.json", {"model": kind, "backbone": args.backbone, "rows": rows,
-                        "note": "random weights and prompt embeddings; denoising only; times are medians of "
-                                "interleaved repeats"})  # fmt: skip
+    path = write_result(
+        out / f"sampler_{kind}_{slug(gpu)}.json",
+        {
+            "model": kind,
+            "backbone": args.backbone,
+            "rows": rows,
+            "note": "random weights and prompt embeddings; denoising only; times are medians of interleaved repeats",
+        },
+    )
     print("wrote", path)
     return 0
 

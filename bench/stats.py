@@ -1,7 +1,7 @@
 """Small-sample statistics for the benchmarks (no scipy): Student-t confidence intervals and paired t-tests.
 
-    mean_ci([...])            -> {"mean", "std", "n", "ci": [lo, hi]}        95% t interval of the mean
-    paired(a, b)              -> {"diff", "ci", "t", "p", "wins", "n"}       a - b paired by index (seed)
+mean_ci([...])            -> {"mean", "std", "n", "ci": [lo, hi]}        95% t interval of the mean
+paired(a, b)              -> {"diff", "ci", "t", "p", "wins", "n"}       a - b paired by index (seed)
 """
 
 from __future__ import annotations

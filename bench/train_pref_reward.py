@@ -40,7 +40,9 @@ from leapalign_fast.toy.scenes import caption  # noqa: E402
 from leapalign_fast.toy.splits import split_specs  # noqa: E402
 
 
-def generate(model: Path, captions: list[str], per_caption: int, steps: list[int], seed: int) -> tuple[np.ndarray, list[str]]:
+def generate(
+    model: Path, captions: list[str], per_caption: int, steps: list[int], seed: int
+) -> tuple[np.ndarray, list[str]]:
     """(n, 3, 64, 64) images of every caption from `per_caption` noises, split evenly over the sampling steps."""
     from leapalign_fast.config import load_config
     from leapalign_fast.evaluate import sample_images
@@ -93,14 +95,17 @@ def preference_pairs(rows, margin: float) -> list[tuple[tuple[int, str], tuple[i
     return pairs, n_caption
 
 
-def train_bt(images: np.ndarray, pairs, steps: int, batch: int, lr: float, dim: int, smooth: float, seed: int,
-             log=print) -> ToyReward:
+def train_bt(
+    images: np.ndarray, pairs, steps: int, batch: int, lr: float, dim: int, smooth: float, seed: int, log=print
+) -> ToyReward:
     """Bradley-Terry: minimise -log sigmoid(r(win) - r(lose)) over random batches of pairs."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = ToyReward(dim=dim, smooth=smooth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * s / steps))
+    )
     x = torch.from_numpy(images)
     losses = []
     for step in range(steps):
@@ -121,8 +126,12 @@ def train_bt(images: np.ndarray, pairs, steps: int, batch: int, lr: float, dim: 
 
 @torch.no_grad()
 def scores_of(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-    return torch.cat([scorer(torch.from_numpy(images[i : i + 128]), prompts[i : i + 128]).float()
-                      for i in range(0, len(prompts), 128)]).numpy()  # fmt: skip
+    return torch.cat(
+        [
+            scorer(torch.from_numpy(images[i : i + 128]), prompts[i : i + 128]).float()
+            for i in range(0, len(prompts), 128)
+        ]
+    ).numpy()
 
 
 def agreement(r: np.ndarray, prompts: list[str], g: np.ndarray, passed: np.ndarray) -> dict:
@@ -139,8 +148,12 @@ def agreement(r: np.ndarray, prompts: list[str], g: np.ndarray, passed: np.ndarr
                     acc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
                 if passed[a] and not passed[b]:
                     auc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
-    return {"pairwise_accuracy": float(np.mean(acc)) if acc else float("nan"), "graded_pairs": len(acc),
-            "auc": float(np.mean(auc)) if auc else float("nan"), "pass_fail_pairs": len(auc)}
+    return {
+        "pairwise_accuracy": float(np.mean(acc)) if acc else float("nan"),
+        "graded_pairs": len(acc),
+        "auc": float(np.mean(auc)) if auc else float("nan"),
+        "pass_fail_pairs": len(auc),
+    }
 
 
 def main(argv=None) -> int:
@@ -154,11 +167,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="pairs per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--smooth", type=float, default=0.5, help="Gaussian blur (sigma, px) the scorer applies to its input")
+    p.add_argument(
+        "--smooth", type=float, default=0.5, help="Gaussian blur (sigma, px) the scorer applies to its input"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-per-caption", type=int, default=8)
-    p.add_argument("--compare", nargs="*", default=[str(ROOT / "assets" / "toy" / "reward_0.safetensors"),
-                   str(ROOT / "assets" / "toy" / "reward_1.safetensors")], help="other scorers to measure on the same pairs")  # fmt: skip
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=[
+            str(ROOT / "assets" / "toy" / "reward_0.safetensors"),
+            str(ROOT / "assets" / "toy" / "reward_1.safetensors"),
+        ],
+        help="other scorers to measure on the same pairs",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "reward_pref.safetensors")
     args = p.parse_args(argv)
@@ -167,13 +189,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train_specs = {caption(s): s for s in split_specs("train")}
     val_specs = {caption(s): s for s in split_specs("validation")}
-    images, prompts = generate(args.model, list(train_specs), args.per_caption, args.sample_steps, 10_000 * (args.seed + 1))
+    images, prompts = generate(
+        args.model, list(train_specs), args.per_caption, args.sample_steps, 10_000 * (args.seed + 1)
+    )
     log(f"generated {len(images)} training-caption samples [{time.perf_counter() - t0:.0f} s]")
     rows = annotate(images, prompts, train_specs, args.relabel, random.Random(args.seed))
     pairs, n_caption = preference_pairs(rows, args.margin)
     own = np.array([s for (_, _, s) in rows[:: args.relabel + 1]])
-    log(f"{len(rows)} annotations, {len(pairs)} preference pairs ({n_caption} same-caption); own-caption pass rate "
-        f"{np.mean(own >= 0.5):.3f} [{time.perf_counter() - t0:.0f} s]")  # fmt: skip
+    log(
+        f"{len(rows)} annotations, {len(pairs)} preference pairs ({n_caption} same-caption); own-caption pass rate "
+        f"{np.mean(own >= 0.5):.3f} [{time.perf_counter() - t0:.0f} s]"
+    )
     model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log)
     train_seconds = time.perf_counter() - t0
     save_toy_reward(model, args.out)
@@ -187,19 +213,40 @@ def main(argv=None) -> int:
     from leapalign_fast.toy.reward import _load_toy_reward
 
     for path in args.compare:
-        result[Path(path).name] = agreement(scores_of(_load_toy_reward(path, 0), vimages, vprompts), vprompts, g, passed)
+        result[Path(path).name] = agreement(
+            scores_of(_load_toy_reward(path, 0), vimages, vprompts), vprompts, g, passed
+        )
     if len(args.compare) > 1:
         mean = np.mean([scores_of(_load_toy_reward(q, 0), vimages, vprompts) for q in args.compare], axis=0)
         result["compare_mean"] = agreement(mean, vprompts, g, passed)
     result["validation_pass_rate"] = float(passed.mean())
     log(f"agreement with the evaluator on validation-caption samples: {result}")
-    write_result(args.out.with_suffix(".json"), {
-        "model": str(args.model), "seed": args.seed, "per_caption": args.per_caption, "sample_steps": args.sample_steps,
-        "relabel": args.relabel, "margin": args.margin, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-        "dim": args.dim, "smooth": args.smooth, "train_images": len(images), "annotations": len(rows),
-        "pairs": len(pairs), "same_caption_pairs": n_caption, "train_pass_rate": float(np.mean(own >= 0.5)),
-        "val_images": len(vimages), "agreement": result, "train_sample_reward_quantiles": quantiles, "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - t0})  # fmt: skip
+    write_result(
+        args.out.with_suffix(".json"),
+        {
+            "model": str(args.model),
+            "seed": args.seed,
+            "per_caption": args.per_caption,
+            "sample_steps": args.sample_steps,
+            "relabel": args.relabel,
+            "margin": args.margin,
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "dim": args.dim,
+            "smooth": args.smooth,
+            "train_images": len(images),
+            "annotations": len(rows),
+            "pairs": len(pairs),
+            "same_caption_pairs": n_caption,
+            "train_pass_rate": float(np.mean(own >= 0.5)),
+            "val_images": len(vimages),
+            "agreement": result,
+            "train_sample_reward_quantiles": quantiles,
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -31,13 +31,24 @@ if str(ROOT) not in sys.path:
 
 def run_once(config: Path, overrides: list[str], out: Path, skip: int) -> dict:
     """One trainer process; its median step seconds after `skip` steps and its whole wall time."""
-    cmd = [sys.executable, "-m", "leapalign_fast.cli", "train", "--config", str(config), f"output_dir={out}",
-           "tensorboard=false", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "leapalign_fast.cli",
+        "train",
+        "--config",
+        str(config),
+        f"output_dir={out}",
+        "tensorboard=false",
+        *overrides,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"bench/train_time.py: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"bench/train_time.py: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+        )
     steps = [json.loads(line)["step_seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     if len(steps) <= skip:
         raise SystemExit(f"bench/train_time.py: {len(steps)} steps, need more than --skip {skip}")
@@ -51,17 +62,29 @@ def summarize(rounds: list[dict[str, dict]], variants: list[str]) -> list[dict]:
     out = []
     for v in variants:
         steps = [r[v]["step_seconds"] for r in rounds]
-        out.append({"variant": v, "step_seconds": statistics.median(steps), "min": min(steps), "max": max(steps),
-                    "wall_seconds": statistics.median(r[v]["wall_seconds"] for r in rounds),
-                    "ratio_to_first_paired": paired_ratio(steps, first)})  # fmt: skip
+        out.append(
+            {
+                "variant": v,
+                "step_seconds": statistics.median(steps),
+                "min": min(steps),
+                "max": max(steps),
+                "wall_seconds": statistics.median(r[v]["wall_seconds"] for r in rounds),
+                "ratio_to_first_paired": paired_ratio(steps, first),
+            }
+        )
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml")
-    p.add_argument("--variants", nargs="+", required=True, metavar="KEY=VALUE[;KEY=VALUE]",
-                   help="one config override set per variant (';' joins several); the first is the reference")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        required=True,
+        metavar="KEY=VALUE[;KEY=VALUE]",
+        help="one config override set per variant (';' joins several); the first is the reference",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every variant")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of each run's median")
@@ -82,18 +105,30 @@ def main(argv=None) -> int:
             for k, v in enumerate(args.variants):
                 run_dir = Path(tmp) / f"r{i}v{k}"
                 rounds[-1][v] = run_once(args.config, [*args.set, *filter(None, v.split(";"))], run_dir, args.skip)
-                print(f"round {i + 1} {v}: median step {rounds[-1][v]['step_seconds']:.4f} s, "
-                      f"wall {rounds[-1][v]['wall_seconds']:.1f} s", flush=True)  # fmt: skip
+                print(
+                    f"round {i + 1} {v}: median step {rounds[-1][v]['step_seconds']:.4f} s, "
+                    f"wall {rounds[-1][v]['wall_seconds']:.1f} s",
+                    flush=True,
+                )
     rows = summarize(rounds, args.variants)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"config": str(args.config), "set": args.set, "variants": args.variants, "rounds": rounds, "rows": rows,
-               "threads": describe_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+    payload = {
+        "config": str(args.config),
+        "set": args.set,
+        "variants": args.variants,
+        "rounds": rounds,
+        "rows": rows,
+        "threads": describe_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     write_result(out / f"{args.name}.json", payload)
     md = ["| variant | step s (median [min, max]) | wall s | / first (paired) |", "|---|---|---|---|"]
     for r in rows:
         q = r["ratio_to_first_paired"]
-        md.append(f"| {r['variant']} | {r['step_seconds']:.4f} [{r['min']:.4f}, {r['max']:.4f}] | {r['wall_seconds']:.1f} | "
-                  f"{q['median']:.3f} [{q['min']:.3f}, {q['max']:.3f}] |")  # fmt: skip
+        md.append(
+            f"| {r['variant']} | {r['step_seconds']:.4f} [{r['min']:.4f}, {r['max']:.4f}] | {r['wall_seconds']:.1f} | "
+            f"{q['median']:.3f} [{q['min']:.3f}, {q['max']:.3f}] |"
+        )
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print("wrote", out / f"{args.name}.json")

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import write_result  # noqa: E402
 from leapalign_fast.models.backbone import DTYPES, family_of, get_backbone  # noqa: E402
 from leapalign_fast.sampler import sample_trajectory  # noqa: E402
-from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
 from leapalign_fast.toy.reward import accuracy, save_toy_reward, train_toy_reward  # noqa: E402
+from leapalign_fast.toy.scenes import render, sample_scene  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,11 +64,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--junk", type=float, default=0.3, help="fraction of negatives that are junk images or a scene "
-                   "missing one object")
-    p.add_argument("--smooth", type=float, default=1.0, help="Gaussian blur (sigma, px) the scorer applies to its input")
-    p.add_argument("--bank-model", type=Path, default=ROOT / "assets" / "toy" / "flux",
-                   help="the toy generator whose SDEdit images are half the positives ('' for renders only)")
+    p.add_argument(
+        "--junk",
+        type=float,
+        default=0.3,
+        help="fraction of negatives that are junk images or a scene missing one object",
+    )
+    p.add_argument(
+        "--smooth", type=float, default=1.0, help="Gaussian blur (sigma, px) the scorer applies to its input"
+    )
+    p.add_argument(
+        "--bank-model",
+        type=Path,
+        default=ROOT / "assets" / "toy" / "flux",
+        help="the toy generator whose SDEdit images are half the positives ('' for renders only)",
+    )
     p.add_argument("--bank", type=int, default=2048, help="generator images drawn once")
     p.add_argument("--bank-t", type=float, nargs=2, default=(0.15, 0.5))
     p.add_argument("--bank-steps", type=int, default=10)
@@ -85,9 +95,23 @@ def main(argv=None) -> int:
     model = train_toy_reward(args.steps, args.batch, args.seed, args.lr, args.junk, args.smooth, bank, log=log)
     acc = accuracy(model, 1000, seed=10_000 + args.seed)
     save_toy_reward(model, args.out)
-    write_result(args.out.with_suffix(".json"), {"steps": args.steps, "batch": args.batch, "seed": args.seed,
-                 "lr": args.lr, "junk": args.junk, "smooth": args.smooth, "bank_model": str(args.bank_model), "bank": args.bank, "bank_t": list(args.bank_t),
-                 "bank_steps": args.bank_steps, "pairwise_accuracy": acc, "train_seconds": time.perf_counter() - t0})  # fmt: skip
+    write_result(
+        args.out.with_suffix(".json"),
+        {
+            "steps": args.steps,
+            "batch": args.batch,
+            "seed": args.seed,
+            "lr": args.lr,
+            "junk": args.junk,
+            "smooth": args.smooth,
+            "bank_model": str(args.bank_model),
+            "bank": args.bank,
+            "bank_t": list(args.bank_t),
+            "bank_steps": args.bank_steps,
+            "pairwise_accuracy": acc,
+            "train_seconds": time.perf_counter() - t0,
+        },
+    )
     print(f"pairwise accuracy {acc:.3f}; wrote {args.out}")
     return 0
 

@@ -42,36 +42,77 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--reuse", action="store_true", help="an lr whose quality_toy_tune_lr<lr>.json exists is read, not rerun")
+    p.add_argument(
+        "--reuse", action="store_true", help="an lr whose quality_toy_tune_lr<lr>.json exists is read, not rerun"
+    )
     args, rest = p.parse_known_args(argv)
     t0 = time.perf_counter()
     runs = {}
     for lr in args.lrs:
         name = f"quality_toy_tune_lr{lr}"
         if not (args.reuse and (args.out / f"{name}.json").is_file()):
-            quality.main(["--split", "validation", "--seeds", *map(str, args.seeds), "--methods", *args.methods,
-                         "--images", str(args.images), "--eval-every", str(args.eval_every), "--jobs", str(args.jobs),
-                         "--name", name, "--out", str(args.out), "--set", f"lr={lr}", *args.set, *rest])  # fmt: skip
+            quality.main(
+                [
+                    "--split",
+                    "validation",
+                    "--seeds",
+                    *map(str, args.seeds),
+                    "--methods",
+                    *args.methods,
+                    "--images",
+                    str(args.images),
+                    "--eval-every",
+                    str(args.eval_every),
+                    "--jobs",
+                    str(args.jobs),
+                    "--name",
+                    name,
+                    "--out",
+                    str(args.out),
+                    "--set",
+                    f"lr={lr}",
+                    *args.set,
+                    *rest,
+                ]
+            )
         runs[lr] = json.loads((args.out / f"{name}.json").read_text())
     grid = {m: {lr: runs[lr]["table"][m]["overall"]["mean"] for lr in args.lrs} for m in args.methods}
     chosen = choose(grid)
     base = runs[args.lrs[0]]["table"]["base"]["overall"]["mean"]
-    md = [f"Validation split, seeds {args.seeds}, {args.images} images per category; mean overall over seeds for each "
-          f"lr of one grid (same for every method; the rest of configs/tiny.toml fixed: same steps, batch, sampling "
-          f"steps). Base model: {base:.3f}.", "", "| method | " + " | ".join(f"lr {lr}" for lr in args.lrs)
-          + " | chosen lr | Δ vs base at chosen | s/step | grad fwd/step |", "|---" * (len(args.lrs) + 5) + "|"]  # fmt: skip
+    md = [
+        f"Validation split, seeds {args.seeds}, {args.images} images per category; mean overall over seeds for each "
+        f"lr of one grid (same for every method; the rest of configs/tiny.toml fixed: same steps, batch, sampling "
+        f"steps). Base model: {base:.3f}.",
+        "",
+        "| method | "
+        + " | ".join(f"lr {lr}" for lr in args.lrs)
+        + " | chosen lr | Δ vs base at chosen | s/step | grad fwd/step |",
+        "|---" * (len(args.lrs) + 5) + "|",
+    ]
     for m in sorted(args.methods, key=lambda m: -grid[m][chosen[m]]):
         per_seed = runs[chosen[m]]["per_seed"][m].values()
-        md.append(f"| {m} | " + " | ".join(f"{grid[m][lr]:.3f}" for lr in args.lrs) + f" | {chosen[m]} | "
-                  f"{grid[m][chosen[m]] - base:+.3f} | {np.mean([r['step_seconds'] for r in per_seed]):.2f} | "
-                  f"{np.mean([r['grad_forwards_per_step'] for r in per_seed]):.1f} |")  # fmt: skip
+        md.append(
+            f"| {m} | " + " | ".join(f"{grid[m][lr]:.3f}" for lr in args.lrs) + f" | {chosen[m]} | "
+            f"{grid[m][chosen[m]] - base:+.3f} | {np.mean([r['step_seconds'] for r in per_seed]):.2f} | "
+            f"{np.mean([r['grad_forwards_per_step'] for r in per_seed]):.1f} |"
+        )
     (args.out / "quality_toy_tuning.md").write_text("\n".join(md) + "\n")
     curves = {m: [r["validation"] for r in runs[chosen[m]]["per_seed"][m].values()] for m in args.methods}
     plot(curves, chosen, args.out / "quality_toy_tuning_validation_vs_time.png")
-    write_result(args.out / "quality_toy_tuning.json", {"grid": grid, "chosen": chosen, "base_overall": base,
-                 "overrides": {m: [f"lr={lr}"] for m, lr in chosen.items()}, "seeds": args.seeds,
-                 "images": args.images, "curves": curves, "wall_seconds": time.perf_counter() - t0,
-                 "wall_seconds_per_lr": {lr: runs[lr]["wall_seconds"] for lr in args.lrs}})  # fmt: skip
+    write_result(
+        args.out / "quality_toy_tuning.json",
+        {
+            "grid": grid,
+            "chosen": chosen,
+            "base_overall": base,
+            "overrides": {m: [f"lr={lr}"] for m, lr in chosen.items()},
+            "seeds": args.seeds,
+            "images": args.images,
+            "curves": curves,
+            "wall_seconds": time.perf_counter() - t0,
+            "wall_seconds_per_lr": {lr: runs[lr]["wall_seconds"] for lr in args.lrs},
+        },
+    )
     print("\n".join(md))
     return 0
 
@@ -87,11 +128,17 @@ def plot(curves: dict, chosen: dict, path: Path) -> None:
         vals = [v for v in vals if v]
         if vals:
             n = min(len(v) for v in vals)
-            ax.plot(np.mean([[row["train_seconds"] for row in v[:n]] for v in vals], axis=0),
-                    np.mean([[row["val/evaluator"] for row in v[:n]] for v in vals], axis=0), marker=".",
-                    label=f"{m} (lr {chosen[m]})")  # fmt: skip
-    ax.set(xlabel="training wall-clock (s, excluding validation)", ylabel="validation evaluator (mean over seeds)",
-           title="equal budget: each method at its tuned lr")  # fmt: skip
+            ax.plot(
+                np.mean([[row["train_seconds"] for row in v[:n]] for v in vals], axis=0),
+                np.mean([[row["val/evaluator"] for row in v[:n]] for v in vals], axis=0),
+                marker=".",
+                label=f"{m} (lr {chosen[m]})",
+            )
+    ax.set(
+        xlabel="training wall-clock (s, excluding validation)",
+        ylabel="validation evaluator (mean over seeds)",
+        title="equal budget: each method at its tuned lr",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -19,9 +19,16 @@ from .reference import connect_discount_ref, connect_ref
 
 
 def _connect_fwd_kernel(
-    X_PRED, X_REAL, OUT_CONN, OUT_DISC, PARTIAL, n_cols, n_blocks,
-    WRITE_DISC: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    X_PRED,
+    X_REAL,
+    OUT_CONN,
+    OUT_DISC,
+    PARTIAL,
+    n_cols,
+    n_blocks,
+    WRITE_DISC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -37,9 +44,16 @@ def _connect_fwd_kernel(
 
 
 def _connect_bwd_kernel(
-    G_CONN, G_DISC, G_PRED, n, alpha,
-    HAS_CONN: tl.constexpr, HAS_DISC: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    G_CONN,
+    G_DISC,
+    G_PRED,
+    n,
+    alpha,
+    HAS_CONN: tl.constexpr,
+    HAS_DISC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -76,9 +90,17 @@ def connect_forward(x_pred: torch.Tensor, x_real: torch.Tensor, write_disc: bool
     partial = torch.empty(b, n_blocks, device=x_pred.device, dtype=torch.float32)
     if n > 0:
         jit(_connect_fwd_kernel)[(b, n_blocks)](
-            x_pred_c, x_real_c, x_conn, x_disc, partial, n, n_blocks, WRITE_DISC=write_disc, BLOCK=block,
+            x_pred_c,
+            x_real_c,
+            x_conn,
+            x_disc,
+            partial,
+            n,
+            n_blocks,
+            WRITE_DISC=write_disc,
+            BLOCK=block,
             num_warps=8 if block >= 2048 else 4,
-        )  # fmt: skip
+        )
         dist = partial.sum(dim=1) / n
     else:
         dist = torch.zeros(b, device=x_pred.device, dtype=torch.float32)
@@ -94,10 +116,17 @@ def connect_backward(grad_conn, grad_disc, alpha: float, like: torch.Tensor) -> 
     block = block_size(n, gpu_block=4096)
     if n > 0:
         jit(_connect_bwd_kernel)[(triton.cdiv(n, block),)](
-            gc, gd, g_pred, n, float(alpha), HAS_CONN=grad_conn is not None, HAS_DISC=grad_disc is not None,
-            ACC=tl.float64 if like.dtype == torch.float64 else tl.float32, BLOCK=block,
+            gc,
+            gd,
+            g_pred,
+            n,
+            float(alpha),
+            HAS_CONN=grad_conn is not None,
+            HAS_DISC=grad_disc is not None,
+            ACC=tl.float64 if like.dtype == torch.float64 else tl.float32,
+            BLOCK=block,
             num_warps=8 if block >= 2048 else 4,
-        )  # fmt: skip
+        )
     return g_pred
 
 

@@ -27,8 +27,13 @@ def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, emp
     shards itself); the tiny random model is built whole."""
     if cfg.model.source == "tiny":
         return backbone.build_tiny(cfg.model.tiny, cfg.seed)
-    return backbone.load(cfg.model.source, DTYPES[cfg.model.dtype], need_text=need_text,
-                         max_sequence_length=cfg.model.max_sequence_length, empty_transformer=empty_transformer)  # fmt: skip
+    return backbone.load(
+        cfg.model.source,
+        DTYPES[cfg.model.dtype],
+        need_text=need_text,
+        max_sequence_length=cfg.model.max_sequence_length,
+        empty_transformer=empty_transformer,
+    )
 
 
 def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -72,8 +77,10 @@ def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float
     start = time.monotonic()
     while not all(p.is_file() for p in paths):
         if time.monotonic() - start > timeout_s:
-            raise UserError(f"waited {timeout_s / 3600:.1f} h for rank 0 to write the prompt cache {paths[0]}; run "
-                            "`leapalign-fast encode-prompts` with the same config before training")  # fmt: skip
+            raise UserError(
+                f"waited {timeout_s / 3600:.1f} h for rank 0 to write the prompt cache {paths[0]}; run "
+                "`leapalign-fast encode-prompts` with the same config before training"
+            )
         time.sleep(poll_s)
 
 
@@ -106,12 +113,15 @@ def add_trainable(transformer, cfg: Config, backbone: Backbone, upcast: bool = T
 
         try:
             transformer.add_adapter(
-                LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
-                           target_modules=targets)
-            )  # fmt: skip
+                LoraConfig(
+                    r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian", target_modules=targets
+                )
+            )
         except NoMatchingPeftModuleError as e:
-            raise UserError(f"lora.target_modules {targets} matched no transformer module; use "
-                            "names such as 'attn.to_q', 'ff.net.2' (see configs/flux_leapalign.toml)") from e
+            raise UserError(
+                f"lora.target_modules {targets} matched no transformer module; use "
+                "names such as 'attn.to_q', 'ff.net.2' (see configs/flux_leapalign.toml)"
+            ) from e
     else:
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -133,42 +143,18 @@ def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:
     named = dict(model.named_parameters())
     missing = [n for n in weights if n not in named]
     if missing:
-        raise UserError(f"checkpoint {source} has weights the model lacks (e.g. {missing[0]}); train, resume and "
-                        "evaluate with the model/lora config the run was trained with")  # fmt: skip
+        raise UserError(
+            f"checkpoint {source} has weights the model lacks (e.g. {missing[0]}); train, resume and "
+            "evaluate with the model/lora config the run was trained with"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             if named[n].shape != t.shape:
-                raise UserError(f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}")
+                raise UserError(
+                    f"checkpoint weight {n} has shape {tuple(t.shape)}, model expects {tuple(named[n].shape)}"
+                )
             named[n].copy_(t)
 
 
 def trained_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in unwrap(transformer).named_parameters() if p.requires_grad}
-
-
-# Of a built run (train.Run): what the loop, the grids and validation sample with.
-def velocity_for(run, idx: list[int], embeds: PromptCache):
-    """The backbone's velocity (with its guidance) for prompts `idx`, conditioning on the accelerator."""
-    dev = run.accelerator.device
-    cond = {k: v.to(dev) for k, v in embeds.tensors(idx, run.backbone.conditioning).items()}
-    velocity = run.backbone.velocity(run.transformer, cond, run.geometry, run.cfg.guidance,
-                                     uncond_grad=run.cfg.model.uncond_grad)
-    return run.graphed.bind(velocity) if run.graphed is not None else velocity
-
-
-def decoder(run):
-    """packed latents (B, L, C) -> images (B, 3, H, W) in [0, 1], through the run's backbone."""
-    return lambda x: run.backbone.decode(run.components.vae, x, run.geometry)
-
-
-class EMA:
-    """Exponential moving average of the trained parameters, kept in float32 (sharded like them under FSDP)."""
-
-    def __init__(self, named: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.shadow = {n: t.detach().float().clone() for n, t in named.items()}
-
-    @torch.no_grad()
-    def update(self, named: dict[str, torch.Tensor]) -> None:
-        for n, t in named.items():
-            self.shadow[n].lerp_(t.float(), 1.0 - self.decay)

@@ -36,13 +36,13 @@ from safetensors.torch import load_file
 
 from leapalign_fast import dist_checkpoint as dcp_ckpt
 from leapalign_fast.build import load_trained, trained_state, unwrap
-from leapalign_fast.ema import EMA
 from leapalign_fast.config import Config, config_dict
 from leapalign_fast.dist_checkpoint import SHARDS
+from leapalign_fast.ema import EMA
 from leapalign_fast.errors import TrainingDiverged, UserError
 from leapalign_fast.fsdp import all_finite, full_tensors
-from leapalign_fast.models.lora_export import export_lora
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from leapalign_fast.models.lora_export import export_lora
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -92,6 +92,7 @@ def file_sha256(path: Path) -> str:
 def digests(paths: list[Path]) -> list[str | OSError]:
     """sha256 of each file, one thread per file (hashlib releases the GIL): a full fine-tune's trained, EMA and
     optimizer files (~0.2 TB for FLUX) hash in parallel. An unreadable file gives its OSError."""
+
     def one(p):
         try:
             return file_sha256(p)
@@ -147,8 +148,10 @@ def choose_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[P
         damaged.append((p, problem))
     if damaged:
         what = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
-        raise UserError(f"no intact checkpoint in {checkpoint_root(output_dir)} ({what}); nothing was changed: restore "
-                        "the files, or start over in a new output_dir")  # fmt: skip
+        raise UserError(
+            f"no intact checkpoint in {checkpoint_root(output_dir)} ({what}); nothing was changed: restore "
+            "the files, or start over in a new output_dir"
+        )
     return None, []
 
 
@@ -233,9 +236,11 @@ def save_rank_rng(tmp_dir: Path, rank: int) -> None:
 def _write_failed(output_dir, step, e: OSError) -> UserError:
     older = list_checkpoints(output_dir)
     why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-    return UserError(f"cannot write checkpoint step {int(step)} in {checkpoint_root(output_dir)}: {why}; its staging "
-                     f"dir was removed, older checkpoints are intact (newest: {older[-1].name if older else 'none'}); "
-                     "free space or fix permissions, then rerun with resume=true")  # fmt: skip
+    return UserError(
+        f"cannot write checkpoint step {int(step)} in {checkpoint_root(output_dir)}: {why}; its staging "
+        f"dir was removed, older checkpoints are intact (newest: {older[-1].name if older else 'none'}); "
+        "free space or fix permissions, then rerun with resume=true"
+    )
 
 
 def staging_dir(output_dir: str | Path, step: int) -> Path:
@@ -322,8 +327,10 @@ def _guarded(path: Path, read):
     try:
         return read()
     except Exception as e:  # noqa: BLE001 - OSError, JSON, safetensors' own SafetensorError, a missing key, ...
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); use an intact "
-                        "checkpoint or a new output_dir") from None  # fmt: skip
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); use an intact "
+            "checkpoint or a new output_dir"
+        ) from None
 
 
 def _read_checkpoint(path: Path, rank: int) -> dict:
@@ -345,9 +352,25 @@ def _read_checkpoint(path: Path, rank: int) -> dict:
 
 # Config keys whose change alters the math of a resumed run.
 MATH_KEYS = (
-    "seed", "batch_size", "grad_accum", "num_steps", "resolution", "guidance", "lr", "weight_decay", "adam_betas",
-    "adam_eps", "warmup_steps", "max_grad_norm", "ema_decay", "mixed_precision", "prompt_file", "model", "lora",
-    "method", "reward",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "num_steps",
+    "resolution",
+    "guidance",
+    "lr",
+    "weight_decay",
+    "adam_betas",
+    "adam_eps",
+    "warmup_steps",
+    "max_grad_norm",
+    "ema_decay",
+    "mixed_precision",
+    "prompt_file",
+    "model",
+    "lora",
+    "method",
+    "reward",
 )
 
 
@@ -412,8 +435,10 @@ class Checkpointer:
         ema = state.ema.shadow if state.ema is not None else None
         bad = self._nonfinite(trained, ema)  # every rank takes the same branch; one host sync per checkpoint
         if bad:
-            raise TrainingDiverged(f"the trained weights are non-finite at step {step} (e.g. {bad}); not checkpointed. "
-                                   f"Last good checkpoint: {newest(self.out)}. Lower lr or check the reward.")
+            raise TrainingDiverged(
+                f"the trained weights are non-finite at step {step} (e.g. {bad}); not checkpointed. "
+                f"Last good checkpoint: {newest(self.out)}. Lower lr or check the reward."
+            )
         self.wait()  # at most one save in flight: the previous one is committed before this one starts
         tmp = staging_dir(self.out, step)
         if self.acc.is_main_process:
@@ -421,8 +446,13 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         save_rank_rng(tmp, self.acc.process_index)
         self.acc.wait_for_everyone()
-        meta = {"consumed": consumed, "scheduler": state.scheduler.state_dict(), "config": config_dict(self.cfg),
-                "world_size": self.acc.num_processes, "prompts_sha256": prompts_digest(self.prompts)}
+        meta = {
+            "consumed": consumed,
+            "scheduler": state.scheduler.state_dict(),
+            "config": config_dict(self.cfg),
+            "world_size": self.acc.num_processes,
+            "prompts_sha256": prompts_digest(self.prompts),
+        }
         metrics = self.out / "metrics.jsonl"
         if self.acc.is_main_process and metrics.is_file():  # the log is made durable whenever a checkpoint is
             with open(metrics, "rb+") as f:
@@ -443,8 +473,10 @@ class Checkpointer:
             return 0, 0
         if dcp_ckpt.is_sharded(path) != self.sharded:
             written, now = ("fsdp=true", "fsdp=false") if not self.sharded else ("fsdp=false", "fsdp=true")
-            raise UserError(f"cannot resume from {path}: it was written with {written} and this run has {now}; resume "
-                            f"with {written}, or export it (`leapalign-fast export`) and start a new run from that")
+            raise UserError(
+                f"cannot resume from {path}: it was written with {written} and this run has {now}; resume "
+                f"with {written}, or export it (`leapalign-fast export`) and start a new run from that"
+            )
         data = _guarded(path, lambda: self._read(path))
         diffs = config_differences(data["state"]["config"], config_dict(self.cfg))
         saved_prompts = data["state"].get("prompts_sha256")
@@ -459,8 +491,10 @@ class Checkpointer:
         if self.acc.is_main_process:
             remove_partial(self.out)
             for bad, problem in damaged:
-                self.say(f"checkpoint {bad.name} is damaged ({problem}); moved to {set_aside(bad).name}, "
-                         f"resuming from {path.name}")
+                self.say(
+                    f"checkpoint {bad.name} is damaged ({problem}); moved to {set_aside(bad).name}, "
+                    f"resuming from {path.name}"
+                )
         self.acc.wait_for_everyone()
         had_ema = self._load(path, data, state)
         state.scheduler.load_state_dict(data["state"]["scheduler"])
@@ -521,8 +555,16 @@ class LocalCheckpointer(Checkpointer):
     def _write(self, tmp, step, state, trained, ema, meta, metrics, started):
         if self.acc.is_main_process:
             scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-            write_checkpoint(self.out, step, trained, ema, state.optimizer.state_dict(), {**meta, "grad_scaler": scaler},
-                             self.cfg.keep_checkpoints, metrics=metrics)
+            write_checkpoint(
+                self.out,
+                step,
+                trained,
+                ema,
+                state.optimizer.state_dict(),
+                {**meta, "grad_scaler": scaler},
+                self.cfg.keep_checkpoints,
+                metrics=metrics,
+            )
         self.acc.wait_for_everyone()
 
     def _read(self, path):
@@ -568,8 +610,10 @@ class ShardedCheckpointer(Checkpointer):
                 dcp_ckpt.write_model_config(tmp, unwrap(state.transformer))
                 if metrics.is_file():
                     write_text_atomic(tmp / "metrics.jsonl", metrics.read_text())
-                write_json_atomic(tmp / "state.json", {"step": step, "checksummed": True, "format": dcp_ckpt.FORMAT,
-                                                       "grad_scaler": None, **meta})
+                write_json_atomic(
+                    tmp / "state.json",
+                    {"step": step, "checksummed": True, "format": dcp_ckpt.FORMAT, "grad_scaler": None, **meta},
+                )
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise _write_failed(out, step, e) from None
@@ -600,9 +644,11 @@ class ShardedCheckpointer(Checkpointer):
     def _load(self, path, data, state):
         saved_world = data["state"].get("world_size")
         if saved_world != self.acc.num_processes:
-            self.say(f"resharding {path.name} from {saved_world} to {self.acc.num_processes} process(es): same "
-                     "weights, EMA and optimizer state; the global batch is now world x batch_size and each rank's "
-                     "noise stream is seeded by its rank, so the steps ahead differ from a same-size run")
+            self.say(
+                f"resharding {path.name} from {saved_world} to {self.acc.num_processes} process(es): same "
+                "weights, EMA and optimizer state; the global batch is now world x batch_size and each rank's "
+                "noise stream is seeded by its rank, so the steps ahead differ from a same-size run"
+            )
         shadow = state.ema.shadow if state.ema is not None else None
         model = unwrap(state.transformer)
         return dcp_ckpt.load_sharded(path, model, trained_state(state.transformer), shadow, state.optimizer)

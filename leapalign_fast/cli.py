@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p_enc = sub.add_parser("encode-prompts", help="cache the prompt embeddings so training never loads text encoders")
     p_enc.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_enc.add_argument("overrides", nargs="*", help="key=value overrides")
-    p_exp = sub.add_parser("export", help="write a checkpoint's weights as a diffusers model directory (sharded "
-                           "FSDP checkpoints are consolidated in this process, any world size wrote them)")
+    p_exp = sub.add_parser(
+        "export",
+        help="write a checkpoint's weights as a diffusers model directory (sharded "
+        "FSDP checkpoints are consolidated in this process, any world size wrote them)",
+    )
     p_exp.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (.../checkpoints/step_*)")
     p_exp.add_argument("--ema", action="store_true", help="export the EMA weights")
     p_exp.add_argument("--out", type=Path, default=None, help="default: <output_dir>/export/<step>[_ema]")
@@ -99,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{sum(r[:n]) / n:.4f}, last {n} steps {sum(r[-n:]) / n:.4f}; outputs in {result.output_dir}"
                     )
                 else:
-                    print(f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
-                          f"{result.output_dir}")  # fmt: skip
+                    print(
+                        f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
+                        f"{result.output_dir}"
+                    )
         elif args.command == "eval":
             from leapalign_fast.evaluate import evaluate
 
             rewards = [r.strip() for r in (args.rewards or cfg.reward.name).split(",") if r.strip()]
-            result = evaluate(cfg, args.prompts, rewards, args.checkpoint, args.ema, args.steps, args.batch, out=args.out)
+            result = evaluate(
+                cfg, args.prompts, rewards, args.checkpoint, args.ema, args.steps, args.batch, out=args.out
+            )
             for name, s in result["scores"].items():
                 print(f"{name}: {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']}, {result['checkpoint']})")
         elif args.command == "encode-prompts":
@@ -129,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         # writing metrics, grids or exports. Checkpoints are written atomically, so the ones written are intact.
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        print(f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
-              "rerun with resume=true (the checkpoints written so far are intact)", file=sys.stderr)  # fmt: skip
+        print(
+            f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
+            "rerun with resume=true (the checkpoints written so far are intact)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -143,8 +153,10 @@ def _export(args) -> int:
 
         path = args.checkpoint
         if not is_sharded(path):
-            raise UserError(f"{path} is not a sharded (fsdp=true) checkpoint directory; export reads "
-                            ".../checkpoints/step_* of an FSDP run (LoRA runs export lora/ at their end)")  # fmt: skip
+            raise UserError(
+                f"{path} is not a sharded (fsdp=true) checkpoint directory; export reads "
+                ".../checkpoints/step_* of an FSDP run (LoRA runs export lora/ at their end)"
+            )
         if (problem := verify_checkpoint(path)) is not None:
             raise UserError(f"checkpoint {path} is damaged ({problem}); export an intact one")
         out = args.out or path.parent.parent / "export" / (path.name + ("_ema" if args.ema else ""))
@@ -156,8 +168,11 @@ def _export(args) -> int:
 
 
 def _interrupted() -> typing.NoReturn:
-    print("leapalign-fast: interrupted (Ctrl-C) outside a training step; checkpoints already written are intact; "
-          "rerun with resume=true to continue", file=sys.stderr)  # fmt: skip
+    print(
+        "leapalign-fast: interrupted (Ctrl-C) outside a training step; checkpoints already written are intact; "
+        "rerun with resume=true to continue",
+        file=sys.stderr,
+    )
     # Exit now: a Ctrl-C that landed inside `import torch` can leave a half-initialised module whose shutdown
     # handlers end the process by SIGINT (status -2, seen once under load) instead of 130. Nothing is left to
     # clean up here: checkpoints are atomic and the run lock is released with the process.

@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +24,22 @@ import tomli_w
 from leapalign_fast.errors import UserError
 from leapalign_fast.methods.settings import METHOD_SETTINGS, LeapAlignSettings, MethodSettings
 
-import tomllib
-
 # FLUX attention and MLP projections (double and single blocks), as diffusers' LoRA examples name them.
 FLUX_LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
     "proj_mlp",
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -55,7 +62,9 @@ class ModelConfig:
     family: str = ""  # backbone (models/backbone.py BACKBONES): flux | sd3 ...; "" = from model_index.json, else flux
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
-    attention: str = "auto"  # auto (FlashAttention 2 on CUDA for bf16/fp16 weights if usable, else SDPA) | native | flash | ...
+    attention: str = (
+        "auto"  # auto (FlashAttention 2 on CUDA for bf16/fp16 weights if usable, else SDPA) | native | flash | ...
+    )
     compile: str = "none"  # none | regional (each transformer block) | full
     compile_backend: str = "inductor"
     cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)
@@ -207,7 +216,11 @@ def method_from_table(data, prefix: str = "method.") -> MethodSettings:
             kwargs[key] = check_type(prefix + key, value, hints[key])
         elif key not in others:
             close = difflib.get_close_matches(key, sorted(own), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; method '{name}' takes {', '.join(sorted(own))}"
+            hint = (
+                f"; did you mean '{prefix}{close[0]}'?"
+                if close
+                else f"; method '{name}' takes {', '.join(sorted(own))}"
+            )
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
     return cls(**kwargs)
 
@@ -242,6 +255,7 @@ def resolve_file_paths(data: dict, base: Path) -> None:
     `../assets/toy` from any working directory): `model.source` (unless "tiny"), `prompt_file` and the reward's
     `path` option (a path or a list of paths). Paths in command-line overrides stay relative to the working
     directory."""
+
     def fix(value):
         return os.path.normpath(base / value) if _relative(value) else value
 
@@ -289,7 +303,11 @@ def _numbers(obj, prefix=""):
         if dataclasses.is_dataclass(value):
             yield from _numbers(value, key + ".")
         elif isinstance(value, list):
-            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)) and not isinstance(v, bool))
+            yield from (
+                (f"{key}[{i}]", v)
+                for i, v in enumerate(value)
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield key, value
 
@@ -306,6 +324,7 @@ def check_numbers(obj, prefix: str = "") -> None:
 
 def validate_numbers(cfg: Config) -> None:
     """Every numeric key finite and in its range, so no value can train backwards, into NaN or into a crash."""
+
     def need(cond, msg):
         if not cond:
             raise UserError(msg)
@@ -316,17 +335,23 @@ def validate_numbers(cfg: Config) -> None:
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.adam_eps >= 1e-30, f"adam_eps must be > 0 (and >= 1e-30, float32 precision), got {cfg.adam_eps}")
-    need(len(cfg.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.adam_betas),
-         f"adam_betas must be two values in [0, 1), got {cfg.adam_betas}")
+    need(
+        len(cfg.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.adam_betas),
+        f"adam_betas must be two values in [0, 1), got {cfg.adam_betas}",
+    )
     need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0 (0: no warm-up), got {cfg.warmup_steps}")
     need(cfg.max_grad_norm >= 0, f"max_grad_norm must be > 0, or 0 for no clipping, got {cfg.max_grad_norm}")
     need(cfg.grid_every >= 0, f"grid_every must be >= 0 (0: only at start and end), got {cfg.grid_every}")
     need(cfg.guidance >= 0, f"guidance must be >= 0, got {cfg.guidance}")
-    need(1 <= cfg.model.max_sequence_length <= 512,
-         f"model.max_sequence_length must be in [1, 512] (FLUX's T5 limit), got {cfg.model.max_sequence_length}")
+    need(
+        1 <= cfg.model.max_sequence_length <= 512,
+        f"model.max_sequence_length must be in [1, 512] (FLUX's T5 limit), got {cfg.model.max_sequence_length}",
+    )
     need(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
-    need(len(cfg.eval_prompts) >= 1 and all(p.strip() for p in cfg.eval_prompts),
-         "eval_prompts must hold at least one non-empty prompt (they draw the progress grids)")
+    need(
+        len(cfg.eval_prompts) >= 1 and all(p.strip() for p in cfg.eval_prompts),
+        "eval_prompts must hold at least one non-empty prompt (they draw the progress grids)",
+    )
     need(cfg.resolution <= 8192, f"resolution must be <= 8192, got {cfg.resolution}")
 
 
@@ -337,15 +362,32 @@ def validate(cfg: Config) -> None:
 
     validate_numbers(cfg)
 
-    for key in ("max_steps", "batch_size", "grad_accum", "num_steps", "resolution", "checkpoint_every", "keep_checkpoints",
-                "max_nonfinite_steps"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "num_steps",
+        "resolution",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+    ):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(len(cfg.adam_betas) == 2, f"adam_betas must have two values, got {cfg.adam_betas}")
-    need(cfg.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, got '{cfg.mixed_precision}'")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'")
-    need(cfg.model.compile in ("none", "regional", "full"), f"model.compile must be none, regional or full, got '{cfg.model.compile}'")
+    need(
+        cfg.mixed_precision in ("no", "bf16", "fp16"),
+        f"mixed_precision must be no, bf16 or fp16, got '{cfg.mixed_precision}'",
+    )
+    need(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype must be float32, bfloat16 or float16, got '{cfg.model.dtype}'",
+    )
+    need(
+        cfg.model.compile in ("none", "regional", "full"),
+        f"model.compile must be none, regional or full, got '{cfg.model.compile}'",
+    )
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     validate_validation(cfg, need)
     validate_fsdp(cfg, need)
@@ -355,44 +397,72 @@ def validate(cfg: Config) -> None:
 def validate_method(cfg: Config, need) -> None:
     """The chosen method's keys (they depend on num_steps) and what it cannot run with."""
     cfg.method.validate(cfg.num_steps)
-    need(not (cfg.mixed_precision == "fp16" and cfg.method.decode_apart()), f"method '{cfg.method.name}' with "
-         "method.reward_first=true takes the reward's gradient before the trainer's backward, outside fp16's loss "
-         "scaling (small gradients would underflow); use mixed_precision='bf16' or 'no', or method.reward_first=false")
+    need(
+        not (cfg.mixed_precision == "fp16" and cfg.method.decode_apart()),
+        f"method '{cfg.method.name}' with "
+        "method.reward_first=true takes the reward's gradient before the trainer's backward, outside fp16's loss "
+        "scaling (small gradients would underflow); use mixed_precision='bf16' or 'no', or method.reward_first=false",
+    )
 
 
 def validate_fsdp(cfg: Config, need) -> None:
     """What cannot run sharded: refused before anything is loaded."""
     if not cfg.fsdp:
         return
-    need(not cfg.model.cuda_graph, "model.cuda_graph=true cannot be used with fsdp=true: the graphs would replay the "
-         "bare module, whose parameters FSDP has sharded; set model.cuda_graph=false")  # fmt: skip
-    need(cfg.mixed_precision != "fp16", "mixed_precision='fp16' is not supported with fsdp=true (it needs a sharded "
-         "grad scaler); use mixed_precision='bf16'")  # fmt: skip
-    need(not cfg.eval_every, "eval_every > 0 is not supported with fsdp=true yet (validation samples on rank 0 alone); "
-         "set eval_every=0 and score exported checkpoints with `leapalign-fast eval`")  # fmt: skip
+    need(
+        not cfg.model.cuda_graph,
+        "model.cuda_graph=true cannot be used with fsdp=true: the graphs would replay the "
+        "bare module, whose parameters FSDP has sharded; set model.cuda_graph=false",
+    )
+    need(
+        cfg.mixed_precision != "fp16",
+        "mixed_precision='fp16' is not supported with fsdp=true (it needs a sharded "
+        "grad scaler); use mixed_precision='bf16'",
+    )
+    need(
+        not cfg.eval_every,
+        "eval_every > 0 is not supported with fsdp=true yet (validation samples on rank 0 alone); "
+        "set eval_every=0 and score exported checkpoints with `leapalign-fast eval`",
+    )
 
 
 def validate_validation(cfg: Config, need) -> None:
     """The validation keys: each mistake its own error naming the key and the fix."""
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0 = no validation), got {cfg.eval_every}")
     need(cfg.eval_num_steps >= 0, f"eval_num_steps must be >= 0 (0 = num_steps), got {cfg.eval_num_steps}")
-    need(cfg.early_stop_patience >= 0, f"early_stop_patience must be >= 0 (0 = never stop early), got "
-         f"{cfg.early_stop_patience}")  # fmt: skip
-    need(not cfg.early_stop_patience or cfg.eval_every, "early_stop_patience needs validation: set eval_every > 0 "
-         "and eval_prompt_file")  # fmt: skip
+    need(
+        cfg.early_stop_patience >= 0,
+        f"early_stop_patience must be >= 0 (0 = never stop early), got {cfg.early_stop_patience}",
+    )
+    need(
+        not cfg.early_stop_patience or cfg.eval_every,
+        "early_stop_patience needs validation: set eval_every > 0 and eval_prompt_file",
+    )
     need(not cfg.best_metric or cfg.eval_every, "best_metric needs validation: set eval_every > 0 and eval_prompt_file")
     if not cfg.eval_every:
         return
-    need(bool(cfg.eval_prompt_file), f"eval_every = {cfg.eval_every} needs eval_prompt_file: a text file of validation "
-         "prompts, one per line (the toy benchmark's: assets/toy/prompts_validation.txt)")  # fmt: skip
-    need(bool(cfg.eval_rewards), "eval_rewards is empty; name at least one scorer: 'reward' (the trained one), "
-         "'evaluator' (toy captions) or a label of eval_reward_options")  # fmt: skip
+    need(
+        bool(cfg.eval_prompt_file),
+        f"eval_every = {cfg.eval_every} needs eval_prompt_file: a text file of validation "
+        "prompts, one per line (the toy benchmark's: assets/toy/prompts_validation.txt)",
+    )
+    need(
+        bool(cfg.eval_rewards),
+        "eval_rewards is empty; name at least one scorer: 'reward' (the trained one), "
+        "'evaluator' (toy captions) or a label of eval_reward_options",
+    )
     need(len(set(cfg.eval_rewards)) == len(cfg.eval_rewards), f"eval_rewards names a scorer twice: {cfg.eval_rewards}")
     for label in cfg.eval_reward_options:
-        need(isinstance(cfg.eval_reward_options[label], dict), f"eval_reward_options.{label} must be a table of the "
-             "reward's options, e.g. { name = \"toy\", path = \"reward.safetensors\" }")  # fmt: skip
-    need(not cfg.best_metric or cfg.best_metric in cfg.eval_rewards, f"best_metric '{cfg.best_metric}' is not one of "
-         f"eval_rewards {cfg.eval_rewards}; pick one of them (or leave it empty for the first)")  # fmt: skip
+        need(
+            isinstance(cfg.eval_reward_options[label], dict),
+            f"eval_reward_options.{label} must be a table of the "
+            'reward\'s options, e.g. { name = "toy", path = "reward.safetensors" }',
+        )
+    need(
+        not cfg.best_metric or cfg.best_metric in cfg.eval_rewards,
+        f"best_metric '{cfg.best_metric}' is not one of "
+        f"eval_rewards {cfg.eval_rewards}; pick one of them (or leave it empty for the first)",
+    )
 
 
 def config_dict(cfg: Config) -> dict:

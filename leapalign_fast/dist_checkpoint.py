@@ -121,16 +121,22 @@ class ShardedSaver:
         if replacement is not None:
             raise replacement from None
         if error is None:
-            raise UserError(f"another rank failed to write the sharded checkpoint of step {step}; older checkpoints "
-                            "are intact; see that rank's error, then rerun with resume=true")  # fmt: skip
+            raise UserError(
+                f"another rank failed to write the sharded checkpoint of step {step}; older checkpoints "
+                "are intact; see that rank's error, then rerun with resume=true"
+            )
         raise error
 
     def _log(self, step: int, blocking: float, committed_after: float | None) -> None:
         """Rank 0: one line per committed save in `log` (checkpoints.jsonl): seconds the loop was held, and
         seconds from the save's start until its commit (for an asynchronous save: while training went on)."""
         if self.rank == 0 and self.log is not None:
-            row = {"step": step, "asynchronous": self.asynchronous, "blocking_s": round(blocking, 4),
-                   "committed_after_s": None if committed_after is None else round(committed_after, 4)}  # fmt: skip
+            row = {
+                "step": step,
+                "asynchronous": self.asynchronous,
+                "blocking_s": round(blocking, 4),
+                "committed_after_s": None if committed_after is None else round(committed_after, 4),
+            }
             with open(self.log, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -173,8 +179,10 @@ def load_sharded(path: Path, model, trained: dict, ema: dict | None, optimizer) 
         state = sharded_state(model, trained, ema if has_ema else None, optimizer)
         dcp.load(state, storage_reader=reader)
     except Exception as e:  # noqa: BLE001 - a missing key (LoRA vs full), an unreadable shard, ...
-        raise UserError(f"sharded checkpoint {path} cannot be loaded into this model ({type(e).__name__}: "
-                        f"{str(e)[:160]}); resume with the model/lora config it was trained with") from None
+        raise UserError(
+            f"sharded checkpoint {path} cannot be loaded into this model ({type(e).__name__}: "
+            f"{str(e)[:160]}); resume with the model/lora config it was trained with"
+        ) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return has_ema
 
@@ -187,10 +195,12 @@ def consolidate(path: Path, which: str = "trained") -> dict[str, torch.Tensor]:
     out = {}
     for key, meta in reader.read_metadata().state_dict_metadata.items():
         if key.startswith(prefix) and hasattr(meta, "size") and hasattr(meta, "properties"):
-            out[key[len(prefix):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+            out[key[len(prefix) :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not out:
-        raise UserError(f"checkpoint {path} holds no '{which}' weights"
-                        + ("; it was trained without EMA (ema_decay = 0): export without --ema" if which == "ema" else ""))
+        raise UserError(
+            f"checkpoint {path} holds no '{which}' weights"
+            + ("; it was trained without EMA (ema_decay = 0): export without --ema" if which == "ema" else "")
+        )
     dcp.load({which: out}, storage_reader=reader, no_dist=True)
     return out
 
@@ -201,8 +211,10 @@ def export_transformer(path: Path, target: Path, ema: bool = False) -> Path:
     pipeline (`transformer=`) load. Full fine-tunes only: a LoRA run exports its adapter at the end of the run."""
     state = json.loads((path / "state.json").read_text())
     if state["config"]["lora"]["enabled"]:
-        raise UserError(f"checkpoint {path} is a LoRA run: its adapter is exported at the end of the run (lora/, "
-                        "lora_ema/); export writes full fine-tunes")  # fmt: skip
+        raise UserError(
+            f"checkpoint {path} is a LoRA run: its adapter is exported at the end of the run (lora/, "
+            "lora_ema/); export writes full fine-tunes"
+        )
     config = json.loads((path / "model_config.json").read_text())
     dtype = getattr(torch, state["config"]["model"]["dtype"])
     weights = {n: t.to(dtype) for n, t in consolidate(path, "ema" if ema else "trained").items()}

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from leapalign_fast import checkpoint as ckpt
-from leapalign_fast.dist_checkpoint import consolidate, is_sharded
 from leapalign_fast.build import (
     add_trainable,
     load_components,
@@ -22,6 +21,7 @@ from leapalign_fast.build import (
     to_device,
 )
 from leapalign_fast.config import Config
+from leapalign_fast.dist_checkpoint import consolidate, is_sharded
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.images import save_grid
@@ -42,14 +42,18 @@ def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | Non
     if which == "latest":
         found = ckpt.list_checkpoints(cfg.output_dir)
         if not found:
-            raise UserError(f"no checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; check output_dir (is it the "
-                            "run's directory?), or pass --checkpoint base to score the untrained model")  # fmt: skip
+            raise UserError(
+                f"no checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; check output_dir (is it the "
+                "run's directory?), or pass --checkpoint base to score the untrained model"
+            )
         path = found[-1]
     else:
         path = Path(which)
         if not (path / "trained.safetensors").is_file() and not is_sharded(path):
-            raise UserError(f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
-                            f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'")  # fmt: skip
+            raise UserError(
+                f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
+                f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'"
+            )
     problem = ckpt.verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is damaged ({problem}); pass an intact one with --checkpoint")
@@ -58,8 +62,15 @@ def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | Non
     return path
 
 
-def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool = False, num_steps: int = 50,
-                  batch_size: int = 4, seed: int = 0):
+def sample_images(
+    cfg: Config,
+    prompts: list[str],
+    path: Path | None,
+    ema: bool = False,
+    num_steps: int = 50,
+    batch_size: int = 4,
+    seed: int = 0,
+):
     """Yield (indices, images (b, 3, H, W) in [0, 1]) for `prompts`, sampled with the checkpoint at `path`
     (its trained or EMA weights) or the base model (`path` None), from noise seeded by `seed`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,8 +100,17 @@ def sample_images(cfg: Config, prompts: list[str], path: Path | None, ema: bool 
             yield idx, backbone.decode(vae, sample_trajectory(velocity, noise, sigmas).x0, geom)
 
 
-def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: str = "latest", ema: bool = False,
-             num_steps: int = 50, batch_size: int = 4, seed: int = 0, out: Path | None = None) -> dict:
+def evaluate(
+    cfg: Config,
+    prompt_file: str | None,
+    rewards: list[str],
+    which: str = "latest",
+    ema: bool = False,
+    num_steps: int = 50,
+    batch_size: int = 4,
+    seed: int = 0,
+    out: Path | None = None,
+) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
     if num_steps < 1 or batch_size < 1:
@@ -108,8 +128,15 @@ def evaluate(cfg: Config, prompt_file: str | None, rewards: list[str], which: st
                 scores[name] += scorer(images, [prompts[i] for i in idx]).float().cpu().tolist()
         save_grid(images, out / f"grid_{idx[0] // batch_size:04d}.png")
     table = {name: {"mean": sum(v) / len(v), "std": _std(v), "n": len(v)} for name, v in scores.items()}
-    result = {"checkpoint": str(path) if path else "base", "ema": ema, "num_steps": num_steps, "seed": seed,
-              "prompts": prompts, "scores": table, "per_prompt": scores}  # fmt: skip
+    result = {
+        "checkpoint": str(path) if path else "base",
+        "ema": ema,
+        "num_steps": num_steps,
+        "seed": seed,
+        "prompts": prompts,
+        "scores": table,
+        "per_prompt": scores,
+    }
     write_json_atomic(out / "scores.json", result)
     return result
 

@@ -63,8 +63,13 @@ def _upcast_trainable(module: torch.nn.Module, recurse: bool) -> None:
             p.data = p.data.float()
 
 
-def shard_transformer(transformer: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None,
-                      weights: Path | None = None, storage: torch.dtype | None = None) -> str:  # fmt: skip
+def shard_transformer(
+    transformer: torch.nn.Module,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    weights: Path | None = None,
+    storage: torch.dtype | None = None,
+) -> str:
     """Shard in place (per block, then the root) onto `device`; returns a one-line description for the run log.
     A transformer on the meta device is then filled from the safetensors files in `weights` (`load_shards`),
     its non-meta tensors (peft's LoRA init, buffers) from their host values; `storage`: the frozen weights' dtype."""
@@ -78,8 +83,11 @@ def shard_transformer(transformer: torch.nn.Module, device: torch.device, param_
     units = wrap_units(transformer)
     empty = any(p.is_meta for p in transformer.parameters())
     if empty:  # the small host tensors (LoRA, buffers), kept to be written into the materialised model
-        host = {n: t.detach().clone() for n, t in [*transformer.named_parameters(), *transformer.named_buffers()]
-                if not t.is_meta}  # fmt: skip
+        host = {
+            n: t.detach().clone()
+            for n, t in [*transformer.named_parameters(), *transformer.named_buffers()]
+            if not t.is_meta
+        }
         transformer.to("meta")  # every parameter on one device for fully_shard; materialised together below
     for unit in units:
         _upcast_trainable(unit, recurse=True)
@@ -116,9 +124,18 @@ def host_placeholders(module: torch.nn.Module):
 
 
 # safetensors dtype names (the format's header) -> torch dtypes
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}  # fmt: skip
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class SafetensorsRows:
@@ -129,8 +146,11 @@ class SafetensorsRows:
 
     def __init__(self, weights: Path):
         index = weights / "diffusion_pytorch_model.safetensors.index.json"
-        names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else ["diffusion_pytorch_model.safetensors"])  # fmt: skip
+        names = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["diffusion_pytorch_model.safetensors"]
+        )
         self.where: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, header entry)
         for name in names:
             path = weights / name
@@ -154,8 +174,10 @@ class SafetensorsRows:
         """Rows [start, stop) of tensor `name` (all of a 0-dim one), in the file's dtype."""
         path, data, entry = self.where[name]
         if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this loader does not read; "
-                            "use fsdp=false or a directory saved in a float dtype")  # fmt: skip
+            raise UserError(
+                f"{path}: tensor {name} has dtype {entry['dtype']}, which this loader does not read; "
+                "use fsdp=false or a directory saved in a float dtype"
+            )
         shape = entry["shape"]
         stop = (shape[0] if stop is None else stop) if shape else 1
         out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
@@ -178,8 +200,13 @@ def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_shards(transformer: torch.nn.Module, weights: Path, storage: torch.dtype, device: torch.device,
-                host: dict[str, torch.Tensor]) -> tuple[int, int]:  # fmt: skip
+def load_shards(
+    transformer: torch.nn.Module,
+    weights: Path,
+    storage: torch.dtype,
+    device: torch.device,
+    host: dict[str, torch.Tensor],
+) -> tuple[int, int]:
     """Materialise a sharded meta `transformer` on `device` and fill each parameter's local shard with its rows
     of the file (or of `host`: LoRA), buffers whole (from the file if saved there, else `host`). Returns
     (elements read by this rank, elements of the sharded parameters)."""
@@ -200,11 +227,15 @@ def load_shards(transformer: torch.nn.Module, weights: Path, storage: torch.dtyp
         if name in host:  # LoRA: initialised on the host by peft
             rows = host[name][start:stop]
         elif base[name] not in files:
-            raise UserError(f"the transformer weights in {weights} lack {base[name]}; check that model.source "
-                            "holds this model's config.json and weights")  # fmt: skip
+            raise UserError(
+                f"the transformer weights in {weights} lack {base[name]}; check that model.source "
+                "holds this model's config.json and weights"
+            )
         elif files.shape(base[name]) != tuple(p.shape):
-            raise UserError(f"transformer weight {base[name]} has shape {files.shape(base[name])} in {weights}, its "
-                            f"config.json gives {tuple(p.shape)}; check that they belong together")  # fmt: skip
+            raise UserError(
+                f"transformer weight {base[name]} has shape {files.shape(base[name])} in {weights}, its "
+                f"config.json gives {tuple(p.shape)}; check that they belong together"
+            )
         else:
             rows = files.rows(base[name], start, stop)  # (stop - start, ...) in the file's dtype: only these bytes
         shard.copy_(rows.to(storage).to(p.dtype))  # the casts of load-whole-in-storage-dtype-then-upcast: same bits

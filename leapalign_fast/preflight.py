@@ -54,16 +54,20 @@ def check_memory(cfg, backbone, components, geometry, device: torch.device) -> N
     """A UserError naming the estimate when one micro-step cannot fit in the free memory of `device`."""
     need, free = step_bytes(cfg, backbone, components, geometry), available_bytes(device)
     if free is not None and need > free:
-        raise UserError(f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
-                        f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "
-                        f"{free / GIB:.1f} GiB is free; lower batch_size (use grad_accum), resolution or the method's "
-                        "step counts, or enable model.gradient_checkpointing")  # fmt: skip
+        raise UserError(
+            f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
+            f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "
+            f"{free / GIB:.1f} GiB is free; lower batch_size (use grad_accum), resolution or the method's "
+            "step counts, or enable model.gradient_checkpointing"
+        )
 
 
 def mixed_precision_note(cfg) -> str | None:
     """`accelerate launch --config_file` passes its mixed_precision in the environment; the run config wins."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher and launcher != cfg.mixed_precision:
-        return (f"the accelerate launch config says mixed_precision={launcher}; the run config's "
-                f"mixed_precision='{cfg.mixed_precision}' is used (set it there to change it)")
+        return (
+            f"the accelerate launch config says mixed_precision={launcher}; the run config's "
+            f"mixed_precision='{cfg.mixed_precision}' is used (set it there to change it)"
+        )
     return None

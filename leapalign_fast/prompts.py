@@ -29,7 +29,9 @@ def read_prompt_file(path: str | Path) -> list[str]:
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"prompt_file {p} cannot be read as UTF-8 text ({e}); fix its encoding or permissions") from None
+        raise UserError(
+            f"prompt_file {p} cannot be read as UTF-8 text ({e}); fix its encoding or permissions"
+        ) from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UserError(f"prompt_file {p} has no prompts; write one prompt per line")

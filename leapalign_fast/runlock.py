@@ -26,8 +26,9 @@ def check_writable(directory: Path, what: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"{what} {directory} is not writable ({e.strerror}); pick a directory you can write, or fix "
-                        "its permissions") from None  # fmt: skip
+        raise UserError(
+            f"{what} {directory} is not writable ({e.strerror}); pick a directory you can write, or fix its permissions"
+        ) from None
 
 
 class RunLock:
@@ -45,8 +46,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"output_dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
-                            "stop it, or choose another output_dir (nothing was changed)") from None  # fmt: skip
+            raise UserError(
+                f"output_dir {self.path.parent} is in use by another run ({holder}); wait for it to end, "
+                "stop it, or choose another output_dir (nothing was changed)"
+            ) from None
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {stamp}\n".encode(), 0)

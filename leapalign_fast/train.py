@@ -371,8 +371,11 @@ class Trainer:
         self.resume()
         start_step = self.step
         if self.step >= cfg.max_steps and acc.is_main_process:
-            print(f"leapalign-fast: the checkpoint is at step {self.step} >= max_steps={cfg.max_steps}: nothing to "
-                  "train; raise max_steps to continue (final grid and LoRA export are rewritten)", flush=True)
+            print(
+                f"leapalign-fast: the checkpoint is at step {self.step} >= max_steps={cfg.max_steps}: nothing to "
+                "train; raise max_steps to continue (final grid and LoRA export are rewritten)",
+                flush=True,
+            )
         log = MetricsLog(self.out, self.step, cfg.tensorboard and acc.is_main_process, acc.is_main_process)
         if acc.is_main_process:
             write_text_atomic(self.out / "config.toml", config_toml(cfg))
@@ -389,12 +392,16 @@ class Trainer:
                 if record["reward"] is not None:
                     rewards.append(record["reward"])
                 log.write(record)
-                bar.set_postfix(loss=f"{record['loss'] or math.nan:.4f}", reward=f"{record['reward'] or math.nan:.4f}",
-                                s_step=f"{record['step_seconds']:.2f}")
+                bar.set_postfix(
+                    loss=f"{record['loss'] or math.nan:.4f}",
+                    reward=f"{record['reward'] or math.nan:.4f}",
+                    s_step=f"{record['step_seconds']:.2f}",
+                )
                 bar.update(1)
                 if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
                     raise TrainingDiverged(
-                        f"{self.nonfinite_in_row} consecutive steps had a non-finite loss or gradient norm (last at step "
+                        f"{self.nonfinite_in_row} consecutive steps had a non-finite loss or gradient norm (last at "
+                        f"step "
                         f"{self.step}); stopped without writing a checkpoint. Last good checkpoint: "
                         f"{ckpt.newest(self.out)}. Lower lr, raise max_grad_norm headroom or check the reward."
                     )
@@ -408,8 +415,15 @@ class Trainer:
         acc.end_training()
         if cfg.fsdp and not cfg.lora.enabled and acc.is_main_process:
             self.checkpointer.export_full(self.step, ema=self.ema is not None)  # no collective waits on this one
-        return TrainResult(self.step, time.perf_counter() - start_time, rewards, str(self.out),
-                           str(grid) if grid else None, self, start_step)
+        return TrainResult(
+            self.step,
+            time.perf_counter() - start_time,
+            rewards,
+            str(self.out),
+            str(grid) if grid else None,
+            self,
+            start_step,
+        )
 
     def _after_step(self, stop: StopSignal, validator, log: MetricsLog, bar) -> bool:
         """The hooks after a step: checkpoint (and stop on a signal), validation (True: stop early), grid."""

@@ -57,6 +57,7 @@ class Trainer(Protocol):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor: ...
 
+
 BUILTIN = ("reward", "evaluator")
 
 
@@ -69,8 +70,10 @@ class EvaluatorScore(torch.nn.Module):
 
         bad = [p for p in prompts if parse_caption(p) is None]
         if bad:
-            raise UserError(f"eval_rewards: 'evaluator' judges toy captions (leapalign_fast/toy/scenes.py); the "
-                            f"validation prompt {bad[0]!r} is not one; drop 'evaluator' or use a toy prompt file")  # fmt: skip
+            raise UserError(
+                f"eval_rewards: 'evaluator' judges toy captions (leapalign_fast/toy/scenes.py); the "
+                f"validation prompt {bad[0]!r} is not one; drop 'evaluator' or use a toy prompt file"
+            )
         self.specs = {p: parse_caption(p) for p in prompts}
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -80,13 +83,17 @@ class EvaluatorScore(torch.nn.Module):
         return torch.tensor([float(judge(im, self.specs[p])) for im, p in zip(images, prompts)])
 
 
-def build_scorers(cfg: Config, prompts: list[str], trained_reward: torch.nn.Module, device) -> dict[str, torch.nn.Module]:
+def build_scorers(
+    cfg: Config, prompts: list[str], trained_reward: torch.nn.Module, device
+) -> dict[str, torch.nn.Module]:
     from leapalign_fast.rewards import build_reward, check_reward_name
 
     scorers = {}
     for label in cfg.eval_rewards:
         if label == "reward":
-            if hasattr(trained_reward, "check_prompts"):  # a bad validation prompt fails now, not at the first validation
+            if hasattr(
+                trained_reward, "check_prompts"
+            ):  # a bad validation prompt fails now, not at the first validation
                 trained_reward.check_prompts(prompts)
             scorers[label] = trained_reward
         elif label == "evaluator":

@@ -31,7 +31,9 @@ def dump_resumed(cfg, path: Path) -> None:
     out = {f"trained.{n}": t for n, t in full_tensors(trained_state(run.transformer)).items()}
     if run.ema is not None:
         out.update({f"ema.{n}": t for n, t in full_tensors(run.ema.shadow).items()})
-    optim = get_optimizer_state_dict(unwrap(run.transformer), run.optimizer, options=StateDictOptions(full_state_dict=True))
+    optim = get_optimizer_state_dict(
+        unwrap(run.transformer), run.optimizer, options=StateDictOptions(full_state_dict=True)
+    )
     for fqn, per_param in optim["state"].items():
         out.update({f"optimizer.state.{fqn}.{k}": v for k, v in per_param.items()})
     if acc.is_main_process:

@@ -4,7 +4,8 @@ by shard, then write what it built.
 
     fsdp_load_worker.py ROOT OUT whole|by_shard [key=value ...]
 
-OUT.json (each rank): the run-log line, the peak growth of its RssAnon and RssFile while building (bytes). OUT.safetensors (rank 0):
+OUT.json (each rank): the run-log line, the peak growth of its RssAnon and RssFile while building (bytes).
+OUT.safetensors (rank 0):
 `snapshot` (every parameter gathered, buffers, the loss and gradients of one step); skipped with `--no-snapshot`.
 Always on CPU (gloo), hidden from CUDA before torch is imported.
 """
@@ -38,8 +39,13 @@ def build_sharded(root: Path, overrides: list[str], by_shard: bool):
     torch.manual_seed(cfg.seed + 1)  # as build_run: the LoRA init
     with host_placeholders(transformer):
         add_trainable(transformer, cfg, get_backbone("flux"), upcast=False)
-    line = shard_transformer(transformer, torch.device("cpu"), compute_dtype(cfg.mixed_precision, dtype),
-                             root / "transformer" if by_shard else None, dtype)  # fmt: skip
+    line = shard_transformer(
+        transformer,
+        torch.device("cpu"),
+        compute_dtype(cfg.mixed_precision, dtype),
+        root / "transformer" if by_shard else None,
+        dtype,
+    )
     return transformer, line
 
 
@@ -47,11 +53,16 @@ def step(transformer, text_dim: int, seed: int = 3):
     """Loss and gathered gradients of one forward/backward of the sharded transformer on fixed random inputs."""
     g = torch.Generator().manual_seed(seed)
     b, img, txt = 2, 16, 8
-    out = transformer(hidden_states=torch.randn(b, img, 64, generator=g),
-                      encoder_hidden_states=torch.randn(b, txt, text_dim, generator=g),
-                      pooled_projections=torch.randn(b, text_dim, generator=g),
-                      timestep=torch.rand(b, generator=g), guidance=torch.full((b,), 3.5),
-                      img_ids=torch.randn(img, 3, generator=g), txt_ids=torch.zeros(txt, 3), return_dict=False)[0]  # fmt: skip
+    out = transformer(
+        hidden_states=torch.randn(b, img, 64, generator=g),
+        encoder_hidden_states=torch.randn(b, txt, text_dim, generator=g),
+        pooled_projections=torch.randn(b, text_dim, generator=g),
+        timestep=torch.rand(b, generator=g),
+        guidance=torch.full((b,), 3.5),
+        img_ids=torch.randn(img, 3, generator=g),
+        txt_ids=torch.zeros(txt, 3),
+        return_dict=False,
+    )[0]
     loss = out.float().square().mean()  # (B, L, 64) -> ()
     loss.backward()
     return loss.detach(), {n: p.grad.full_tensor() for n, p in transformer.named_parameters() if p.requires_grad}

@@ -10,12 +10,12 @@ import dataclasses
 import inspect
 
 import pytest
+from test_imports import imports, modules
 
 from leapalign_fast import build, evaluate, preflight
 from leapalign_fast.config import FLUX_LORA_TARGETS, TinyFluxConfig, load_config
 from leapalign_fast.models.backbone import BACKBONES, get_backbone
 from leapalign_fast.models.text import prompt_cache_key
-from test_imports import imports, modules
 
 FAMILY_MODULES = set(BACKBONES.values())
 PROMPTS = ["a red square", "two blue circles"]
@@ -42,15 +42,22 @@ def family_comparisons(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_comparison_finder_finds_family_names():
-    src = 'if backbone.name != "flux":\n    pass\nx = name in ("sd3", "other")\ny = p == "FluxPipeline"\nz = a == "fluxy"'
+    src = (
+        'if backbone.name != "flux":\n    pass\nx = name in ("sd3", "other")\ny = p == "FluxPipeline"\nz = a == "fluxy"'
+    )
     assert family_comparisons(src) == [(1, "flux"), (3, "sd3"), (4, "FluxPipeline")]
 
 
 def test_no_module_but_the_family_modules_compares_a_family_name():
     known = modules()
     assert "leapalign_fast.build" in known and FAMILY_MODULES <= set(known)
-    leaks = {name: hits for name, path in known.items() if name not in FAMILY_MODULES
-             for hits in [family_comparisons(path.read_text())] if hits}  # fmt: skip
+    leaks = {
+        name: hits
+        for name, path in known.items()
+        if name not in FAMILY_MODULES
+        for hits in [family_comparisons(path.read_text())]
+        if hits
+    }
     assert leaks == {}
 
 
@@ -59,14 +66,19 @@ def test_no_family_module_imports_another():
     for name in FAMILY_MODULES:
         assert imports(name, known[name], known) & FAMILY_MODULES == set(), name
     # what they share lives beside them
-    assert "leapalign_fast.models.common" in imports("leapalign_fast.models.sd3", known["leapalign_fast.models.sd3"], known)
+    assert "leapalign_fast.models.common" in imports(
+        "leapalign_fast.models.sd3", known["leapalign_fast.models.sd3"], known
+    )
 
 
 def test_the_rewards_import_nothing_from_models_even_lazily():
     """Every module the rewards reach through imports (module level or inside functions), transitively."""
     known = modules()
     graph = {name: imports(name, path, known) for name, path in known.items()}
-    reached, todo = set(), [n for n in known if n == "leapalign_fast.rewards" or n.startswith("leapalign_fast.rewards.")]
+    reached, todo = (
+        set(),
+        [n for n in known if n == "leapalign_fast.rewards" or n.startswith("leapalign_fast.rewards.")],
+    )
     assert "leapalign_fast.rewards.clip_rewards" in todo
     while todo:
         name = todo.pop()
@@ -85,9 +97,17 @@ def test_one_dtype_map():
 
 
 def test_build_takes_the_resolved_backbone():
-    sig = {f: list(inspect.signature(getattr(build, f)).parameters) for f in
-           ("load_components", "prompt_cache_path", "prompt_embeddings", "add_trainable", "lora_targets",
-            "encode_prompt_cache")}  # fmt: skip
+    sig = {
+        f: list(inspect.signature(getattr(build, f)).parameters)
+        for f in (
+            "load_components",
+            "prompt_cache_path",
+            "prompt_embeddings",
+            "add_trainable",
+            "lora_targets",
+            "encode_prompt_cache",
+        )
+    }
     assert sig == {
         "load_components": ["cfg", "backbone", "need_text", "empty_transformer"],
         "prompt_cache_path": ["cfg", "backbone", "prompts"],
@@ -111,17 +131,23 @@ def test_the_backbone_is_resolved_once_per_entry_point(module, resolvers):
 
 
 def _cfg(family: str, source: str):
-    return load_config(None, [f"model.family={family}", f"model.source={source}", "seed=3", "output_dir=/o",
-                              "model.max_sequence_length=32"])  # fmt: skip
+    return load_config(
+        None,
+        [f"model.family={family}", f"model.source={source}", "seed=3", "output_dir=/o", "model.max_sequence_length=32"],
+    )
 
 
 # The keys the code before this interface gave (recorded from it): a changed key would re-encode every cache.
 OLD_KEYS = {
-    ("flux", "tiny"): "f2757460211ea09b", ("flux", "/models/x"): "a711da41d21b122b",
-    ("sd3", "tiny"): "4434d27f53dc2aaa", ("sd3", "/models/x"): "c1212829a3e9f0cb",
-    ("flux2", "tiny"): "4eb01faf43a6f2f1", ("flux2", "/models/x"): "b903639b65fa3633",
-    ("qwenimage", "tiny"): "d85e8311aa830456", ("qwenimage", "/models/x"): "2afb5d7ca7222dc5",
-}  # fmt: skip
+    ("flux", "tiny"): "f2757460211ea09b",
+    ("flux", "/models/x"): "a711da41d21b122b",
+    ("sd3", "tiny"): "4434d27f53dc2aaa",
+    ("sd3", "/models/x"): "c1212829a3e9f0cb",
+    ("flux2", "tiny"): "4eb01faf43a6f2f1",
+    ("flux2", "/models/x"): "b903639b65fa3633",
+    ("qwenimage", "tiny"): "d85e8311aa830456",
+    ("qwenimage", "/models/x"): "2afb5d7ca7222dc5",
+}
 
 
 @pytest.mark.parametrize("family, source", sorted(OLD_KEYS))
@@ -138,15 +164,46 @@ def test_prompt_cache_paths_are_unchanged(family, source):
 
 LORA_DEFAULTS = {
     "flux": FLUX_LORA_TARGETS,
-    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-            "attn.add_v_proj", "attn.to_add_out"],
-    "flux2": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-              "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out",
-              "ff_context.linear_in", "ff_context.linear_out"],
-    "qwenimage": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                  "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                  "txt_mlp.net.2"],
-}  # fmt: skip
+    "sd3": [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    ],
+    "flux2": [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_qkv_mlp_proj",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
+    ],
+    "qwenimage": [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    ],
+}
 
 
 @pytest.mark.parametrize("family", sorted(BACKBONES))

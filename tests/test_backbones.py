@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_crash_safety import BASE, _assert_same_run
+from test_leapalign import _decode, _oracle_loss, _reward
 
 from leapalign_fast.build import unwrap
 from leapalign_fast.config import TinyFluxConfig, load_config
@@ -16,8 +18,6 @@ from leapalign_fast.methods.leapalign import leapalign_loss
 from leapalign_fast.models.backbone import backbone_for, family_of, get_backbone
 from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.train import train
-from test_crash_safety import BASE, _assert_same_run
-from test_leapalign import _decode, _oracle_loss, _reward
 
 RES, N, G = 64, 4, 3.5
 PROMPTS = ["a red square", "two blue circles"]
@@ -30,10 +30,16 @@ def _sd3_pipeline(comps):
 
     t = comps.text
     return StableDiffusion3Pipeline(
-        transformer=comps.transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
-        vae=comps.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, text_encoder_2=t.text_encoder_2,
-        tokenizer_2=t.tokenizer_2, text_encoder_3=t.text_encoder_3, tokenizer_3=t.tokenizer_3,
-    )  # fmt: skip
+        transformer=comps.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+        vae=comps.vae,
+        text_encoder=t.text_encoder,
+        tokenizer=t.tokenizer,
+        text_encoder_2=t.text_encoder_2,
+        tokenizer_2=t.tokenizer_2,
+        text_encoder_3=t.text_encoder_3,
+        tokenizer_3=t.tokenizer_3,
+    )
 
 
 def _sd3_encode(pipe, comps, prompts):
@@ -44,33 +50,58 @@ def _sd3_encode(pipe, comps, prompts):
 def _sd3_sample(pipe, comps, cond, noise, geom):
     from leapalign_fast.models.common import pack_latents, unpack_latents
 
-    z = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"],
-             negative_prompt_embeds=cond["neg_embeds"], negative_pooled_prompt_embeds=cond["neg_pooled"],
-             latents=unpack_latents(noise, geom.h, geom.w), height=RES, width=RES, num_inference_steps=N,
-             guidance_scale=G, output_type="latent", return_dict=False)[0]  # fmt: skip
+    z = pipe(
+        prompt_embeds=cond["embeds"],
+        pooled_prompt_embeds=cond["pooled"],
+        negative_prompt_embeds=cond["neg_embeds"],
+        negative_pooled_prompt_embeds=cond["neg_pooled"],
+        latents=unpack_latents(noise, geom.h, geom.w),
+        height=RES,
+        width=RES,
+        num_inference_steps=N,
+        guidance_scale=G,
+        output_type="latent",
+        return_dict=False,
+    )[0]
     return pack_latents(z)
 
 
 def _flux2_pipeline(comps):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
-                              vae=comps.vae, text_encoder=comps.text.text_encoder, tokenizer=comps.text.tokenizer,
-                              transformer=comps.transformer)  # fmt: skip
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+        vae=comps.vae,
+        text_encoder=comps.text.text_encoder,
+        tokenizer=comps.text.tokenizer,
+        transformer=comps.transformer,
+    )
 
 
 def _flux2_encode(pipe, comps, prompts):
     kw = dict(max_sequence_length=comps.text.max_sequence_length, text_encoder_out_layers=comps.text.out_layers)
-    return {"embeds": pipe.encode_prompt(prompts, **kw)[0], "neg_embeds": pipe.encode_prompt([""] * len(prompts), **kw)[0]}
+    return {
+        "embeds": pipe.encode_prompt(prompts, **kw)[0],
+        "neg_embeds": pipe.encode_prompt([""] * len(prompts), **kw)[0],
+    }
 
 
 def _flux2_sample(pipe, comps, cond, noise, geom):
     """The pipeline's latents are un-normalised and unpatchified: ours are compared in that layout (which also
     checks our decode's normalisation and unpatchify)."""
     z = noise.permute(0, 2, 1).reshape(noise.shape[0], geom.channels, geom.h // 2, geom.w // 2)
-    return pipe(prompt_embeds=cond["embeds"], negative_prompt_embeds=cond["neg_embeds"], latents=z, height=RES,
-                width=RES, num_inference_steps=N, guidance_scale=G, output_type="latent", return_dict=False,
-                text_encoder_out_layers=comps.text.out_layers)[0]  # fmt: skip
+    return pipe(
+        prompt_embeds=cond["embeds"],
+        negative_prompt_embeds=cond["neg_embeds"],
+        latents=z,
+        height=RES,
+        width=RES,
+        num_inference_steps=N,
+        guidance_scale=G,
+        output_type="latent",
+        return_dict=False,
+        text_encoder_out_layers=comps.text.out_layers,
+    )[0]
 
 
 def _flux2_ours_layout(comps, x0, geom):
@@ -82,9 +113,13 @@ def _flux2_ours_layout(comps, x0, geom):
 def _qwen_pipeline(comps):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
-                             vae=comps.vae, text_encoder=comps.text.text_encoder, tokenizer=comps.text.tokenizer,
-                             transformer=comps.transformer)  # fmt: skip
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+        vae=comps.vae,
+        text_encoder=comps.text.text_encoder,
+        tokenizer=comps.text.tokenizer,
+        transformer=comps.transformer,
+    )
 
 
 def _qwen_encode(pipe, comps, prompts):
@@ -101,10 +136,20 @@ def _qwen_encode(pipe, comps, prompts):
 
 
 def _qwen_sample(pipe, comps, cond, noise, geom):
-    return pipe(prompt_embeds=cond["embeds"], prompt_embeds_mask=cond["mask"], negative_prompt_embeds=cond["neg_embeds"],
-                negative_prompt_embeds_mask=cond["neg_mask"], latents=noise, height=RES, width=RES,
-                num_inference_steps=N, true_cfg_scale=G, output_type="latent", return_dict=False,
-                max_sequence_length=comps.text.max_sequence_length)[0]  # fmt: skip
+    return pipe(
+        prompt_embeds=cond["embeds"],
+        prompt_embeds_mask=cond["mask"],
+        negative_prompt_embeds=cond["neg_embeds"],
+        negative_prompt_embeds_mask=cond["neg_mask"],
+        latents=noise,
+        height=RES,
+        width=RES,
+        num_inference_steps=N,
+        true_cfg_scale=G,
+        output_type="latent",
+        return_dict=False,
+        max_sequence_length=comps.text.max_sequence_length,
+    )[0]
 
 
 HARNESS = {  # family: (pipeline, encode_prompt, pipeline latents, our x0 in the pipeline's latent layout)
@@ -183,9 +228,18 @@ def test_qwenimage_padded_cache_samples_as_the_pipeline_own_encoding():
     noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
     ours = _ours(backbone, comps, comps.transformer, cond, noise)
     with torch.no_grad():
-        theirs = _pipeline(backbone, comps)(prompt=PROMPTS, negative_prompt=[""] * 2, latents=noise, height=RES,
-                                            width=RES, num_inference_steps=N, true_cfg_scale=G, output_type="latent",
-                                            return_dict=False, max_sequence_length=32)[0]  # fmt: skip
+        theirs = _pipeline(backbone, comps)(
+            prompt=PROMPTS,
+            negative_prompt=[""] * 2,
+            latents=noise,
+            height=RES,
+            width=RES,
+            num_inference_steps=N,
+            true_cfg_scale=G,
+            output_type="latent",
+            return_dict=False,
+            max_sequence_length=32,
+        )[0]
     print(f"qwenimage padded cache vs the pipeline's own encoding, max|diff|: {(ours - theirs).abs().max():.2e}")
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
@@ -200,8 +254,13 @@ def test_leapalign_gradient_matches_oracle(family, uncond_grad):
     velocity = backbone.velocity(tr, cond, geom, G, uncond_grad=uncond_grad)
     noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
     sigmas = backbone.schedule(comps, 5, geom)
-    out = leapalign_loss(StepInputs(velocity, noise, sigmas, _decode, _reward, PROMPTS, torch.Generator().manual_seed(3)),
-                         0.3, 0.1, 2.0, (0, 5))  # fmt: skip
+    out = leapalign_loss(
+        StepInputs(velocity, noise, sigmas, _decode, _reward, PROMPTS, torch.Generator().manual_seed(3)),
+        0.3,
+        0.1,
+        2.0,
+        (0, 5),
+    )
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
     a, b = draw_two_indices(0, 5, torch.Generator().manual_seed(3))
     want_loss, _ = _oracle_loss(velocity, noise, sigmas, a, b, 0.3, 0.1, 2.0)
@@ -216,8 +275,16 @@ def test_leapalign_gradient_matches_oracle(family, uncond_grad):
 
 def test_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(family, tmp_path):
     backbone, comps = family
-    args = [f"model.family={backbone.name}", "lora.enabled=true", "lora.rank=4", "lr=5e-2", "checkpoint_every=2",
-            f"guidance={G}", "method.name=leapalign", *BASE]  # fmt: skip
+    args = [
+        f"model.family={backbone.name}",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lr=5e-2",
+        "checkpoint_every=2",
+        f"guidance={G}",
+        "method.name=leapalign",
+        *BASE,
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     res = train(load_config(None, [f"output_dir={straight}", "max_steps=4", *args]))
     train(load_config(None, [f"output_dir={split}", "max_steps=2", *args]))
@@ -260,17 +327,36 @@ def test_backbone_configs_hold_the_published_settings(name, family, guidance, ba
     cfg = load_config(CONFIGS / f"{name}_leapalign{variant}.toml")
     assert (cfg.model.family, cfg.guidance, cfg.batch_size) == (family, guidance, batch)
     assert (cfg.resolution, cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.max_steps) == (512, 25, 1e-5, 0.995, 300)
-    assert (cfg.mixed_precision, cfg.model.dtype, cfg.weight_decay, cfg.max_grad_norm) == ("bf16", "bfloat16", 1e-4, 1.0)
+    assert (cfg.mixed_precision, cfg.model.dtype, cfg.weight_decay, cfg.max_grad_norm) == (
+        "bf16",
+        "bfloat16",
+        1e-4,
+        1.0,
+    )
     assert (cfg.method.name, cfg.method.lam, cfg.reward.name) == ("leapalign", 0.55, "hpsv2.1")
     assert cfg.lora.enabled == (variant == "")
 
 
 # The heavy settings of a shipped config swapped for a CPU-sized run of the family's tiny random build; everything
 # else (full fine-tune, lr, EMA, gradient checkpointing, checkpointed decode, CFG on both branches) as shipped.
-TINY_RUN = ["model.source=tiny", "model.dtype=float32", "mixed_precision=no", "model.compile=none",
-            "model.max_sequence_length=32", "resolution=64", "num_steps=4", "batch_size=2", "max_steps=2",
-            "resume=false", "prompt_file=", "reward.name=colour", "reward.options={}", "tensorboard=false",
-            "deterministic=true", "eval_prompts=['a red square']"]  # fmt: skip
+TINY_RUN = [
+    "model.source=tiny",
+    "model.dtype=float32",
+    "mixed_precision=no",
+    "model.compile=none",
+    "model.max_sequence_length=32",
+    "resolution=64",
+    "num_steps=4",
+    "batch_size=2",
+    "max_steps=2",
+    "resume=false",
+    "prompt_file=",
+    "reward.name=colour",
+    "reward.options={}",
+    "tensorboard=false",
+    "deterministic=true",
+    "eval_prompts=['a red square']",
+]
 
 
 @pytest.mark.parametrize("name", [p[0] for p in PUBLISHED])
@@ -300,8 +386,20 @@ def test_every_method_trains_on_every_backbone(name, method, tmp_path):
     import json
     import math
 
-    train(load_config(None, [f"output_dir={tmp_path}", f"model.family={name}", f"method.name={method}", "max_steps=2",
-                             f"guidance={G}", "model.uncond_grad=false", *BASE]))  # fmt: skip
+    train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                f"model.family={name}",
+                f"method.name={method}",
+                "max_steps=2",
+                f"guidance={G}",
+                "model.uncond_grad=false",
+                *BASE,
+            ],
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
 
@@ -311,8 +409,9 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
     copied into the graph's static buffers, so a second and third batch of prompts replay with their own values."""
     import gc
 
-    from leapalign_fast.models.fast import GraphedVelocity
     from test_fast_path import cpu_graph
+
+    from leapalign_fast.models.fast import GraphedVelocity
 
     backbone, comps = family
     tr = comps.transformer
@@ -349,8 +448,12 @@ def test_load_reads_the_pipeline_directory_and_lists_missing_parts(family, tmp_p
     cond = {k: v for k, v in a.items() if k in backbone.conditioning}
     x, t = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.3])
     with torch.no_grad():
-        torch.testing.assert_close(backbone.velocity(loaded.transformer, cond, geom, G)(x, t),
-                                   backbone.velocity(comps.transformer, cond, geom, G)(x, t), rtol=0, atol=0)
+        torch.testing.assert_close(
+            backbone.velocity(loaded.transformer, cond, geom, G)(x, t),
+            backbone.velocity(comps.transformer, cond, geom, G)(x, t),
+            rtol=0,
+            atol=0,
+        )
         torch.testing.assert_close(backbone.schedule(loaded, N, geom), backbone.schedule(comps, N, geom))
     shutil.rmtree(tmp_path / "model" / "tokenizer")
     backbone.load(tmp_path / "model", torch.float32, need_text=False)  # the cache stands in for the text side
@@ -364,11 +467,28 @@ def test_eval_samples_a_trained_checkpoint_of_every_family(family, tmp_path):
     from leapalign_fast.evaluate import resolve_checkpoint, sample_images
 
     backbone, _ = family
-    cfg = load_config(None, [f"output_dir={tmp_path}", f"model.family={backbone.name}", "lora.enabled=true",
-                             "lora.rank=4", "lr=5e-2", "max_steps=2", f"guidance={G}", *BASE])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"model.family={backbone.name}",
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lr=5e-2",
+            "max_steps=2",
+            f"guidance={G}",
+            *BASE,
+        ],
+    )
     train(cfg)
-    images = torch.cat([im for _, im in sample_images(cfg, PROMPTS, resolve_checkpoint(cfg, "latest"), num_steps=4,
-                                                      batch_size=2, seed=0)])  # fmt: skip
+    images = torch.cat(
+        [
+            im
+            for _, im in sample_images(
+                cfg, PROMPTS, resolve_checkpoint(cfg, "latest"), num_steps=4, batch_size=2, seed=0
+            )
+        ]
+    )
     base = torch.cat([im for _, im in sample_images(cfg, PROMPTS, None, num_steps=4, batch_size=2, seed=0)])
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     assert (images - base).abs().max() > 0  # the checkpoint's weights were used

@@ -19,7 +19,11 @@ CLI = ["--config", str(ROOT / "configs" / "defaults.toml"), *FAST]
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +65,12 @@ CASES = [
     ("missing-config", ["--config", "{d}/nope.toml"], "config file {d}/nope.toml not found"),
     ("invalid-toml", ["--config", "{d}/bad.toml"], "is not valid TOML"),
     ("missing-model-dir", ["model.source={d}/nowhere"], "is not a directory"),
-    ("partial-model-dir", ["model.source={d}/partial"],
-     "missing: transformer/diffusion_pytorch_model.safetensors or transformer/diffusion_pytorch_model.safetensors.index.json, text_encoder_2/config.json"),
+    (
+        "partial-model-dir",
+        ["model.source={d}/partial"],
+        "missing: transformer/diffusion_pytorch_model.safetensors or "
+        "transformer/diffusion_pytorch_model.safetensors.index.json, text_encoder_2/config.json",
+    ),
     ("wrong-shape-weights", ["model.source={d}/wrongshape"], "cannot load transformer from"),
     ("unknown-reward", ["reward.name=hpsv9"], "unknown reward 'hpsv9'"),
     ("unknown-method", ["method.name=leapalgn"], "unknown method 'leapalgn'; known methods:"),

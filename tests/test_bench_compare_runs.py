@@ -13,13 +13,17 @@ from bench import compare_runs  # noqa: E402
 
 
 def _write(path: Path, rows: dict) -> Path:
-    path.write_text("".join(json.dumps({"task": [m, s], "table": t, "rewards": []}) + "\n" for (m, s), t in rows.items()))
+    path.write_text(
+        "".join(json.dumps({"task": [m, s], "table": t, "rewards": []}) + "\n" for (m, s), t in rows.items())
+    )
     return path
 
 
 def test_pairs_by_seed_and_checks_the_base(tmp_path):
     base = {("base", s): {"overall": 0.1 + s / 1000} for s in (1, 2, 3)}
-    a = _write(tmp_path / "a.jsonl", {**base, **{("m", s): {"overall": 0.2 + 0.01 * s, "reward": 1.0} for s in (1, 2, 3)}})
+    a = _write(
+        tmp_path / "a.jsonl", {**base, **{("m", s): {"overall": 0.2 + 0.01 * s, "reward": 1.0} for s in (1, 2, 3)}}
+    )
     b = _write(tmp_path / "b.jsonl", {**base, **{("m", s): {"overall": 0.2, "reward": 1.0} for s in (3, 2, 1, 4)}})
     assert compare_runs.main([str(a), str(b), "--method", "m", "--name", "x", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "x.json").read_text())

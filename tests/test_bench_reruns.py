@@ -18,14 +18,28 @@ def test_agreement_within_each_runs_spread():
 
 
 def test_timings_read_both_benchmarks_json():
-    memory = {"rows": [{"method": m, "num_steps": 10, "step_seconds": s, "step_seconds_min": s - 1,
-                        "step_seconds_max": s + 1} for m, s in (("leapalign", 5.0), ("full", 12.0))],
-              "ratios": [{"num_steps": 10, "step_seconds_ratio_paired": {"median": 2.4, "min": 2.0, "max": 2.8}}]}  # fmt: skip
+    memory = {
+        "rows": [
+            {"method": m, "num_steps": 10, "step_seconds": s, "step_seconds_min": s - 1, "step_seconds_max": s + 1}
+            for m, s in (("leapalign", 5.0), ("full", 12.0))
+        ],
+        "ratios": [{"num_steps": 10, "step_seconds_ratio_paired": {"median": 2.4, "min": 2.0, "max": 2.8}}],
+    }
     t = timings("memory", memory)
     assert t["full N=10 step s"] == {"median": 12.0, "min": 11.0, "max": 13.0}
     assert t["full/leapalign N=10 paired"]["median"] == 2.4
-    sampler = {"rows": [{"variant": v, "resolution": 64, "seconds_median": s, "seconds_min": s, "seconds_max": s,
-                         "time_ratio_vs_flux_pipeline_eager": {"median": r, "min": r, "max": r}}
-                        for v, s, r in (("flux_pipeline_eager", 0.2, 1.0), ("ours_eager", 0.1, 0.5))]}  # fmt: skip
+    sampler = {
+        "rows": [
+            {
+                "variant": v,
+                "resolution": 64,
+                "seconds_median": s,
+                "seconds_min": s,
+                "seconds_max": s,
+                "time_ratio_vs_flux_pipeline_eager": {"median": r, "min": r, "max": r},
+            }
+            for v, s, r in (("flux_pipeline_eager", 0.2, 1.0), ("ours_eager", 0.1, 0.5))
+        ]
+    }
     t = timings("sampler", sampler)
     assert set(t) == {"flux_pipeline_eager 64px s", "ours_eager 64px s", "ours_eager/flux_pipeline_eager 64px paired"}

@@ -114,8 +114,14 @@ def test_check_against_this_environment(tmp_path):
 
 
 def test_blame_tries_only_the_drifted_packages_nothing_else_drifted_pulls_in():
-    graph = {"torch": ["cuda-toolkit", "triton", "sympy"], "cuda-toolkit": ["nvidia-cublas"], "nvidia-cublas": [],
-             "transformers": ["kernels", "numpy"], "kernels": ["huggingface-hub"], "triton": []}
+    graph = {
+        "torch": ["cuda-toolkit", "triton", "sympy"],
+        "cuda-toolkit": ["nvidia-cublas"],
+        "nvidia-cublas": [],
+        "transformers": ["kernels", "numpy"],
+        "kernels": ["huggingface-hub"],
+        "triton": [],
+    }
     drifted = ["cuda-toolkit", "kernels", "nvidia-cublas", "torch", "transformers", "triton", "tqdm"]
     assert versions.roots(drifted, graph) == ["torch", "transformers", "tqdm"]
     assert versions.roots(["kernels"], graph) == ["kernels"]  # alone, it is tried itself
@@ -130,12 +136,20 @@ def test_requires_reads_this_environment():
 def test_graph_follows_the_extras_a_requirement_names():
     """torch's CUDA build needs `cuda-toolkit[cublas,...]`, whose extras name the nvidia-* libraries: they count
     as torch's, so blame tries torch with them rather than each library alone. Other extras are left out."""
-    g = versions.graph({
-        "torch": ["cuda-toolkit[cublas, cudart]==13.0.3; platform_system == 'Linux'", "sympy>=1.13",
-                  'optree>=0.13; extra == "optree"'],
-        "cuda-toolkit": ['nvidia-cublas==13.1; extra == "cublas"', 'nvidia-cuda-runtime; extra == "cudart"',
-                         'nvidia-cufft; extra == "cufft"'],
-        "Transformers": ["huggingface-hub<3.0,>=2.4.0", "kernels<0.20,>=0.19.1", 'pytest; extra == "testing"'],
-    })
+    g = versions.graph(
+        {
+            "torch": [
+                "cuda-toolkit[cublas, cudart]==13.0.3; platform_system == 'Linux'",
+                "sympy>=1.13",
+                'optree>=0.13; extra == "optree"',
+            ],
+            "cuda-toolkit": [
+                'nvidia-cublas==13.1; extra == "cublas"',
+                'nvidia-cuda-runtime; extra == "cudart"',
+                'nvidia-cufft; extra == "cufft"',
+            ],
+            "Transformers": ["huggingface-hub<3.0,>=2.4.0", "kernels<0.20,>=0.19.1", 'pytest; extra == "testing"'],
+        }
+    )
     assert g["torch"] == ["cuda-toolkit", "nvidia-cublas", "nvidia-cuda-runtime", "sympy"]
     assert g["cuda-toolkit"] == [] and g["transformers"] == ["huggingface-hub", "kernels"]

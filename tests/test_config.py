@@ -37,8 +37,10 @@ def test_tiny_toml_is_the_shipped_toy_setup_from_any_directory(tmp_path, monkeyp
 def test_relative_paths_in_a_file_resolve_against_it_and_overrides_against_the_cwd(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "c.toml"
-    path.write_text('prompt_file = "p.txt"\n[model]\nsource = "../m"\n[reward]\nname = "toy"\n'
-                    'options = { path = "r.safetensors" }\n')
+    path.write_text(
+        'prompt_file = "p.txt"\n[model]\nsource = "../m"\n[reward]\nname = "toy"\n'
+        'options = { path = "r.safetensors" }\n'
+    )
     cfg = load_config(path)
     assert (cfg.prompt_file, cfg.model.source) == (str(tmp_path / "sub" / "p.txt"), str(tmp_path / "m"))
     assert cfg.reward.options["path"] == str(tmp_path / "sub" / "r.safetensors")
@@ -51,8 +53,18 @@ def test_relative_paths_in_a_file_resolve_against_it_and_overrides_against_the_c
 
 
 def test_overrides_dotted_and_typed():
-    cfg = resolved(None, ["lr=1e-4", "method.alpha=0.5", "method.index_window=[1, 5]", "resume=true",
-                             "output_dir=/tmp/x", "model.tiny.layers=2", "lora.target_modules=['attn.to_q']"])  # fmt: skip
+    cfg = resolved(
+        None,
+        [
+            "lr=1e-4",
+            "method.alpha=0.5",
+            "method.index_window=[1, 5]",
+            "resume=true",
+            "output_dir=/tmp/x",
+            "model.tiny.layers=2",
+            "lora.target_modules=['attn.to_q']",
+        ],
+    )
     assert cfg.lr == 1e-4 and cfg.method.alpha == 0.5 and cfg.method.index_window == [1, 5]
     assert cfg.resume is True and cfg.output_dir == "/tmp/x" and cfg.model.tiny.layers == 2
     assert cfg.lora.target_modules == ["attn.to_q"]
@@ -100,8 +112,10 @@ def test_missing_and_invalid_config_file(tmp_path):
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "leapalign_fast.cli", "train", "max_stepz=3"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "leapalign-fast: error: unknown config key 'max_stepz'; did you mean 'max_steps'?"
@@ -112,7 +126,13 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 def test_flux_configs_hold_the_paper_settings(name):
     cfg = resolved(ROOT / "configs" / name)
     assert (cfg.num_steps, cfg.guidance, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.max_grad_norm) == (
-        25, 3.5, 1e-5, 1e-4, 0.995, 1.0)  # fmt: skip
+        25,
+        3.5,
+        1e-5,
+        1e-4,
+        0.995,
+        1.0,
+    )
     assert (cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.reward.name) == (0.3, 0.1, 0.55, "hpsv2.1")
     assert cfg.mixed_precision == "bf16" and cfg.model.dtype == "bfloat16" and cfg.resolution % 16 == 0
     assert cfg.lora.enabled == (name == "flux_leapalign.toml")

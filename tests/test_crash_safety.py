@@ -29,7 +29,9 @@ def _rows(out):
 
 def _final(out, step):
     d = Path(out) / "checkpoints" / f"step_{step:08d}"
-    return {name: load_file(str(d / name)) for name in ("trained.safetensors", "ema.safetensors", "optimizer.safetensors")}
+    return {
+        name: load_file(str(d / name)) for name in ("trained.safetensors", "ema.safetensors", "optimizer.safetensors")
+    }
 
 
 def _assert_same_run(a, b, step):
@@ -45,10 +47,23 @@ def _assert_same_run(a, b, step):
 
 def _cli(args, env=None, **kw):
     """`leapalign-fast train` on the library defaults (the random tiny FLUX), as the in-process runs use."""
-    return subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", "--config",
-                             str(ROOT / "configs" / "defaults.toml"), *args], cwd=ROOT,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leapalign_fast.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "defaults.toml"),
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
@@ -68,9 +83,21 @@ def _worker() -> int:
 @pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_resume_is_bit_exact_two_processes(tmp_path, extra):
     def launch(out, *args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29600 + 150 * _worker() + random.randrange(150)), str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={out}",
-               "checkpoint_every=4", *BASE, *extra, *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29600 + 150 * _worker() + random.randrange(150)),
+            str(ROOT / "tests" / "ddp_worker.py"),
+            f"output_dir={out}",
+            "checkpoint_every=4",
+            *BASE,
+            *extra,
+            *args,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -80,7 +107,9 @@ def test_resume_is_bit_exact_two_processes(tmp_path, extra):
     launch(split, "max_steps=8", "resume=true")
     _assert_same_run(straight, split, 8)
     assert {p.name for p in (split / "checkpoints" / "step_00000008").glob("rng_rank*.safetensors")} == {
-        "rng_rank0.safetensors", "rng_rank1.safetensors"}  # fmt: skip
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+    }
 
 
 KILL_RUN = ["max_steps=24", "checkpoint_every=3", *BASE]
@@ -135,14 +164,25 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
     last = _rows(tmp_path)[-1]["step"]
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{last:08d}"]
     assert "rerun with resume=true" in err and "Traceback" not in err
-    res = train(load_config(None, [f"output_dir={tmp_path}", "resume=true", *args[1:3], *BASE, f"max_steps={last + 2}"]))
+    res = train(
+        load_config(None, [f"output_dir={tmp_path}", "resume=true", *args[1:3], *BASE, f"max_steps={last + 2}"])
+    )
     assert res.steps == last + 2 and [r["step"] for r in _rows(tmp_path)] == list(range(1, last + 3))
 
 
 def test_second_signal_exits_at_once(tmp_path):
     # Slow steps (~1 s), so the second signal lands while the first is still waiting for the step to end.
-    proc = _cli([f"output_dir={tmp_path}", "max_steps=100000", "checkpoint_every=100000", *BASE,
-                 "resolution=256", "batch_size=8", "num_steps=16"])  # fmt: skip
+    proc = _cli(
+        [
+            f"output_dir={tmp_path}",
+            "max_steps=100000",
+            "checkpoint_every=100000",
+            *BASE,
+            "resolution=256",
+            "batch_size=8",
+            "num_steps=16",
+        ]
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while not metrics.exists() and time.time() < deadline:
@@ -157,8 +197,19 @@ def test_second_signal_exits_at_once(tmp_path):
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     # lr=1e30: the first update blows the weights up to ~1e30 (still finite); every later forward overflows,
     # so every later step has a non-finite loss and its update is skipped.
-    cfg = load_config(None, [f"output_dir={tmp_path}", "max_steps=50", "checkpoint_every=1", "max_nonfinite_steps=3",
-                             "lr=1e30", "max_grad_norm=1e30", "weight_decay=0.0", *BASE])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "max_steps=50",
+            "checkpoint_every=1",
+            "max_nonfinite_steps=3",
+            "lr=1e30",
+            "max_grad_norm=1e30",
+            "weight_decay=0.0",
+            *BASE,
+        ],
+    )
     with pytest.raises(TrainingDiverged, match="3 consecutive steps had a non-finite"):
         train(cfg)
     rows = _rows(tmp_path)

@@ -98,7 +98,7 @@ def problems(text: str) -> list[str]:
                 out.append(f"not a TOML value: {line.strip()}")
     method_table = data.get("method", {})
     classes = _settings_classes()
-    for (name, key) in written:
+    for name, key in written:
         if name not in classes:
             out.append(f"unknown method in a comment line: {name}: method.{key}")
         elif key not in {f.name for f in dataclasses.fields(classes[name])}:

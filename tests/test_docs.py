@@ -113,12 +113,23 @@ def test_readme_holds_the_test_command_ci_runs():
 
 def test_the_checks_can_fail():
     """The helpers find what they look for (a missing result file, a broken link, braces expanded)."""
-    assert cited_results("see `bench/results/memory_mid_cpu.{json,md}`.") == ["bench/results/memory_mid_cpu.json",
-                                                                            "bench/results/memory_mid_cpu.md"]
-    assert cited_results("bench/results/q{,_rest}_runs.jsonl") == ["bench/results/q_runs.jsonl",
-                                                                   "bench/results/q_rest_runs.jsonl"]
+    assert cited_results("see `bench/results/memory_mid_cpu.{json,md}`.") == [
+        "bench/results/memory_mid_cpu.json",
+        "bench/results/memory_mid_cpu.md",
+    ]
+    assert cited_results("bench/results/q{,_rest}_runs.jsonl") == [
+        "bench/results/q_runs.jsonl",
+        "bench/results/q_rest_runs.jsonl",
+    ]
     assert not (ROOT / cited_results("(bench/results/no_such_file.json)")[0]).exists()
     assert relative_links("[a](docs/x.md#y) [b](https://e.org) [c](#z) [d](../up.md)") == [
-        ("docs/x.md", "y"), ("", "z"), ("../up.md", "")]
+        ("docs/x.md", "y"),
+        ("", "z"),
+        ("../up.md", ""),
+    ]
     assert anchors("# Title\n## FSDP2 full fine-tunes (`fsdp = true`)\n## Notes\n## Notes\n") == {
-        "title", "fsdp2-full-fine-tunes-fsdp--true", "notes", "notes-1"}
+        "title",
+        "fsdp2-full-fine-tunes-fsdp--true",
+        "notes",
+        "notes-1",
+    }

@@ -17,8 +17,25 @@ def test_eval_base_and_checkpoint(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\na green star\n")
     for which in ("base", "latest"):
-        code = main(["eval", "--config", DEFAULTS, f"output_dir={out}", *FAST, "--checkpoint", which, "--prompts", str(prompts),
-                     "--rewards", "colour,colour:0.5", "--steps", "4", "--batch", "2"])  # fmt: skip
+        code = main(
+            [
+                "eval",
+                "--config",
+                DEFAULTS,
+                f"output_dir={out}",
+                *FAST,
+                "--checkpoint",
+                which,
+                "--prompts",
+                str(prompts),
+                "--rewards",
+                "colour,colour:0.5",
+                "--steps",
+                "4",
+                "--batch",
+                "2",
+            ]
+        )
         assert code == 0
     base = json.loads((out / "eval" / "base" / "scores.json").read_text())
     tuned = json.loads((out / "eval" / "step_00000003" / "scores.json").read_text())

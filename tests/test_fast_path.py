@@ -52,8 +52,17 @@ def _ours(transformer, embeds, noise):
 
 def _theirs(pipe, embeds, noise):
     with torch.no_grad():
-        return pipe(prompt_embeds=embeds.t5, pooled_prompt_embeds=embeds.pooled, latents=noise, height=RES, width=RES,
-                    num_inference_steps=N, guidance_scale=3.5, output_type="latent", return_dict=False)[0]  # fmt: skip
+        return pipe(
+            prompt_embeds=embeds.t5,
+            pooled_prompt_embeds=embeds.pooled,
+            latents=noise,
+            height=RES,
+            width=RES,
+            num_inference_steps=N,
+            guidance_scale=3.5,
+            output_type="latent",
+            return_dict=False,
+        )[0]
 
 
 def test_sampler_reproduces_flux_pipeline(flux_dir):
@@ -67,9 +76,22 @@ def test_sampler_reproduces_flux_pipeline(flux_dir):
 
 def test_lora_export_loads_in_flux_pipeline(flux_dir, tmp_path):
     path, comps = flux_dir
-    res = train(load_config(None, [f"output_dir={tmp_path}", f"model.source={path}", "lora.enabled=true",
-                                   "lora.rank=4", "lr=5e-2", "max_steps=2", "batch_size=2", "num_steps=4",
-                                   "tensorboard=false"]))  # fmt: skip
+    res = train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                f"model.source={path}",
+                "lora.enabled=true",
+                "lora.rank=4",
+                "lr=5e-2",
+                "max_steps=2",
+                "batch_size=2",
+                "num_steps=4",
+                "tensorboard=false",
+            ],
+        )
+    )
     trained = unwrap(res.trainer.transformer).cpu()  # on a GPU host the run trained on CUDA; the pipeline is on CPU
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in trained.named_parameters())
     pipe = _pipeline(path)
@@ -109,10 +131,28 @@ def test_regional_compile_count_is_bounded_over_a_run_with_grids(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", "batch_size=2", "num_steps=3", "grid_every=0",
-                             "tensorboard=false", "ema_decay=0", "mixed_precision=bf16", "model.dtype=bfloat16",
-                             "lora.enabled=true", "lora.rank=4", "model.tiny.layers=2", "model.tiny.single_layers=2",
-                             "model.compile=regional", "model.compile_backend=eager"]))  # fmt: skip
+    train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                "max_steps=1",
+                "batch_size=2",
+                "num_steps=3",
+                "grid_every=0",
+                "tensorboard=false",
+                "ema_decay=0",
+                "mixed_precision=bf16",
+                "model.dtype=bfloat16",
+                "lora.enabled=true",
+                "lora.rank=4",
+                "model.tiny.layers=2",
+                "model.tiny.single_layers=2",
+                "model.compile=regional",
+                "model.compile_backend=eager",
+            ],
+        )
+    )
     compiles = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert 0 < compiles <= 6, compiles
@@ -159,13 +199,23 @@ def test_prompt_cache_equals_flux_pipeline_encoding_read_per_batch(tmp_path, dty
     prompts = ["a red square", "two blue circles", "a green star", "a cube", "a small yellow ring left of a box"]
     write_prompt_cache(text, prompts, tmp_path / "cache" / "index.json", chunk=2)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "chunk_00000.safetensors", "chunk_00001.safetensors", "chunk_00002.safetensors", "index.json"]
+        "chunk_00000.safetensors",
+        "chunk_00001.safetensors",
+        "chunk_00002.safetensors",
+        "index.json",
+    ]
     cache = PromptCache(tmp_path / "cache" / "index.json")
     assert cache.prompts == prompts
     comps = build_tiny_flux(TinyFluxConfig(), seed=0)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=comps.vae, text_encoder=text.clip,
-                        tokenizer=text.clip_tokenizer, text_encoder_2=text.t5, tokenizer_2=text.t5_tokenizer,
-                        transformer=comps.transformer)  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=comps.vae,
+        text_encoder=text.clip,
+        tokenizer=text.clip_tokenizer,
+        text_encoder_2=text.t5,
+        tokenizer_2=text.t5_tokenizer,
+        transformer=comps.transformer,
+    )
     idx = [4, 0, 3]
     with torch.no_grad():
         want_t5, want_pooled, _ = pipe.encode_prompt([prompts[i] for i in idx], None, max_sequence_length=32)
@@ -181,8 +231,14 @@ def test_encode_prompts_then_train_without_text_encoders(flux_dir, tmp_path, cap
     path, _ = flux_dir
     model = tmp_path / "flux-no-text"
     shutil.copytree(path, model)
-    args = [f"output_dir={tmp_path / 'run'}", f"model.source={model}", "max_steps=1", "batch_size=2",
-            "num_steps=4", "tensorboard=false"]  # fmt: skip
+    args = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.source={model}",
+        "max_steps=1",
+        "batch_size=2",
+        "num_steps=4",
+        "tensorboard=false",
+    ]
     assert main(["encode-prompts", *args]) == 0
     assert capsys.readouterr().out.count("wrote ") == 2
     for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
@@ -299,12 +355,19 @@ def test_graphed_velocity_binds_every_input_to_static_buffers():
             torch.testing.assert_close(out, fresh(x, t), rtol=0, atol=0)
         del garbage
     assert len(g.graphs) == 1
-    (_, static), = g.graphs.values()
+    ((_, static),) = g.graphs.values()
     buffers = {id(b) for b in static.values() if b is not None}
     reads = [r() for r in log["reads"]]
     assert all(r is not None and id(r) in buffers for r in reads), "the graph reads a tensor it does not own"
     assert {n for n, b in static.items() if b is not None and any(r is b for r in reads)} >= {
-        "x", "t", "t5", "pooled", "img_ids", "txt_ids", "guidance"}
+        "x",
+        "t",
+        "t5",
+        "pooled",
+        "img_ids",
+        "txt_ids",
+        "guidance",
+    }
 
 
 @pytest.mark.gpu
@@ -324,7 +387,7 @@ def test_graphed_velocity_replays_equal_eager_on_gpu():
         with torch.no_grad():
             got = g(x, t)
             del garbage
-            garbage = [torch.full((1 << 16,), -1.0, device="cuda") for _ in range(64)]
+            garbage = [torch.full((1 << 16,), -1.0, device="cuda") for _ in range(64)]  # noqa: F841  (held while the graph replays)
             torch.testing.assert_close(got, FluxVelocity(tr, t5, pooled, ids, 3.5 + seed)(x, t), rtol=1e-5, atol=1e-5)
     assert len(g.graphs) == 1
     x.requires_grad_(True)
@@ -345,7 +408,9 @@ def test_bench_sampler_quick(family, tmp_path):
     assert sampler.main(["--quick", "--backbone", family, "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("sampler_random-tiny*_cpu.json")
     rows = json.loads(path.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["pipeline_eager", "ours_eager"] and {r["backbone"] for r in rows} == {family}
+    assert [r["variant"] for r in rows] == ["pipeline_eager", "ours_eager"] and {r["backbone"] for r in rows} == {
+        family
+    }
     assert all(r["images_per_second"] > 0 and r["max_abs_diff_vs_pipeline"] < 1e-5 for r in rows)
 
 
@@ -355,12 +420,17 @@ def test_flux_configs_checkpoint_blocks_to_fit_80gb(name):
     (720² batch 4: 187 GiB; 512² batch 8: 217 GiB); with it 63 and 66 GiB."""
     from pathlib import Path
 
-
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
     assert cfg.model.gradient_checkpointing and cfg.model.attention == "auto"
     assert (cfg.resolution, cfg.batch_size) in {(720, 4), (512, 8)}
     assert (cfg.num_steps, cfg.lr, cfg.method.alpha, cfg.method.tau, cfg.method.lam, cfg.mixed_precision) == (
-        25, 1e-5, 0.3, 0.1, 0.55, "bf16")  # fmt: skip
+        25,
+        1e-5,
+        0.3,
+        0.1,
+        0.55,
+        "bf16",
+    )
 
 
 def test_other_ranks_wait_for_the_prompt_cache_on_the_file_system(tmp_path):

@@ -33,8 +33,11 @@ CLI = ["--config", str(ROOT / "configs" / "defaults.toml"), *FAST]
 
 def digest(root: Path) -> dict[str, str]:
     """Every file's hash, but the lock's holder line (rewritten by whoever holds it last)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def rows(out: Path) -> list[dict]:
@@ -44,7 +47,9 @@ def rows(out: Path) -> list[dict]:
 def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:
     code = main(["train", *CLI, *argv])
     cap = capsys.readouterr()
-    err = [line for line in re.split(r"[\r\n]", cap.err) if line.strip() and not line.startswith("train:")]  # tqdm's bar
+    err = [
+        line for line in re.split(r"[\r\n]", cap.err) if line.strip() and not line.startswith("train:")
+    ]  # tqdm's bar
     return code, cap.out.strip().splitlines(), err
 
 
@@ -245,7 +250,10 @@ def test_second_run_into_a_locked_output_dir_is_refused(run_copy, capsys):
 
 
 def test_lock_of_a_killed_process_is_free(tmp_path, capsys):
-    code = f"from leapalign_fast.runlock import RunLock; import os, signal; RunLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+    code = (
+        f"from leapalign_fast.runlock import RunLock; import os, signal; RunLock({str(tmp_path)!r}).acquire(); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL and "pid" in (tmp_path / ".lock").read_text()
     code, _, err = cli(capsys, f"output_dir={tmp_path}", "max_steps=1")
@@ -263,8 +271,17 @@ def test_lock_is_released_after_a_failed_run(tmp_path, capsys):
 
 
 def test_resume_force_applies_the_new_optimizer_settings(run_copy, capsys):
-    code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "resume_force=true", "max_steps=3",
-                         "lr=5e-4", "weight_decay=0.01", "adam_eps=1e-6", "adam_betas=[0.8, 0.99]")  # fmt: skip
+    code, out, err = cli(
+        capsys,
+        f"output_dir={run_copy}",
+        "resume=true",
+        "resume_force=true",
+        "max_steps=3",
+        "lr=5e-4",
+        "weight_decay=0.01",
+        "adam_eps=1e-6",
+        "adam_betas=[0.8, 0.99]",
+    )
     assert code == 0, err
     changes = [line for line in out if "resume_force: optimizer now uses" in line]
     assert len(changes) == 4 and any("lr 0.001 -> 0.0005" in c for c in changes)
@@ -274,7 +291,9 @@ def test_resume_force_applies_the_new_optimizer_settings(run_copy, capsys):
 
 
 def test_resume_with_warmup_change_uses_the_new_schedule(run_copy, capsys):
-    code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", "resume_force=true", "max_steps=3", "warmup_steps=10")
+    code, out, err = cli(
+        capsys, f"output_dir={run_copy}", "resume=true", "resume_force=true", "max_steps=3", "warmup_steps=10"
+    )
     assert code == 0, err
     assert any("lr 0.001 -> 0.0003" in line and "warm-up" in line for line in out), out  # step 3 runs at 3/10
     assert rows(run_copy)[-1]["lr"] == pytest.approx(1e-3 * 4 / 10)  # as a straight run logs it after step 3
@@ -290,7 +309,9 @@ def test_edited_prompt_file_is_noticed_on_resume(tmp_path, capsys):
     code, _, err = cli(capsys, f"output_dir={out}", f"prompt_file={prompts}", "max_steps=2", "resume=true")
     assert code == 2 and len(err) == 1 and "training prompts (file content changed)" in err[0], err
     assert digest(out / "checkpoints") == before
-    code, _, err = cli(capsys, f"output_dir={out}", f"prompt_file={prompts}", "max_steps=2", "resume=true", "resume_force=true")
+    code, _, err = cli(
+        capsys, f"output_dir={out}", f"prompt_file={prompts}", "max_steps=2", "resume=true", "resume_force=true"
+    )
     assert code == 0, err
 
 
@@ -313,7 +334,9 @@ def test_resume_at_or_past_max_steps_says_nothing_to_train(max_steps, run_copy, 
     before = digest(run_copy / "checkpoints")
     code, out, err = cli(capsys, f"output_dir={run_copy}", "resume=true", f"max_steps={max_steps}")
     assert code == 0 and not err
-    assert any("nothing to train" in line for line in out) and any(line.startswith("done: no step to run") for line in out)
+    assert any("nothing to train" in line for line in out) and any(
+        line.startswith("done: no step to run") for line in out
+    )
     assert digest(run_copy / "checkpoints") == before
 
 
@@ -332,9 +355,22 @@ def test_user_error_type_is_the_one_caught(run_copy):
 @pytest.mark.slow  # a second interpreter trains meanwhile: ~6 s alone, more on a loaded machine
 def test_two_real_runs_into_one_output_dir(tmp_path, capsys):
     """A live CLI run holds the lock: a second run (fresh or resume) is refused and the live one ends intact."""
-    first = subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}",
-                              "max_steps=100000", "checkpoint_every=3"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leapalign_fast.cli",
+            "train",
+            *CLI,
+            f"output_dir={tmp_path}",
+            "max_steps=100000",
+            "checkpoint_every=3",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not ckpt.list_checkpoints(tmp_path) and first.poll() is None and time.time() < deadline:
@@ -352,9 +388,13 @@ def test_two_real_runs_into_one_output_dir(tmp_path, capsys):
 
 
 def test_sigkill_while_the_manifest_is_written_leaves_the_older_checkpoint(tmp_path, capsys):
-    proc = subprocess.run([sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}",
-                           "max_steps=3"], cwd=ROOT, env={**os.environ, ckpt.FAULT_ENV: "checkpoint_manifest:2"},
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "leapalign_fast.cli", "train", *CLI, f"output_dir={tmp_path}", "max_steps=3"],
+        cwd=ROOT,
+        env={**os.environ, ckpt.FAULT_ENV: "checkpoint_manifest:2"},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]  # step 2 never renamed in
     code, _, err = cli(capsys, f"output_dir={tmp_path}", "resume=true", "max_steps=3")
@@ -365,8 +405,19 @@ def test_sigkill_while_the_manifest_is_written_leaves_the_older_checkpoint(tmp_p
 @pytest.mark.slow  # a launch of two processes (~16-25 s on 2 loaded cores)
 def test_damaged_checkpoint_falls_back_under_two_processes(tmp_path):
     def launch(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29900 + os.getpid() % 90), str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={tmp_path}", *FAST, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29900 + os.getpid() % 90),
+            str(ROOT / "tests" / "ddp_worker.py"),
+            f"output_dir={tmp_path}",
+            *FAST,
+            *args,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", *FAST]))  # in-process: the fault is on resume

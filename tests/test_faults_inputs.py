@@ -27,8 +27,11 @@ FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "max_steps=2"]
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def run_cli(capsys, command, *argv):
@@ -106,7 +109,9 @@ def test_numeric_setting_one_line_exit_2(case, tmp_path, capsys):
 @pytest.mark.parametrize("case", NUMERIC, ids=[c[0] for c in NUMERIC])
 def test_numeric_setting_leaves_an_existing_run_intact(case, existing, capsys):
     before = digest(existing)
-    argv = [f"output_dir={existing}", "resume=true", case[1]] if "output_dir" not in case[1] else ["resume=true", case[1]]
+    argv = (
+        [f"output_dir={existing}", "resume=true", case[1]] if "output_dir" not in case[1] else ["resume=true", case[1]]
+    )
     code, err = run_cli(capsys, "train", *argv)
     assert code == 2 and len(err) == 1, err
     assert digest(existing) == before
@@ -155,8 +160,11 @@ def test_eval_on_a_damaged_latest_checkpoint_refuses(damage, existing, tmp_path,
     out = tmp_path / "run"
     shutil.copytree(existing, out)
     d = out / "checkpoints" / "step_00000002"
-    {"flip-trained": lambda: _flip(d / "trained.safetensors"), "missing-ema": lambda: (d / "ema.safetensors").unlink(),
-     "garbage-manifest": lambda: (d / "manifest.json").write_text("{")}[damage]()  # fmt: skip
+    {
+        "flip-trained": lambda: _flip(d / "trained.safetensors"),
+        "missing-ema": lambda: (d / "ema.safetensors").unlink(),
+        "garbage-manifest": lambda: (d / "manifest.json").write_text("{"),
+    }[damage]()
     code, err = run_cli(capsys, "eval", f"output_dir={out}", "--steps", "2")
     assert code == 2 and len(err) == 1 and "is damaged" in err[0] and "step_00000002" in err[0], err
 
@@ -194,8 +202,14 @@ def _model_damage(root: Path, kind: str):
         shutil.copy(weights, root / "vae" / "diffusion_pytorch_model.safetensors")
 
 
-MODEL_DAMAGE = ["vae-weights-as-transformer", "truncated-transformer", "garbage-transformer",
-                "garbage-transformer-config", "empty-vae-config", "transformer-as-vae"]  # fmt: skip
+MODEL_DAMAGE = [
+    "vae-weights-as-transformer",
+    "truncated-transformer",
+    "garbage-transformer",
+    "garbage-transformer-config",
+    "empty-vae-config",
+    "transformer-as-vae",
+]
 
 
 @pytest.mark.parametrize("kind", MODEL_DAMAGE)
@@ -222,8 +236,14 @@ def _damaged_weights(path: Path, kind: str):
     elif kind == "not-a-dict":
         torch.save(torch.zeros(3), path)
     elif kind == "wrong-model":
-        torch.save({"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8), "blip.text_encoder.x": torch.zeros(1),
-                    "mlp.layers.0.weight": torch.zeros(1)}, path)  # fmt: skip
+        torch.save(
+            {
+                "blip.visual_encoder.cls_token": torch.zeros(1, 1, 8),
+                "blip.text_encoder.x": torch.zeros(1),
+                "mlp.layers.0.weight": torch.zeros(1),
+            },
+            path,
+        )
 
 
 REWARD_FILES = ["truncated", "garbage", "empty", "pickled-code", "not-a-dict", "wrong-model"]
@@ -252,13 +272,27 @@ def tiny_clip(tmp_path_factory):
 
     tok = build_tiny_clip_tokenizer()
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     d = tmp_path_factory.mktemp("clip")
     CLIPModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -315,9 +349,23 @@ def test_accelerate_yaml_mixed_precision_loses_with_a_line(monkeypatch):
 
 @pytest.mark.parametrize("delay", [1.0, 2.5])
 def test_ctrl_c_during_start_up_is_one_line(delay, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "leapalign_fast.cli", "train", "--config", DEFAULTS, *FAST,
-                             f"output_dir={tmp_path}", "max_steps=100000"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "leapalign_fast.cli",
+            "train",
+            "--config",
+            DEFAULTS,
+            *FAST,
+            f"output_dir={tmp_path}",
+            "max_steps=100000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -52,7 +52,9 @@ def test_centre_crop_offset(crop, w):
     # h == SIZE: the resize is the identity, so the crop offset is visible exactly.
     x = torch.rand(1, 3, SIZE, w, generator=torch.Generator().manual_seed(w))
     left = int(round((w - SIZE) / 2.0)) if crop == "round" else (w - SIZE) // 2  # torchvision CenterCrop / HF
-    want = (x[..., left : left + SIZE] - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    want = (x[..., left : left + SIZE] - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(
+        1, 3, 1, 1
+    )
     torch.testing.assert_close(clip_preprocess(x, SIZE, crop=crop), want, atol=1e-4, rtol=0)
 
 
@@ -68,8 +70,23 @@ def test_imagereward_and_aesthetic_use_torchvision_rounding():
 
 def test_lora_ema_export_holds_the_ema(tmp_path):
     out = tmp_path / "run"
-    train(load_config(None, [f"output_dir={out}", "max_steps=3", "checkpoint_every=3", "batch_size=2", "num_steps=4",
-                             "tensorboard=false", "lora.enabled=true", "lora.rank=4", "lr=1e-2", "ema_decay=0.5"]))  # fmt: skip
+    train(
+        load_config(
+            None,
+            [
+                f"output_dir={out}",
+                "max_steps=3",
+                "checkpoint_every=3",
+                "batch_size=2",
+                "num_steps=4",
+                "tensorboard=false",
+                "lora.enabled=true",
+                "lora.rank=4",
+                "lr=1e-2",
+                "ema_decay=0.5",
+            ],
+        )
+    )
     live = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     ema_export = load_file(str(out / "lora_ema" / "pytorch_lora_weights.safetensors"))
     ema = load_file(str(out / "checkpoints" / "step_00000003" / "ema.safetensors"))
@@ -77,8 +94,11 @@ def test_lora_ema_export_holds_the_ema(tmp_path):
     assert live.keys() == ema_export.keys() and len(live) == len(ema)
 
     def param_name(k):  # diffusers' LoRA key -> the peft parameter name
-        return k.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight").replace(
-            ".lora_B.weight", ".lora_B.default.weight")
+        return (
+            k.removeprefix("transformer.")
+            .replace(".lora_A.weight", ".lora_A.default.weight")
+            .replace(".lora_B.weight", ".lora_B.default.weight")
+        )
 
     for k in live:
         torch.testing.assert_close(ema_export[k], ema[param_name(k)], atol=0, rtol=0)

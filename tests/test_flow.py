@@ -50,9 +50,7 @@ def test_leap_gradient_matches_paper_formula(seed):
     v_k = model(x_k, tk)
     dvk_dtheta = _param_grad((c * v_k).sum(), params, retain_graph=True)
     nested = _param_grad((w * v_k).sum(), params)
-    want = [
-        -j * a - (k - j) * b + alpha * j * (k - j) * n for a, b, n in zip(dvj_dtheta, dvk_dtheta, nested)
-    ]
+    want = [-j * a - (k - j) * b + alpha * j * (k - j) * n for a, b, n in zip(dvj_dtheta, dvk_dtheta, nested)]
     for gi, wi in zip(got, want):
         torch.testing.assert_close(gi, wi, rtol=0, atol=1e-10)
 

@@ -137,8 +137,20 @@ def test_import_kernels_in_the_test_process():
 
 LAUNCHERS = {  # the launcher's executable (beside this Python) -> its arguments for 2 processes on a free port
     "torchrun": lambda port: ["--nproc_per_node", "2", "--master_port", str(port)],
-    "accelerate": lambda port: ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)],
+    "accelerate": lambda port: [
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ],
 }
 
 
@@ -147,15 +159,25 @@ LAUNCHERS = {  # the launcher's executable (beside this Python) -> its arguments
 def test_two_process_launch_from_the_repository_root(launcher, tmp_path):
     """The README's multi-process commands, with 2 CPU processes (gloo), `-m leapalign_fast.cli` from the root."""
     exe = Path(sys.executable).parent / launcher
-    cmd = [str(exe), *LAUNCHERS[launcher](_free_port()), "-m", "leapalign_fast.cli", "train",
-           "max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path / 'run'}"]
+    cmd = [
+        str(exe),
+        *LAUNCHERS[launcher](_free_port()),
+        "-m",
+        "leapalign_fast.cli",
+        "train",
+        "max_steps=2",
+        "checkpoint_every=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("done: 2 steps") == 1, proc.stdout[-3000:]  # one closing line, from rank 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in ckpt.glob("rng_rank*.safetensors")) == ["rng_rank0.safetensors",
-                                                                          "rng_rank1.safetensors"]
+    assert sorted(p.name for p in ckpt.glob("rng_rank*.safetensors")) == [
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+    ]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -169,7 +191,8 @@ def test_bench_scripts_are_found():
 
 @pytest.mark.parametrize("script", _bench_scripts())
 def test_bench_script_help_from_the_repository_root(script):
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip(), "no help text"

@@ -30,8 +30,16 @@ from leapalign_fast.errors import UserError
 from leapalign_fast.train import EXIT_PREEMPTED, train
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["batch_size=2", "num_steps=4", "tensorboard=false", "deterministic=true", "ema_decay=0.9", "fsdp=true",
-        "checkpoint_every=2", "keep_checkpoints=3"]  # fmt: skip
+BASE = [
+    "batch_size=2",
+    "num_steps=4",
+    "tensorboard=false",
+    "deterministic=true",
+    "ema_decay=0.9",
+    "fsdp=true",
+    "checkpoint_every=2",
+    "keep_checkpoints=3",
+]
 
 
 def _rows(out):
@@ -68,14 +76,33 @@ def _launch(out, args, world=2, env=None, worker=None):
     <out>.rank<r>.err."""
     port, procs = _free_port(), []
     for r in range(world):
-        e = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r),
-             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-             **(env or {})}  # fmt: skip
-        cmd = ([str(ROOT / "tests" / "ddp_worker.py"), *worker] if worker is not None else
-               ["-m", "leapalign_fast.cli", "train", "--config", str(ROOT / "configs" / "defaults.toml")])  # fmt: skip
+        e = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
+        cmd = (
+            [str(ROOT / "tests" / "ddp_worker.py"), *worker]
+            if worker is not None
+            else ["-m", "leapalign_fast.cli", "train", "--config", str(ROOT / "configs" / "defaults.toml")]
+        )
         err = open(f"{out}.rank{r}.err", "w")
-        procs.append(subprocess.Popen([sys.executable, *cmd, f"output_dir={out}", *args], cwd=ROOT, env=e,
-                                      stdout=subprocess.DEVNULL, stderr=err))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *cmd, f"output_dir={out}", *args],
+                cwd=ROOT,
+                env=e,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        )
     return procs
 
 
@@ -94,7 +121,9 @@ def test_trainable_state_and_ema_are_built_from_the_shards(tmp_path):
     res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=1", *BASE]))
     run = res.trainer
     named = dict(run.transformer.named_parameters())
-    assert named and all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.requires_grad for p in named.values())
+    assert named and all(
+        isinstance(p, DTensor) and p.dtype == torch.float32 and p.requires_grad for p in named.values()
+    )
     assert [id(p) for p in run.params] == [id(p) for p in named.values()]  # the optimizer holds the sharded ones
     for n, shadow in run.ema.shadow.items():  # the EMA is sharded like its parameter
         assert isinstance(shadow, DTensor) and shadow.placements == named[n].placements, n
@@ -122,8 +151,10 @@ def test_sharding_keeps_the_frozen_base_in_its_storage_dtype_and_upcasts_the_tra
         assert isinstance(p, DTensor) and p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
 
 
-@pytest.mark.parametrize("bad, why", [("model.cuda_graph=true", "cuda_graph"), ("mixed_precision=fp16", "fp16"),
-                                      ("eval_every=2", "eval_every")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, why",
+    [("model.cuda_graph=true", "cuda_graph"), ("mixed_precision=fp16", "fp16"), ("eval_every=2", "eval_every")],
+)
 def test_what_cannot_run_sharded_is_one_user_error(bad, why):
     with pytest.raises(UserError, match=why):
         load_config(None, ["fsdp=true", bad])
@@ -151,15 +182,23 @@ def test_resume_is_bit_exact_sync_and_async_saves_agree_and_the_export_loads_in_
             assert torch.equal(got[k], want[k]), k
     text = build_tiny_text_stack(32, 32, seed=1)
     comps = res.trainer.components
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=comps.vae, text_encoder=text.clip,
-                        tokenizer=text.clip_tokenizer, text_encoder_2=text.t5, tokenizer_2=text.t5_tokenizer,
-                        transformer=model)  # fmt: skip
-    image = pipe("a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
-                 output_type="pt").images  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=comps.vae,
+        text_encoder=text.clip,
+        tokenizer=text.clip_tokenizer,
+        text_encoder_2=text.t5,
+        tokenizer_2=text.t5_tokenizer,
+        transformer=model,
+    )
+    image = pipe(
+        "a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=32, output_type="pt"
+    ).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
     export_transformer(last, tmp_path / "again")  # the offline export (`leapalign-fast export`): same file
     assert (tmp_path / "again" / "diffusion_pytorch_model.safetensors").read_bytes() == (
-        split / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+        split / "transformer" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
 def test_export_command_writes_a_diffusers_directory(tmp_path):
@@ -202,7 +241,9 @@ def test_sigkill_of_one_rank_mid_save_keeps_the_previous_checkpoint_then_resume_
     assert not (out / "checkpoints" / ".tmp-step_00000004").exists()
     _assert_same_run(straight_two, out, 6)  # same world size: bit for bit
     assert sorted(p.name for p in _ckpt(out, 6).glob("rng_rank*.safetensors")) == [
-        "rng_rank0.safetensors", "rng_rank1.safetensors"]  # fmt: skip
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+    ]
 
 
 @pytest.mark.slow
@@ -332,8 +373,9 @@ def test_eval_scores_a_sharded_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
-def test_a_failed_sharded_save_is_one_line_keeps_the_older_checkpoint_and_resume_works(tmp_path, monkeypatch,
-                                                                                        asynchronous):  # fmt: skip
+def test_a_failed_sharded_save_is_one_line_keeps_the_older_checkpoint_and_resume_works(
+    tmp_path, monkeypatch, asynchronous
+):
     import errno
 
     from leapalign_fast import dist_checkpoint

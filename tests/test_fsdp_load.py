@@ -13,20 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsdp_load_worker import TINY, build_sharded, snapshot
 from safetensors.torch import load_file
+from test_fsdp import BASE, _assert_same_run, _free_port
 from torch.distributed.tensor import DTensor
 
-from fsdp_load_worker import TINY, build_sharded, snapshot
 from leapalign_fast.config import TinyFluxConfig, load_config
 from leapalign_fast.fsdp import shard_rows
 from leapalign_fast.models.flux import FluxComponents, build_tiny_flux, save_flux
 from leapalign_fast.train import train
-from test_fsdp import BASE, _assert_same_run, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"lora-bf16": ["lora.enabled=true", "lora.rank=4", "model.dtype=bfloat16", "mixed_precision=bf16"],
-         "full-bf16": ["model.dtype=bfloat16", "mixed_precision=bf16"],
-         "full-fp32": []}  # fmt: skip
+CASES = {
+    "lora-bf16": ["lora.enabled=true", "lora.rank=4", "model.dtype=bfloat16", "mixed_precision=bf16"],
+    "full-bf16": ["model.dtype=bfloat16", "mixed_precision=bf16"],
+    "full-fp32": [],
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_shard_rows_is_torch_chunk():
             got = [shard_rows(rows, world, r) for r in range(world)]
             chunks = [c for c in torch.arange(rows).chunk(world)]
             assert [(int(c[0]), int(c[-1]) + 1) for c in chunks] == got[: len(chunks)]
-            assert all(a == b for a, b in got[len(chunks):])  # ranks past the last chunk: empty shards
+            assert all(a == b for a, b in got[len(chunks) :])  # ranks past the last chunk: empty shards
 
 
 def test_a_run_from_a_directory_trains_like_the_same_model_built_whole(tmp_path, flux_dir, capsys):
@@ -114,7 +116,9 @@ def test_weights_that_do_not_fit_the_config_are_one_user_error(tmp_path, flux_di
     shutil.copytree(flux_dir, bad)
     config = json.loads((bad / "transformer" / "config.json").read_text())
     (bad / "transformer" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4}))
-    with pytest.raises(UserError, match=r"transformer weight \S+ has shape \(24, 256\) in .*its config.json gives \(32, 256\)"):
+    with pytest.raises(
+        UserError, match=r"transformer weight \S+ has shape \(24, 256\) in .*its config.json gives \(32, 256\)"
+    ):
         build_sharded(bad, [], by_shard=True)
 
 
@@ -125,10 +129,28 @@ def _two_ranks(root: Path, out: Path, how: str, overrides: list[str], *flags: st
     """Both ranks of tests/fsdp_load_worker.py building from `root` (`how`: whole | by_shard); their reports."""
     port, procs = _free_port(), []
     for r in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # fmt: skip
-        cmd = [sys.executable, str(ROOT / "tests" / "fsdp_load_worker.py"), str(root), str(out), how, *flags, *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{out}.rank{r}.err", "w")))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(r),
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [
+            sys.executable,
+            str(ROOT / "tests" / "fsdp_load_worker.py"),
+            str(root),
+            str(out),
+            how,
+            *flags,
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{out}.rank{r}.err", "w"))
+        )
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], Path(f"{out}.rank0.err").read_text()[-3000:] + Path(f"{out}.rank1.err").read_text()[-3000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
@@ -137,7 +159,8 @@ def _two_ranks(root: Path, out: Path, how: str, overrides: list[str], *flags: st
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [CASES["lora-bf16"], CASES["full-bf16"]], ids=["lora-bf16", "full-bf16"])
 def test_two_ranks_built_by_shard_are_the_model_loaded_whole_then_sharded_and_each_reads_its_half(
-        tmp_path, flux_dir, overrides):  # fmt: skip
+    tmp_path, flux_dir, overrides
+):
     _two_ranks(flux_dir, tmp_path / "whole", "whole", overrides)
     reports = _two_ranks(flux_dir, tmp_path / "by_shard", "by_shard", overrides)
     assert_identical(load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "by_shard.safetensors")))
@@ -158,10 +181,17 @@ def test_two_ranks_loading_by_shard_peak_at_about_half_the_model_in_host_memory(
     root = tmp_path / "big"
     save_flux(FluxComponents(transformer, build_tiny_flux(TINY, seed=0).vae, None), root)
     del transformer
-    growth = {how: [r["peak_growth"] for r in _two_ranks(root, tmp_path / how, how, [], "--no-snapshot")]
-              for how in ("whole", "by_shard")}  # fmt: skip
-    print(f"\nmodel {model_bytes / 2**20:.0f} MiB; peak growth per rank (MiB): " + "; ".join(
-        f"{how} anon {[g['RssAnon'] >> 20 for g in v]} file {[g['RssFile'] >> 20 for g in v]}" for how, v in growth.items()))  # fmt: skip
+    growth = {
+        how: [r["peak_growth"] for r in _two_ranks(root, tmp_path / how, how, [], "--no-snapshot")]
+        for how in ("whole", "by_shard")
+    }
+    print(
+        f"\nmodel {model_bytes / 2**20:.0f} MiB; peak growth per rank (MiB): "
+        + "; ".join(
+            f"{how} anon {[g['RssAnon'] >> 20 for g in v]} file {[g['RssFile'] >> 20 for g in v]}"
+            for how, v in growth.items()
+        )
+    )
     resident = {how: [g["RssAnon"] + g["RssFile"] for g in v] for how, v in growth.items()}
     assert min(resident["whole"]) > 0.9 * model_bytes
     assert max(resident["by_shard"]) < 0.65 * model_bytes

@@ -61,14 +61,20 @@ def test_inductor_compile_equals_eager(mode):
     eager = build_tiny_flux(WIDE, seed=0).transformer.to(DEV)
     compiled = build_tiny_flux(WIDE, seed=0).transformer.to(DEV)
     compile_transformer(compiled, mode, backend=BACKEND)
-    (oe, ge), (oc, gc) = _forward_and_grads(eager, WIDE, torch.float32), _forward_and_grads(compiled, WIDE, torch.float32)
+    (oe, ge), (oc, gc) = (
+        _forward_and_grads(eager, WIDE, torch.float32),
+        _forward_and_grads(compiled, WIDE, torch.float32),
+    )
     torch.testing.assert_close(oc, oe, rtol=1e-4, atol=1e-4)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     bf16_eager = build_tiny_flux(WIDE, seed=0).transformer.to(DEV, torch.bfloat16)
     bf16 = build_tiny_flux(WIDE, seed=0).transformer.to(DEV, torch.bfloat16)
     compile_transformer(bf16, mode, backend=BACKEND)
-    (oe, _), (oc, _) = _forward_and_grads(bf16_eager, WIDE, torch.bfloat16), _forward_and_grads(bf16, WIDE, torch.bfloat16)
+    (oe, _), (oc, _) = (
+        _forward_and_grads(bf16_eager, WIDE, torch.bfloat16),
+        _forward_and_grads(bf16, WIDE, torch.bfloat16),
+    )
     torch.testing.assert_close(oc, oe, rtol=2e-2, atol=2e-2)
     torch._dynamo.reset()
 
@@ -83,7 +89,10 @@ def test_attention_backend_equals_sdpa_with_gradients(backend):
     reference = build_tiny_flux(WIDE, seed=0).transformer.to(DEV, torch.bfloat16)
     other = build_tiny_flux(WIDE, seed=0).transformer.to(DEV, torch.bfloat16)
     other.set_attention_backend(backend)
-    (o_ref, g_ref), (o, g) = _forward_and_grads(reference, WIDE, torch.bfloat16), _forward_and_grads(other, WIDE, torch.bfloat16)
+    (o_ref, g_ref), (o, g) = (
+        _forward_and_grads(reference, WIDE, torch.bfloat16),
+        _forward_and_grads(other, WIDE, torch.bfloat16),
+    )
     torch.testing.assert_close(o, o_ref, rtol=3e-2, atol=3e-2)
     for a, b in zip(g, g_ref):
         assert torch.isfinite(a).all()
@@ -102,10 +111,25 @@ def test_auto_attention_is_flash_for_bf16_when_diffusers_can_use_it():
 
 def test_training_run_bf16_autocast_lora_compile_cuda_graph_checkpointing(tmp_path):
     torch._dynamo.reset()
-    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", *RUN, "mixed_precision=bf16",
-                                   "model.dtype=bfloat16", "lora.enabled=true", "lora.rank=4", "lr=1e-2",
-                                   "model.compile=regional", f"model.compile_backend={BACKEND}",
-                                   "model.cuda_graph=true", "model.gradient_checkpointing=true"]))  # fmt: skip
+    res = train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                "max_steps=2",
+                *RUN,
+                "mixed_precision=bf16",
+                "model.dtype=bfloat16",
+                "lora.enabled=true",
+                "lora.rank=4",
+                "lr=1e-2",
+                "model.compile=regional",
+                f"model.compile_backend={BACKEND}",
+                "model.cuda_graph=true",
+                "model.gradient_checkpointing=true",
+            ],
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] is not None and r["grad_norm"] is not None for r in rows)
     trained = trained_state(res.trainer.transformer)
@@ -164,9 +188,24 @@ def test_deterministic_cli_run_without_cublas_env_is_reproducible(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}  # the trainer must set it
 
     def run(out):
-        proc = subprocess.run([sys.executable, "-m", "leapalign_fast.cli", "train", "--config",
-                               str(ROOT / "configs" / "defaults.toml"), f"output_dir={out}", "max_steps=2", *RUN,
-                               "deterministic=true"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "leapalign_fast.cli",
+                "train",
+                "--config",
+                str(ROOT / "configs" / "defaults.toml"),
+                f"output_dir={out}",
+                "max_steps=2",
+                *RUN,
+                "deterministic=true",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -213,19 +252,42 @@ def test_inductor_compile_count_is_bounded_over_a_run_with_grids(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "batch_size=2", "num_steps=3", "grid_every=1",
-                             "tensorboard=false", "ema_decay=0", "mixed_precision=bf16", "model.dtype=bfloat16",
-                             "lora.enabled=true", "lora.rank=4", "model.tiny.layers=2", "model.tiny.single_layers=2",
-                             "model.compile=regional", f"model.compile_backend={BACKEND}", "model.cuda_graph=true"]))  # fmt: skip
+    train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                "max_steps=2",
+                "batch_size=2",
+                "num_steps=3",
+                "grid_every=1",
+                "tensorboard=false",
+                "ema_decay=0",
+                "mixed_precision=bf16",
+                "model.dtype=bfloat16",
+                "lora.enabled=true",
+                "lora.rank=4",
+                "model.tiny.layers=2",
+                "model.tiny.single_layers=2",
+                "model.compile=regional",
+                f"model.compile_backend={BACKEND}",
+                "model.cuda_graph=true",
+            ],
+        )
+    )
     compiles = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert 0 < compiles <= 6, compiles
 
 
 @cuda_only
-@pytest.mark.xfail(raises=RuntimeError, strict=False, reason="predicted, not fixed here: bicubic/bilinear interpolate "
-                   "has no deterministic CUDA backward, so deterministic=true with a CLIP-family reward (HPS, PickScore) "
-                   "would fail at the first backward (rewards/clip_rewards.py clip_preprocess)")  # fmt: skip
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=False,
+    reason="predicted, not fixed here: bicubic/bilinear interpolate "
+    "has no deterministic CUDA backward, so deterministic=true with a CLIP-family reward (HPS, PickScore) "
+    "would fail at the first backward (rewards/clip_rewards.py clip_preprocess)",
+)
 def test_clip_preprocess_backward_under_deterministic_mode():
     from leapalign_fast.rewards.clip_rewards import clip_preprocess
 

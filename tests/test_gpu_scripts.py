@@ -18,18 +18,29 @@ def test_scripts_parse():
 
 def test_prepare_dry_run_names_the_missing_wheels():
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_prepare.sh"), "--dry-run"], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_prepare.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pip download" in proc.stdout and "diffusers==" in proc.stdout and "tomli_w==" in proc.stdout
     assert "pip wheel" in proc.stdout
 
 
 def test_gpu_run_dry_run(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_WORK=str(tmp_path / "work"), GPU_SITE=str(tmp_path / "site"),
-               PYTHON=sys.executable)  # fmt: skip
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run"], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        GPU_WORK=str(tmp_path / "work"),
+        GPU_SITE=str(tmp_path / "site"),
+        PYTHON=sys.executable,
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
     assert data["dry_run"] and data["environment"]["torch"]
@@ -44,17 +55,32 @@ def test_gpu_train_steps_path_on_cpu(tmp_path):
     sys.path.append(str(ROOT))
     from bench import gpu_train_steps
 
-    assert gpu_train_steps.main(["--model", "random-tiny", "--steps", "2", "--set", 'model.compile="none"', "--out",
-                                 str(tmp_path)]) == 0  # fmt: skip
+    assert (
+        gpu_train_steps.main(
+            ["--model", "random-tiny", "--steps", "2", "--set", 'model.compile="none"', "--out", str(tmp_path)]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "train_steps_random-tiny_cpu.json").read_text())
     assert data["steps"] == 2 and len(data["step_seconds"]) == 2 and data["config"]["lora"]["enabled"]
 
 
 def test_gpu_run_records_the_stages_its_budget_cannot_reach(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_WORK=str(tmp_path / "work"), GPU_SITE=str(tmp_path / "site"),
-               PYTHON=sys.executable, GPU_BUDGET_S="5")  # fmt: skip
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "kernels", "sampler"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        GPU_WORK=str(tmp_path / "work"),
+        GPU_SITE=str(tmp_path / "site"),
+        PYTHON=sys.executable,
+        GPU_BUDGET_S="5",
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_run.sh"), "--dry-run", "kernels", "sampler"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # two stages not run: two failures
     data = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
     assert [(c["stage"], c["status"]) for c in data["commands"]] == [("kernels", "skipped"), ("sampler", "skipped")]

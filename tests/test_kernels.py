@@ -4,6 +4,8 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (the real kernel code, in
 with a GPU the same tests run compiled (marked `gpu`).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -11,13 +13,19 @@ from leapalign_fast.kernels.connector import connect, connect_discount
 from leapalign_fast.kernels.reference import connect_discount_ref, connect_ref, similarity_weight_ref
 from leapalign_fast.kernels.similarity import similarity_weight
 
-import os
-
 DEVICES = [
-    pytest.param("cpu", id="cpu-interpret", marks=pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET=1 must be set before triton is imported")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
-                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),  # fmt: skip
+    pytest.param(
+        "cpu",
+        id="cpu-interpret",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET=1 must be set before triton is imported"
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
 ]
 SHAPES = [(3, 4097, 64), (1, 1, 1), (5, 123, 123), (2, 7)]
 DTYPES = [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-2, 1e-2)]
@@ -135,8 +143,12 @@ def test_bench_kernels_interpret_smoke(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "bench" / "kernel_speed.py"), "--interpret-smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "kernel_speed.py"), "--interpret-smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "kernels_cpu-interpret.json").read_text())
     assert data["environment"]["torch"] and len(data["rows"]) == 4

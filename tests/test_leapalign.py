@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from test_flow import MLPVelocity
 
+from leapalign_fast.errors import UserError
 from leapalign_fast.flow import leap_trajectory
 from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import StepInputs, draw_two_indices
-from leapalign_fast.methods.settings import resolve_window
 from leapalign_fast.methods.leapalign import leapalign_loss
-from leapalign_fast.errors import UserError
+from leapalign_fast.methods.settings import resolve_window
 from leapalign_fast.sampler import sample_trajectory
-from test_flow import MLPVelocity
 
 
 class Counting:
@@ -57,7 +57,11 @@ def test_leapalign_equals_oracle_and_counts_model_calls(seed, reward_first):
     counted = Counting(model)
     gen = torch.Generator().manual_seed(100 + seed)
     out = leapalign_loss(
-        StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, gen), alpha, tau, lam, (0, N),
+        StepInputs(counted, noise, sigmas, _decode, _reward, ["p"] * B, gen),
+        alpha,
+        tau,
+        lam,
+        (0, N),
         reward_first=reward_first,
     )
     got = torch.autograd.grad(out.loss, params)
@@ -91,8 +95,12 @@ def test_leapalign_on_tiny_flux_matches_oracle(reward_first):
     sigmas = flux_schedule(N, 4)
     out = leapalign_loss(
         StepInputs(velocity, noise, sigmas, _decode, _reward, ["p"] * B, torch.Generator().manual_seed(3)),
-        0.3, 0.1, 2.0, (0, N), reward_first=reward_first,
-    )  # fmt: skip
+        0.3,
+        0.1,
+        2.0,
+        (0, N),
+        reward_first=reward_first,
+    )
     got = torch.autograd.grad(out.loss, params, allow_unused=True)
     a, b = draw_two_indices(0, N, torch.Generator().manual_seed(3))
     want_loss, _ = _oracle_loss(velocity, noise, sigmas, a, b, 0.3, 0.1, 2.0)
@@ -140,7 +148,9 @@ class _Marked(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("reward_first, grad_forwards_before_decode_backward", [(True, 0), (False, 2)])
-def test_reward_first_runs_the_decode_backward_before_the_grad_forwards(reward_first, grad_forwards_before_decode_backward):
+def test_reward_first_runs_the_decode_backward_before_the_grad_forwards(
+    reward_first, grad_forwards_before_decode_backward
+):
     """The memory claim of the reward-first order: the decode + reward backward is over before the leap's two
     grad forwards exist (in the trajectory order both transformer graphs are held during it)."""
     torch.manual_seed(0)
@@ -164,8 +174,16 @@ def test_both_orders_train_the_same_weights(tmp_path):
     from leapalign_fast.config import load_config
     from leapalign_fast.train import train
 
-    base = ["max_steps=3", "checkpoint_every=3", "batch_size=2", "num_steps=5", "tensorboard=false", "lr=1e-3",
-            "deterministic=true", "model.checkpoint_decode=true"]  # fmt: skip
+    base = [
+        "max_steps=3",
+        "checkpoint_every=3",
+        "batch_size=2",
+        "num_steps=5",
+        "tensorboard=false",
+        "lr=1e-3",
+        "deterministic=true",
+        "model.checkpoint_decode=true",
+    ]
     runs = {}
     for order in ("true", "false"):
         out = tmp_path / order
@@ -184,8 +202,8 @@ def test_both_orders_train_the_same_weights(tmp_path):
 
 def test_preflight_counts_the_larger_of_decode_and_leap_in_reward_first_order():
     from leapalign_fast.config import load_config
-    from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux
     from leapalign_fast.models.backbone import get_backbone
+    from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux
     from leapalign_fast.preflight import step_bytes
 
     comps = build_tiny_flux(TinyFluxConfig(), seed=0)

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from test_flow import MLPVelocity
+from test_leapalign import Counting, _decode, _reward
 
 from leapalign_fast import config
 from leapalign_fast.methods import METHODS, build_method, method_settings
-from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.methods.base import StepInputs
+from leapalign_fast.methods.drtune import draw_early_stop, draw_equally_spaced
 from leapalign_fast.sampler import sample_trajectory
-from test_flow import MLPVelocity
-from test_leapalign import Counting, _decode, _reward
 
 N, B, LAM = 6, 3, 2.0
 
@@ -76,8 +76,11 @@ def test_draft_k_backprops_through_the_last_k_steps(setup, k):
     _close(got, torch.autograd.grad(_hinge(_plain_with_grad(model, x, sigmas, N - k, N)), params))
 
 
-@pytest.mark.parametrize("kw, count", [({}, 3), ({"late_steps": 2}, 2), ({"late_fraction": 1.0}, N)],
-                         ids=["published", "late_steps", "whole"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kw, count",
+    [({}, 3), ({"late_steps": 2}, 2), ({"late_fraction": 1.0}, N)],
+    ids=["published", "late_steps", "whole"],
+)
 def test_refl_one_step_prediction_at_a_late_step(setup, kw, count):
     model, params, sigmas, noise = setup
     out, counted = _run("refl", model, sigmas, noise, seed=11, **kw)  # published: round(0.44 * 6) = 3 steps
@@ -178,10 +181,18 @@ def test_flux_configs_hold_the_published_settings(name):
     import dataclasses
     from pathlib import Path
 
-
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"flux_{name}.toml")
-    got = (cfg.resolution, cfg.num_steps, cfg.guidance, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.ema_decay,
-           cfg.max_grad_norm, cfg.max_steps)  # fmt: skip
+    got = (
+        cfg.resolution,
+        cfg.num_steps,
+        cfg.guidance,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.ema_decay,
+        cfg.max_grad_norm,
+        cfg.max_steps,
+    )
     assert got == (512, 25, 4.0, PUBLISHED_BATCH[name], 1e-5, 1e-4, 0.995, 1.0, 300)
     assert cfg.mixed_precision == "bf16" and not cfg.lora.enabled and cfg.reward.name == "hpsv2.1"
     assert cfg.method.name == name and cfg.method.lam == 0.55

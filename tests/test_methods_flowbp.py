@@ -4,6 +4,8 @@ formulas (gradient w.r.t. the parameters for fixed draws, MLP field), and the (k
 import numpy as np
 import pytest
 import torch
+from test_flow import MLPVelocity
+from test_leapalign import Counting, _decode, _reward
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.methods import build_method, method_settings
@@ -12,8 +14,6 @@ from leapalign_fast.methods.flowbp_bridge import draw_bridge, split_active
 from leapalign_fast.methods.flowbp_lagrange import active_supports, interval_supports, quadrature_weights
 from leapalign_fast.methods.indices import draw_dirichlet_pair, draw_late_biased, draw_pair
 from leapalign_fast.sampler import sample_trajectory
-from test_flow import MLPVelocity
-from test_leapalign import Counting, _decode, _reward
 
 N, B, LAM = 8, 3, 2.0
 
@@ -92,8 +92,12 @@ def test_sparse_is_the_euler_weighted_sum_of_k_active_steps(setup, seed, kw):
     torch.testing.assert_close(out.x0, states[-1], rtol=0, atol=0)  # the real trajectory
 
 
-BRIDGE_CASES = [(1, {}), (5, {"alpha": 0.7, "grad_rescale": 0.0}), (6, {"index_sampler": "dirichlet"}),
-                (8, {"num_active_steps": 2})]  # fmt: skip
+BRIDGE_CASES = [
+    (1, {}),
+    (5, {"alpha": 0.7, "grad_rescale": 0.0}),
+    (6, {"index_sampler": "dirichlet"}),
+    (8, {"num_active_steps": 2}),
+]
 
 
 @pytest.mark.parametrize("seed, kw", BRIDGE_CASES)
@@ -126,8 +130,9 @@ def _quadrature_reference(times, t0, t1):
 
 def test_lagrange_weights_supports_and_active_sets():
     times = [0.9, 0.7, 0.45]
-    np.testing.assert_allclose(quadrature_weights(times, 0.9, 0.2, "lagrange"), _quadrature_reference(times, 0.9, 0.2),
-                               rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        quadrature_weights(times, 0.9, 0.2, "lagrange"), _quadrature_reference(times, 0.9, 0.2), rtol=1e-12
+    )
     assert quadrature_weights([0.8], 0.8, 0.3, "lagrange") == pytest.approx([-0.5])  # one support: Euler
     assert quadrature_weights(times, 0.9, 0.3, "uniform") == pytest.approx([-0.2] * 3)
     assert interval_supports(0, 6, 3) == [0, 2, 5] and interval_supports(3, 5, 3) == [3, 4]
@@ -157,8 +162,11 @@ def test_lagrange_is_two_quadrature_leaps_with_a_nested_term(setup, seed, kw):
 
     def interval(start, end):
         sup = interval_supports(start, end, s.connector_order)
-        w = (_quadrature_reference([t[p] for p in sup], t[start], t[end]) if s.weight_scheme == "lagrange"
-             else [(t[end] - t[start]) / len(sup)] * len(sup))  # fmt: skip
+        w = (
+            _quadrature_reference([t[p] for p in sup], t[start], t[end])
+            if s.weight_scheme == "lagrange"
+            else [(t[end] - t[start]) / len(sup)] * len(sup)
+        )
         act = active_supports(sup, s.support_mode, s.max_active_supports)
         f = 1 + s.grad_rescale * (sum(abs(x) for x in w) / sum(abs(w[sup.index(p)]) for p in act) - 1)
         return sup, dict(zip(sup, w)), act, f
@@ -204,8 +212,9 @@ def test_dirichlet_pair_stays_in_the_window_and_follows_the_concentrations():
     assert abs((24 - b).mean() - 25 * 2.5 / 10.5) < 0.5 and abs((b - a).mean() - 25 * 6 / 10.5) < 0.5
     assert abs((a + 1).mean() - 25 * 2 / 10.5) < 0.5  # k = (steps before k) - 1
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert [draw_dirichlet_pair(2, 9, [1.0, 1.0, 1.0], g1) for _ in range(20)] == \
-           [draw_dirichlet_pair(2, 9, [1.0, 1.0, 1.0], g2) for _ in range(20)]  # fmt: skip
+    assert [draw_dirichlet_pair(2, 9, [1.0, 1.0, 1.0], g1) for _ in range(20)] == [
+        draw_dirichlet_pair(2, 9, [1.0, 1.0, 1.0], g2) for _ in range(20)
+    ]
 
 
 def test_late_biased_draws_favour_the_clean_end():
@@ -232,14 +241,17 @@ def test_leapalign_takes_the_dirichlet_sampler(setup):
     assert counted.calls == N + 2 and counted.grad_calls == 2  # reward first: the leap re-runs its two forwards
 
 
-@pytest.mark.parametrize("name, override, key", [
-    ("flowbp_sparse", {"num_active_steps": 0}, "method.num_active_steps"),
-    ("flowbp_bridge", {"num_active_steps": 1}, "method.num_active_steps"),
-    ("flowbp_lagrange", {"support_mode": "none"}, "method.support_mode"),
-    ("flowbp_lagrange", {"anchor_lambda": 2.0}, "method.anchor_lambda"),
-    ("leapalign", {"index_sampler": "beta"}, "method.index_sampler"),
-    ("leapalign", {"dirichlet_alpha": [1.0, 0.0, 1.0]}, "method.dirichlet_alpha"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, override, key",
+    [
+        ("flowbp_sparse", {"num_active_steps": 0}, "method.num_active_steps"),
+        ("flowbp_bridge", {"num_active_steps": 1}, "method.num_active_steps"),
+        ("flowbp_lagrange", {"support_mode": "none"}, "method.support_mode"),
+        ("flowbp_lagrange", {"anchor_lambda": 2.0}, "method.anchor_lambda"),
+        ("leapalign", {"index_sampler": "beta"}, "method.index_sampler"),
+        ("leapalign", {"dirichlet_alpha": [1.0, 0.0, 1.0]}, "method.dirichlet_alpha"),
+    ],
+)
 def test_bad_settings_name_the_key(name, override, key):
     with pytest.raises(UserError, match=key):
         build_method(method_settings(name, **override), N)

@@ -3,11 +3,11 @@
 import math
 
 import pytest
+from test_crash_safety import BASE, _assert_same_run, _rows
 
 from leapalign_fast.config import load_config
 from leapalign_fast.methods import METHODS
 from leapalign_fast.train import train
-from test_crash_safety import BASE, _assert_same_run, _rows
 
 NEW = ["flowbp_sparse", "flowbp_bridge", "flowbp_lagrange", "refl", "drtune"]  # the others: test_crash_safety
 

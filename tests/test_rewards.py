@@ -20,13 +20,30 @@ def clip_dir(tmp_path_factory):
     tok = build_tiny_clip_tokenizer()
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=SIZE, patch_size=8, hidden_act="gelu"),
-        projection_dim=16, logit_scale_init_value=2.6592,
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=SIZE,
+            patch_size=8,
+            hidden_act="gelu",
+        ),
+        projection_dim=16,
+        logit_scale_init_value=2.6592,
+    )
     d = tmp_path_factory.mktemp("clip")
     CLIPModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -87,8 +104,13 @@ def _to_open_clip(hf: dict) -> dict:
             b, o = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
             for kind in ("weight", "bias"):
                 oc[o + f"attn.in_proj_{kind}"] = torch.cat([hf[b + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-                for h, n in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
-                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):  # fmt: skip
+                for h, n in (
+                    ("layer_norm1", "ln_1"),
+                    ("layer_norm2", "ln_2"),
+                    ("self_attn.out_proj", "attn.out_proj"),
+                    ("mlp.fc1", "mlp.c_fc"),
+                    ("mlp.fc2", "mlp.c_proj"),
+                ):
                     oc[o + f"{n}.{kind}"] = hf[b + f"{h}.{kind}"]
             i += 1
         oc[prefix + "positional_embedding"] = hf[f"{tower}.embeddings.position_embedding.weight"]
@@ -121,8 +143,9 @@ def test_hps_checkpoint_maps_key_by_key(clip_dir, tmp_path):
     u8 = (torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 255).round().to(torch.uint8)
     from transformers import CLIPTokenizer
 
-    ids = CLIPTokenizer.from_pretrained(clip_dir)(["a cat", "a dog"], padding="max_length", max_length=77,
-                                                  return_tensors="pt").input_ids  # fmt: skip
+    ids = CLIPTokenizer.from_pretrained(clip_dir)(
+        ["a cat", "a dog"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         ref = trained(input_ids=ids, pixel_values=_pil_pixels(u8)).logits_per_image.diag() / trained.logit_scale.exp()
     torch.testing.assert_close(reward(u8.float() / 255, ["a cat", "a dog"]), ref, atol=2e-3, rtol=0)
@@ -179,11 +202,30 @@ def _blip_checkpoint(tmp_path):
     (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = BertTokenizer.from_pretrained(tmp_path / "bert")
     torch.manual_seed(4)
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(tok) + 2, hidden_size=64, encoder_hidden_size=64,
-                                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
-                                        max_position_embeddings=40, is_decoder=True), add_pooling_layer=False)
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            image_size=32,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+        )
+    )
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=len(tok) + 2,
+            hidden_size=64,
+            encoder_hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=40,
+            is_decoder=True,
+        ),
+        add_pooling_layer=False,
+    )
     mlp = make_mlp(64)
     state = {}
     for k, v in vision.state_dict().items():
@@ -216,8 +258,12 @@ def test_imagereward_checkpoint_maps_key_by_key_and_scores(tmp_path):
     t = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         emb = vision(pixel_values=clip_preprocess(images.detach(), 32, crop="round")).last_hidden_state
-        cls = text(input_ids=t.input_ids, attention_mask=t.attention_mask, encoder_hidden_states=emb,
-                   encoder_attention_mask=torch.ones(emb.shape[:-1], dtype=torch.long)).last_hidden_state[:, 0]
+        cls = text(
+            input_ids=t.input_ids,
+            attention_mask=t.attention_mask,
+            encoder_hidden_states=emb,
+            encoder_attention_mask=torch.ones(emb.shape[:-1], dtype=torch.long),
+        ).last_hidden_state[:, 0]
     want = ((mlp(cls) - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
     torch.testing.assert_close(score.detach(), want, atol=1e-5, rtol=1e-5)
     assert score.shape == (2,) and torch.autograd.grad(score.sum(), images)[0].abs().sum() > 0

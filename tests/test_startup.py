@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _cli(argv: list[str]) -> subprocess.CompletedProcess:
     """`main(argv)` in a fresh process; prints which heavy modules were imported by the time it returned."""
-    code = (f"import sys\nfrom leapalign_fast.cli import main\nrc = main({argv!r})\n"
-            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
-            "print('heavy:', heavy)\nsys.exit(rc)")  # fmt: skip
+    code = (
+        f"import sys\nfrom leapalign_fast.cli import main\nrc = main({argv!r})\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
+        "print('heavy:', heavy)\nsys.exit(rc)"
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
@@ -31,7 +33,10 @@ def test_config_errors_come_before_the_heavy_imports():
 
 def test_config_is_a_leaf():
     """`leapalign_fast.config` imports no other module of the package (but the one UserError) and not torch."""
-    code = "import sys\nimport leapalign_fast.config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch')))"
+    code = (
+        "import sys\nimport leapalign_fast.config\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert eval(proc.stdout) == ["leapalign_fast", "leapalign_fast.config", "leapalign_fast.errors"]

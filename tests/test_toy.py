@@ -21,20 +21,23 @@ def test_detects_hand_made_scene():
     assert found[0].area == 14 * 14
 
 
-@pytest.mark.parametrize("spec, truth", [
-    (Spec("single", ((None, "circle"),)), True),
-    (Spec("single", ((None, "triangle"),)), False),
-    (Spec("colours", (("red", "square"),)), True),
-    (Spec("colours", (("blue", "square"),)), False),
-    (Spec("two", ((None, "square"), (None, "circle"))), True),
-    (Spec("two", ((None, "square"), (None, "triangle"))), False),
-    (Spec("binding", (("red", "square"), ("blue", "circle"))), True),
-    (Spec("binding", (("blue", "square"), ("red", "circle"))), False),  # attributes swapped
-    (Spec("position", (("red", "square"), ("blue", "circle")), relation="left of"), True),
-    (Spec("position", (("red", "square"), ("blue", "circle")), relation="right of"), False),
-    (Spec("position", (("blue", "circle"), ("red", "square")), relation="right of"), True),
-    (Spec("position", (("red", "square"), ("blue", "circle")), relation="above"), False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, truth",
+    [
+        (Spec("single", ((None, "circle"),)), True),
+        (Spec("single", ((None, "triangle"),)), False),
+        (Spec("colours", (("red", "square"),)), True),
+        (Spec("colours", (("blue", "square"),)), False),
+        (Spec("two", ((None, "square"), (None, "circle"))), True),
+        (Spec("two", ((None, "square"), (None, "triangle"))), False),
+        (Spec("binding", (("red", "square"), ("blue", "circle"))), True),
+        (Spec("binding", (("blue", "square"), ("red", "circle"))), False),  # attributes swapped
+        (Spec("position", (("red", "square"), ("blue", "circle")), relation="left of"), True),
+        (Spec("position", (("red", "square"), ("blue", "circle")), relation="right of"), False),
+        (Spec("position", (("blue", "circle"), ("red", "square")), relation="right of"), True),
+        (Spec("position", (("red", "square"), ("blue", "circle")), relation="above"), False),
+    ],
+)
 def test_judges_hand_made_scene(spec, truth):
     assert judge(render([RED_SQ, BLUE_CI]), spec) is truth
 
@@ -64,8 +67,17 @@ def test_shapes_survive_the_soft_edges_of_generated_images(sigma):
     from leapalign_fast.toy.reward import gaussian_blur
 
     rng = random.Random(int(sigma * 10))
-    objs = [Obj(s, rng.choice(["red", "green", "blue", "yellow"]), rng.uniform(20, 44), rng.uniform(20, 44),
-                rng.uniform(12, 16)) for s in ("square", "circle", "triangle") for _ in range(30)]  # fmt: skip
+    objs = [
+        Obj(
+            s,
+            rng.choice(["red", "green", "blue", "yellow"]),
+            rng.uniform(20, 44),
+            rng.uniform(20, 44),
+            rng.uniform(12, 16),
+        )
+        for s in ("square", "circle", "triangle")
+        for _ in range(30)
+    ]
     images = gaussian_blur(torch.from_numpy(np.stack([render([o]) for o in objs])), sigma).numpy()
     hits = [[f.shape for f in detect(im)] == [o.shape] for o, im in zip(objs, images)]
     assert np.mean(hits) >= 0.9, np.mean(hits)
@@ -83,8 +95,11 @@ def test_every_generated_scene_satisfies_its_caption(category):
 
 
 def test_evaluate_images_and_prompt_set():
-    specs = [Spec("single", ((None, "circle"),)), Spec("single", ((None, "triangle"),)),
-             Spec("colours", (("red", "square"),))]  # fmt: skip
+    specs = [
+        Spec("single", ((None, "circle"),)),
+        Spec("single", ((None, "triangle"),)),
+        Spec("colours", (("red", "square"),)),
+    ]
     img = render([RED_SQ, BLUE_CI])
     table = evaluate_images([img, img, img], specs)
     assert table == {"single": 0.5, "colours": 1.0, "overall": 0.75}
@@ -132,14 +147,18 @@ def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
     from leapalign_fast.toy.reward import near_misses
 
     expect = model.logits(images, captions) - torch.stack(
-        [model.logits(images, [near_misses(c, 3)[k] for c in captions]) for k in range(3)]).mean(0)  # fmt: skip
+        [model.logits(images, [near_misses(c, 3)[k] for c in captions]) for k in range(3)]
+    ).mean(0)
     torch.testing.assert_close(contrast(images, captions), expect, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="cannot parse prompt 'a photo of a dog'"):
         contrast(images[:1], ["a photo of a dog"])
     # generator images (a bank) as positives
     bank = (images[:2].numpy(), [sample_scene(rng), sample_scene(rng)])
     imgs, caps, labels = training_batch(random.Random(1), 8, bank=bank, bank_frac=1.0, junk=1.0)
-    assert any(np.array_equal(imgs[i].numpy(), bank[0][0]) or np.array_equal(imgs[i].numpy(), bank[0][1]) for i in range(0, 16, 2))
+    assert any(
+        np.array_equal(imgs[i].numpy(), bank[0][0]) or np.array_equal(imgs[i].numpy(), bank[0][1])
+        for i in range(0, 16, 2)
+    )
     assert caps[0::2] == caps[1::2] and labels.tolist() == [1, 0] * 8  # junk negatives keep the caption
 
 
@@ -167,10 +186,36 @@ def toy_assets(tmp_path_factory):
 
     root = Path(__file__).resolve().parent.parent
     d = tmp_path_factory.mktemp("toy")
-    for cmd in ([str(root / "bench" / "pretrain_toy.py"), "--vae-steps", "2", "--flow-steps", "2", "--batch", "4",
-                 "--bank", "256", "--out", str(d / "flux")],
-                [str(root / "bench" / "train_toy_reward.py"), "--steps", "3", "--batch", "4", "--bank-model",
-                 str(d / "flux"), "--bank", "8", "--bank-steps", "2", "--out", str(d / "reward.safetensors")]):  # fmt: skip
+    for cmd in (
+        [
+            str(root / "bench" / "pretrain_toy.py"),
+            "--vae-steps",
+            "2",
+            "--flow-steps",
+            "2",
+            "--batch",
+            "4",
+            "--bank",
+            "256",
+            "--out",
+            str(d / "flux"),
+        ],
+        [
+            str(root / "bench" / "train_toy_reward.py"),
+            "--steps",
+            "3",
+            "--batch",
+            "4",
+            "--bank-model",
+            str(d / "flux"),
+            "--bank",
+            "8",
+            "--bank-steps",
+            "2",
+            "--out",
+            str(d / "reward.safetensors"),
+        ],
+    ):
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return d
@@ -187,10 +232,23 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
     assert 0.0 <= json.loads((toy_assets / "reward.json").read_text())["pairwise_accuracy"] <= 1.0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square and a green triangle\n")
-    res = train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.source={toy_assets / 'flux'}",
-                                   f"prompt_file={prompts}", "eval_prompts=['a red circle']", "max_steps=2",
-                                   "batch_size=2", "num_steps=4", "tensorboard=false", "reward.name=toy",
-                                   f"reward.options={{path = '{toy_assets / 'reward.safetensors'}'}}"]))  # fmt: skip
+    res = train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path / 'run'}",
+                f"model.source={toy_assets / 'flux'}",
+                f"prompt_file={prompts}",
+                "eval_prompts=['a red circle']",
+                "max_steps=2",
+                "batch_size=2",
+                "num_steps=4",
+                "tensorboard=false",
+                "reward.name=toy",
+                f"reward.options={{path = '{toy_assets / 'reward.safetensors'}'}}",
+            ],
+        )
+    )
     assert res.steps == 2 and len(res.rewards) == 2
 
 
@@ -204,16 +262,47 @@ def test_pretrain_script_new_transformer_on_components_with_model_guidance(toy_a
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "pretrain_toy.py"
-    base = [sys.executable, str(script), "--components-from", str(toy_assets / "flux"), "--flow-steps", "2", "--batch",
-            "4", "--bank", "64", "--width", "32", "--layers", "1"]  # fmt: skip
-    proc = subprocess.run([*base, "--caption-dropout", "0.5", "--mg-scale", "0.5", "--mg-ramp", "1", "--t-dist",
-                           "uniform", "--out", str(tmp_path / "flux")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    base = [
+        sys.executable,
+        str(script),
+        "--components-from",
+        str(toy_assets / "flux"),
+        "--flow-steps",
+        "2",
+        "--batch",
+        "4",
+        "--bank",
+        "64",
+        "--width",
+        "32",
+        "--layers",
+        "1",
+    ]
+    proc = subprocess.run(
+        [
+            *base,
+            "--caption-dropout",
+            "0.5",
+            "--mg-scale",
+            "0.5",
+            "--mg-ramp",
+            "1",
+            "--t-dist",
+            "uniform",
+            "--out",
+            str(tmp_path / "flux"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "flux.json").read_text())
     assert (meta["width"], meta["layers"], meta["vae_steps"], meta["t_dist"]) == (32, 1, 0, "uniform")
     assert (meta["caption_dropout"], meta["mg_scale"], meta["components_from"]) == (0.5, 0.5, str(toy_assets / "flux"))
-    bad = subprocess.run([*base, "--mg-scale", "0.5", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    bad = subprocess.run(
+        [*base, "--mg-scale", "0.5", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600
+    )
     assert bad.returncode != 0 and "--mg-scale needs --caption-dropout > 0" in bad.stderr
 
 
@@ -228,17 +317,41 @@ def test_quality_bench_quick(toy_assets, tmp_path):
     tables = []
     for jobs in ("1", "2"):
         out = tmp_path / jobs
-        proc = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--quick", "--model",
-                               str(toy_assets / "flux"), "--reward", str(toy_assets / "reward.safetensors"),
-                               "--ood-reward", str(toy_assets / "reward.safetensors"),
-                               "--methods", "leapalign", "refl", "--jobs", jobs, "--out", str(out)],
-                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(root / "bench" / "quality.py"),
+                "--quick",
+                "--model",
+                str(toy_assets / "flux"),
+                "--reward",
+                str(toy_assets / "reward.safetensors"),
+                "--ood-reward",
+                str(toy_assets / "reward.safetensors"),
+                "--methods",
+                "leapalign",
+                "refl",
+                "--jobs",
+                jobs,
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads((out / "quality_toy_validation_quick.json").read_text())
         table = result["table"]
         assert set(table) == {"base", "leapalign", "refl"}
-        assert set(table["leapalign"]) == set(CATEGORIES) | {"overall", "heldout", "reward", "ood_reward",
-                                                                 "colour_entropy", "diversity"}
+        assert set(table["leapalign"]) == set(CATEGORIES) | {
+            "overall",
+            "heldout",
+            "reward",
+            "ood_reward",
+            "colour_entropy",
+            "diversity",
+        }
         assert all(0.0 <= table[m][c]["mean"] <= 1.0 for m in table for c in [*CATEGORIES, "overall", "heldout"])
         assert set(result["vs_base"]) == {"leapalign", "refl"} and "t" in result["vs_base"]["leapalign"]["overall"]
         run = result["per_seed"]["leapalign"]["0"]
@@ -272,7 +385,9 @@ def test_graded_ranks_passing_above_partial_above_wrong():
     one = render([Obj("square", "red", 16, 16, 14)])  # one of the two objects
     g = [graded(im, spec) for im in (right, half, one, wrong, np.zeros((3, 64, 64), np.float32))]
     assert g[0] == 1.0 and 0.5 > g[1] > g[2] > g[3] >= g[4] >= 0.0, g
-    clutter = render([Obj("square", "red", 16, 16, 12), Obj("circle", "blue", 46, 46, 12), Obj("square", "green", 46, 12, 12)])
+    clutter = render(
+        [Obj("square", "red", 16, 16, 12), Obj("circle", "blue", 46, 46, 12), Obj("square", "green", 46, 12, 12)]
+    )
     assert graded(clutter, spec) < 1.0  # an extra object costs partial credit, not the pass
 
 
@@ -282,8 +397,15 @@ def test_colour_entropy_sees_collapse():
     rng = random.Random(0)
     specs = [Spec("single", ((None, "circle"),))] * 16 + [Spec("two", ((None, "square"), (None, "triangle")))] * 16
     varied = [render([Obj("circle", rng.choice(["red", "green", "blue", "yellow"]), 32, 32, 14)]) for _ in range(16)]
-    varied += [render([Obj("square", rng.choice(["red", "green", "blue", "yellow"]), 16, 16, 12),
-                       Obj("triangle", rng.choice(["red", "green", "blue", "yellow"]), 46, 46, 12)]) for _ in range(16)]
+    varied += [
+        render(
+            [
+                Obj("square", rng.choice(["red", "green", "blue", "yellow"]), 16, 16, 12),
+                Obj("triangle", rng.choice(["red", "green", "blue", "yellow"]), 46, 46, 12),
+            ]
+        )
+        for _ in range(16)
+    ]
     collapsed = [render([Obj("circle", "red", rng.uniform(20, 44), 32, rng.uniform(10, 20))]) for _ in range(16)]
     collapsed += [render([Obj("square", "red", 16, 16, 12), Obj("triangle", "red", 46, 46, 12)]) for _ in range(16)]
     assert colour_entropy(varied, specs) > 1.5
@@ -305,6 +427,13 @@ def test_preference_pairs_agreement_and_lr_choice():
     assert pairs[2:] == [((0, "a"), (0, "b"))]
     g, passed = np.array([0.9, 0.2, 0.6]), np.array([True, False, True])
     assert agreement(np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed) == {
-        "pairwise_accuracy": 1.0, "graded_pairs": 3, "auc": 1.0, "pass_fail_pairs": 2}
+        "pairwise_accuracy": 1.0,
+        "graded_pairs": 3,
+        "auc": 1.0,
+        "pass_fail_pairs": 2,
+    }
     assert agreement(-np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed)["pairwise_accuracy"] == 0.0
-    assert choose({"m": {"5e-5": 0.2, "1e-4": 0.3, "2e-4": 0.3}, "n": {"5e-5": 0.4, "1e-4": 0.1}}) == {"m": "1e-4", "n": "5e-5"}
+    assert choose({"m": {"5e-5": 0.2, "1e-4": 0.3, "2e-4": 0.3}, "n": {"5e-5": 0.4, "1e-4": 0.1}}) == {
+        "m": "1e-4",
+        "n": "5e-5",
+    }

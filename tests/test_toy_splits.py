@@ -58,8 +58,10 @@ def test_shipped_prompt_files_match_the_splits():
     for s in SPLITS:
         lines = (ROOT / "assets" / "toy" / f"prompts_{s}.txt").read_text().splitlines()
         assert lines == [caption(x) for x in split_specs(s)]
-        assert all(parse_caption(c) is not None and (parse_caption(c).category == "single"
-                                                      or split_of(parse_caption(c)) == s) for c in lines)  # fmt: skip
+        assert all(
+            parse_caption(c) is not None and (parse_caption(c).category == "single" or split_of(parse_caption(c)) == s)
+            for c in lines
+        )
 
 
 def test_evaluation_set_is_balanced_and_fixed():

@@ -1,6 +1,5 @@
 """The train loop end to end on the tiny model: outputs, resume, LoRA, 2-process DDP, the default run."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -25,8 +24,20 @@ def _metrics(out):
 
 def test_outputs_of_a_short_run(tmp_path):
     out = tmp_path / "run"
-    res = train(load_config(None, [f"output_dir={out}", "max_steps=5", "checkpoint_every=2", "tensorboard=true",
-                                   "keep_checkpoints=2", "batch_size=2", "num_steps=4"]))  # fmt: skip
+    res = train(
+        load_config(
+            None,
+            [
+                f"output_dir={out}",
+                "max_steps=5",
+                "checkpoint_every=2",
+                "tensorboard=true",
+                "keep_checkpoints=2",
+                "batch_size=2",
+                "num_steps=4",
+            ],
+        )
+    )
     assert res.steps == 5
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -34,15 +45,32 @@ def test_outputs_of_a_short_run(tmp_path):
         assert {"loss", "reward", "step_seconds", "grad_norm", "k", "j", "weight"} <= set(r)
         assert r["k"] > r["j"] > 0
     written = load_config(out / "config.toml")
-    assert written == load_config(None, [f"output_dir={out}", "max_steps=5", "checkpoint_every=2",
-        "tensorboard=true", "keep_checkpoints=2", "batch_size=2", "num_steps=4"])  # fmt: skip
+    assert written == load_config(
+        None,
+        [
+            f"output_dir={out}",
+            "max_steps=5",
+            "checkpoint_every=2",
+            "tensorboard=true",
+            "keep_checkpoints=2",
+            "batch_size=2",
+            "num_steps=4",
+        ],
+    )
     assert load_config(out / "config.toml").method == res.trainer.cfg.method  # the resolved settings
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_000000.png", "step_000005.png"]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000004", "step_00000005"]  # keep_checkpoints=2
     files = {p.name for p in (out / "checkpoints" / "step_00000005").iterdir()}
-    assert {"trained.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
-            "rng_rank0.safetensors", "rng_rank0.json"} <= files  # fmt: skip
+    assert {
+        "trained.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "state.json",
+        "rng_rank0.safetensors",
+        "rng_rank0.json",
+    } <= files
     assert any((out / "tensorboard").iterdir())
     trained = load_file(str(out / "checkpoints" / "step_00000005" / "trained.safetensors"))
     live = {n: p for n, p in res.trainer.transformer.named_parameters()}
@@ -61,8 +89,11 @@ def test_resume_refuses_a_changed_math_key(tmp_path):
 
 
 def test_lora_trains_only_adapters(tmp_path):
-    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "lora.enabled=true", "lora.rank=4",
-                                   "lr=1e-2", *FAST]))  # fmt: skip
+    res = train(
+        load_config(
+            None, [f"output_dir={tmp_path}", "max_steps=2", "lora.enabled=true", "lora.rank=4", "lr=1e-2", *FAST]
+        )
+    )
     trained = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "trained.safetensors"))
     assert trained and all("lora_" in k for k in trained)
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in trained.items())
@@ -72,8 +103,19 @@ def test_lora_trains_only_adapters(tmp_path):
 
 def test_two_process_ddp_ranks_end_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "tests" / "ddp_worker.py"), f"output_dir={tmp_path}", "max_steps=3", *FAST]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        f"output_dir={tmp_path}",
+        "max_steps=3",
+        *FAST,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / f"final_rank{r}.safetensors")) for r in (0, 1))
@@ -96,11 +138,10 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
     import numpy as np
 
     from leapalign_fast import checkpoint as ckpt
+    from leapalign_fast.cli import main
     from leapalign_fast.evaluate import sample_images
     from leapalign_fast.toy.evaluator import evaluate_images
     from leapalign_fast.toy.splits import evaluation_set
-
-    from leapalign_fast.cli import main
 
     monkeypatch.chdir(ROOT)  # the command as typed in the repository (in this process: no second torch import)
     assert main(["train", f"output_dir={tmp_path}", "tensorboard=false"]) == 0
@@ -124,8 +165,19 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
 
 
 def test_bf16_autocast_and_bf16_frozen_weights_with_lora(tmp_path):
-    res = train(load_config(None, [f"output_dir={tmp_path}", "max_steps=2", "mixed_precision=bf16",
-                                   "model.dtype=bfloat16", "lora.enabled=true", *FAST]))  # fmt: skip
+    res = train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                "max_steps=2",
+                "mixed_precision=bf16",
+                "model.dtype=bfloat16",
+                "lora.enabled=true",
+                *FAST,
+            ],
+        )
+    )
     params = dict(res.trainer.transformer.named_parameters())
     assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)  # trained in fp32
     assert all(p.dtype == torch.bfloat16 for n, p in params.items() if not p.requires_grad)
@@ -143,10 +195,27 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 @pytest.mark.parametrize("method", ["leapalign", "draft_lv"])
 def test_checkpointed_decode_and_reward_change_nothing(tmp_path, method):
     """model.checkpoint_decode recomputes the decode and the reward in the backward: same losses, same weights."""
-    runs = [train(load_config(None, [f"output_dir={tmp_path / str(on)}", "max_steps=2", f"method.name='{method}'",
-                                     f"model.checkpoint_decode={str(on).lower()}", "checkpoint_every=100", *FAST]))
-            for on in (False, True)]  # fmt: skip
-    assert decoder_checkpointed(runs[1].trainer.components.vae) and not decoder_checkpointed(runs[0].trainer.components.vae)
+    runs = [
+        train(
+            load_config(
+                None,
+                [
+                    f"output_dir={tmp_path / str(on)}",
+                    "max_steps=2",
+                    f"method.name='{method}'",
+                    f"model.checkpoint_decode={str(on).lower()}",
+                    "checkpoint_every=100",
+                    *FAST,
+                ],
+            )
+        )
+        for on in (False, True)
+    ]
+    assert decoder_checkpointed(runs[1].trainer.components.vae) and not decoder_checkpointed(
+        runs[0].trainer.components.vae
+    )
     assert [r["loss"] for r in _metrics(tmp_path / "False")] == [r["loss"] for r in _metrics(tmp_path / "True")]
-    for (n, a), (_, b) in zip(runs[0].trainer.transformer.named_parameters(), runs[1].trainer.transformer.named_parameters()):
+    for (n, a), (_, b) in zip(
+        runs[0].trainer.transformer.named_parameters(), runs[1].trainer.transformer.named_parameters()
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

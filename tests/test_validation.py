@@ -31,8 +31,9 @@ def _constant(value: float = 0.0):
 
 def _cfg(tmp_path, *extra):
     (tmp_path / "val.txt").write_text(PROMPTS)
-    return load_config(None, [f"output_dir={tmp_path / 'run'}", f"eval_prompt_file={tmp_path / 'val.txt'}", *FAST,
-                              *extra])  # fmt: skip
+    return load_config(
+        None, [f"output_dir={tmp_path / 'run'}", f"eval_prompt_file={tmp_path / 'val.txt'}", *FAST, *extra]
+    )
 
 
 def _rows(out):
@@ -40,8 +41,17 @@ def _rows(out):
 
 
 def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
-    res = train(_cfg(tmp_path, "max_steps=4", "eval_every=2", "checkpoint_every=1", "keep_checkpoints=10",
-                     "eval_rewards=['reward', 'evaluator']", "best_metric='reward'"))  # fmt: skip
+    res = train(
+        _cfg(
+            tmp_path,
+            "max_steps=4",
+            "eval_every=2",
+            "checkpoint_every=1",
+            "keep_checkpoints=10",
+            "eval_rewards=['reward', 'evaluator']",
+            "best_metric='reward'",
+        )
+    )
     out = Path(res.output_dir)
     rows = _rows(out)
     assert [r["step"] for r in rows] == [0, 2, 4]  # the base model first, then every eval_every steps
@@ -58,7 +68,9 @@ def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
         best = load_file(str(out / "best" / "trained.safetensors"))
         assert regular.keys() == best.keys() and all(torch.equal(regular[k], best[k]) for k in best)
     # the regular checkpoints are all still there; no staging leftovers
-    assert len(ckpt.list_checkpoints(out)) == 4 and not (out / ".tmp-best").exists() and not (out / ".old-best").exists()
+    assert (
+        len(ckpt.list_checkpoints(out)) == 4 and not (out / ".tmp-best").exists() and not (out / ".old-best").exists()
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
@@ -70,8 +82,17 @@ def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
 
 
 def test_early_stop_after_patience_validations_without_improvement(tmp_path):
-    res = train(_cfg(tmp_path, "max_steps=20", "eval_every=2", "checkpoint_every=100", "early_stop_patience=2",
-                     "eval_rewards=['flat']", "eval_reward_options={flat = {name = 'test_constant', value = 0.5}}"))  # fmt: skip
+    res = train(
+        _cfg(
+            tmp_path,
+            "max_steps=20",
+            "eval_every=2",
+            "checkpoint_every=100",
+            "early_stop_patience=2",
+            "eval_rewards=['flat']",
+            "eval_reward_options={flat = {name = 'test_constant', value = 0.5}}",
+        )
+    )
     rows = _rows(res.output_dir)
     # step 0 sets the best (0.5); steps 2 and 4 do not beat it: stop at step 4, with a checkpoint there
     assert res.steps == 4 and [r["step"] for r in rows] == [0, 2, 4]
@@ -84,7 +105,9 @@ def test_resume_keeps_one_row_per_validation_and_the_best_so_far(tmp_path):
     args = ["eval_every=2", "checkpoint_every=2", "eval_rewards=['reward']"]
     train(_cfg(tmp_path, "max_steps=4", *args))
     first = _rows(tmp_path / "run")
-    (tmp_path / "run" / "validation.jsonl").open("a").write('{"step": 6, "val/reward": 9.0}\n{"step": 7')  # a crash's leftovers
+    (tmp_path / "run" / "validation.jsonl").open("a").write(
+        '{"step": 6, "val/reward": 9.0}\n{"step": 7'
+    )  # a crash's leftovers
     train(_cfg(tmp_path, "max_steps=6", "resume=true", "resume_force=true", *args))
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 2, 4, 6] and rows[:3] == first
@@ -92,18 +115,24 @@ def test_resume_keeps_one_row_per_validation_and_the_best_so_far(tmp_path):
     assert json.loads((tmp_path / "run" / "best" / "state.json").read_text())["step"] == best["step"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["eval_every=-1"], "eval_every must be >= 0"),
-    (["eval_every=2"], "eval_every = 2 needs eval_prompt_file"),
-    (["eval_every=2", "eval_prompt_file=x.txt", "eval_rewards=[]"], "eval_rewards is empty"),
-    (["eval_every=2", "eval_prompt_file=x.txt", "eval_rewards=['reward', 'reward']"], "names a scorer twice"),
-    (["eval_every=2", "eval_prompt_file=x.txt", "best_metric=evaluator"], "best_metric 'evaluator' is not one of"),
-    (["early_stop_patience=3"], "early_stop_patience needs validation"),
-    (["early_stop_patience=-1"], "early_stop_patience must be >= 0"),
-    (["best_metric=reward"], "best_metric needs validation"),
-    (["eval_num_steps=-2"], "eval_num_steps must be >= 0"),
-    (["eval_every=2", "eval_prompt_file=x.txt", "eval_reward_options={a = 3}"], "eval_reward_options.a must be a table"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval_every=-1"], "eval_every must be >= 0"),
+        (["eval_every=2"], "eval_every = 2 needs eval_prompt_file"),
+        (["eval_every=2", "eval_prompt_file=x.txt", "eval_rewards=[]"], "eval_rewards is empty"),
+        (["eval_every=2", "eval_prompt_file=x.txt", "eval_rewards=['reward', 'reward']"], "names a scorer twice"),
+        (["eval_every=2", "eval_prompt_file=x.txt", "best_metric=evaluator"], "best_metric 'evaluator' is not one of"),
+        (["early_stop_patience=3"], "early_stop_patience needs validation"),
+        (["early_stop_patience=-1"], "early_stop_patience must be >= 0"),
+        (["best_metric=reward"], "best_metric needs validation"),
+        (["eval_num_steps=-2"], "eval_num_steps must be >= 0"),
+        (
+            ["eval_every=2", "eval_prompt_file=x.txt", "eval_reward_options={a = 3}"],
+            "eval_reward_options.a must be a table",
+        ),
+    ],
+)
 def test_validation_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, overrides)
@@ -114,5 +143,16 @@ def test_validation_errors_at_start(tmp_path):
         train(_cfg(tmp_path, "max_steps=2", "eval_every=1", "eval_rewards=['nope']"))
     (tmp_path / "dogs.txt").write_text("a red dog\n")
     with pytest.raises(UserError, match="'a red dog' is not one"):
-        train(load_config(None, [f"output_dir={tmp_path / 'run2'}", f"eval_prompt_file={tmp_path / 'dogs.txt'}",
-                                 "max_steps=2", "eval_every=1", "eval_rewards=['evaluator']", *FAST]))  # fmt: skip
+        train(
+            load_config(
+                None,
+                [
+                    f"output_dir={tmp_path / 'run2'}",
+                    f"eval_prompt_file={tmp_path / 'dogs.txt'}",
+                    "max_steps=2",
+                    "eval_every=1",
+                    "eval_rewards=['evaluator']",
+                    *FAST,
+                ],
+            )
+        )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge, prefix_state
-from leapalign_fast.sampler import integrate_with_grad
 from leapalign_fast.methods.settings import DraftSettings
+from leapalign_fast.sampler import integrate_with_grad
 
 
 def draft_loss(inp: StepInputs, s: DraftSettings) -> StepOutput:

@@ -4,13 +4,12 @@ Published FLUX.1 setting (FlowBP's `draft_lv.num_noised_samples`): n = 2."""
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge, prefix_state
-from leapalign_fast.sampler import integrate_with_grad
 from leapalign_fast.methods.settings import DraftLVSettings
+from leapalign_fast.sampler import integrate_with_grad
 
 
 def draft_lv_loss(inp: StepInputs, s: DraftLVSettings) -> StepOutput:

@@ -15,13 +15,12 @@ rollout, and the reward on the real x_0.
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge
-from leapalign_fast.sampler import integrate_with_grad
 from leapalign_fast.methods.settings import DRTuneSettings, resolve_window
+from leapalign_fast.sampler import integrate_with_grad
 
 
 def draw_early_stop(num_steps: int, fraction: float, generator: torch.Generator) -> int:
@@ -47,15 +46,18 @@ def drtune_loss(inp: StepInputs, s: DRTuneSettings) -> StepOutput:
     if s.variant == "uniform":
         lo, hi = resolve_window(s.index_window, n, min_span=1)
         picks = (lo + torch.randperm(hi - lo, generator=inp.generator)[: s.drtune_steps]).tolist()
-        x0 = integrate_with_grad(inp.velocity, inp.noise.detach(), inp.sigmas, 0, n, trained=set(picks),
-                                 stop_input_grad=True)  # fmt: skip
+        x0 = integrate_with_grad(
+            inp.velocity, inp.noise.detach(), inp.sigmas, 0, n, trained=set(picks), stop_input_grad=True
+        )
         loss, r = hinge(inp, x0, s.lam)
-        return StepOutput(loss, r.detach(), {"trained": float(len(picks)), "grad_forwards": float(len(picks))},
-                          x0.detach())  # fmt: skip
+        return StepOutput(
+            loss, r.detach(), {"trained": float(len(picks)), "grad_forwards": float(len(picks))}, x0.detach()
+        )
     e = draw_early_stop(n, s.early_stop_fraction, inp.generator)
     picks = draw_equally_spaced(e + 1, s.drtune_steps, inp.generator)
-    x_e = integrate_with_grad(inp.velocity, inp.noise.detach(), inp.sigmas, 0, e, trained=set(picks),
-                              stop_input_grad=True)  # fmt: skip
+    x_e = integrate_with_grad(
+        inp.velocity, inp.noise.detach(), inp.sigmas, 0, e, trained=set(picks), stop_input_grad=True
+    )
     t_e = as_batch_time(inp.sigmas[e], x_e)
     if e in picks:
         v_e = inp.velocity(x_e.detach(), t_e)
@@ -64,8 +66,13 @@ def drtune_loss(inp: StepInputs, s: DRTuneSettings) -> StepOutput:
             v_e = inp.velocity(x_e.detach(), t_e)
     x0_pred = euler_step(x_e, v_e, inp.sigmas[e], 0.0)  # the one-step prediction from x_e; the rollout stops here
     loss, r = hinge(inp, x0_pred, s.lam)
-    metrics = {"early_stop": float(e), "t": float(inp.sigmas[e]), "trained": float(len(picks)),
-               "grad_forwards": float(len(picks)), "model_calls": float(e + 1)}  # fmt: skip
+    metrics = {
+        "early_stop": float(e),
+        "t": float(inp.sigmas[e]),
+        "trained": float(len(picks)),
+        "grad_forwards": float(len(picks)),
+        "model_calls": float(e + 1),
+    }
     return StepOutput(loss, r.detach(), metrics, x0_pred.detach())
 
 

@@ -18,15 +18,14 @@ uniform (k, j), batch 8 per GPU.
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, grad_only, hinge
 from leapalign_fast.methods.flowbp_sparse import step_weights
-from leapalign_fast.methods.indices import draw_pair, draw_late_biased, rescale_factor
-from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.methods.indices import draw_late_biased, draw_pair, rescale_factor
 from leapalign_fast.methods.settings import BridgeSettings
+from leapalign_fast.sampler import sample_trajectory
 
 
 def split_active(total: int, pre_len: int, post_len: int) -> tuple[int, int]:
@@ -73,8 +72,13 @@ def bridge_loss(inp: StepInputs, s: BridgeSettings) -> StepOutput:
     traj = sample_trajectory(inp.velocity, inp.noise, inp.sigmas, step_hook=grad_forwards)
     x0 = (traj.x0.to(acc) + torch.stack(post_terms).sum(0)).to(traj.x0.dtype)  # value == real x_0
     loss, r = hinge(inp, x0, s.lam)
-    metrics = {"j": float(inp.sigmas[j]), "j_idx": float(j), "grad_forwards": float(len(pre) + len(post)),
-               "reforwards": 0.0, "grad_rescale_factor": f}  # fmt: skip
+    metrics = {
+        "j": float(inp.sigmas[j]),
+        "j_idx": float(j),
+        "grad_forwards": float(len(pre) + len(post)),
+        "reforwards": 0.0,
+        "grad_rescale_factor": f,
+    }
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 

@@ -32,9 +32,8 @@ from leapalign_fast.kernels.connector import connect, connect_discount
 from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, scale_grad
 from leapalign_fast.methods.indices import draw_pair, rescale_factor
-from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.methods.settings import LagrangeSettings
-
+from leapalign_fast.sampler import sample_trajectory
 
 
 def interval_supports(start: int, end: int, order: int) -> list[int]:
@@ -85,8 +84,10 @@ class Interval:
 
     def integral(self, v: dict[int, torch.Tensor], acc: torch.dtype) -> torch.Tensor:
         """sum_p w_p v_p, active velocities with their gradient scaled by the factor, the rest as values."""
-        terms = [self.weights[p] * (scale_grad(v[p], self.factor) if p in self.active else v[p].detach()).to(acc)
-                 for p in self.supports]  # fmt: skip
+        terms = [
+            self.weights[p] * (scale_grad(v[p], self.factor) if p in self.active else v[p].detach()).to(acc)
+            for p in self.supports
+        ]
         return torch.stack(terms).sum(0)
 
 

@@ -15,14 +15,13 @@ rollout; here the K forwards are the trajectory's own (N model calls, K with gra
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, grad_only, hinge
 from leapalign_fast.methods.indices import draw_late_biased, rescale_factor
-from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.methods.settings import SparseSettings
+from leapalign_fast.sampler import sample_trajectory
 
 
 def step_weights(sigmas: torch.Tensor) -> dict[int, float]:
@@ -48,8 +47,12 @@ def sparse_loss(inp: StepInputs, s: SparseSettings) -> StepOutput:
     traj = sample_trajectory(inp.velocity, inp.noise, inp.sigmas, step_hook=grad_forwards)
     x0 = (traj.x0.to(acc) + torch.stack(terms).sum(0)).to(traj.x0.dtype)  # value == real x_0
     loss, r = hinge(inp, x0, s.lam)
-    metrics = {"grad_forwards": float(len(active)), "reforwards": 0.0, "grad_rescale_factor": f,
-               "active_mean_idx": sum(active) / len(active)}  # fmt: skip
+    metrics = {
+        "grad_forwards": float(len(active)),
+        "reforwards": 0.0,
+        "grad_rescale_factor": f,
+        "active_mean_idx": sum(active) / len(active),
+    }
     return StepOutput(loss, r.detach(), metrics, traj.x0)
 
 

@@ -3,10 +3,9 @@ throughput reference, not an alignment method of its own."""
 
 from __future__ import annotations
 
-
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, hinge
-from leapalign_fast.sampler import integrate_with_grad
 from leapalign_fast.methods.settings import FullSettings
+from leapalign_fast.sampler import integrate_with_grad
 
 
 def full_loss(inp: StepInputs, s: FullSettings) -> StepOutput:

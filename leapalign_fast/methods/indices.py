@@ -12,6 +12,7 @@ import torch
 from leapalign_fast.methods.base import draw_two_indices
 from leapalign_fast.methods.settings import PairSettings
 
+
 def draw_pair(s: PairSettings, num_steps: int, generator: torch.Generator) -> tuple[int, int]:
     """The (a, b) trajectory indices, a < b, of a pair method: uniform in its window, or Dirichlet-shaped."""
     lo, hi = s.window(num_steps)

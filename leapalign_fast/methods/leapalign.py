@@ -22,20 +22,26 @@ against `flow.leap_trajectory` and each other).
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step, leap_trajectory
 from leapalign_fast.kernels.connector import connect, connect_discount
 from leapalign_fast.kernels.similarity import similarity_weight
 from leapalign_fast.methods.base import MethodSpec, StepInputs, StepOutput, draw_two_indices, pullback
-from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.methods.indices import draw_pair
 from leapalign_fast.methods.settings import LeapAlignSettings
+from leapalign_fast.sampler import sample_trajectory
 
 
-def leapalign_loss(inp: StepInputs, alpha: float, tau: float, lam: float, window: tuple[int, int],
-                   pair: tuple[int, int] | None = None, reward_first: bool = True) -> StepOutput:  # fmt: skip
+def leapalign_loss(
+    inp: StepInputs,
+    alpha: float,
+    tau: float,
+    lam: float,
+    window: tuple[int, int],
+    pair: tuple[int, int] | None = None,
+    reward_first: bool = True,
+) -> StepOutput:
     """`pair` = (a, b) forces the draw; by default two distinct indices uniform in `window`."""
     a, b = pair if pair is not None else draw_two_indices(*window, inp.generator)
     if reward_first:
@@ -87,11 +93,12 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
     traj = sample_trajectory(inp.velocity, inp.noise, inp.sigmas, step_hook=keep)  # no grad
     (x_k, v_k), (x_j, v_j) = kept[a], kept[b]
     with torch.no_grad():  # the leap on the velocities the trajectory computed at k and j: no model call
-        replay = iter((v_k, v_j))
-        sampled = leap_trajectory(lambda x, t: next(replay), x_k, x_j, traj.x0, k, j, alpha)
+        replay = iter((v_k, v_j)).__next__
+        sampled = leap_trajectory(lambda x, t: replay(), x_k, x_j, traj.x0, k, j, alpha)
     d_j, d_0 = sampled.d_j, sampled.d_0
     w = similarity_weight(d_j, d_0, tau)  # (B,), no grad
-    del v_k, v_j, kept, replay, sampled
+    kept.clear()  # the velocities at k and j are dropped: only the latents and the weight go on
+    del v_k, v_j, sampled
 
     x0 = traj.x0.detach().requires_grad_(True)  # the real x_0 as a leaf: the reward's gradient stops here
     with torch.enable_grad():
@@ -100,8 +107,15 @@ def _reward_first(inp: StepInputs, alpha: float, tau: float, lam: float, a: int,
         (g,) = torch.autograd.grad(loss, x0)  # the decode + reward graph is freed here
 
     leap = leap_trajectory(inp.velocity, x_k, x_j, traj.x0, k, j, alpha)  # the two grad forwards
-    metrics = {"k": float(k), "j": float(j), "d_j": d_j.mean().item(), "d_0": d_0.mean().item(),  # host sync: logging
-               "weight": w.mean().item(), "grad_forwards": 2.0, "reforwards": 2.0}  # fmt: skip
+    metrics = {
+        "k": float(k),
+        "j": float(j),
+        "d_j": d_j.mean().item(),
+        "d_0": d_0.mean().item(),  # host sync: logging
+        "weight": w.mean().item(),
+        "grad_forwards": 2.0,
+        "reforwards": 2.0,
+    }
     return StepOutput(loss.detach() + pullback(leap.x0, g), r.detach(), metrics, traj.x0)
 
 

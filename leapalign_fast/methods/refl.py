@@ -8,7 +8,6 @@ Published FLUX.1 setting (FlowBP's `refl.last_n_steps = 11` at N = 25): t is one
 
 from __future__ import annotations
 
-
 import torch
 
 from leapalign_fast.flow import as_batch_time, euler_step

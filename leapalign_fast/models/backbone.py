@@ -135,8 +135,10 @@ def family_of(source: str, family: str | None) -> str:
             if get_backbone(name).pipeline == cls:
                 return name
         if cls:
-            raise UserError(f"model.source {source}: model_index.json names {cls}, which no backbone loads "
-                            f"(known: {', '.join(BACKBONES)}); set model.family to one of them")  # fmt: skip
+            raise UserError(
+                f"model.source {source}: model_index.json names {cls}, which no backbone loads "
+                f"(known: {', '.join(BACKBONES)}); set model.family to one of them"
+            )
     return "flux"
 
 

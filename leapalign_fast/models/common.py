@@ -39,7 +39,10 @@ def model_dir(path, required: dict, need_text: bool, family: str) -> Path:
 
 # One transformer, one VAE, one LLM text encoder with its tokenizer (FLUX.2-Klein, Qwen-Image).
 SINGLE_ENCODER_PARTS = {
-    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
+    "transformer": [
+        "config.json",
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    ],
     "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
     "scheduler": ["scheduler_config.json"],
     "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
@@ -53,14 +56,18 @@ def load_part(root: Path, what: str, fn):
         module = fn()
     except (OSError, ValueError, RuntimeError) as e:  # e.g. weights whose shapes do not match config.json
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} from {root / what}: {first}; check that the directory holds "
-                        "matching config.json and weights") from e  # fmt: skip
+        raise UserError(
+            f"cannot load {what} from {root / what}: {first}; check that the directory holds "
+            "matching config.json and weights"
+        ) from e
     # Weights of another model (e.g. the VAE's in the transformer's place) load with a warning, leaving the
     # parameters they lack on the meta device: refuse here, not at the first .to() or step.
     empty = [n for n, p in getattr(module, "named_parameters", lambda: [])() if p.is_meta]
     if empty:
-        raise UserError(f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
-                        f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?")  # fmt: skip
+        raise UserError(
+            f"cannot load {what} from {root / what}: its weights file lacks {len(empty)} of the "
+            f"model's parameters (e.g. {empty[0]}); is it the {what}'s file?"
+        )
     return module
 
 
@@ -79,8 +86,9 @@ def empty_transformer(root: Path, transformer_cls, dtype: torch.dtype):
     return torch.nn.Module.to(model, dtype).eval()  # (diffusers' own .to(dtype) warns)
 
 
-def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True,
-                  empty: bool = False):  # fmt: skip
+def load_denoiser(
+    root: Path, transformer_cls, vae_cls, dtype: torch.dtype, scheduler: bool = True, empty: bool = False
+):
     """(transformer, vae in eval mode, scheduler or None) of a local diffusers-format directory, each through
     `load_part` (one UserError line per bad part). `empty`: the transformer on the meta device, weights unread
     (`empty_transformer`, for FSDP)."""
@@ -90,9 +98,15 @@ def load_denoiser(root: Path, transformer_cls, vae_cls, dtype: torch.dtype, sche
     if empty:
         transformer = empty_transformer(root, transformer_cls, dtype)
     else:
-        transformer = load_part(root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw))
+        transformer = load_part(
+            root, "transformer", lambda: transformer_cls.from_pretrained(root, subfolder="transformer", **kw)
+        )
     vae = load_part(root, "vae", lambda: vae_cls.from_pretrained(root, subfolder="vae", **kw)).eval()
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True) if scheduler else None
+    sched = (
+        FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        if scheduler
+        else None
+    )
     return transformer, vae, sched
 
 
@@ -100,8 +114,11 @@ def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
     """(tokenizer, text encoder in eval mode) of a SINGLE_ENCODER_PARTS directory (FLUX.2-Klein, Qwen-Image)."""
     from transformers import AutoTokenizer
 
-    enc = load_part(root, "text_encoder", lambda: encoder_cls.from_pretrained(
-        root, subfolder="text_encoder", dtype=dtype, local_files_only=True)).eval()  # fmt: skip
+    enc = load_part(
+        root,
+        "text_encoder",
+        lambda: encoder_cls.from_pretrained(root, subfolder="text_encoder", dtype=dtype, local_files_only=True),
+    ).eval()
     tok = load_part(root, "tokenizer", lambda: AutoTokenizer.from_pretrained(root / "tokenizer"))
     return tok, enc
 

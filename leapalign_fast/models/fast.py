@@ -17,8 +17,16 @@ from leapalign_fast.errors import UserError
 
 log = logging.getLogger("leapalign_fast")
 
-ATTENTION_BACKENDS = ("auto", "native", "flash", "_flash_3", "_native_flash", "_native_cudnn", "_native_efficient",
-                      "flex")  # fmt: skip
+ATTENTION_BACKENDS = (
+    "auto",
+    "native",
+    "flash",
+    "_flash_3",
+    "_native_flash",
+    "_native_cudnn",
+    "_native_efficient",
+    "flex",
+)
 # diffusers runs these as forward-only custom ops (no autograd formula): LeapAlign's backward would fail.
 NO_BACKWARD = ("_flash_3", "_flash_varlen_3")
 HALF_ONLY = ("flash", "_flash_3", "_native_flash", "_native_cudnn")  # q, k, v must be bf16/fp16
@@ -50,8 +58,9 @@ def _flash_attn_version() -> tuple[int, ...]:
         return (0,)
 
 
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype = torch.float32, training: bool = True,
-                      compile: str = "none") -> str:  # fmt: skip
+def resolve_attention(
+    name: str, device: torch.device, dtype: torch.dtype = torch.float32, training: bool = True, compile: str = "none"
+) -> str:
     """The diffusers attention backend to use. `auto`: FlashAttention 2 (flash-attn package) only on CUDA, for
     bf16/fp16 weights, when diffusers reports it usable (and, under torch.compile, flash-attn >= 2.7); else
     PyTorch SDPA (`native`), which takes any dtype and device. Explicit names are checked the same way."""
@@ -64,20 +73,28 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype = torc
             usable = False
         return "flash" if usable else "native"
     if training and name in NO_BACKWARD:
-        raise UserError(f"model.attention='{name}' has no backward in diffusers (forward-only op), so training "
-                        "cannot use it; use 'flash' (FlashAttention 2) or 'native' (SDPA)")  # fmt: skip
+        raise UserError(
+            f"model.attention='{name}' has no backward in diffusers (forward-only op), so training "
+            "cannot use it; use 'flash' (FlashAttention 2) or 'native' (SDPA)"
+        )
     problem = _diffusers_problem(name)
     if problem is not None:
-        raise UserError(f"model.attention='{name}' needs the {PACKAGES.get(name, name)} package, which diffusers "
-                        f"reports unusable here ({problem.rstrip('.')}); install it or use 'native' "
-                        "(SDPA)")  # fmt: skip
+        raise UserError(
+            f"model.attention='{name}' needs the {PACKAGES.get(name, name)} package, which diffusers "
+            f"reports unusable here ({problem.rstrip('.')}); install it or use 'native' "
+            "(SDPA)"
+        )
     if name in HALF_ONLY and not half:
-        raise UserError(f"model.attention='{name}' needs bfloat16 or float16 weights (model.dtype={str(dtype)[6:]}); "
-                        "set model.dtype=bfloat16 or use 'native' (SDPA)")  # fmt: skip
+        raise UserError(
+            f"model.attention='{name}' needs bfloat16 or float16 weights (model.dtype={str(dtype)[6:]}); "
+            "set model.dtype=bfloat16 or use 'native' (SDPA)"
+        )
     if name == "flash" and compile != "none" and _flash_attn_version() < FLASH_COMPILE_VERSION:
-        raise UserError("model.attention='flash' with model.compile needs flash-attn >= 2.7 (earlier versions break "
-                        "the fullgraph compile); upgrade it, or use model.compile=none or attention "
-                        "'native'")  # fmt: skip
+        raise UserError(
+            "model.attention='flash' with model.compile needs flash-attn >= 2.7 (earlier versions break "
+            "the fullgraph compile); upgrade it, or use model.compile=none or attention "
+            "'native'"
+        )
     return name
 
 
@@ -122,8 +139,10 @@ def compile_transformer(transformer, mode: str, backend: str = "inductor") -> No
         classes = set(getattr(transformer, "_repeated_blocks", ()))
         blocks = [m for m in transformer.modules() if type(m).__name__ in classes]
         if not blocks:
-            raise UserError(f"model.compile='regional': {type(transformer).__name__} names no repeated blocks; "
-                            "use model.compile=full")  # fmt: skip
+            raise UserError(
+                f"model.compile='regional': {type(transformer).__name__} names no repeated blocks; "
+                "use model.compile=full"
+            )
         for block in blocks:
             compiled = torch.compile(block.forward, fullgraph=True, backend=backend)
             block.forward = functools.partial(_uniform_block_inputs, compiled)

@@ -1,6 +1,7 @@
 """FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), image ids, velocity.
 
-The FLUX.1 backbone (`BACKBONE`, at the end). One code path for every size: `build_tiny_flux` makes random-init components of the real classes,
+The FLUX.1 backbone (`BACKBONE`, at the end). One code path for every size: `build_tiny_flux` makes random-init
+components of the real classes,
 `load_flux` reads a local diffusers-format directory (FLUX.1-dev, or a tiny one written by `save_flux`).
 Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W). The packing and the
 directory loading every family shares live in models/common.py (`pack_latents`, `unpack_latents` re-exported here).
@@ -77,7 +78,10 @@ def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
 
 # What a diffusers-format FLUX directory must hold; a weight entry is satisfied by any listed name.
 _REQUIRED = {
-    "transformer": ["config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")],
+    "transformer": [
+        "config.json",
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    ],
     "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
     "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
     "text_encoder_2": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
@@ -91,8 +95,13 @@ def missing_files(root: Path, need_text: bool = True) -> list[str]:
     return missing_parts(root, _REQUIRED, need_text)
 
 
-def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
-              empty_transformer: bool = False) -> FluxComponents:  # fmt: skip
+def load_flux(
+    path: str | Path,
+    dtype: torch.dtype,
+    need_text: bool = True,
+    max_sequence_length: int = 512,
+    empty_transformer: bool = False,
+) -> FluxComponents:
     """Load FLUX from a local diffusers-format directory (no hub access); `empty_transformer`: see load_denoiser."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -105,11 +114,13 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
     missing = missing_files(root, need_text)
     if missing:
         raise UserError(f"model.source {root} is incomplete; missing: {', '.join(missing)}")
+
     def load(what: str, fn):
         return load_part(root, what, fn)
 
-    transformer, vae, _ = load_denoiser(root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False,
-                                     empty=empty_transformer)  # fmt: skip
+    transformer, vae, _ = load_denoiser(
+        root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False, empty=empty_transformer
+    )
     text = None
     if need_text:
         tkw = dict(dtype=dtype, local_files_only=True)
@@ -117,7 +128,9 @@ def load_flux(path: str | Path, dtype: torch.dtype, need_text: bool = True, max_
             load("tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer")),
             load("text_encoder", lambda: CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **tkw)).eval(),
             load("tokenizer_2", lambda: T5Tokenizer.from_pretrained(root / "tokenizer_2")),
-            load("text_encoder_2", lambda: T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **tkw)).eval(),
+            load(
+                "text_encoder_2", lambda: T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **tkw)
+            ).eval(),
             max_sequence_length,
         )
     return FluxComponents(transformer, vae, text)
@@ -137,14 +150,22 @@ def save_flux(components: FluxComponents, path: str | Path) -> None:
 
     from leapalign_fast.io import write_json_atomic
 
-    write_json_atomic(root / "model_index.json", {  # what FluxPipeline.from_pretrained reads first
-        "_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None], "feature_extractor": [None, None],
-    })  # fmt: skip
+    write_json_atomic(
+        root / "model_index.json",
+        {  # what FluxPipeline.from_pretrained reads first
+            "_class_name": "FluxPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5Tokenizer"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        },
+    )
     if components.text is not None:
         t = components.text
         t.clip.save_pretrained(root / "text_encoder")
@@ -171,8 +192,15 @@ class FluxVelocity(ConditionedVelocity):
 
     CONDITIONING = ("t5", "pooled", "img_ids", "txt_ids", "guidance")
 
-    def __init__(self, transformer, t5: torch.Tensor, pooled: torch.Tensor, img_ids: torch.Tensor,
-                 guidance: float | torch.Tensor | None, txt_ids: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        transformer,
+        t5: torch.Tensor,
+        pooled: torch.Tensor,
+        img_ids: torch.Tensor,
+        guidance: float | torch.Tensor | None,
+        txt_ids: torch.Tensor | None = None,
+    ):
         self.transformer = transformer
         self.t5 = t5  # (B, S, D)
         self.pooled = pooled  # (B, Dp)
@@ -229,8 +257,9 @@ def schedule(components: FluxComponents, num_steps: int, geom: Geometry, device=
     return flux_schedule(num_steps, geom.tokens, device=device)
 
 
-def velocity(transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None,
-             uncond_grad: bool = True) -> FluxVelocity:
+def velocity(
+    transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None, uncond_grad: bool = True
+) -> FluxVelocity:
     """The distilled-guidance velocity for one batch of cached conditioning (`t5`, `pooled`), on their device:
     one forward per call (no unconditional branch, so `uncond_grad` has nothing to switch)."""
     t5 = cond["t5"]
@@ -248,18 +277,40 @@ def prompt_tensors(text: TextStack, prompts: list[str]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def pipeline_sample(components: FluxComponents, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
-                    num_steps: int, guidance: float) -> torch.Tensor:
+def pipeline_sample(
+    components: FluxComponents,
+    cond: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    geom: Geometry,
+    num_steps: int,
+    guidance: float,
+) -> torch.Tensor:
     """FluxPipeline's packed latents from the same noise and cached embeddings (its scheduler: FLUX.1-dev's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    pipe = FluxPipeline(scheduler=scheduler, vae=components.vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=components.transformer)  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=components.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=components.transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     res = geom.h * components.vae_scale_factor
-    return pipe(prompt_embeds=cond["t5"], pooled_prompt_embeds=cond["pooled"], latents=noise, height=res, width=res,
-                num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent", return_dict=False)[0]  # fmt: skip
+    return pipe(
+        prompt_embeds=cond["t5"],
+        pooled_prompt_embeds=cond["pooled"],
+        latents=noise,
+        height=res,
+        width=res,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance,
+        output_type="latent",
+        return_dict=False,
+    )[0]
 
 
 def decoder_width(vae: AutoencoderKL) -> int:

@@ -20,9 +20,21 @@ from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geomet
 from leapalign_fast.models.common import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out",
-                "ff_context.linear_in", "ff_context.linear_out")  # fmt: skip
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_qkv_mlp_proj",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+)
 
 
 @dataclass
@@ -42,10 +54,20 @@ class Flux2Components:
 
 
 def build_tiny_qwen3(vocab_size: int, hidden: int, layers: int) -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                       head_dim=hidden // 2, max_position_embeddings=256, tie_word_embeddings=False,
-                                       use_cache=False)).eval()  # fmt: skip
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=hidden // 2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
+    ).eval()
 
 
 def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
@@ -58,14 +80,25 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
     hidden = tiny_cfg.text_dim // 2
     q = tiny_cfg.head_dim // 4
     transformer = Flux2Transformer2DModel(
-        in_channels=4 * latent, num_layers=tiny_cfg.layers, num_single_layers=tiny_cfg.single_layers,
-        attention_head_dim=tiny_cfg.head_dim, num_attention_heads=tiny_cfg.heads, joint_attention_dim=3 * hidden,
-        timestep_guidance_channels=32, axes_dims_rope=(q, q, q, q), guidance_embeds=False,
-    )  # fmt: skip
+        in_channels=4 * latent,
+        num_layers=tiny_cfg.layers,
+        num_single_layers=tiny_cfg.single_layers,
+        attention_head_dim=tiny_cfg.head_dim,
+        num_attention_heads=tiny_cfg.heads,
+        joint_attention_dim=3 * hidden,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(q, q, q, q),
+        guidance_embeds=False,
+    )
     vae = AutoencoderKLFlux2(
-        block_out_channels=(c, c, c, c), layers_per_block=1, latent_channels=latent, norm_num_groups=min(8, c),
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
-    ).eval()  # fmt: skip
+        block_out_channels=(c, c, c, c),
+        layers_per_block=1,
+        latent_channels=latent,
+        norm_num_groups=min(8, c),
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()
     with torch.no_grad():  # non-trivial normalisation, so a test sees it applied
         vae.bn.running_mean.normal_(0.0, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
@@ -76,12 +109,14 @@ def build_tiny_flux2(tiny_cfg, seed: int) -> Flux2Components:
     return Flux2Components(transformer, vae, text, scheduler)
 
 
-
-def load_flux2(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
-              empty_transformer: bool = False) -> Flux2Components:
+def load_flux2(
+    path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512, empty_transformer: bool = False
+) -> Flux2Components:
     """FLUX.2-Klein from a local diffusers-format directory (e.g. black-forest-labs/FLUX.2-klein-base-9B)."""
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "FLUX.2-Klein")
-    transformer, vae, scheduler = load_denoiser(root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype, empty=empty_transformer)
+    transformer, vae, scheduler = load_denoiser(
+        root, Flux2Transformer2DModel, AutoencoderKLFlux2, dtype, empty=empty_transformer
+    )
     text = None
     if need_text:
         tok, enc = load_single_encoder(root, Qwen3ForCausalLM, dtype)
@@ -96,15 +131,21 @@ def encode(text: Flux2Text, prompts: list[str]) -> torch.Tensor:
     to max_sequence_length, the chosen hidden states stacked per token."""
     ids, masks = [], []
     for prompt in prompts:
-        chat = text.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=False)  # fmt: skip
-        tok = text.tokenizer(chat, return_tensors="pt", padding="max_length", truncation=True,
-                             max_length=text.max_sequence_length)  # fmt: skip
+        chat = text.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        tok = text.tokenizer(
+            chat, return_tensors="pt", padding="max_length", truncation=True, max_length=text.max_sequence_length
+        )
         ids.append(tok["input_ids"])
         masks.append(tok["attention_mask"])
     device = next(text.text_encoder.parameters()).device
-    out = text.text_encoder(input_ids=torch.cat(ids).to(device), attention_mask=torch.cat(masks).to(device),
-                            output_hidden_states=True, use_cache=False)  # fmt: skip
+    out = text.text_encoder(
+        input_ids=torch.cat(ids).to(device),
+        attention_mask=torch.cat(masks).to(device),
+        output_hidden_states=True,
+        use_cache=False,
+    )
     h = torch.stack([out.hidden_states[k] for k in text.out_layers], dim=1).to(text.text_encoder.dtype)
     b, n, s, d = h.shape
     return h.permute(0, 2, 1, 3).reshape(b, s, n * d)
@@ -116,7 +157,9 @@ def prompt_tensors(text: Flux2Text, prompts: list[str]) -> dict[str, torch.Tenso
 
 
 def geometry(components: Flux2Components, resolution: int) -> Geometry:
-    return Geometry.of_patches(resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels)
+    return Geometry.of_patches(
+        resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels
+    )
 
 
 def schedule(components: Flux2Components, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
@@ -125,8 +168,12 @@ def schedule(components: Flux2Components, num_steps: int, geom: Geometry, device
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
     sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-    scheduler.set_timesteps(num_steps if sigmas is None else None, device="cpu", sigmas=sigmas,
-                            mu=compute_empirical_mu(geom.tokens, num_steps))  # fmt: skip
+    scheduler.set_timesteps(
+        num_steps if sigmas is None else None,
+        device="cpu",
+        sigmas=sigmas,
+        mu=compute_empirical_mu(geom.tokens, num_steps),
+    )
     return scheduler.sigmas.to(torch.float32).to(device)
 
 
@@ -150,8 +197,15 @@ class Flux2Velocity(ConditionedVelocity):
         self.guidance, self.uncond_grad = float(guidance), uncond_grad
 
     def _forward(self, x, t, embeds):
-        return self.transformer(hidden_states=x, timestep=t, guidance=None, encoder_hidden_states=embeds.to(x.dtype),
-                                txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False)[0]  # fmt: skip
+        return self.transformer(
+            hidden_states=x,
+            timestep=t,
+            guidance=None,
+            encoder_hidden_states=embeds.to(x.dtype),
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not x.requires_grad:
@@ -169,12 +223,14 @@ class Flux2Velocity(ConditionedVelocity):
         return v_neg + self.guidance * (v - v_neg)
 
 
-def velocity(transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None,
-             uncond_grad: bool = True) -> Flux2Velocity:
+def velocity(
+    transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None, uncond_grad: bool = True
+) -> Flux2Velocity:
     embeds = cond["embeds"]
     txt, img = ids(embeds.shape[0], embeds.shape[1], geom.h // 2, geom.w // 2, embeds.device)
-    return Flux2Velocity(transformer, embeds, cond["neg_embeds"], txt, img, 1.0 if guidance is None else guidance,
-                         uncond_grad)  # fmt: skip
+    return Flux2Velocity(
+        transformer, embeds, cond["neg_embeds"], txt, img, 1.0 if guidance is None else guidance, uncond_grad
+    )
 
 
 def vae_latents(vae: AutoencoderKLFlux2, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -208,20 +264,39 @@ def decoder_width(vae: AutoencoderKLFlux2) -> int:
 
 
 @torch.no_grad()
-def pipeline_sample(components: Flux2Components, cond: dict[str, torch.Tensor], noise: torch.Tensor, geom: Geometry,
-                    num_steps: int, guidance: float) -> torch.Tensor:
+def pipeline_sample(
+    components: Flux2Components,
+    cond: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    geom: Geometry,
+    num_steps: int,
+    guidance: float,
+) -> torch.Tensor:
     """Flux2KleinPipeline's latents (un-normalised, unpatchified) from the same noise and cached embeddings, packed
     back into our layout."""
     from diffusers import Flux2KleinPipeline
 
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
-                              vae=components.vae, text_encoder=None, tokenizer=None, transformer=components.transformer)  # fmt: skip
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
+        vae=components.vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=components.transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     b, _, c4 = noise.shape
     res = geom.h * 2 ** (len(components.vae.config.block_out_channels) - 1)
-    z = pipe(prompt_embeds=cond["embeds"], negative_prompt_embeds=cond["neg_embeds"],
-             latents=noise.permute(0, 2, 1).reshape(b, c4, geom.h // 2, geom.w // 2), height=res, width=res,
-             num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent", return_dict=False)[0]  # fmt: skip
+    z = pipe(
+        prompt_embeds=cond["embeds"],
+        negative_prompt_embeds=cond["neg_embeds"],
+        latents=noise.permute(0, 2, 1).reshape(b, c4, geom.h // 2, geom.w // 2),
+        height=res,
+        width=res,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance,
+        output_type="latent",
+        return_dict=False,
+    )[0]
     return packed_latents(components.vae, z, geom)
 
 

@@ -13,8 +13,9 @@ import torch
 from leapalign_fast.io import fsync_dir
 
 
-def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Tensor] | None = None,
-                pipeline: str = "FluxPipeline") -> Path:
+def export_lora(
+    transformer, directory: str | Path, weights: dict[str, torch.Tensor] | None = None, pipeline: str = "FluxPipeline"
+) -> Path:
     """Save the transformer's LoRA adapter (or `weights`, e.g. an EMA, keyed like its named_parameters)
     as `<directory>/pytorch_lora_weights.safetensors`, through `pipeline` (the backbone's diffusers pipeline
     class name) so that its `load_lora_weights` reads it. `transformer` is the bare peft-adapted module."""
@@ -39,7 +40,9 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
     try:
         # clone: on CPU `.cpu()` returns the parameter itself, which the restore below would overwrite
         if not sharded:
-            state = {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+            state = {
+                k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(transformer).items()
+            }
     finally:
         if weights is not None:
             with torch.no_grad():
@@ -50,8 +53,9 @@ def export_lora(transformer, directory: str | Path, weights: dict[str, torch.Ten
         # The adapter's config (rank, lora_alpha, targets) goes into the file's metadata: without it diffusers
         # would assume lora_alpha == rank and load a differently scaled adapter.
         metadata = transformer.peft_config["default"].to_dict()
-        getattr(diffusers, pipeline).save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=metadata)  # fmt: skip
+        getattr(diffusers, pipeline).save_lora_weights(
+            tmp, transformer_lora_layers=state, safe_serialization=True, transformer_lora_adapter_metadata=metadata
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -18,16 +18,35 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
-from leapalign_fast.models.common import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir, unpack_latents
+from leapalign_fast.models.common import (
+    SINGLE_ENCODER_PARTS,
+    load_denoiser,
+    load_single_encoder,
+    model_dir,
+    unpack_latents,
+)
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-                "txt_mlp.net.2")  # fmt: skip
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
 # QwenImagePipeline's prompt template and the number of its leading tokens dropped from the hidden states.
-TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-            "<|im_start|>assistant\n")  # fmt: skip
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 DROP = 34
 
 
@@ -53,36 +72,63 @@ def build_tiny_qwenimage(tiny_cfg, seed: int) -> QwenImageComponents:
     torch.manual_seed(seed)
     q = tiny_cfg.head_dim // 8
     transformer = QwenImageTransformer2DModel(
-        in_channels=64, out_channels=16, num_layers=tiny_cfg.layers + tiny_cfg.single_layers,
-        attention_head_dim=tiny_cfg.head_dim, num_attention_heads=tiny_cfg.heads, joint_attention_dim=tiny_cfg.text_dim,
+        in_channels=64,
+        out_channels=16,
+        num_layers=tiny_cfg.layers + tiny_cfg.single_layers,
+        attention_head_dim=tiny_cfg.head_dim,
+        num_attention_heads=tiny_cfg.heads,
+        joint_attention_dim=tiny_cfg.text_dim,
         axes_dims_rope=(2 * q, 3 * q, 3 * q),
-    )  # fmt: skip
-    vae = AutoencoderKLQwenImage(base_dim=max(4, tiny_cfg.vae_channels // 2), z_dim=16, dim_mult=[1, 1, 1, 1],
-                                 num_res_blocks=1, temperal_downsample=[False, True, True]).eval()  # fmt: skip
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=max(4, tiny_cfg.vae_channels // 2),
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
     torch.manual_seed(seed + 1)
     tok = build_tiny_qwen_tokenizer()
     d = tiny_cfg.text_dim
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [d // 16, d // 16, d // 4 - 2 * (d // 16)]},
-                         bos_token_id=None, eos_token_id=None, pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=d,
-                           fullatt_block_indexes=[0]),
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [d // 16, d // 16, d // 4 - 2 * (d // 16)]},
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=d, fullatt_block_indexes=[0]
+        ),
+    )
     text = QwenImageText(tok, Qwen2_5_VLForConditionalGeneration(config).eval(), tiny_cfg.max_sequence_length)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                                                time_shift_type="exponential")  # fmt: skip  (Qwen-Image's config)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )  # Qwen-Image's config
     return QwenImageComponents(transformer, vae, text, scheduler)
 
 
-
-def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512,
-              empty_transformer: bool = False) -> QwenImageComponents:
+def load_qwenimage(
+    path, dtype: torch.dtype, need_text: bool = True, max_sequence_length: int = 512, empty_transformer: bool = False
+) -> QwenImageComponents:
     """Qwen-Image from a local diffusers-format directory (a snapshot of Qwen/Qwen-Image)."""
     root = model_dir(path, SINGLE_ENCODER_PARTS, need_text, "Qwen-Image")
-    transformer, vae, scheduler = load_denoiser(root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype, empty=empty_transformer)
+    transformer, vae, scheduler = load_denoiser(
+        root, QwenImageTransformer2DModel, AutoencoderKLQwenImage, dtype, empty=empty_transformer
+    )
     text = None
     if need_text:
         tok, enc = load_single_encoder(root, Qwen2_5_VLForConditionalGeneration, dtype)
@@ -94,12 +140,18 @@ def load_qwenimage(path, dtype: torch.dtype, need_text: bool = True, max_sequenc
 def encode(text: QwenImageText, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeds (P, S, D), mask (P, S)) with S = max_sequence_length: `QwenImagePipeline.encode_prompt`'s
     embeddings (last hidden state after the template's first 34 tokens), zero-padded to S."""
-    tok = text.tokenizer([TEMPLATE.format(p) for p in prompts], max_length=1024 + DROP, padding=True, truncation=True,
-                         return_tensors="pt")  # fmt: skip
+    tok = text.tokenizer(
+        [TEMPLATE.format(p) for p in prompts],
+        max_length=1024 + DROP,
+        padding=True,
+        truncation=True,
+        return_tensors="pt",
+    )
     device = next(text.text_encoder.parameters()).device
     mask = tok.attention_mask.to(device)
-    hidden = text.text_encoder(input_ids=tok.input_ids.to(device), attention_mask=mask,
-                               output_hidden_states=True).hidden_states[-1]  # fmt: skip
+    hidden = text.text_encoder(
+        input_ids=tok.input_ids.to(device), attention_mask=mask, output_hidden_states=True
+    ).hidden_states[-1]
     s = text.max_sequence_length
     embeds = hidden.new_zeros(len(prompts), s, hidden.shape[-1])
     out_mask = torch.zeros(len(prompts), s, dtype=torch.long)
@@ -126,8 +178,13 @@ def schedule(components: QwenImageComponents, num_steps: int, geom: Geometry, de
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
     c = scheduler.config
-    mu = calculate_shift(geom.tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))  # fmt: skip
+    mu = calculate_shift(
+        geom.tokens,
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", 1.15),
+    )
     scheduler.set_timesteps(None, device="cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return scheduler.sigmas.to(torch.float32).to(device)
 
@@ -138,16 +195,23 @@ class QwenImageVelocity(ConditionedVelocity):
 
     CONDITIONING = ("embeds", "mask", "neg_embeds", "neg_mask")
 
-    def __init__(self, transformer, embeds, mask, neg_embeds, neg_mask, h: int, w: int, guidance: float,
-                 uncond_grad: bool = True):  # fmt: skip
+    def __init__(
+        self, transformer, embeds, mask, neg_embeds, neg_mask, h: int, w: int, guidance: float, uncond_grad: bool = True
+    ):
         self.transformer, self.h, self.w = transformer, h, w
         self.embeds, self.mask, self.neg_embeds, self.neg_mask = embeds, mask, neg_embeds, neg_mask
         self.guidance, self.uncond_grad = float(guidance), uncond_grad
 
     def _forward(self, x, t, embeds, mask):
-        return self.transformer(hidden_states=x, timestep=t, guidance=None, encoder_hidden_states_mask=mask,
-                                encoder_hidden_states=embeds.to(x.dtype), img_shapes=[[(1, self.h // 2, self.w // 2)]] * x.shape[0],
-                                return_dict=False)[0]  # fmt: skip
+        return self.transformer(
+            hidden_states=x,
+            timestep=t,
+            guidance=None,
+            encoder_hidden_states_mask=mask,
+            encoder_hidden_states=embeds.to(x.dtype),
+            img_shapes=[[(1, self.h // 2, self.w // 2)]] * x.shape[0],
+            return_dict=False,
+        )[0]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not x.requires_grad:
@@ -166,10 +230,12 @@ class QwenImageVelocity(ConditionedVelocity):
         return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
-def velocity(transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None,
-             uncond_grad: bool = True) -> QwenImageVelocity:
-    return QwenImageVelocity(transformer, **cond, h=geom.h, w=geom.w, guidance=1.0 if guidance is None else guidance,
-                             uncond_grad=uncond_grad)  # fmt: skip
+def velocity(
+    transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None, uncond_grad: bool = True
+) -> QwenImageVelocity:
+    return QwenImageVelocity(
+        transformer, **cond, h=geom.h, w=geom.w, guidance=1.0 if guidance is None else guidance, uncond_grad=uncond_grad
+    )
 
 
 def vae_latents(vae: AutoencoderKLQwenImage, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -192,19 +258,40 @@ def decoder_width(vae: AutoencoderKLQwenImage) -> int:
 
 
 @torch.no_grad()
-def pipeline_sample(components: QwenImageComponents, cond: dict[str, torch.Tensor], noise: torch.Tensor,
-                    geom: Geometry, num_steps: int, guidance: float) -> torch.Tensor:
+def pipeline_sample(
+    components: QwenImageComponents,
+    cond: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    geom: Geometry,
+    num_steps: int,
+    guidance: float,
+) -> torch.Tensor:
     """QwenImagePipeline's packed latents from the same noise and cached (padded, masked) embeddings."""
     from diffusers import QwenImagePipeline
 
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
-                             vae=components.vae, text_encoder=None, tokenizer=None, transformer=components.transformer)  # fmt: skip
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
+        vae=components.vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=components.transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     res = geom.h * 2 ** len(components.vae.temperal_downsample)
-    return pipe(prompt_embeds=cond["embeds"], prompt_embeds_mask=cond["mask"], negative_prompt_embeds=cond["neg_embeds"],
-                negative_prompt_embeds_mask=cond["neg_mask"], latents=noise, height=res, width=res,
-                num_inference_steps=num_steps, true_cfg_scale=guidance, output_type="latent", return_dict=False,
-                max_sequence_length=cond["embeds"].shape[1])[0]  # fmt: skip
+    return pipe(
+        prompt_embeds=cond["embeds"],
+        prompt_embeds_mask=cond["mask"],
+        negative_prompt_embeds=cond["neg_embeds"],
+        negative_prompt_embeds_mask=cond["neg_mask"],
+        latents=noise,
+        height=res,
+        width=res,
+        num_inference_steps=num_steps,
+        true_cfg_scale=guidance,
+        output_type="latent",
+        return_dict=False,
+        max_sequence_length=cond["embeds"].shape[1],
+    )[0]
 
 
 BACKBONE = Backbone(

@@ -98,8 +98,10 @@ def build_tiny_t5_tokenizer(words=TINY_WORDS) -> T5Tokenizer:
 
 
 # The chat template of the tiny Qwen tokenizer (the real ones ship their own).
-QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tiny_qwen_tokenizer():
@@ -113,7 +115,10 @@ def build_tiny_qwen_tokenizer():
     merges: list[tuple[str, str]] = []
     # Whole-word tokens: the tiny prompt words and those of the chat / Qwen-Image templates after a space ("Ġ"),
     # the template's line-initial words bare (so its system prefix is 34 tokens, as with the real tokenizer).
-    spaced = list(TINY_WORDS) + "by detailing color shape size texture quantity text spatial relationships objects background".split()
+    spaced = (
+        list(TINY_WORDS)
+        + "by detailing color shape size texture quantity text spatial relationships objects background".split()
+    )
     for word in [("Ġ" + w) for w in spaced] + ["system", "user", "assistant", "Describe"]:
         cur = word[0]
         for nxt in word[1:]:
@@ -123,8 +128,9 @@ def build_tiny_qwen_tokenizer():
             vocab.setdefault(cur, len(vocab))
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         vocab.setdefault(special, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")  # fmt: skip
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
@@ -179,7 +185,10 @@ def encode_prompts(text: TextStack, prompts: list[str], batch_size: int = 32) ->
         lengths.append(tok.attention_mask.sum(1).to(torch.int32))
         t5_out.append(text.t5(tok.input_ids.to(device), output_hidden_states=False)[0].cpu())
         ids_clip = text.clip_tokenizer(
-            chunk, padding="max_length", max_length=text.clip_tokenizer.model_max_length, truncation=True,
+            chunk,
+            padding="max_length",
+            max_length=text.clip_tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         pooled_out.append(text.clip(ids_clip.to(device), output_hidden_states=False).pooler_output.cpu())

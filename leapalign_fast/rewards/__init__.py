@@ -67,14 +67,16 @@ class WeightedSum(torch.nn.Module):
 
 
 def parse_mixture(spec: str) -> dict[str, float]:
-    """"a:1.0,b:0.5" -> {"a": 1.0, "b": 0.5}; a bare name has weight 1."""
+    """ "a:1.0,b:0.5" -> {"a": 1.0, "b": 0.5}; a bare name has weight 1."""
     out = {}
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")
         try:
             out[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
-            raise UserError(f"reward '{spec}': weight '{weight}' of '{name}' is not a number; write name:weight") from None
+            raise UserError(
+                f"reward '{spec}': weight '{weight}' of '{name}' is not a number; write name:weight"
+            ) from None
     return out
 
 
@@ -107,4 +109,3 @@ def build_reward(name: str, **options) -> torch.nn.Module:
     model = builder(**options)
     model.eval().requires_grad_(False)
     return model
-

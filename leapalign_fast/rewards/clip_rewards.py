@@ -69,8 +69,9 @@ def load_weights_file(path: Path, reward: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, not a pickle, pickled code refused by weights_only, ...
-        raise UserError(f"reward '{reward}': {path} cannot be read as a weights file ({type(e).__name__}); download "
-                        "it again") from None  # fmt: skip
+        raise UserError(
+            f"reward '{reward}': {path} cannot be read as a weights file ({type(e).__name__}); download it again"
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"reward '{reward}': {path} holds a {type(state).__name__}, not a tensor dict")
     return state
@@ -86,8 +87,10 @@ def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
     if not any((p / n).is_file() for n in ("tokenizer.json", "vocab.json")):
         missing.append("tokenizer.json")
     if not p.is_dir() or missing:
-        raise UserError(f"reward '{reward}': {p} lacks {', '.join(missing) if p.is_dir() else 'everything (not a directory)'}; "
-                        f"download {source} to a local directory beforehand and pass it as reward.options.{what}")  # fmt: skip
+        raise UserError(
+            f"reward '{reward}': {p} lacks {', '.join(missing) if p.is_dir() else 'everything (not a directory)'}; "
+            f"download {source} to a local directory beforehand and pass it as reward.options.{what}"
+        )
     return p
 
 
@@ -109,8 +112,13 @@ class ClipReward(torch.nn.Module):
         return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     def text_features(self, prompts: list[str], device) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.model.config.text_config.max_position_embeddings,
-                             return_tensors="pt").input_ids.to(device)  # fmt: skip
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        ).input_ids.to(device)
         return F.normalize(self.model.get_text_features(input_ids=ids).pooler_output.float(), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -126,20 +134,31 @@ def _load_clip(path: Path, dtype: str):
 
 
 def build_clip(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(path, "clip", "path", "any CLIP checkpoint in Hugging Face format, e.g. openai/clip-vit-large-patch14")
+    p = _need_dir(
+        path, "clip", "path", "any CLIP checkpoint in Hugging Face format, e.g. openai/clip-vit-large-patch14"
+    )
     return ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
 
 
 def build_pickscore(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(path, "pickscore", "path", "yuvalkirstain/PickScore_v1 (model) with the tokenizer of "
-                  "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")  # fmt: skip
+    p = _need_dir(
+        path,
+        "pickscore",
+        "path",
+        "yuvalkirstain/PickScore_v1 (model) with the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    )
     return ClipReward(*_load_clip(p, dtype), use_logit_scale=True)
 
 
 # ---- HPS v2.1: open_clip ViT-H-14 state dict -> transformers CLIPModel ------------------------------------
 
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,9 +166,9 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         k = key.removeprefix("module.")
-        tower, rest = ("vision_model", k[len("visual."):]) if k.startswith("visual.") else ("text_model", k)
+        tower, rest = ("vision_model", k[len("visual.") :]) if k.startswith("visual.") else ("text_model", k)
         if rest.startswith("transformer.resblocks."):
-            i, sub = rest[len("transformer.resblocks."):].split(".", 1)
+            i, sub = rest[len("transformer.resblocks.") :].split(".", 1)
             base = f"{tower}.encoder.layers.{i}."
             if sub.startswith("attn.in_proj_"):
                 kind = sub.rsplit("_", 1)[1]  # weight | bias
@@ -171,8 +190,11 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{tower}.embeddings.position_embedding.weight"] = value
         elif rest.startswith(("ln_pre.", "ln_post.", "ln_final.")):
             name, kind = rest.split(".")
-            hf = {"ln_pre": "vision_model.pre_layrnorm", "ln_post": "vision_model.post_layernorm",
-                  "ln_final": "text_model.final_layer_norm"}[name]  # fmt: skip
+            hf = {
+                "ln_pre": "vision_model.pre_layrnorm",
+                "ln_post": "vision_model.post_layernorm",
+                "ln_final": "text_model.final_layer_norm",
+            }[name]
             out[f"{hf}.{kind}"] = value
         elif rest == "proj":
             out["visual_projection.weight"] = value.t().contiguous()
@@ -186,11 +208,15 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(clip, "hpsv2.1", "clip", "the CLIP-H architecture and tokenizer: laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    p = _need_dir(
+        clip, "hpsv2.1", "clip", "the CLIP-H architecture and tokenizer: laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    )
     ck = Path(checkpoint or "")
     if not checkpoint or not ck.is_file():
-        raise UserError(f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
-                        f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found")  # fmt: skip
+        raise UserError(
+            f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
+            f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found"
+        )
     model, tokenizer = _load_clip(p, dtype)
     state = load_weights_file(ck, "hpsv2.1")
     state = state.get("state_dict", state)
@@ -228,13 +254,19 @@ class AestheticReward(torch.nn.Module):
 def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str = "float32") -> torch.nn.Module:
     p = _need_dir(clip, "aesthetic", "clip", "openai/clip-vit-large-patch14")
     if not mlp or not Path(mlp).is_file():
-        raise UserError("reward 'aesthetic' needs reward.options.mlp: the file sac+logos+ava1-l14-linearMSE.pth "
-                        f"(LAION improved-aesthetic-predictor); {mlp!r} not found")  # fmt: skip
-    clip_reward = ClipReward(*_load_clip(p, dtype), use_logit_scale=False, preprocess="round")  # OpenAI CLIP's torchvision
+        raise UserError(
+            "reward 'aesthetic' needs reward.options.mlp: the file sac+logos+ava1-l14-linearMSE.pth "
+            f"(LAION improved-aesthetic-predictor); {mlp!r} not found"
+        )
+    clip_reward = ClipReward(
+        *_load_clip(p, dtype), use_logit_scale=False, preprocess="round"
+    )  # OpenAI CLIP's torchvision
     model = AestheticReward(clip_reward, clip_reward.model.config.projection_dim)
     state = load_weights_file(Path(mlp), "aesthetic")
     try:
         model.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
     except RuntimeError as e:  # missing/unexpected keys or wrong shapes: not the LAION ViT-L/14 MLP
-        raise UserError(f"reward 'aesthetic': {mlp} does not fit the aesthetic MLP on {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"reward 'aesthetic': {mlp} does not fit the aesthetic MLP on {p}: {str(e).splitlines()[0]}"
+        ) from None
     return model

@@ -27,7 +27,7 @@ def blip_to_hf(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     vision, text, mlp = {}, {}, {}
     for key, value in state.items():
         if key.startswith("blip.visual_encoder."):
-            k = key[len("blip.visual_encoder."):]
+            k = key[len("blip.visual_encoder.") :]
             k = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding"}.get(k, k)
             k = k.replace("patch_embed.proj", "embeddings.patch_embedding")
             k = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", k)
@@ -36,9 +36,9 @@ def blip_to_hf(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
             k = re.sub(r"^norm\.", "post_layernorm.", k)
             vision[k] = value
         elif key.startswith("blip.text_encoder."):
-            text[key[len("blip.text_encoder."):]] = value
+            text[key[len("blip.text_encoder.") :]] = value
         elif key.startswith("mlp."):
-            layer, kind = key[len("mlp."):].rsplit(".", 1)
+            layer, kind = key[len("mlp.") :].rsplit(".", 1)
             mlp[f"{_MLP[layer]}.{kind}"] = value
         # anything else (BLIP's projections, momentum encoders, queues) is unused by the reward
     return vision, text, mlp
@@ -53,13 +53,25 @@ def _configs(vision: dict, text: dict):
     v_layers = 1 + max(int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers."))
     hidden = text["embeddings.word_embeddings.weight"].shape[1]
     t_layers = 1 + max(int(k.split(".")[2]) for k in text if k.startswith("encoder.layer."))
-    vcfg = BlipVisionConfig(hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                            num_hidden_layers=v_layers, num_attention_heads=max(1, width // 64), image_size=grid * patch,
-                            patch_size=patch, layer_norm_eps=1e-6)  # fmt: skip
-    tcfg = BlipTextConfig(vocab_size=text["embeddings.word_embeddings.weight"].shape[0], hidden_size=hidden,
-                          encoder_hidden_size=width, intermediate_size=text["encoder.layer.0.intermediate.dense.weight"].shape[0],
-                          num_hidden_layers=t_layers, num_attention_heads=max(1, hidden // 64),
-                          max_position_embeddings=text["embeddings.position_embeddings.weight"].shape[0], is_decoder=True)  # fmt: skip
+    vcfg = BlipVisionConfig(
+        hidden_size=width,
+        intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=v_layers,
+        num_attention_heads=max(1, width // 64),
+        image_size=grid * patch,
+        patch_size=patch,
+        layer_norm_eps=1e-6,
+    )
+    tcfg = BlipTextConfig(
+        vocab_size=text["embeddings.word_embeddings.weight"].shape[0],
+        hidden_size=hidden,
+        encoder_hidden_size=width,
+        intermediate_size=text["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=t_layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=text["embeddings.position_embeddings.weight"].shape[0],
+        is_decoder=True,
+    )
     return vcfg, tcfg
 
 
@@ -74,17 +86,27 @@ class ImageRewardModel(torch.nn.Module):
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
         atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
-        out = self.text(input_ids=tok.input_ids.to(images.device), attention_mask=tok.attention_mask.to(images.device),
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=atts)  # fmt: skip
+        out = self.text(
+            input_ids=tok.input_ids.to(images.device),
+            attention_mask=tok.attention_mask.to(images.device),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=atts,
+        )
         return ((self.mlp(out.last_hidden_state[:, 0, :].float()) - MEAN) / STD).squeeze(-1)
 
 
 def make_mlp(width: int) -> torch.nn.Sequential:
     """ImageReward's head: Linear layers at indices 0, 2, 4, 6, 7 with dropouts between, no activations."""
     return torch.nn.Sequential(
-        torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
-    )  # fmt: skip
+        torch.nn.Linear(width, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
 
 
 def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32"):
@@ -92,19 +114,25 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
 
     ck = Path(checkpoint or "")
     if not checkpoint or not ck.is_file():
-        raise UserError("reward 'imagereward' needs reward.options.checkpoint: the file ImageReward.pt (from the "
-                        f"THUDM/ImageReward repository on the Hugging Face Hub); {ck} not found")  # fmt: skip
+        raise UserError(
+            "reward 'imagereward' needs reward.options.checkpoint: the file ImageReward.pt (from the "
+            f"THUDM/ImageReward repository on the Hugging Face Hub); {ck} not found"
+        )
     tk = Path(tokenizer or "")
     if not tokenizer or not (tk / "vocab.txt").is_file():
-        raise UserError("reward 'imagereward' needs reward.options.tokenizer: a local directory with vocab.txt of "
-                        f"bert-base-uncased; {tk} has none")  # fmt: skip
+        raise UserError(
+            "reward 'imagereward' needs reward.options.tokenizer: a local directory with vocab.txt of "
+            f"bert-base-uncased; {tk} has none"
+        )
     state = load_weights_file(ck, "imagereward")
     vision_sd, text_sd, mlp_sd = blip_to_hf(state.get("state_dict", state))
     # BLIP's med.py saves `embeddings.position_ids` (a persistent arange buffer); transformers rebuilds it
     # (non-persistent), so the official file's copy is dropped rather than reported as unexpected.
     text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
     if not vision_sd or not text_sd or not mlp_sd:
-        raise UserError(f"{ck} is not an ImageReward checkpoint (needs blip.visual_encoder.*, blip.text_encoder.*, mlp.*)")
+        raise UserError(
+            f"{ck} is not an ImageReward checkpoint (needs blip.visual_encoder.*, blip.text_encoder.*, mlp.*)"
+        )
     try:
         vcfg, tcfg = _configs(vision_sd, text_sd)
     except (KeyError, IndexError, ValueError) as e:  # a key the sizes are read from is absent or malformed
@@ -115,11 +143,15 @@ def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = Non
         try:
             result = module.load_state_dict(sd, strict=False)
         except RuntimeError as e:  # shapes that do not fit
-            raise UserError(f"ImageReward checkpoint {ck}: {name} weights do not fit ({str(e).splitlines()[-1].strip()})") from None
+            raise UserError(
+                f"ImageReward checkpoint {ck}: {name} weights do not fit ({str(e).splitlines()[-1].strip()})"
+            ) from None
         missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
         if missing or result.unexpected_keys:
-            raise UserError(f"ImageReward checkpoint {ck}: {name} keys do not fit (missing {missing[:3]}, "
-                            f"unexpected {result.unexpected_keys[:3]})")  # fmt: skip
+            raise UserError(
+                f"ImageReward checkpoint {ck}: {name} keys do not fit (missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]})"
+            )
     tok = BertTokenizer.from_pretrained(tk)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer
     dt = DTYPES[dtype]

@@ -81,8 +81,9 @@ def detect(image: np.ndarray) -> list[Found]:
             continue
         votes = np.bincount(nearest[pix[:, 0], pix[:, 1]] + 1, minlength=len(names) + 1)[1:]
         colour = names[int(votes.argmax())] if votes.max() >= MIN_PURITY * len(pix) else "mixed"
-        found.append(Found(colour, classify_shape(pix), float(pix[:, 1].mean()) + 0.5, float(pix[:, 0].mean()) + 0.5,
-                           len(pix)))  # fmt: skip
+        found.append(
+            Found(colour, classify_shape(pix), float(pix[:, 1].mean()) + 0.5, float(pix[:, 0].mean()) + 0.5, len(pix))
+        )
     return found
 
 
@@ -103,9 +104,13 @@ def judge(image: np.ndarray, spec: Spec) -> bool:
         return bool(a) and bool(b) and (len(a) + len(b) >= 2 if objs[0] != objs[1] else len(a) >= 2)
     if spec.category == "position":
         ux, uy = RELATIONS[spec.relation]
-        return any((ux and (p.cx - q.cx) * ux > 0 and abs(p.cx - q.cx) > abs(p.cy - q.cy))
-                   or (uy and (p.cy - q.cy) * uy > 0 and abs(p.cy - q.cy) > abs(p.cx - q.cx))
-                   for p in a for q in b if p is not q)  # fmt: skip
+        return any(
+            (ux and (p.cx - q.cx) * ux > 0 and abs(p.cx - q.cx) > abs(p.cy - q.cy))
+            or (uy and (p.cy - q.cy) * uy > 0 and abs(p.cy - q.cy) > abs(p.cx - q.cx))
+            for p in a
+            for q in b
+            if p is not q
+        )
     raise ValueError(f"unknown category {spec.category!r}")
 
 
@@ -150,8 +155,10 @@ def graded(image: np.ndarray, spec: Spec) -> float:
         terms.append(best / 2)
         if spec.category == "position":
             ux, uy = RELATIONS[spec.relation]
-            ok = p is not None and ((ux and (p.cx - q.cx) * ux > 0 and abs(p.cx - q.cx) > abs(p.cy - q.cy))
-                                    or (uy and (p.cy - q.cy) * uy > 0 and abs(p.cy - q.cy) > abs(p.cx - q.cx)))  # fmt: skip
+            ok = p is not None and (
+                (ux and (p.cx - q.cx) * ux > 0 and abs(p.cx - q.cx) > abs(p.cy - q.cy))
+                or (uy and (p.cy - q.cy) * uy > 0 and abs(p.cy - q.cy) > abs(p.cx - q.cx))
+            )
             terms.append(float(bool(ok)))
     terms.append(1.0 / (1 + max(0, len(found) - need)))
     return 0.5 * float(judge(image, spec)) + 0.5 * float(np.mean(terms))

@@ -21,8 +21,19 @@ from safetensors.torch import load_file
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import save_tensors_atomic
 from leapalign_fast.models.text import build_tiny_clip_tokenizer
-from leapalign_fast.toy.scenes import (COLOURS, NUMBERS, RELATIONS, SHAPES, Obj, Scene, Spec, caption, parse_caption,
-                                      render, sample_scene)
+from leapalign_fast.toy.scenes import (
+    COLOURS,
+    NUMBERS,
+    RELATIONS,
+    SHAPES,
+    Obj,
+    Scene,
+    Spec,
+    caption,
+    parse_caption,
+    render,
+    sample_scene,
+)
 
 MAX_TOKENS = 16
 
@@ -39,11 +50,15 @@ class ToyReward(torch.nn.Module):
         self.gru = torch.nn.GRU(dim, dim, batch_first=True)
         self.film = torch.nn.Linear(dim, 2 * dim)  # caption -> per-channel scale and shift of the image features
         self.conv = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, 2, 1), torch.nn.GELU(), torch.nn.Conv2d(32, dim, 3, 2, 1), torch.nn.GELU(),
+            torch.nn.Conv2d(3, 32, 3, 2, 1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(32, dim, 3, 2, 1),
+            torch.nn.GELU(),
             torch.nn.Conv2d(dim, dim, 3, 1, 1),
-        )  # fmt: skip
-        self.mix = torch.nn.Sequential(torch.nn.Conv2d(dim + 2, dim, 3, 1, 1), torch.nn.GELU(),
-                                       torch.nn.Conv2d(dim, dim, 3, 1, 1), torch.nn.GELU())  # fmt: skip
+        )
+        self.mix = torch.nn.Sequential(
+            torch.nn.Conv2d(dim + 2, dim, 3, 1, 1), torch.nn.GELU(), torch.nn.Conv2d(dim, dim, 3, 1, 1), torch.nn.GELU()
+        )
         self.head = torch.nn.Sequential(torch.nn.Linear(3 * dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, 1))
 
     def text(self, prompts: list[str], device) -> torch.Tensor:
@@ -91,8 +106,10 @@ def near_misses(prompt: str, k: int) -> list[str]:
     """k captions that differ from `prompt` in one attribute, the same for the same prompt."""
     spec = parse_caption(prompt)
     if spec is None:
-        raise UserError(f"reward 'toy' with contrast > 0 scores captions of the toy grammar (leapalign_fast/toy/"
-                        f"scenes.py, e.g. 'a red circle left of a blue square'); cannot parse prompt {prompt!r}")  # fmt: skip
+        raise UserError(
+            f"reward 'toy' with contrast > 0 scores captions of the toy grammar (leapalign_fast/toy/"
+            f"scenes.py, e.g. 'a red circle left of a blue square'); cannot parse prompt {prompt!r}"
+        )
     rng = random.Random(zlib.crc32(prompt.encode()))
     out = []
     for _ in range(k):
@@ -111,8 +128,12 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.exp(-(x**2) / (2 * sigma**2))
     k = (k / k.sum()).to(images.device)
     c = images.shape[1]
-    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    out = F.conv2d(
+        F.pad(images, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c
+    )
+    return F.conv2d(
+        F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
+    )
 
 
 def perturb(spec: Spec, rng: random.Random) -> Spec:
@@ -153,8 +174,18 @@ def _junk(rng: random.Random, np_rng: np.random.Generator) -> np.ndarray:
     reward that never saw such images learns to paint them (dim textures the reward scores highly)."""
     kind = rng.randrange(4)
     if kind == 3:  # clutter: many shapes at once, which shows no caption of one or two objects
-        return render([Obj(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.uniform(6, 58), rng.uniform(6, 58),
-                           rng.uniform(5, 12)) for _ in range(rng.randint(5, 12))])  # fmt: skip
+        return render(
+            [
+                Obj(
+                    rng.choice(SHAPES),
+                    rng.choice(list(COLOURS)),
+                    rng.uniform(6, 58),
+                    rng.uniform(6, 58),
+                    rng.uniform(5, 12),
+                )
+                for _ in range(rng.randint(5, 12))
+            ]
+        )
     if kind == 0:  # black with faint noise
         return np.clip(np_rng.normal(0, rng.uniform(0, 0.15), (3, 64, 64)), 0, 1).astype(np.float32)
     if kind == 1:  # low-frequency coloured texture
@@ -163,8 +194,15 @@ def _junk(rng: random.Random, np_rng: np.random.Generator) -> np.ndarray:
     return render(sample_scene(rng).objects) * rng.uniform(0.05, 0.35)  # faded, off-palette shapes
 
 
-def training_batch(rng: random.Random, n: int, noise: float = 0.1, hard: float = 0.5, junk: float = 0.0,
-                   bank: tuple[np.ndarray, list[Scene]] | None = None, bank_frac: float = 0.5):
+def training_batch(
+    rng: random.Random,
+    n: int,
+    noise: float = 0.1,
+    hard: float = 0.5,
+    junk: float = 0.0,
+    bank: tuple[np.ndarray, list[Scene]] | None = None,
+    bank_frac: float = 0.5,
+):
     """n positives and n negatives: (images (2n, 3, 64, 64), captions, labels (2n,)). A positive is a rendered
     scene, or with probability `bank_frac` an image of `bank` (images drawn by a generator from known scenes) with
     its scene's caption. A negative pairs the image with a one-attribute perturbation of its caption (fraction
@@ -195,8 +233,16 @@ def training_batch(rng: random.Random, n: int, noise: float = 0.1, hard: float =
     return torch.from_numpy(np.stack(images)).float(), captions, torch.tensor(labels)
 
 
-def train_toy_reward(steps: int, batch: int, seed: int, lr: float = 2e-3, junk: float = 0.3, smooth: float = 1.0,
-                     bank: tuple[np.ndarray, list[Scene]] | None = None, log=print) -> ToyReward:
+def train_toy_reward(
+    steps: int,
+    batch: int,
+    seed: int,
+    lr: float = 2e-3,
+    junk: float = 0.3,
+    smooth: float = 1.0,
+    bank: tuple[np.ndarray, list[Scene]] | None = None,
+    log=print,
+) -> ToyReward:
     """BCE on `training_batch` pairs, 70% of batches blurred (generated images are soft-edged); the scorer sees
     its input through a Gaussian blur of `smooth` px."""
     torch.manual_seed(seed)
@@ -246,8 +292,10 @@ class ToyEnsemble(torch.nn.Module):
 def _load_toy_reward(path: str, contrast: int) -> ToyReward:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"reward 'toy': weights file {p} not found; reward.options.path names the safetensors file(s) "
-                        f"written by bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)")  # fmt: skip
+        raise UserError(
+            f"reward 'toy': weights file {p} not found; reward.options.path names the safetensors file(s) "
+            f"written by bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)"
+        )
     weights = load_file(str(p))
     model = ToyReward(dim=weights["embed.weight"].shape[1])  # the width is read from the weights
     model.load_state_dict(weights)
@@ -258,8 +306,10 @@ def _load_toy_reward(path: str, contrast: int) -> ToyReward:
 def build_toy_reward(path: str | list[str] | None = None, contrast: int = 0, combine: str = "mean") -> torch.nn.Module:
     """`path`: one weights file, or a list of them (an ensemble combined by `combine`: mean or min)."""
     if not path:
-        raise UserError("reward 'toy' needs reward.options.path: the safetensors file(s) written by "
-                        "bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)")
+        raise UserError(
+            "reward 'toy' needs reward.options.path: the safetensors file(s) written by "
+            "bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)"
+        )
     if combine not in ("mean", "min"):
         raise UserError(f"reward 'toy': combine must be 'mean' or 'min', got {combine!r}")
     if isinstance(path, str):

@@ -73,7 +73,13 @@ def parse_caption(text: str) -> Spec | None:
             return ws[1], ws[2]
         return None
 
-    if len(words) == 3 and words[0] in numbers and words[1] in COLOURS and words[2][:-1] in SHAPES and words[2][-1] == "s":
+    if (
+        len(words) == 3
+        and words[0] in numbers
+        and words[1] in COLOURS
+        and words[2][:-1] in SHAPES
+        and words[2][-1] == "s"
+    ):
         return Spec("counting", ((words[1], words[2][:-1]),), count=numbers[words[0]])
     one = noun(words)
     if one:
@@ -146,7 +152,7 @@ def realise(spec: Spec, rng: random.Random) -> Scene:
     size = rng.uniform(12, 16)
     pick = lambda c: c or rng.choice(list(COLOURS))  # noqa: E731
     if spec.category == "counting":
-        (c, s), = spec.objects
+        ((c, s),) = spec.objects
         centres = _place(rng, spec.count, size, [])
         objs = [Obj(s, c, x, y, size) for x, y in centres]
     elif spec.category == "position":
