@@ -77,3 +77,70 @@ def test_kernels_import_nothing_above_them():
     assert "leapalign_fast.kernels.connector" in imports("leapalign_fast.flow", known["leapalign_fast.flow"], known)
     for name in kernel_modules:
         assert imports(name, known[name], known) <= kernel_modules, name
+
+
+# The layers, bottom first (a module's layer is that of its longest matching prefix). A module may import from its
+# own layer and the ones below: the trainer, checkpointer, config, backbone, method and reward are separate rooms
+# whose imports point down only.
+LAYERS = [
+    [
+        "leapalign_fast.kernels",
+        "leapalign_fast.errors",
+        "leapalign_fast.io",
+        "leapalign_fast.dtypes",
+        "leapalign_fast.threads",
+        "leapalign_fast.methods.settings",
+    ],
+    ["leapalign_fast.config"],
+    [
+        "leapalign_fast.flow",
+        "leapalign_fast.ema",
+        "leapalign_fast.images",
+        "leapalign_fast.runlock",
+        "leapalign_fast.resume_settings",
+        "leapalign_fast.prompts",
+        "leapalign_fast.fsdp",
+        "leapalign_fast.recompute",
+        "leapalign_fast.dist_checkpoint",
+    ],
+    ["leapalign_fast.sampler", "leapalign_fast.models", "leapalign_fast.rewards", "leapalign_fast.toy"],
+    ["leapalign_fast.methods", "leapalign_fast.preflight"],
+    ["leapalign_fast.build"],
+    ["leapalign_fast.checkpoint", "leapalign_fast.validation", "leapalign_fast.evaluate"],
+    ["leapalign_fast.train"],
+    ["leapalign_fast.cli", "leapalign_fast"],
+]
+
+
+def layer(name: str) -> int:
+    best = max((p for ps in LAYERS for p in ps if name == p or name.startswith(p + ".")), key=len)
+    return next(i for i, ps in enumerate(LAYERS) if best in ps)
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, deps in graph.items() for b in deps if layer(b) > layer(a))
+
+
+def test_imports_point_down_the_layers_only():
+    known = modules()
+    graph = {name: imports(name, path, known) for name, path in known.items()}
+    assert all(layer(n) >= 0 for n in graph)  # every module has a layer
+    assert upward(graph) == []
+    graph["leapalign_fast.methods.base"].add("leapalign_fast.train")  # the check can fail
+    assert upward(graph) == [("leapalign_fast.methods.base", "leapalign_fast.train")]
+
+
+def test_the_config_layer_needs_no_torch():
+    """config.py and methods/settings.py type a whole config before any heavy import."""
+    for name in ("config.py", "methods/settings.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        heavy = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            and any(
+                a.name.split(".")[0] in ("torch", "numpy", "diffusers", "transformers", "accelerate")
+                for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])
+            )
+        ]
+        assert not heavy, name
