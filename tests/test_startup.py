@@ -25,21 +25,31 @@ def test_config_errors_come_before_the_heavy_imports():
     assert "config key 'lr' must be a float" in proc.stderr and "heavy: []" in proc.stdout
     proc = _cli(["train", "method.name=leapalgn"])  # the method's name is checked by the config too
     assert proc.returncode == 2 and "unknown method 'leapalgn'" in proc.stderr and "heavy: []" in proc.stdout
-    # The method's own keys: its settings dataclass lives beside its loss (torch), none of the model stack.
+    # The method's own keys and values: its settings dataclass is torch-free (methods/settings.py), so these too
+    # fail before torch is imported.
     proc = _cli(["train", "method.alhpa=0.1"])
     assert proc.returncode == 2 and "did you mean 'method.alpha'" in proc.stderr, proc.stderr
-    assert "heavy: ['torch']" in proc.stdout
+    assert "heavy: []" in proc.stdout
+    proc = _cli(["train", "method.alpha=1.5"])
+    assert proc.returncode == 2 and "method.alpha must be in [0, 1]" in proc.stderr and "heavy: []" in proc.stdout
 
 
 def test_config_is_a_leaf():
-    """`leapalign_fast.config` imports no other module of the package (but the one UserError) and not torch."""
+    """`leapalign_fast.config` imports nothing of the package but UserError and the method settings (the `methods`
+    package, torch-free until a loss module is asked for), and not torch."""
     code = (
         "import sys\nimport leapalign_fast.config\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert eval(proc.stdout) == ["leapalign_fast", "leapalign_fast.config", "leapalign_fast.errors"]
+    assert eval(proc.stdout) == [
+        "leapalign_fast",
+        "leapalign_fast.config",
+        "leapalign_fast.errors",
+        "leapalign_fast.methods",
+        "leapalign_fast.methods.settings",
+    ]
 
 
 def test_passive_waiting_by_default_and_logged(monkeypatch):
