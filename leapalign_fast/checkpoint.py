@@ -38,10 +38,12 @@ from leapalign_fast import dist_checkpoint as dcp_ckpt
 from leapalign_fast.build import load_trained, trained_state, unwrap
 from leapalign_fast.config import Config, config_dict
 from leapalign_fast.dist_checkpoint import SHARDS
+from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.ema import EMA
 from leapalign_fast.errors import TrainingDiverged, UserError
 from leapalign_fast.fsdp import all_finite, full_tensors
 from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from leapalign_fast.model_dir import model_config, write_model_dir
 from leapalign_fast.models.lora_export import export_lora
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
@@ -580,10 +582,21 @@ class LocalCheckpointer(Checkpointer):
         return data["ema"] is not None
 
     def export(self, step, state, pipeline):
-        if self.acc.is_main_process and self.cfg.lora.enabled:  # <Pipeline>.load_lora_weights
-            export_lora(unwrap(state.transformer), self.out / "lora", pipeline=pipeline)
+        if not self.acc.is_main_process:
+            return
+        model = unwrap(state.transformer)
+        if self.cfg.lora.enabled:  # <Pipeline>.load_lora_weights
+            export_lora(model, self.out / "lora", pipeline=pipeline)
             if state.ema is not None:
-                export_lora(unwrap(state.transformer), self.out / "lora_ema", state.ema.shadow, pipeline=pipeline)
+                export_lora(model, self.out / "lora_ema", state.ema.shadow, pipeline=pipeline)
+            return
+        # Full fine-tune: transformer/ (and transformer_ema/) as diffusers model directories, in the model dtype.
+        dtype, config = DTYPES[self.cfg.model.dtype], model_config(model)
+        weights = {n: t.detach().to("cpu", dtype) for n, t in model.state_dict().items()}
+        write_model_dir(weights, config, self.out / "transformer")
+        if state.ema is not None:
+            ema = {n: t.detach().to("cpu", dtype) for n, t in state.ema.shadow.items()}
+            write_model_dir({**weights, **ema}, config, self.out / "transformer_ema")
 
 
 class ShardedCheckpointer(Checkpointer):

@@ -22,7 +22,6 @@ the same global tensors, each rank reading the pieces its own shards overlap (`d
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,11 +29,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import save_tensors_atomic, write_json_atomic
+from leapalign_fast.model_dir import model_config, write_model_dir
 
 SHARDS = "shards"
 FORMAT = "dcp"
@@ -163,10 +164,14 @@ def check_shards(tmp: Path, world: int) -> None:
 
 
 def write_model_config(tmp: Path, transformer) -> None:
-    """The bare transformer's diffusers config (with `_class_name`), so an export needs no training config."""
-    config = dict(transformer.config)
-    config["_class_name"] = type(transformer).__name__.removeprefix("FSDP")
-    write_json_atomic(tmp / "model_config.json", json.loads(json.dumps(config, default=str)))
+    """What an export needs besides the trained weights, so it needs no training config: the bare transformer's
+    diffusers config (`model_config.json`) and its persistent buffers (`buffers.safetensors`, e.g. SD3's fixed
+    position table: FSDP does not shard buffers, and the checkpoint's shards hold parameters only)."""
+    write_json_atomic(tmp / "model_config.json", model_config(transformer))
+    persistent = set(transformer.state_dict())
+    buffers = {n: b.detach().cpu().contiguous() for n, b in transformer.named_buffers() if n in persistent}
+    if buffers:
+        save_tensors_atomic(buffers, tmp / "buffers.safetensors")
 
 
 def load_sharded(path: Path, model, trained: dict, ema: dict | None, optimizer) -> bool:
@@ -217,12 +222,7 @@ def export_transformer(path: Path, target: Path, ema: bool = False) -> Path:
         )
     config = json.loads((path / "model_config.json").read_text())
     dtype = getattr(torch, state["config"]["model"]["dtype"])
-    weights = {n: t.to(dtype) for n, t in consolidate(path, "ema" if ema else "trained").items()}
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_tensors_atomic(weights, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-    write_json_atomic(tmp / "config.json", config)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
+    weights = consolidate(path, "ema" if ema else "trained")
+    if (path / "buffers.safetensors").is_file():
+        weights.update(load_file(str(path / "buffers.safetensors")))
+    return write_model_dir({n: t.to(dtype) for n, t in weights.items()}, config, target)

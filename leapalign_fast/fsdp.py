@@ -49,11 +49,15 @@ def compute_dtype(mixed_precision: str, storage: torch.dtype) -> torch.dtype | N
 
 def wrap_units(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules sharded one by one: instances of the model's repeated block classes (diffusers'
-    `_repeated_blocks`), in module order."""
+    `_repeated_blocks`), in module order; for a model that names none (SD3Transformer2DModel), the elements of its
+    top-level block lists (`transformer_blocks`, ...), the same unit."""
     classes = set(getattr(transformer, "_repeated_blocks", ()) or ())
     units = [m for m in transformer.modules() if type(m).__name__ in classes]
     if not units:
-        raise UserError(f"fsdp=true: {type(transformer).__name__} names no repeated blocks to shard; use fsdp=false")
+        lists = [c for c in transformer.children() if isinstance(c, torch.nn.ModuleList) and len(c) > 0]
+        units = [block for blocks in lists for block in blocks]
+    if not units:
+        raise UserError(f"fsdp=true: {type(transformer).__name__} has no repeated blocks to shard; use fsdp=false")
     return units
 
 

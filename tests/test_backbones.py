@@ -340,6 +340,7 @@ def test_backbone_configs_hold_the_published_settings(name, family, guidance, ba
 # The heavy settings of a shipped config swapped for a CPU-sized run of the family's tiny random build; everything
 # else (full fine-tune, lr, EMA, gradient checkpointing, checkpointed decode, CFG on both branches) as shipped.
 TINY_RUN = [
+    "fsdp=false",  # in this process, unsharded (tests/test_full_configs.py runs them sharded on two processes)
     "model.source=tiny",
     "model.dtype=float32",
     "mixed_precision=no",
