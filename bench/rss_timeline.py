@@ -30,11 +30,21 @@ class Phases:
     """The current phase's label, set by module hooks; a polling thread records (seconds, RSS MiB, label)."""
 
     def __init__(self):
-        self.label, self.samples, self.backward, self._stop = "start", [], False, threading.Event()
+        self._label, self.samples, self.backward, self._stop = "start", [], False, threading.Event()
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @label.setter
+    def label(self, value: str) -> None:
+        """Each phase is sampled as it starts too: a short phase is not lost when the poller is not scheduled."""
+        self._label = value
+        self.samples.append((time.perf_counter(), memory.rss_mib(), value))
 
     def poll(self):
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), memory.rss_mib(), self.label))
+            self.samples.append((time.perf_counter(), memory.rss_mib(), self._label))
             time.sleep(0.0005)
 
     def set(self, name: str):
