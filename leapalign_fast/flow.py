@@ -1,8 +1,13 @@
-"""Rectified-flow math shared by every method: the FLUX schedule, the Euler step, and the leap.
+"""Rectified-flow math shared by every method: FLUX.1-dev's schedule, the Euler steps, and the leap.
 
 Conventions (diffusers' FLUX): `t` in [0, 1], `t = 1` is noise, `x_t = (1 - t) x_data + t noise`,
 the model predicts `v = noise - x_data`, and an Euler step from `t` to `s < t` is `x_s = x_t - (t - s) v`.
 Times are floats or (B,) tensors; latents are batch-first, e.g. (B, L, 64) packed FLUX latents.
+
+Two Euler steps, equal in float32 (and float64): `scheduler_step` is FlowMatchEulerDiscreteScheduler.step's
+arithmetic, which in bf16/fp16 rounds `dt v` to the model dtype; every trajectory steps with it (sampler.py), so
+bf16 samples are the pipelines'. `euler_step` keeps float32 arithmetic for the predictions training makes besides
+the trajectory (LeapAlign's leaps, one-step predictions): see `euler_step`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ def calculate_shift(
 
 
 def flux_schedule(num_steps: int, image_seq_len: int, shift: bool = True, device=None) -> torch.Tensor:
-    """(N + 1,) float32 times `1 = t_0 > ... > t_{N-1} > t_N = 0`, as FluxPipeline's scheduler builds them.
+    """(N + 1,) float32 times `1 = t_0 > ... > t_{N-1} > t_N = 0`, as FluxPipeline builds them with FLUX.1-dev's
+    scheduler config (dynamic shift, 0.5 ... 1.15). The FLUX backbone reads its model directory's config instead
+    (models/flux.py: schnell's is a static shift 1.0); this is the toy benchmarks' and the tests' dev schedule.
 
     `linspace(1, 1/N, N)` in float32, exponentially shifted by `mu` from the token count, then 0 appended.
     Put it on the latents' device: every Euler step reads it, and a CPU schedule is a host copy per read.
@@ -60,13 +67,38 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def euler_step(x_t: torch.Tensor, v: torch.Tensor, t, s) -> torch.Tensor:
-    """`x_s = x_t - (t - s) v`, computed in at least float32 (as diffusers' scheduler), cast back to x's dtype.
+    """`x_s = x_t - (t - s) v`, computed in at least float32, cast back to x's dtype; times may differ per sample.
 
-    Also the one-step leap prediction `xh_s` when `t - s` spans several trajectory steps.
+    Also the one-step leap prediction `xh_s` when `t - s` spans several trajectory steps. Training's predictions
+    beside the trajectory use it (LeapAlign's leaps, whose values the connectors replace by the trajectory's states
+    and which carry the gradient; ReFL/DRTune/DRaFT-LV's one-step x0): in bf16 its product `(t - s) v` is not
+    rounded to bf16 as the scheduler's is (`scheduler_step`), one rounding less on the gradient's path. In float32
+    the two are the same number.
     """
     acc = torch.promote_types(x_t.dtype, torch.float32)
     dt = _per_sample(as_batch_time(t, x_t) - as_batch_time(s, x_t), x_t).to(acc)
     return (x_t.to(acc) - dt * v.to(acc)).to(x_t.dtype)
+
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def scheduler_step(x_t: torch.Tensor, v: torch.Tensor, t, s) -> torch.Tensor:
+    """One trajectory step `x_t -> x_s` (one time for the whole batch) as FlowMatchEulerDiscreteScheduler.step
+    computes it: `x_t` upcast to float32, plus `dt * v` with `dt = s - t` a 0-dim float32 tensor on x's device
+    (the product in v's dtype: bf16 in a bf16 run), cast back to x's dtype. The same torch operations on the same
+    operand kinds as the scheduler, so bf16 trajectories are the pipelines' bit for bit, on any device.
+
+    Float32 and float64 latents take `euler_step` (in float32 `x + (s - t) v` and `x - (t - s) v` are the same
+    number): runs in float32 and the float64 oracles of the tests are unchanged.
+    """
+    if x_t.dtype not in REDUCED:
+        return euler_step(x_t, v, t, s)
+    t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+    s = torch.as_tensor(s, device=x_t.device, dtype=torch.float32)
+    if t.dim() or s.dim():
+        raise ValueError("scheduler_step takes one time for the whole batch (a sigma of the schedule)")
+    return (x_t.to(torch.float32) + (s - t) * v).to(x_t.dtype)
 
 
 class LeapResult(NamedTuple):

@@ -3,6 +3,10 @@
 Methods that train inside the loop pass a `step_hook(i, x_i)` that may run the model itself (with grad)
 at chosen steps; the value it returns drives the trajectory exactly as the no-grad forward would have,
 so the model is called once per step either way.
+
+Every step is the diffusers scheduler's (`flow.scheduler_step`): in the model dtype (bf16 included) a trajectory
+from the same noise and velocity is the family's pipeline's, bit for bit where the velocity is (tests/test_backbones.py,
+tests/test_fast_path.py); training's rollouts are the samples evaluation and grids draw.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from leapalign_fast.flow import Velocity, as_batch_time, euler_step
+from leapalign_fast.flow import Velocity, as_batch_time, scheduler_step
 
 StepHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]  # (i, x_i) -> v_i (maybe with grad) or None
 
@@ -43,7 +47,7 @@ def sample_trajectory(
         if v is None:
             with torch.no_grad():
                 v = velocity(x, t)
-        x = euler_step(x, v.detach(), sigmas[i], sigmas[i + 1])
+        x = scheduler_step(x, v.detach(), sigmas[i], sigmas[i + 1])
         if states is not None:
             states.append(x)
     return Trajectory(sigmas, states, x)
@@ -77,5 +81,5 @@ def integrate_with_grad(
         else:
             with torch.no_grad():
                 v = velocity(x.detach(), t)
-        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        x = scheduler_step(x, v, sigmas[i], sigmas[i + 1])
     return x

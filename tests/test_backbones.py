@@ -47,7 +47,7 @@ def _sd3_encode(pipe, comps, prompts):
     return {"embeds": e, "neg_embeds": ne, "pooled": p, "neg_pooled": np_}
 
 
-def _sd3_sample(pipe, comps, cond, noise, geom):
+def _sd3_sample(pipe, comps, cond, noise, geom, res=RES, steps=N, guidance=G):
     from leapalign_fast.models.common import pack_latents, unpack_latents
 
     z = pipe(
@@ -56,10 +56,10 @@ def _sd3_sample(pipe, comps, cond, noise, geom):
         negative_prompt_embeds=cond["neg_embeds"],
         negative_pooled_prompt_embeds=cond["neg_pooled"],
         latents=unpack_latents(noise, geom.h, geom.w),
-        height=RES,
-        width=RES,
-        num_inference_steps=N,
-        guidance_scale=G,
+        height=res,
+        width=res,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         output_type="latent",
         return_dict=False,
     )[0]
@@ -75,6 +75,7 @@ def _flux2_pipeline(comps):
         text_encoder=comps.text.text_encoder,
         tokenizer=comps.text.tokenizer,
         transformer=comps.transformer,
+        is_distilled=comps.is_distilled,
     )
 
 
@@ -86,7 +87,7 @@ def _flux2_encode(pipe, comps, prompts):
     }
 
 
-def _flux2_sample(pipe, comps, cond, noise, geom):
+def _flux2_sample(pipe, comps, cond, noise, geom, res=RES, steps=N, guidance=G):
     """The pipeline's latents are un-normalised and unpatchified: ours are compared in that layout (which also
     checks our decode's normalisation and unpatchify)."""
     z = noise.permute(0, 2, 1).reshape(noise.shape[0], geom.channels, geom.h // 2, geom.w // 2)
@@ -94,10 +95,10 @@ def _flux2_sample(pipe, comps, cond, noise, geom):
         prompt_embeds=cond["embeds"],
         negative_prompt_embeds=cond["neg_embeds"],
         latents=z,
-        height=RES,
-        width=RES,
-        num_inference_steps=N,
-        guidance_scale=G,
+        height=res,
+        width=res,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         output_type="latent",
         return_dict=False,
         text_encoder_out_layers=comps.text.out_layers,
@@ -135,17 +136,17 @@ def _qwen_encode(pipe, comps, prompts):
     return out
 
 
-def _qwen_sample(pipe, comps, cond, noise, geom):
+def _qwen_sample(pipe, comps, cond, noise, geom, res=RES, steps=N, guidance=G):
     return pipe(
         prompt_embeds=cond["embeds"],
         prompt_embeds_mask=cond["mask"],
         negative_prompt_embeds=cond["neg_embeds"],
         negative_prompt_embeds_mask=cond["neg_mask"],
         latents=noise,
-        height=RES,
-        width=RES,
-        num_inference_steps=N,
-        true_cfg_scale=G,
+        height=res,
+        width=res,
+        num_inference_steps=steps,
+        true_cfg_scale=guidance,
         output_type="latent",
         return_dict=False,
         max_sequence_length=comps.text.max_sequence_length,

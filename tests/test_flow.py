@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from leapalign_fast.flow import calculate_shift, euler_step, flux_schedule, leap_trajectory
+from leapalign_fast.flow import calculate_shift, euler_step, flux_schedule, leap_trajectory, scheduler_step
 
 
 class MLPVelocity(torch.nn.Module):
@@ -95,3 +95,49 @@ def test_euler_step_matches_scheduler_step():
     want = sched.step(v, sched.timesteps[0], x, return_dict=False)[0]
     got = euler_step(x, v, sched.sigmas[0], sched.sigmas[1])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scheduler_step_is_the_schedulers_bit_for_bit(dtype):
+    """Every step of a 25-step schedule, as FlowMatchEulerDiscreteScheduler.step computes it in the latents' dtype;
+    in bf16/fp16 euler_step (float32 product, training's leaps) is another number, in float32 the same one."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 25, 25), mu=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 16, generator=gen).to(dtype)
+    apart = 0.0
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(2, 64, 16, generator=gen).to(dtype)
+        want = sched.step(v, t, x, return_dict=False)[0]
+        got = scheduler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1])
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        apart = max(apart, (euler_step(x, v, sched.sigmas[i], sched.sigmas[i + 1]) - want).abs().max().item())
+        x = want
+    assert apart > 0 if dtype != torch.float32 else apart == 0
+
+
+def test_scheduler_step_keeps_float64_and_takes_one_time():
+    """The float64 oracles of the tests step in float64 as before (the scheduler would round to float32)."""
+    x, v = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    t, s = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    got = scheduler_step(x, v, t, s)
+    assert got.dtype == torch.float64 and torch.equal(got, euler_step(x, v, t, s))
+    assert not torch.equal(got, (x.float() + (s - t).float() * v.float()).double())  # float32 would show
+    with pytest.raises(ValueError, match="one time for the whole batch"):
+        scheduler_step(x.bfloat16(), v.bfloat16(), torch.tensor([0.7, 0.6]), 0.3)
+
+
+def test_flux_tiny_schedule_is_the_hard_coded_dev_schedule():
+    """The FLUX backbone now reads its scheduler config; the tiny build's (FLUX.1-dev's) gives the schedule every
+    float32 run so far used, bit for bit (the toy run's numbers are unchanged)."""
+    from leapalign_fast.models.backbone import Geometry
+    from leapalign_fast.models.flux import FluxComponents, schedule
+
+    comps = FluxComponents(None, None, None)
+    for n in (1, 4, 25, 28, 50):
+        for tokens in (4, 16, 256, 1024, 2025, 4096):
+            assert torch.equal(schedule(comps, n, Geometry(2, 2, tokens, 64)), flux_schedule(n, tokens))

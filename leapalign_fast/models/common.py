@@ -1,15 +1,66 @@
 """What every backbone family shares: reading a local diffusers-format directory (required parts, one UserError
-line per gap or bad part, the transformer on the meta device for FSDP) and FluxPipeline's 2x2 latent packing,
-which SD3.5 and Qwen-Image use too. Family modules import from here, never from one another.
+line per gap or bad part, the transformer on the meta device for FSDP), the pipelines' schedule from a scheduler
+config, and FluxPipeline's 2x2 latent packing, which SD3.5 and Qwen-Image use too. Family modules import from here,
+never from one another.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from leapalign_fast.errors import UserError
+
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Print `leapalign-fast: <message>` the first time this process is given it (a velocity is built per batch)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        print(f"leapalign-fast: {message}", flush=True)
+
+
+def bare(module):
+    """The module under accelerate/DDP's `.module` and torch.compile's `_orig_mod` (its config, its marks)."""
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)
+
+
+def pipeline_schedule(
+    scheduler_config,
+    num_steps: int,
+    mu: float | None = None,
+    linspace: bool = True,
+    flow_sigmas: bool = True,
+    device=None,
+) -> torch.Tensor:
+    """(N + 1,) float32 sigmas, 1 ... 0, exactly as a pipeline's `retrieve_timesteps` sets them on a
+    FlowMatchEulerDiscreteScheduler of `scheduler_config` (the model directory's): `linspace` passes
+    `sigmas=linspace(1, 1/N, N)` (FLUX.1, FLUX.2-Klein, Qwen-Image), else `num_inference_steps=N` (SD3);
+    `flow_sigmas`: a config's `use_flow_sigmas` drops the linspace (FluxPipeline and Flux2KleinPipeline read it,
+    QwenImagePipeline does not); `mu` is the resolution's shift where the config shifts dynamically (a static
+    `shift` ignores it). Then whatever the config asks: its shift, `shift_terminal`, Karras/exponential/beta sigmas.
+    A step count the config cannot sample is one UserError line."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if num_steps < 1:
+        raise UserError(f"{num_steps} sampling steps: use 1 or more (num_steps, eval_num_steps, eval --steps)")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    terminal = scheduler.config.get("shift_terminal")
+    if terminal and num_steps == 1:  # stretch_shift_to_terminal divides by 1 - sigma_last = 0: a NaN first sigma
+        raise UserError(
+            f"1 sampling step cannot be sampled with this model's scheduler (shift_terminal={terminal} stretches the "
+            "schedule by 1 - its last sigma, 0 at one step: NaN); use 2 or more steps (num_steps, eval_num_steps, "
+            "eval --steps)"
+        )
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if linspace else None
+    if sigmas is not None and flow_sigmas and scheduler.config.get("use_flow_sigmas"):
+        sigmas = None
+    scheduler.set_timesteps(num_steps if sigmas is None else None, device="cpu", sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.to(torch.float32).to(device)
 
 
 def missing_parts(root: Path, required: dict, need_text: bool = True) -> list[str]:

@@ -1,26 +1,51 @@
-"""FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5), image ids, velocity.
+"""FLUX components (diffusers' FluxTransformer2DModel + AutoencoderKL, CLIP + T5, the scheduler config), image ids,
+velocity.
 
 The FLUX.1 backbone (`BACKBONE`, at the end). One code path for every size: `build_tiny_flux` makes random-init
-components of the real classes,
-`load_flux` reads a local diffusers-format directory (FLUX.1-dev, or a tiny one written by `save_flux`).
+components of the real classes (FLUX.1-dev's scheduler config), `load_flux` reads a local diffusers-format directory
+(FLUX.1-dev, FLUX.1-schnell, or a tiny one written by `save_flux`). As FluxPipeline: the schedule is the directory's
+scheduler config (dev: dynamic shift from the token count; schnell: static shift 1.0), and guidance goes to the
+transformer only where it has a guidance embedding (dev; schnell has none: guidance is ignored, logged once).
 Shapes: packed latents (B, L, 4C) with L = (H/2)(W/2) tokens; VAE latents (B, C=16, H, W). The packing and the
 directory loading every family shares live in models/common.py (`pack_latents`, `unpack_latents` re-exported here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from leapalign_fast.config import FLUX_LORA_TARGETS, TinyFluxConfig  # noqa: F401  (sizes live with the config)
 from leapalign_fast.errors import UserError
-from leapalign_fast.flow import flux_schedule
+from leapalign_fast.flow import REDUCED, calculate_shift
 from leapalign_fast.models.backbone import DTYPES, Backbone, ConditionedVelocity, Geometry  # noqa: F401  (DTYPES re-exported)
-from leapalign_fast.models.common import load_denoiser, load_part, missing_parts, pack_latents, unpack_latents
+from leapalign_fast.models.common import (
+    bare,
+    load_denoiser,
+    load_part,
+    log_once,
+    missing_parts,
+    pack_latents,
+    pipeline_schedule,
+    unpack_latents,
+)
 from leapalign_fast.models.text import TextStack, build_tiny_text_stack, encode_prompts
+
+
+def dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config (its scheduler_config.json): the dynamic shift, 0.5 at 256 tokens to 1.15 at
+    4096. The tiny build's; a model directory brings its own."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 @dataclass
@@ -28,6 +53,7 @@ class FluxComponents:
     transformer: FluxTransformer2DModel
     vae: AutoencoderKL
     text: TextStack | None  # None once prompts are cached and the encoders are freed
+    scheduler: FlowMatchEulerDiscreteScheduler = field(default_factory=dev_scheduler)  # its config: the schedule
 
     @property
     def vae_scale_factor(self) -> int:
@@ -73,7 +99,7 @@ def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
         use_post_quant_conv=False,
     )
     text = build_tiny_text_stack(cfg.text_dim, cfg.max_sequence_length, seed + 1)
-    return FluxComponents(transformer, vae.eval(), text)
+    return FluxComponents(transformer, vae.eval(), text, dev_scheduler())
 
 
 # What a diffusers-format FLUX directory must hold; a weight entry is satisfied by any listed name.
@@ -83,6 +109,7 @@ _REQUIRED = {
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     ],
     "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
+    "scheduler": ["scheduler_config.json"],
     "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
     "text_encoder_2": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
     "tokenizer": [("tokenizer.json", "vocab.json")],
@@ -118,8 +145,8 @@ def load_flux(
     def load(what: str, fn):
         return load_part(root, what, fn)
 
-    transformer, vae, _ = load_denoiser(
-        root, FluxTransformer2DModel, AutoencoderKL, dtype, scheduler=False, empty=empty_transformer
+    transformer, vae, scheduler = load_denoiser(
+        root, FluxTransformer2DModel, AutoencoderKL, dtype, empty=empty_transformer
     )
     text = None
     if need_text:
@@ -133,19 +160,15 @@ def load_flux(
             ).eval(),
             max_sequence_length,
         )
-    return FluxComponents(transformer, vae, text)
+    return FluxComponents(transformer, vae, text, scheduler)
 
 
 def save_flux(components: FluxComponents, path: str | Path) -> None:
     """Write components as a diffusers-format directory that `load_flux` and FluxPipeline read."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     root = Path(path)
     components.transformer.save_pretrained(root / "transformer")
     components.vae.save_pretrained(root / "vae")
-    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(
-        root / "scheduler"
-    )
+    components.scheduler.save_pretrained(root / "scheduler")
     import diffusers
 
     from leapalign_fast.io import write_json_atomic
@@ -185,9 +208,11 @@ def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.
 class FluxVelocity(ConditionedVelocity):
     """`v(x, t)` of a FLUX transformer for one batch of conditioning: the `velocity` of `flow`.
 
-    t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself. Every tensor the forward
-    reads besides x, t and the weights is one of `CONDITIONING`, so a CUDA graph can hold all of them in static
-    buffers (`models.fast.GraphedVelocity`).
+    t is (B,) in [0, 1]; the transformer scales timestep and guidance by 1000 itself. In bf16/fp16 the time is
+    FluxPipeline's `(1000 t).to(dtype) / 1000`; in float32 it passes as it is, so float32 runs stay what they were
+    (the pipeline's `(1000 t) / 1000` is 1 ulp off t for about 3% of times). `guidance` None: a transformer
+    without a guidance embedding (FLUX.1-schnell). Every tensor the forward reads besides x, t and the weights is
+    one of `CONDITIONING`, so a CUDA graph can hold all of them in static buffers (`models.fast.GraphedVelocity`).
     """
 
     CONDITIONING = ("t5", "pooled", "img_ids", "txt_ids", "guidance")
@@ -217,9 +242,10 @@ class FluxVelocity(ConditionedVelocity):
             # Both trained forwards then present the same autograd state to torch.compile (LeapAlign's x_k is
             # detached, its u_j carries grad): one compiled graph per block, not two. Grad to this leaf is dropped.
             x = x.detach().requires_grad_(True)
+        ts = (t.float() * 1000).to(x.dtype) / 1000 if x.dtype in REDUCED else t.to(x.dtype)
         return self.transformer(
             hidden_states=x.contiguous(),
-            timestep=t.to(x.dtype),
+            timestep=ts,
             guidance=self.guidance,
             pooled_projections=self.pooled.to(x.dtype),
             encoder_hidden_states=self.t5.to(x.dtype),
@@ -253,15 +279,36 @@ def geometry(components: FluxComponents, resolution: int) -> Geometry:
 
 
 def schedule(components: FluxComponents, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
-    """FluxPipeline's schedule: dynamic shift `mu` from the token count."""
-    return flux_schedule(num_steps, geom.tokens, device=device)
+    """FluxPipeline's schedule from the components' scheduler config: linspace(1, 1/N) sigmas, shifted dynamically
+    by `mu` of the token count (FLUX.1-dev) or statically by the config's `shift` (FLUX.1-schnell: 1.0), 0 appended."""
+    c = components.scheduler.config
+    mu = calculate_shift(
+        geom.tokens,
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", 1.15),
+    )
+    return pipeline_schedule(c, num_steps, mu=mu, device=device)
+
+
+def has_guidance_embedding(transformer) -> bool:
+    """FluxPipeline's test: the transformer's config has `guidance_embeds` (FLUX.1-dev yes, schnell no)."""
+    return bool(bare(transformer).config.get("guidance_embeds", False))
 
 
 def velocity(
     transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None, uncond_grad: bool = True
 ) -> FluxVelocity:
     """The distilled-guidance velocity for one batch of cached conditioning (`t5`, `pooled`), on their device:
-    one forward per call (no unconditional branch, so `uncond_grad` has nothing to switch)."""
+    one forward per call (no unconditional branch, so `uncond_grad` has nothing to switch). A transformer without
+    a guidance embedding (schnell) gets no guidance, as in FluxPipeline; a configured one is ignored, logged once."""
+    if guidance is not None and not has_guidance_embedding(transformer):
+        log_once(
+            f"guidance {guidance} is ignored: the FLUX transformer has no guidance embedding (guidance_embeds = "
+            "false, e.g. FLUX.1-schnell), as in FluxPipeline"
+        )
+        guidance = None
     t5 = cond["t5"]
     return FluxVelocity(transformer, t5, cond["pooled"], latent_image_ids(geom.h, geom.w, t5.device), guidance)
 
@@ -285,12 +332,11 @@ def pipeline_sample(
     num_steps: int,
     guidance: float,
 ) -> torch.Tensor:
-    """FluxPipeline's packed latents from the same noise and cached embeddings (its scheduler: FLUX.1-dev's)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    """FluxPipeline's packed latents from the same noise and cached embeddings (the components' scheduler config)."""
+    from diffusers import FluxPipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     pipe = FluxPipeline(
-        scheduler=scheduler,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config),
         vae=components.vae,
         text_encoder=None,
         tokenizer=None,

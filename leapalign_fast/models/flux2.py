@@ -1,23 +1,32 @@
 """The FLUX.2-Klein backbone: Flux2Transformer2DModel, AutoencoderKLFlux2 (2x2 patchify + batch-norm latent
 normalisation), the Qwen3 text encoder as `Flux2KleinPipeline` uses it (chat template, hidden states of three
-layers stacked), its empirical-mu schedule, and true CFG with the empty negative prompt (Klein base; a distilled
-Klein runs with guidance 1).
+layers stacked), its empirical-mu schedule, and true CFG with the empty negative prompt (Klein base). A step-wise
+distilled Klein (`is_distilled` in the directory's model_index.json, the pipeline's config) runs no CFG whatever
+the guidance, as the pipeline: one forward per step.
 
 Packed latents are the pipeline's own: (B, (h/2)(w/2), 4 C) of the patchified, normalised VAE latents.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
-from leapalign_fast.models.common import SINGLE_ENCODER_PARTS, load_denoiser, load_single_encoder, model_dir
+from leapalign_fast.models.common import (
+    SINGLE_ENCODER_PARTS,
+    bare,
+    load_denoiser,
+    load_single_encoder,
+    log_once,
+    model_dir,
+    pipeline_schedule,
+)
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
 LORA_TARGETS = (
@@ -45,12 +54,30 @@ class Flux2Text:
     out_layers: tuple[int, ...] = (9, 18, 27)  # hidden states stacked (Klein: 9, 18, 27)
 
 
+# The pipeline's `is_distilled`, marked on the bare transformer: the velocity is built from the transformer alone.
+_DISTILLED = "_leapalign_klein_is_distilled"
+
+
+def is_distilled(transformer) -> bool:
+    """Whether `transformer` is a step-wise distilled Klein's (Flux2KleinPipeline then never runs CFG)."""
+    return bool(getattr(bare(transformer), _DISTILLED, False))
+
+
 @dataclass
 class Flux2Components:
     transformer: Flux2Transformer2DModel
     vae: AutoencoderKLFlux2
     text: Flux2Text | None
     scheduler: FlowMatchEulerDiscreteScheduler
+
+    @property
+    def is_distilled(self) -> bool:
+        """model_index.json's `is_distilled` (Flux2KleinPipeline's config), held by the transformer."""
+        return is_distilled(self.transformer)
+
+    @is_distilled.setter
+    def is_distilled(self, value: bool) -> None:
+        setattr(bare(self.transformer), _DISTILLED, bool(value))
 
 
 def build_tiny_qwen3(vocab_size: int, hidden: int, layers: int) -> Qwen3ForCausalLM:
@@ -122,7 +149,21 @@ def load_flux2(
         tok, enc = load_single_encoder(root, Qwen3ForCausalLM, dtype)
         n = enc.config.num_hidden_layers  # Klein's encoders (36 layers) use the pipeline's 9, 18, 27; a small one
         text = Flux2Text(tok, enc, max_sequence_length, (9, 18, 27) if n >= 27 else (n // 3, 2 * n // 3, n))
-    return Flux2Components(transformer, vae, text, scheduler)
+    components = Flux2Components(transformer, vae, text, scheduler)
+    components.is_distilled = _index_is_distilled(root)
+    return components
+
+
+def _index_is_distilled(root) -> bool:
+    """`is_distilled` of `root/model_index.json`, where Flux2KleinPipeline.save_pretrained writes its config (absent:
+    False, the pipeline's default); an unreadable index is one UserError line."""
+    index = root / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return bool(json.loads(index.read_text()).get("is_distilled", False))
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"cannot read {index}: {e}; fix or remove the file (it should be a JSON object)") from e
 
 
 @torch.no_grad()
@@ -166,15 +207,8 @@ def schedule(components: Flux2Components, num_steps: int, geom: Geometry, device
     """The pipeline's: linspace(1, 1/N) sigmas shifted by the empirical mu of (tokens, N), 0 appended."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
-    sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-    scheduler.set_timesteps(
-        num_steps if sigmas is None else None,
-        device="cpu",
-        sigmas=sigmas,
-        mu=compute_empirical_mu(geom.tokens, num_steps),
-    )
-    return scheduler.sigmas.to(torch.float32).to(device)
+    mu = compute_empirical_mu(geom.tokens, num_steps)
+    return pipeline_schedule(components.scheduler.config, num_steps, mu=mu, device=device)
 
 
 def ids(batch: int, length: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +260,14 @@ class Flux2Velocity(ConditionedVelocity):
 def velocity(
     transformer, cond: dict[str, torch.Tensor], geom: Geometry, guidance: float | None, uncond_grad: bool = True
 ) -> Flux2Velocity:
+    """True CFG at `guidance` (> 1), except on a distilled Klein: no CFG, one forward, the guidance logged once as
+    ignored (Flux2KleinPipeline's `do_classifier_free_guidance`: guidance > 1 and not is_distilled)."""
+    if guidance is not None and guidance > 1.0 and is_distilled(transformer):
+        log_once(
+            f"guidance {guidance} is ignored: this FLUX.2-Klein is step-wise distilled (is_distilled in "
+            "model_index.json), so no CFG, as in Flux2KleinPipeline"
+        )
+        guidance = 1.0
     embeds = cond["embeds"]
     txt, img = ids(embeds.shape[0], embeds.shape[1], geom.h // 2, geom.w // 2, embeds.device)
     return Flux2Velocity(
@@ -282,6 +324,7 @@ def pipeline_sample(
         text_encoder=None,
         tokenizer=None,
         transformer=components.transformer,
+        is_distilled=components.is_distilled,
     )
     pipe.set_progress_bar_config(disable=True)
     b, _, c4 = noise.shape

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -23,6 +22,7 @@ from leapalign_fast.models.common import (
     load_denoiser,
     load_single_encoder,
     model_dir,
+    pipeline_schedule,
     unpack_latents,
 )
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
@@ -173,11 +173,11 @@ def geometry(components: QwenImageComponents, resolution: int) -> Geometry:
 
 
 def schedule(components: QwenImageComponents, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
-    """The pipeline's: linspace(1, 1/N) sigmas through its scheduler with mu from the token count."""
+    """The pipeline's: linspace(1, 1/N) sigmas through its scheduler with mu from the token count. One step is
+    refused (one UserError line): Qwen-Image's `shift_terminal` makes its only sigma NaN."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
-    c = scheduler.config
+    c = components.scheduler.config
     mu = calculate_shift(
         geom.tokens,
         c.get("base_image_seq_len", 256),
@@ -185,8 +185,7 @@ def schedule(components: QwenImageComponents, num_steps: int, geom: Geometry, de
         c.get("base_shift", 0.5),
         c.get("max_shift", 1.15),
     )
-    scheduler.set_timesteps(None, device="cpu", sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-    return scheduler.sigmas.to(torch.float32).to(device)
+    return pipeline_schedule(c, num_steps, mu=mu, flow_sigmas=False, device=device)
 
 
 class QwenImageVelocity(ConditionedVelocity):

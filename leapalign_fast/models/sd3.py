@@ -16,7 +16,14 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
-from leapalign_fast.models.common import load_denoiser, load_part, model_dir, pack_latents, unpack_latents
+from leapalign_fast.models.common import (
+    load_denoiser,
+    load_part,
+    model_dir,
+    pack_latents,
+    pipeline_schedule,
+    unpack_latents,
+)
 from leapalign_fast.models.text import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
 LORA_TARGETS = (
@@ -212,10 +219,22 @@ def geometry(components: SD3Components, resolution: int) -> Geometry:
 
 
 def schedule(components: SD3Components, num_steps: int, geom: Geometry, device=None) -> torch.Tensor:
-    """The pipeline's schedule: its scheduler's static shift (SD3.5-M: 3.0), 0 appended."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler.config)
-    scheduler.set_timesteps(num_steps, device="cpu")
-    return scheduler.sigmas.to(torch.float32).to(device)
+    """The pipeline's schedule: N steps of its scheduler's config, 0 appended: the static shift (SD3.5-M: 3.0), or
+    where the config shifts dynamically, mu of the transformer's patch count (the pipeline's defaults, max 1.16)."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    c = components.scheduler.config
+    mu = None
+    if c.get("use_dynamic_shifting"):
+        patch = components.transformer.config.patch_size
+        mu = calculate_shift(
+            (geom.h // patch) * (geom.w // patch),
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.16),
+        )
+    return pipeline_schedule(c, num_steps, mu=mu, linspace=False, device=device)
 
 
 class SD3Velocity(ConditionedVelocity):
