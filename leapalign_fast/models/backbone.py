@@ -93,8 +93,11 @@ class Backbone:
     encode_prompts: Callable[[Any, list[str]], dict[str, torch.Tensor]]  # (text, prompts) -> named (P, ...) CPU
     conditioning: tuple[str, ...]  # the cached tensors `velocity` reads (a cache may hold more, e.g. lengths)
     geometry: Callable[[Any, int], Geometry]  # (components, resolution) -> Geometry; UserError if not divisible
-    schedule: Callable[..., torch.Tensor]  # (components, num_steps, geometry, device=None) -> (N + 1,) f32, 1 ... 0
-    # (transformer, conditioning dict, geometry, guidance, uncond_grad=True) -> v(x, t), graphable (see FluxVelocity)
+    # (components, num_steps, geometry, device=None) -> (N + 1,) f32 sigmas, 1 ... 0: the components' scheduler config
+    # (the model directory's) set as the family's pipeline sets it (models/common.pipeline_schedule)
+    schedule: Callable[..., torch.Tensor]
+    # (transformer, conditioning dict, geometry, guidance, uncond_grad=True) -> v(x, t), graphable (see FluxVelocity);
+    # guidance as the pipeline applies it to this transformer (none without a guidance embedding, no CFG if distilled)
     velocity: Callable[..., Any]
     decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]  # (vae, packed x, geometry) -> images in [0, 1]
     lora_targets: tuple[str, ...]  # peft target_modules of the transformer
