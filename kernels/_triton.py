@@ -30,7 +30,8 @@ def jit(fn: Callable) -> Callable:
 
 
 def use_triton(x: torch.Tensor, impl: str) -> bool:
-    """`impl`: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1), "triton" or "reference"."""
+    """`impl`: "auto" (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; float64 tensors take the reference,
+    since the kernels accumulate in float32), "triton" or "reference"."""
     if impl == "reference":
         return False
     if impl == "triton":
@@ -39,6 +40,8 @@ def use_triton(x: torch.Tensor, impl: str) -> bool:
         return True
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if x.dtype == torch.float64:
+        return False
     return x.is_cuda or (interpret_mode() and x.device.type == "cpu")
 
 

@@ -24,10 +24,13 @@ def connect_discount_ref(
 
 
 def distance_ref(x_pred: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 mean absolute difference over all non-batch dims, no grad."""
+    """(B,) float32 mean absolute difference over all non-batch dims, no grad. The difference and the mean are taken
+    in the inputs' dtype or float32, whichever is wider (float64 states: the two nearly equal latents are subtracted
+    in float64, only the distance is rounded to float32)."""
     with torch.no_grad():
-        diff = (x_real.float() - x_pred.float()).abs()
-        return diff.reshape(diff.shape[0], -1).mean(dim=1)
+        acc = torch.promote_types(x_real.dtype, torch.float32)
+        diff = (x_real.to(acc) - x_pred.to(acc)).abs()
+        return diff.reshape(diff.shape[0], -1).mean(dim=1).float()
 
 
 def similarity_weight_ref(d_j: torch.Tensor, d_0: torch.Tensor, tau: float) -> torch.Tensor:

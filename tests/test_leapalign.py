@@ -80,6 +80,74 @@ def test_leapalign_equals_oracle_and_counts_model_calls(seed, reward_first):
     assert any(g.abs().sum() > 0 for g in got)
 
 
+def _independent_oracle(model, noise, sigmas, a, b, alpha, tau, lam, lam_scale=1.0):
+    """LeapAlign's loss written from the formula alone, in float64, using none of the code it checks (no sampler,
+    no flow.leap_trajectory, no connector or similarity kernel): Euler states, the leap through x_k and x_j with
+    latent connectors (value real, gradient predicted), the alpha-discounted input at j, the distances, the weight
+    and the hinge. Returns (loss, d_j, d_0, w)."""
+    x, states = noise, [noise]
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            t = sigmas[i].expand(x.shape[0])
+            x = x + (sigmas[i + 1] - sigmas[i]) * model(x, t)
+            states.append(x)
+    x_k, x_j, x_0 = states[a], states[b], states[-1]
+    k, j = sigmas[a], sigmas[b]
+    xh_j = x_k - (k - j) * model(x_k, k.expand(x_k.shape[0]))
+    xj_conn = xh_j + (x_j - xh_j).detach()
+    u_j = alpha * xj_conn + (1 - alpha) * xj_conn.detach()
+    xh_0 = xj_conn - j * model(u_j, j.expand(x_k.shape[0]))
+    x0_conn = xh_0 + (x_0 - xh_0).detach()
+    d_j = (x_j - xh_j).detach().abs().flatten(1).mean(1)
+    d_0 = (x_0 - xh_0).detach().abs().flatten(1).mean(1)
+    w = 1.0 / (torch.maximum(d_j, torch.full_like(d_j, tau)) + torch.maximum(d_0, torch.full_like(d_0, tau)))
+    loss = (w * torch.relu(lam - _reward(_decode(x0_conn), None))).mean()
+    return loss, d_j, d_0, w
+
+
+@pytest.mark.parametrize("tau", [1e-4, 0.01, 10.0])
+@pytest.mark.parametrize("reward_first", [True, False])
+def test_leapalign_equals_an_independent_float64_oracle(reward_first, tau):
+    """The distances are returned and the similarity weight computed in float32 (the latents are subtracted in
+    float64 first: float64 inputs take the reference path), so loss and gradient agree to float32 round-off of the
+    weight (relative 2e-6), not 1e-12. tau = 10 clamps both distances: the weight is exactly 1 / (2 tau)."""
+    torch.manual_seed(7)
+    N, B = 6, 3
+    model = MLPVelocity(channels=6).double()
+    params = list(model.parameters())
+    sigmas = torch.linspace(1.0, 0.0, N + 1, dtype=torch.float64) ** 1.3
+    noise = torch.randn(B, 5, 6, dtype=torch.float64)
+    alpha, lam = 0.3, 2.0
+    gen = torch.Generator().manual_seed(11)
+    inputs = StepInputs(model, noise, sigmas, _decode, _reward, ["p"] * B, gen)
+    out = leapalign_loss(inputs, alpha, tau, lam, (0, N), reward_first=reward_first)
+    got = torch.autograd.grad(out.loss, params)
+    a, b = draw_two_indices(0, N, torch.Generator().manual_seed(11))
+    want_loss, d_j, d_0, w = _independent_oracle(model, noise, sigmas, a, b, alpha, tau, lam)
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(out.loss, want_loss, rtol=2e-6, atol=0)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=2e-6, atol=2e-6 * float(e.abs().max()))
+    assert out.metrics["d_j"] == pytest.approx(float(d_j.mean()), rel=1e-6)
+    assert out.metrics["d_0"] == pytest.approx(float(d_0.mean()), rel=1e-6)
+    if tau == 10.0:
+        assert torch.equal(w, torch.full_like(w, 1 / 20))
+
+
+def test_the_independent_oracle_notices_a_wrong_discount():
+    torch.manual_seed(7)
+    model = MLPVelocity(channels=6).double()
+    sigmas = torch.linspace(1.0, 0.0, 7, dtype=torch.float64) ** 1.3
+    noise = torch.randn(3, 5, 6, dtype=torch.float64)
+    inputs = StepInputs(model, noise, sigmas, _decode, _reward, ["p"] * 3, torch.Generator().manual_seed(11))
+    out = leapalign_loss(inputs, 0.3, 0.01, 2.0, (0, 6))
+    got = torch.autograd.grad(out.loss, list(model.parameters()))
+    a, b = draw_two_indices(0, 6, torch.Generator().manual_seed(11))
+    wrong, *_ = _independent_oracle(model, noise, sigmas, a, b, 0.35, 0.01, 2.0)  # alpha off by 0.05
+    want = torch.autograd.grad(wrong, list(model.parameters()))
+    assert max(float((g - e).abs().max()) for g, e in zip(got, want)) > 1e-6
+
+
 @pytest.mark.parametrize("reward_first", [True, False])
 def test_leapalign_on_tiny_flux_matches_oracle(reward_first):
     from leapalign_fast.models.flux import FluxVelocity, TinyFluxConfig, build_tiny_flux, latent_image_ids
