@@ -98,7 +98,9 @@ class Config:
     batch_size: int = 8  # samples per process per micro-step
     grad_accum: int = 1
     num_steps: int = 8  # sampling steps N
-    resolution: int = 64  # image side in pixels
+    resolution: int = 64  # image side in pixels (a square); height/width below override it
+    height: int = 0  # image height in pixels; 0 = resolution
+    width: int = 0  # image width in pixels; 0 = resolution
     guidance: float = 3.5  # FLUX guidance embedding
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -136,6 +138,11 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     method: MethodSettings = field(default_factory=LeapAlignSettings)  # [method]: `name` picks the settings class
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels: `height`/`width` where set, else `resolution`."""
+        return (self.height or self.resolution, self.width or self.resolution)
 
 
 def _keys(cls, prefix="") -> list[str]:
@@ -353,6 +360,9 @@ def validate_numbers(cfg: Config) -> None:
         "eval_prompts must hold at least one non-empty prompt (they draw the progress grids)",
     )
     need(cfg.resolution <= 8192, f"resolution must be <= 8192, got {cfg.resolution}")
+    for key in ("height", "width"):
+        side = getattr(cfg, key)
+        need(0 <= side <= 8192, f"{key} must be in [1, 8192] pixels, or 0 for resolution, got {side}")
 
 
 def validate(cfg: Config) -> None:

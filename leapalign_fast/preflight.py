@@ -32,7 +32,7 @@ def available_bytes(device: torch.device) -> int | None:
 
 def step_bytes(cfg, backbone, components, geometry) -> int:
     """Lower bound on the bytes one optimizer micro-step keeps alive on its device (`geometry`: the backbone's
-    latent layout at cfg.resolution)."""
+    latent layout at cfg.image_size)."""
     tc = components.transformer.config
     elem = 4 if cfg.model.dtype == "float32" and cfg.mixed_precision == "no" else 2
     tokens = geometry.tokens + cfg.model.max_sequence_length
@@ -43,7 +43,8 @@ def step_bytes(cfg, backbone, components, geometry) -> int:
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem
     graphs = cfg.method.grad_graphs(cfg.num_steps)
     widest = backbone.decoder_width(components.vae)
-    per_decode = cfg.resolution**2 * widest * 3 * elem
+    height, width = cfg.image_size
+    per_decode = height * width * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
     grad = (max if cfg.method.decode_apart() else sum)((graphs * per_forward, decodes * per_decode))
@@ -56,7 +57,7 @@ def check_memory(cfg, backbone, components, geometry, device: torch.device) -> N
     if free is not None and need > free:
         raise UserError(
             f"one training step needs at least {need / GIB:.1f} GiB on {device.type} "
-            f"(batch_size={cfg.batch_size}, resolution={cfg.resolution}, method {cfg.method.name}), "
+            f"(batch_size={cfg.batch_size}, image {cfg.image_size[0]}x{cfg.image_size[1]}, method {cfg.method.name}), "
             f"{free / GIB:.1f} GiB is free; lower batch_size (use grad_accum), resolution or the method's "
             "step counts, or enable model.gradient_checkpointing"
         )

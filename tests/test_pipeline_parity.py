@@ -270,3 +270,48 @@ def test_qwenimage_refuses_one_step_whose_sigma_diffusers_makes_nan():
     assert torch.isnan(sched.sigmas[0])  # what the refusal prevents
     two = backbone.schedule(comps, 2, geom)
     assert torch.isfinite(two).all() and two[0] == 1.0 and two[-1] == 0.0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_non_square_samples_are_the_pipelines(name):
+    """height != width (64 x 128, and 128 x 64): geometry, schedule, velocity (position ids) and latent layout as
+    the pipeline's in float32 (to round-off); the transposed layout is not (the check can fail)."""
+    backbone = get_backbone(name)
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    cond = backbone.encode_prompts(comps.text, PROMPTS[:1])
+    results = {}
+    for size in ((64, 128), (128, 64)):
+        geom = backbone.geometry(comps, size)
+        assert geom.pixels(size[0] // geom.h) == size and geom.h != geom.w
+        noise = torch.randn(*geom.noise_shape(1), generator=torch.Generator().manual_seed(5))
+        v = backbone.velocity(comps.transformer, {k: cond[k] for k in backbone.conditioning}, geom, G)
+        ours = sample_trajectory(v, noise, backbone.schedule(comps, N, geom)).x0
+        theirs = backbone.pipeline_sample(comps, cond, noise, geom, N, G)
+        # float32 round-off at most (FLUX.2-Klein's CFG path: 2.4e-7, the same as at 64 x 64); a layout error is O(1)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        results[size] = (noise, ours)
+    noise, ours = results[(64, 128)]
+    flipped = backbone.geometry(comps, (128, 64))  # same tokens, transposed layout
+    wrong = backbone.pipeline_sample(comps, cond, noise, flipped, N, G)
+    assert (ours - wrong).abs().max() > 1e-4  # 100x the tolerance above (tiny random models: 8e-3 and more)
+
+
+def test_a_non_square_run_trains_and_draws_non_square_grids(tmp_path):
+    from PIL import Image
+
+    from leapalign_fast.config import load_config
+    from leapalign_fast.train import train
+
+    cfg = load_config(
+        None,
+        [f"output_dir={tmp_path}", "height=64", "width=96", "max_steps=1", "batch_size=2"]
+        + ["num_steps=3", "tensorboard=false", "eval_prompts=['a red square']"],
+    )
+    assert cfg.image_size == (64, 96)
+    res = train(cfg)
+    assert (res.trainer.geometry.h, res.trainer.geometry.w) == (8, 12)
+    with Image.open(tmp_path / "grids" / "step_000001.png") as grid:
+        assert grid.size[0] > grid.size[1]  # one image, wider than tall
+    with pytest.raises(UserError, match="image width 100 is not divisible by 16"):
+        train(load_config(None, [f"output_dir={tmp_path / 'bad'}", "height=64", "width=100"]))

@@ -66,17 +66,25 @@ class Geometry:
         return (batch, self.tokens, self.channels)
 
     @classmethod
-    def of_patches(cls, resolution: int, vae_factor: int, latent_channels: int) -> "Geometry":
-        """A square image's VAE latents (downsampled by `vae_factor`) packed as 2x2 patches: (h/2)(w/2) tokens of
-        4 x latent_channels; a resolution the packing cannot take is one UserError line naming a valid one."""
+    def of_patches(cls, size: int | tuple[int, int], vae_factor: int, latent_channels: int) -> "Geometry":
+        """An image's VAE latents (downsampled by `vae_factor`) packed as 2x2 patches: (h/2)(w/2) tokens of
+        4 x latent_channels. `size` is (height, width) in pixels, or one int for a square; a side the packing
+        cannot take is one UserError line naming a valid one."""
+        height, width = (size, size) if isinstance(size, int) else size
         step = 2 * vae_factor
-        if resolution % step:
-            raise UserError(
-                f"resolution {resolution} is not divisible by {step} (VAE factor {vae_factor} x "
-                f"2x2 latent packing); use a multiple of {step}, e.g. {max(step, resolution // step * step)}"
-            )
-        h = w = resolution // vae_factor
+        for name, side in (("height", height), ("width", width)):
+            if side % step:
+                what = f"resolution {side}" if height == width else f"image {name} {side}"
+                raise UserError(
+                    f"{what} is not divisible by {step} (VAE factor {vae_factor} x 2x2 latent packing); use a "
+                    f"multiple of {step}, e.g. {max(step, side // step * step)}"
+                )
+        h, w = height // vae_factor, width // vae_factor
         return cls(h, w, (h // 2) * (w // 2), 4 * latent_channels)
+
+    def pixels(self, vae_factor: int) -> tuple[int, int]:
+        """(height, width) of the image these latents decode to."""
+        return self.h * vae_factor, self.w * vae_factor
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,9 @@ class Backbone:
     load: Callable[..., Any]
     encode_prompts: Callable[[Any, list[str]], dict[str, torch.Tensor]]  # (text, prompts) -> named (P, ...) CPU
     conditioning: tuple[str, ...]  # the cached tensors `velocity` reads (a cache may hold more, e.g. lengths)
-    geometry: Callable[[Any, int], Geometry]  # (components, resolution) -> Geometry; UserError if not divisible
+    geometry: Callable[
+        [Any, Any], Geometry
+    ]  # (components, size: int or (height, width)) -> Geometry; UserError if not divisible
     # (components, num_steps, geometry, device=None) -> (N + 1,) f32 sigmas, 1 ... 0: the components' scheduler config
     # (the model directory's) set as the family's pipeline sets it (models/common.pipeline_schedule)
     schedule: Callable[..., torch.Tensor]

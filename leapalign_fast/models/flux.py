@@ -59,9 +59,9 @@ class FluxComponents:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def latent_hw(self, resolution: int) -> tuple[int, int]:
-        """VAE latent height/width for a square image; must be even to pack 2x2 patches."""
-        geom = Geometry.of_patches(resolution, self.vae_scale_factor, self.vae.config.latent_channels)
+    def latent_hw(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        """VAE latent height/width of an image (one int: a square); must be even to pack 2x2 patches."""
+        geom = Geometry.of_patches(size, self.vae_scale_factor, self.vae.config.latent_channels)
         return geom.h, geom.w
 
 
@@ -273,7 +273,7 @@ def decode_latents(vae: AutoencoderKL, x: torch.Tensor, h: int, w: int) -> torch
 # The backbone interface (models/backbone.py): what train, evaluate and the benchmarks call.
 
 
-def geometry(components: FluxComponents, resolution: int) -> Geometry:
+def geometry(components: FluxComponents, resolution: int | tuple[int, int]) -> Geometry:
     """2x2 patches of the VAE latents: L = (h/2)(w/2) tokens of 4 x 16 = 64 channels."""
     return Geometry.of_patches(resolution, components.vae_scale_factor, components.vae.config.latent_channels)
 
@@ -345,13 +345,13 @@ def pipeline_sample(
         transformer=components.transformer,
     )
     pipe.set_progress_bar_config(disable=True)
-    res = geom.h * components.vae_scale_factor
+    height, width = geom.pixels(components.vae_scale_factor)
     return pipe(
         prompt_embeds=cond["t5"],
         pooled_prompt_embeds=cond["pooled"],
         latents=noise,
-        height=res,
-        width=res,
+        height=height,
+        width=width,
         num_inference_steps=num_steps,
         guidance_scale=guidance,
         output_type="latent",

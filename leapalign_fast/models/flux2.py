@@ -197,7 +197,7 @@ def prompt_tensors(text: Flux2Text, prompts: list[str]) -> dict[str, torch.Tenso
     return {"embeds": encode(text, prompts).cpu(), "neg_embeds": encode(text, [""] * len(prompts)).cpu()}
 
 
-def geometry(components: Flux2Components, resolution: int) -> Geometry:
+def geometry(components: Flux2Components, resolution: int | tuple[int, int]) -> Geometry:
     return Geometry.of_patches(
         resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels
     )
@@ -328,13 +328,13 @@ def pipeline_sample(
     )
     pipe.set_progress_bar_config(disable=True)
     b, _, c4 = noise.shape
-    res = geom.h * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    height, width = geom.pixels(2 ** (len(components.vae.config.block_out_channels) - 1))
     z = pipe(
         prompt_embeds=cond["embeds"],
         negative_prompt_embeds=cond["neg_embeds"],
         latents=noise.permute(0, 2, 1).reshape(b, c4, geom.h // 2, geom.w // 2),
-        height=res,
-        width=res,
+        height=height,
+        width=width,
         num_inference_steps=num_steps,
         guidance_scale=guidance,
         output_type="latent",

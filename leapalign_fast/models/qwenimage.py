@@ -168,7 +168,7 @@ def prompt_tensors(text: QwenImageText, prompts: list[str]) -> dict[str, torch.T
     return {"embeds": embeds.cpu(), "mask": mask, "neg_embeds": neg.cpu(), "neg_mask": neg_mask}
 
 
-def geometry(components: QwenImageComponents, resolution: int) -> Geometry:
+def geometry(components: QwenImageComponents, resolution: int | tuple[int, int]) -> Geometry:
     return Geometry.of_patches(resolution, 2 ** len(components.vae.temperal_downsample), components.vae.config.z_dim)
 
 
@@ -276,15 +276,15 @@ def pipeline_sample(
         transformer=components.transformer,
     )
     pipe.set_progress_bar_config(disable=True)
-    res = geom.h * 2 ** len(components.vae.temperal_downsample)
+    height, width = geom.pixels(2 ** len(components.vae.temperal_downsample))
     return pipe(
         prompt_embeds=cond["embeds"],
         prompt_embeds_mask=cond["mask"],
         negative_prompt_embeds=cond["neg_embeds"],
         negative_prompt_embeds_mask=cond["neg_mask"],
         latents=noise,
-        height=res,
-        width=res,
+        height=height,
+        width=width,
         num_inference_steps=num_steps,
         true_cfg_scale=guidance,
         output_type="latent",

@@ -212,7 +212,7 @@ def prompt_tensors(text: SD3Text, prompts: list[str]) -> dict[str, torch.Tensor]
     return {"embeds": embeds.cpu(), "pooled": pooled.cpu(), "neg_embeds": neg.cpu(), "neg_pooled": neg_pooled.cpu()}
 
 
-def geometry(components: SD3Components, resolution: int) -> Geometry:
+def geometry(components: SD3Components, resolution: int | tuple[int, int]) -> Geometry:
     return Geometry.of_patches(
         resolution, 2 ** (len(components.vae.config.block_out_channels) - 1), components.vae.config.latent_channels
     )
@@ -334,15 +334,15 @@ def pipeline_sample(
         tokenizer_3=None,
     )
     pipe.set_progress_bar_config(disable=True)
-    res = geom.h * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    height, width = geom.pixels(2 ** (len(components.vae.config.block_out_channels) - 1))
     z = pipe(
         prompt_embeds=cond["embeds"],
         pooled_prompt_embeds=cond["pooled"],
         negative_prompt_embeds=cond["neg_embeds"],
         negative_pooled_prompt_embeds=cond["neg_pooled"],
         latents=unpack_latents(noise, geom.h, geom.w),
-        height=res,
-        width=res,
+        height=height,
+        width=width,
         num_inference_steps=num_steps,
         guidance_scale=guidance,
         output_type="latent",
