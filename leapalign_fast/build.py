@@ -17,8 +17,9 @@ from leapalign_fast.config import Config
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, backbone_for
-from leapalign_fast.models.text import PromptCache, prompt_cache_key, write_prompt_cache
+from leapalign_fast.models.text import PromptCache, check_prompt_cache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
+from leapalign_fast.runlock import check_writable
 
 
 def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, empty_transformer: bool = False):
@@ -27,13 +28,25 @@ def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, emp
     shards itself); the tiny random model is built whole."""
     if cfg.model.source == "tiny":
         return backbone.build_tiny(cfg.model.tiny, cfg.seed)
-    return backbone.load(
-        cfg.model.source,
-        DTYPES[cfg.model.dtype],
-        need_text=need_text,
-        max_sequence_length=cfg.model.max_sequence_length,
-        empty_transformer=empty_transformer,
-    )
+    try:
+        return backbone.load(
+            cfg.model.source,
+            DTYPES[cfg.model.dtype],
+            need_text=need_text,
+            max_sequence_length=cfg.model.max_sequence_length,
+            empty_transformer=empty_transformer,
+        )
+    except Exception as e:  # noqa: BLE001 - the parts' own loaders name what they know; this is the rest
+        # e.g. safetensors' SafetensorError for a truncated text encoder (transformers does not wrap it)
+        if isinstance(e, UserError) or not (
+            type(e).__name__ == "SafetensorError" or isinstance(e, (EOFError, OSError))
+        ):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"cannot load the model from {cfg.model.source} ({type(e).__name__}: {first}); a weights file there is "
+            "truncated or damaged: restore or re-download that part"
+        ) from None
 
 
 def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -57,18 +70,39 @@ def prompt_cache_path(cfg: Config, backbone: Backbone, prompts: list[str]) -> Pa
     return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
 
 
-def prompt_embeddings(cfg: Config, backbone: Backbone, components, prompts: list[str], device=None) -> PromptCache:
+def prompt_cache_intact(cfg: Config, backbone: Backbone, prompts: list[str]) -> bool:
+    """Whether the cache of `prompts` exists and verifies (every chunk's sha256; hashed once per process)."""
+    return check_prompt_cache(prompt_cache_path(cfg, backbone, prompts), prompts) is None
+
+
+def prompt_embeddings(
+    cfg: Config, backbone: Backbone, components, prompts: list[str], device=None, verify: bool = True
+) -> PromptCache:
     """Encode every prompt once, on `device` (the accelerator; `leapalign-fast encode-prompts` does it ahead of
-    training), then read them per batch from the cache."""
+    training), then read them per batch from the cache. The cache is verified first (`verify`; a rank that is not
+    the main one trusts the main one's check): one that is damaged, stale or of another prompt set is encoded again,
+    with one line."""
     path = prompt_cache_path(cfg, backbone, prompts)
-    if not path.is_file():
+    problem = check_prompt_cache(path, prompts) if verify or not path.is_file() else None
+    if problem is not None:
+        if path.parent.exists():  # there, but unusable (absent is a first run: nothing to say)
+            print(
+                f"leapalign-fast: prompt cache {path.parent} is unusable ({problem}); encoding its {len(prompts)} "
+                "prompts again",
+                flush=True,
+            )
         text = components.text
+        if text is None:
+            raise UserError(
+                f"prompt cache {path.parent} is unusable ({problem}) and the text encoders are not loaded; rerun "
+                "(it is encoded again), or run `leapalign-fast encode-prompts` with this config first"
+            )
         if device is not None:  # T5-XXL (or an LLM encoder) on a CPU takes hours for a large prompt set
             for module in vars(text).values():
                 if isinstance(module, torch.nn.Module):
                     module.to(device)
         write_prompt_cache(partial(backbone.encode_prompts, text), prompts, path)
-    return PromptCache(path)
+    return PromptCache(path, prompts, verify=False)  # verified or written just now
 
 
 def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> None:
@@ -86,7 +120,7 @@ def wait_for_files(paths: list[Path], timeout_s: float = 6 * 3600, poll_s: float
 
 def encode_prompt_cache(cfg: Config) -> list[Path]:
     """The `encode-prompts` command: write the embeddings of the training and evaluation prompts."""
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    check_writable(Path(cfg.output_dir), "output_dir")  # a file, or a folder under one: one line
     backbone = backbone_for(cfg.model)
     components = load_components(cfg, backbone, need_text=True)
     device = torch.device("cuda") if torch.cuda.is_available() else None

@@ -17,16 +17,14 @@ manifest is damaged: resume falls back to the newest intact one and moves the da
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +38,19 @@ from leapalign_fast.config import Config, config_dict
 from leapalign_fast.dist_checkpoint import SHARDS
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.ema import EMA
-from leapalign_fast.errors import TrainingDiverged, UserError
+from leapalign_fast.errors import TrainingDiverged, UserError, disk_failure, disk_reason
 from leapalign_fast.fsdp import all_finite, full_tensors
-from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
-from leapalign_fast.model_dir import model_config, write_model_dir
+from leapalign_fast.io import (  # noqa: F401  (digests, file_sha256: checkpoint's names for them, kept)
+    digests,
+    file_sha256,
+    fsync_dir,
+    save_tensors_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from leapalign_fast.model_dir import export_mark, model_config, write_model_dir
 from leapalign_fast.models.lora_export import export_lora
+from leapalign_fast.prompts import validation_prompts
 from leapalign_fast.resume_settings import apply_optimizer_settings, prompts_digest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -81,28 +87,6 @@ def remove_partial(output_dir: str | Path) -> list[Path]:
                 shutil.rmtree(p)
                 removed.append(p)
     return removed
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def digests(paths: list[Path]) -> list[str | OSError]:
-    """sha256 of each file, one thread per file (hashlib releases the GIL): a full fine-tune's trained, EMA and
-    optimizer files (~0.2 TB for FLUX) hash in parallel. An unreadable file gives its OSError."""
-
-    def one(p):
-        try:
-            return file_sha256(p)
-        except OSError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
-        return list(pool.map(one, paths))
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -166,6 +150,39 @@ def set_aside(path: Path) -> Path:
     os.replace(path, target)
     fsync_dir(path.parent)
     return target
+
+
+def pin(path: Path) -> Path | None:
+    """Hard links of every file of the checkpoint `path` in a new folder beside it (`.pin-<name>.<random>`), so
+    that what a reader verifies and reads stays on disk even if the live run prunes or replaces `path` meanwhile
+    (`eval` of `latest` or `best/`). None when the file system cannot link there (read-only, no hard links): read
+    in place. FileNotFoundError when `path` lost a file meanwhile (it is being pruned): try the next newest.
+    Remove the pin with `unpin`."""
+    try:
+        pinned = Path(tempfile.mkdtemp(prefix=f".pin-{path.name}.", dir=path.parent))
+    except OSError:
+        return None
+    try:
+        for src in sorted(path.rglob("*")):
+            dst = pinned / src.relative_to(path)
+            if src.is_dir():
+                dst.mkdir()
+            else:
+                os.link(src, dst)
+        if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} holds no checkpoint files")
+    except FileNotFoundError:
+        unpin(pinned)
+        raise
+    except OSError:  # EXDEV, EPERM, EMLINK, ...: no hard links here
+        unpin(pinned)
+        return None
+    return pinned
+
+
+def unpin(pinned: Path | None) -> None:
+    if pinned is not None:
+        shutil.rmtree(pinned, ignore_errors=True)
 
 
 # ---- optimizer state <-> (tensors, json) -------------------------------------------------------------
@@ -237,7 +254,7 @@ def save_rank_rng(tmp_dir: Path, rank: int) -> None:
 
 def _write_failed(output_dir, step, e: OSError) -> UserError:
     older = list_checkpoints(output_dir)
-    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    why = disk_reason(e)
     return UserError(
         f"cannot write checkpoint step {int(step)} in {checkpoint_root(output_dir)}: {why}; its staging "
         f"dir was removed, older checkpoints are intact (newest: {older[-1].name if older else 'none'}); "
@@ -289,19 +306,25 @@ def _staged_files(tmp: Path) -> list[Path]:
     return files
 
 
+def write_manifest(directory: Path, step: int) -> None:
+    """`manifest.json` (written last): the sha256 of every other file of a checkpoint (or `best/`) being staged in
+    `directory`. Disk failures are OSErrors."""
+    written = _staged_files(directory)
+    files = {}
+    for p, got in zip(written, digests(written)):
+        if isinstance(got, OSError):
+            raise got
+        files[p.relative_to(directory).as_posix()] = got
+    write_json_atomic(directory / MANIFEST, {"step": step, "files": files})
+
+
 def commit_staged(output_dir: str | Path, step: int, keep: int) -> Path:
     """Rank 0, once every file of the staged checkpoint is written: sha256 manifest (last), rename into place,
     prune beyond `keep`. A failed write removes the staging dir and is a UserError."""
     tmp = staging_dir(output_dir, step)
     try:
         _fault_point("checkpoint_manifest", step)
-        written = _staged_files(tmp)
-        files = {}
-        for p, got in zip(written, digests(written)):
-            if isinstance(got, OSError):
-                raise got
-            files[p.relative_to(tmp).as_posix()] = got
-        write_json_atomic(tmp / MANIFEST, {"step": step, "files": files})  # last
+        write_manifest(tmp, step)  # last
         final = checkpoint_root(output_dir) / f"step_{step:08d}"
         if final.exists():  # same step written again (e.g. final step after a periodic save)
             shutil.rmtree(final)
@@ -359,6 +382,8 @@ MATH_KEYS = (
     "grad_accum",
     "num_steps",
     "resolution",
+    "height",
+    "width",
     "guidance",
     "lr",
     "weight_decay",
@@ -417,6 +442,8 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, accelerator, out: Path, prompts: list[str]):
         self.cfg, self.acc, self.out, self.prompts = cfg, accelerator, Path(out), prompts
+        # The validation prompts' hash, compared on resume like the training prompts' (best/ was chosen on them).
+        self.eval_digest = next((prompts_digest(p) for p in validation_prompts(cfg)), None)
 
     # -- shared ------------------------------------------------------------------------------------------
     verify = staticmethod(verify_checkpoint)
@@ -454,6 +481,7 @@ class Checkpointer:
             "config": config_dict(self.cfg),
             "world_size": self.acc.num_processes,
             "prompts_sha256": prompts_digest(self.prompts),
+            "eval_prompts_sha256": self.eval_digest,
         }
         metrics = self.out / "metrics.jsonl"
         if self.acc.is_main_process and metrics.is_file():  # the log is made durable whenever a checkpoint is
@@ -484,6 +512,9 @@ class Checkpointer:
         saved_prompts = data["state"].get("prompts_sha256")
         if saved_prompts is not None and saved_prompts != prompts_digest(self.prompts):
             diffs.append("the training prompts (file content changed)")
+        saved_eval = data["state"].get("eval_prompts_sha256")
+        if saved_eval is not None and self.eval_digest is not None and saved_eval != self.eval_digest:
+            diffs.append("the validation prompts (eval_prompt_file content changed; best/ was chosen on the old ones)")
         if diffs and not self.cfg.resume_force:
             raise UserError(
                 f"cannot resume from {path}: its config differs in {', '.join(diffs)}; use the saved config "
@@ -591,12 +622,15 @@ class LocalCheckpointer(Checkpointer):
                 export_lora(model, self.out / "lora_ema", state.ema.shadow, pipeline=pipeline)
             return
         # Full fine-tune: transformer/ (and transformer_ema/) as diffusers model directories, in the model dtype.
+        # Each replaces the run's earlier export only (never a folder of other files there).
         dtype, config = DTYPES[self.cfg.model.dtype], model_config(model)
+        last = checkpoint_root(self.out) / f"step_{step:08d}"
         weights = {n: t.detach().to("cpu", dtype) for n, t in model.state_dict().items()}
-        write_model_dir(weights, config, self.out / "transformer")
+        write_model_dir(weights, config, self.out / "transformer", export_mark(last, False, step), replace_exports=True)
         if state.ema is not None:
             ema = {n: t.detach().to("cpu", dtype) for n, t in state.ema.shadow.items()}
-            write_model_dir({**weights, **ema}, config, self.out / "transformer_ema")
+            mark = export_mark(last, True, step)
+            write_model_dir({**weights, **ema}, config, self.out / "transformer_ema", mark, replace_exports=True)
 
 
 class ShardedCheckpointer(Checkpointer):
@@ -636,15 +670,14 @@ class ShardedCheckpointer(Checkpointer):
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(error, UserError):
                 return error
-            failures = [error, *getattr(error, "failures", {}).values()]  # DCP's CheckpointException: per rank
-            disk = next((f for f in failures if isinstance(f, OSError)), None)
+            disk = disk_failure(error)  # an OSError, safetensors' or torch.save's error, inside DCP's per-rank ones
             return _write_failed(out, step, disk) if disk is not None else None
 
         def commit():  # rank 0, after every rank's shards are written
             try:
                 dcp_ckpt.check_shards(tmp, world)
             except OSError as e:
-                raise failed(e) from None
+                raise (failed(e) or e) from None
             return commit_staged(out, step, keep)
 
         shards = dcp_ckpt.sharded_state(unwrap(state.transformer), trained, ema, state.optimizer)
@@ -681,9 +714,9 @@ class ShardedCheckpointer(Checkpointer):
         consolidated from the last checkpoint's shards in this process, as `leapalign-fast export` does."""
         last = checkpoint_root(self.out) / f"step_{step:08d}"
         if last.is_dir():
-            dcp_ckpt.export_transformer(last, self.out / "transformer")
+            dcp_ckpt.export_transformer(last, self.out / "transformer", replace_exports=True)
             if ema:
-                dcp_ckpt.export_transformer(last, self.out / "transformer_ema", ema=True)
+                dcp_ckpt.export_transformer(last, self.out / "transformer_ema", ema=True, replace_exports=True)
 
     def wait(self):
         self.saver.wait()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
 import typing
 from pathlib import Path
 
-from leapalign_fast.errors import UserError
+from leapalign_fast.errors import UserError, disk_failure
 from leapalign_fast.threads import configure_threads, describe_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
@@ -48,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint directory (.../checkpoints/step_*)")
     p_exp.add_argument("--ema", action="store_true", help="export the EMA weights")
     p_exp.add_argument("--out", type=Path, default=None, help="default: <output_dir>/export/<step>[_ema]")
+    p_exp.add_argument("--force", action="store_true", help="replace an earlier export of another checkpoint at --out")
     # Options may come after overrides (`train lr=1e-4 --config x.toml`): collect the leftovers as overrides.
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
@@ -131,18 +131,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C outside the training loop's own handler (start-up, export, eval)
         return _interrupted()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - only a disk or file-system failure is caught; anything else re-raised
         # The machine, not the code: a full disk or quota, a read-only or unwritable file system, found while
-        # writing metrics, grids or exports. Checkpoints are written atomically, so the ones written are intact.
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        print(
-            f"leapalign-fast: error: {e.strerror}: {e.filename or 'a run file'}; free space or fix permissions, then "
-            "rerun with resume=true (the checkpoints written so far are intact)",
-            file=sys.stderr,
-        )
-        return 2
+        # writing metrics, grids, exports or the prompt cache; whichever library raised it (an OSError, safetensors'
+        # SafetensorError, torch.save's RuntimeError). Checkpoints are written atomically: those written are intact.
+        return _disk_failed(e, AFTER[args.command])
     return 0
+
+
+AFTER = {
+    "train": "rerun with resume=true (the checkpoints written so far are intact)",
+    "eval": "rerun eval",
+    "encode-prompts": "rerun encode-prompts",
+    "export": "rerun export (nothing was replaced)",
+}
+
+
+def _disk_failed(e: BaseException, then: str) -> int:
+    """The one line for a disk or file-system failure (`errors.disk_failure`), exit 2; anything else re-raised."""
+    disk = disk_failure(e)
+    if disk is None:
+        raise e
+    print(
+        f"leapalign-fast: error: {disk.strerror}: {disk.filename or 'a file being written'}; free space or fix "
+        f"permissions, then {then}",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _export(args) -> int:
@@ -160,10 +175,14 @@ def _export(args) -> int:
         if (problem := verify_checkpoint(path)) is not None:
             raise UserError(f"checkpoint {path} is damaged ({problem}); export an intact one")
         out = args.out or path.parent.parent / "export" / (path.name + ("_ema" if args.ema else ""))
-        print(f"wrote {export_transformer(path, out, ema=args.ema)}")
+        print(f"wrote {export_transformer(path, out, ema=args.ema, replace_exports=args.force)}")
     except UserError as e:
         print(f"leapalign-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted()
+    except Exception as e:  # noqa: BLE001 - a disk or file-system failure is one line; anything else re-raised
+        return _disk_failed(e, AFTER["export"])
     return 0
 
 

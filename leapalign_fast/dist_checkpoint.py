@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from leapalign_fast.errors import UserError
 from leapalign_fast.io import save_tensors_atomic, write_json_atomic
-from leapalign_fast.model_dir import model_config, write_model_dir
+from leapalign_fast.model_dir import check_export_target, export_mark, model_config, write_model_dir
 
 SHARDS = "shards"
 FORMAT = "dcp"
@@ -210,19 +210,24 @@ def consolidate(path: Path, which: str = "trained") -> dict[str, torch.Tensor]:
     return out
 
 
-def export_transformer(path: Path, target: Path, ema: bool = False) -> Path:
+def export_transformer(path: Path, target: Path, ema: bool = False, replace_exports: bool = False) -> Path:
     """Write `path`'s (EMA) weights as a diffusers model directory (`config.json` +
     `diffusion_pytorch_model.safetensors`, in the run's model dtype) that `<Model>.from_pretrained` and the
-    pipeline (`transformer=`) load. Full fine-tunes only: a LoRA run exports its adapter at the end of the run."""
+    pipeline (`transformer=`) load. Full fine-tunes only: a LoRA run exports its adapter at the end of the run.
+    `target` is checked before anything is read (`model_dir.check_export_target`: new, empty or an earlier export of
+    this checkpoint; `replace_exports`: of any checkpoint) and written through a staging folder."""
     state = json.loads((path / "state.json").read_text())
     if state["config"]["lora"]["enabled"]:
         raise UserError(
             f"checkpoint {path} is a LoRA run: its adapter is exported at the end of the run (lora/, "
             "lora_ema/); export writes full fine-tunes"
         )
+    mark = export_mark(path, ema, int(state["step"]))
+    check_export_target(target, mark, replace_exports, source=path)  # before the long read
     config = json.loads((path / "model_config.json").read_text())
     dtype = getattr(torch, state["config"]["model"]["dtype"])
     weights = consolidate(path, "ema" if ema else "trained")
     if (path / "buffers.safetensors").is_file():
         weights.update(load_file(str(path / "buffers.safetensors")))
-    return write_model_dir({n: t.to(dtype) for n, t in weights.items()}, config, target)
+    weights = {n: t.to(dtype) for n, t in weights.items()}
+    return write_model_dir(weights, config, target, mark, replace_exports, source=path)

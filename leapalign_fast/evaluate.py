@@ -6,6 +6,7 @@ Same building blocks as training: the model loader, the prompt-embedding cache, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -35,10 +36,50 @@ from leapalign_fast.sampler import sample_trajectory
 def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | None:
     """`latest` (newest in output_dir), `base` (the untrained model), or a checkpoint path; verified against
     its manifest. A missing or damaged one is a UserError: never a silent fall-back to another model."""
+    with pinned_checkpoint(cfg, which, ema) as (_, shown):
+        return shown
+
+
+@contextlib.contextmanager
+def pinned_checkpoint(cfg: Config, which: str, ema: bool = False):
+    """As `resolve_checkpoint`, yielding (the folder to read, the checkpoint it stands for). The folder to read is a
+    pin (hard links, `checkpoint.pin`) that the live run's pruning or `best/` swap cannot remove under the reader;
+    `latest` pruned while being pinned is retried with the newest one then. The pin is removed on exit."""
     if which == "base":
         if ema:
             raise UserError("--ema needs a trained checkpoint; the base model has no EMA")
-        return None
+        yield None, None
+        return
+    for _ in range(5):
+        path = _named_checkpoint(cfg, which)
+        try:
+            pinned = ckpt.pin(path)
+        except FileNotFoundError:
+            if which == "latest":
+                continue  # pruned under us: the next newest
+            raise UserError(
+                f"checkpoint {path} was removed while eval read it (pruned by a live run?); pass 'latest' or a "
+                "newer checkpoint with --checkpoint"
+            ) from None
+        break
+    else:
+        raise UserError(
+            f"the newest checkpoint in {ckpt.checkpoint_root(cfg.output_dir)} was removed 5 times while eval read "
+            "it (a live run with keep_checkpoints=1 saving every step?); retry, or pass a checkpoint that is kept"
+        )
+    try:
+        read = pinned or path
+        problem = ckpt.verify_checkpoint(read)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is damaged ({problem}); pass an intact one with --checkpoint")
+        if ema and not is_sharded(read) and not (read / "ema.safetensors").is_file():
+            raise UserError(f"checkpoint {path} has no EMA (the run had ema_decay=0); drop --ema")
+        yield read, path
+    finally:
+        ckpt.unpin(pinned)
+
+
+def _named_checkpoint(cfg: Config, which: str) -> Path:
     if which == "latest":
         found = ckpt.list_checkpoints(cfg.output_dir)
         if not found:
@@ -46,19 +87,13 @@ def resolve_checkpoint(cfg: Config, which: str, ema: bool = False) -> Path | Non
                 f"no checkpoint in {ckpt.checkpoint_root(cfg.output_dir)}; check output_dir (is it the "
                 "run's directory?), or pass --checkpoint base to score the untrained model"
             )
-        path = found[-1]
-    else:
-        path = Path(which)
-        if not (path / "trained.safetensors").is_file() and not is_sharded(path):
-            raise UserError(
-                f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
-                f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'"
-            )
-    problem = ckpt.verify_checkpoint(path)
-    if problem is not None:
-        raise UserError(f"checkpoint {path} is damaged ({problem}); pass an intact one with --checkpoint")
-    if ema and not is_sharded(path) and not (path / "ema.safetensors").is_file():
-        raise UserError(f"checkpoint {path} has no EMA (the run had ema_decay=0); drop --ema")
+        return found[-1]
+    path = Path(which)
+    if not (path / "trained.safetensors").is_file() and not is_sharded(path):
+        raise UserError(
+            f"--checkpoint {path} is not a checkpoint directory (no trained.safetensors); "
+            f"use one under {ckpt.checkpoint_root(cfg.output_dir)}, 'latest' or 'base'"
+        )
     return path
 
 
@@ -115,21 +150,22 @@ def evaluate(
     prompts = read_prompt_file(prompt_file) if prompt_file else list(cfg.eval_prompts)
     if num_steps < 1 or batch_size < 1:
         raise UserError(f"--steps and --batch must be >= 1, got --steps {num_steps} --batch {batch_size}")
-    path = resolve_checkpoint(cfg, which, ema)
-    scorers = {}
-    for name in rewards:  # fail on a bad reward before any sampling
-        opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
-        scorers[name] = build_reward(name, **opts).to(device)
-    out = Path(out or Path(cfg.output_dir) / "eval" / (f"{path.name}{'_ema' if ema else ''}" if path else "base"))
-    scores = {name: [] for name in rewards}
-    for idx, images in sample_images(cfg, prompts, path, ema, num_steps, batch_size, seed):
-        with torch.no_grad():
-            for name, scorer in scorers.items():
-                scores[name] += scorer(images, [prompts[i] for i in idx]).float().cpu().tolist()
-        save_grid(images, out / f"grid_{idx[0] // batch_size:04d}.png")
+    with pinned_checkpoint(cfg, which, ema) as (path, shown):
+        scorers = {}
+        for name in rewards:  # fail on a bad reward before any sampling
+            opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
+            scorers[name] = build_reward(name, **opts).to(device)
+        label = f"{shown.name}{'_ema' if ema else ''}" if shown else "base"
+        out = Path(out or Path(cfg.output_dir) / "eval" / label)
+        scores = {name: [] for name in rewards}
+        for idx, images in sample_images(cfg, prompts, path, ema, num_steps, batch_size, seed):
+            with torch.no_grad():
+                for name, scorer in scorers.items():
+                    scores[name] += scorer(images, [prompts[i] for i in idx]).float().cpu().tolist()
+            save_grid(images, out / f"grid_{idx[0] // batch_size:04d}.png")
     table = {name: {"mean": sum(v) / len(v), "std": _std(v), "n": len(v)} for name, v in scores.items()}
     result = {
-        "checkpoint": str(path) if path else "base",
+        "checkpoint": str(shown) if shown else "base",
         "ema": ema,
         "num_steps": num_steps,
         "seed": seed,

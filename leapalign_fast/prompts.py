@@ -27,7 +27,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise UserError(f"prompt_file {p} not found; give a text file with one prompt per line")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(
             f"prompt_file {p} cannot be read as UTF-8 text ({e}); fix its encoding or permissions"

@@ -150,10 +150,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same init on every rank
         self.prompts = train_prompts(cfg)
         prompt_sets = (self.prompts, list(cfg.eval_prompts), *validation_prompts(cfg))
-        cached = all(prompt_cache_path(cfg, backbone, p).is_file() for p in prompt_sets)
-        # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank). FSDP from a model
-        # directory: the transformer on the meta device; each rank reads only its shards (fsdp.py).
-        need_text = not cached and acc.is_main_process
+        # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank), and only when a cache is
+        # missing or fails its checksums. FSDP from a model directory: the transformer on the meta device; each rank
+        # reads only its shards (fsdp.py).
+        need_text = acc.is_main_process and not all(build.prompt_cache_intact(cfg, backbone, p) for p in prompt_sets)
         self.components = build.load_components(cfg, backbone, need_text=need_text, empty_transformer=cfg.fsdp)
         self.geometry = backbone.geometry(self.components, cfg.resolution)
         check_memory(cfg, backbone, self.components, self.geometry, acc.device)  # a blow-up fails now, not later
@@ -191,8 +191,9 @@ class Trainer:
             build.wait_for_files([prompt_cache_path(cfg, self.backbone, p) for p in prompt_sets])
         acc.wait_for_everyone()
         self.components.text = None
-        self.embeds = build.prompt_embeddings(cfg, self.backbone, self.components, self.prompts)
-        self.eval_embeds = build.prompt_embeddings(cfg, self.backbone, self.components, cfg.eval_prompts)
+        main = acc.is_main_process  # verified by rank 0 above (each chunk hashed once); the others trust it
+        self.embeds = build.prompt_embeddings(cfg, self.backbone, self.components, self.prompts, verify=main)
+        self.eval_embeds = build.prompt_embeddings(cfg, self.backbone, self.components, cfg.eval_prompts, verify=main)
 
     def _prepare_transformer(self) -> list[torch.nn.Parameter]:
         """Place the frozen parts, add the trainable parameters (LoRA or full), then checkpointing, compile and
@@ -384,10 +385,11 @@ class Trainer:
         validator = build_validator(self, self.step)  # eval_every: validation scores, the `best` checkpoint, early stop
         if validator is not None and self.step == 0:
             validator(self, 0, log.writer)
+        stopped = self._stopped_early(validator)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         rewards: list[float] = []
         with StopSignal() as stop, bar, log:  # the bar closes on any exception: an error message starts on its own line
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not stopped:
                 record = self.train_step()
                 if record["reward"] is not None:
                     rewards.append(record["reward"])
@@ -424,6 +426,22 @@ class Trainer:
             self,
             start_step,
         )
+
+    def _stopped_early(self, validator) -> bool:
+        """A resumed run that had stopped early (`early_stop_patience` validations without a better score) trains
+        no further, saying so once (every rank agrees with rank 0, which read the validation log)."""
+        if validator is None or self.step == 0 or self.step >= self.cfg.max_steps:
+            return False
+        flag = torch.tensor(float(validator.stopped_early), device=self.accelerator.device)
+        stopped = bool(self.accelerator.reduce(flag, "max"))
+        if stopped and self.accelerator.is_main_process:
+            print(
+                f"leapalign-fast: this run stopped early at step {self.step} ({validator.since_best} validations "
+                f"without a better val/{validator.metric}, early_stop_patience={self.cfg.early_stop_patience}): "
+                "nothing to train; raise early_stop_patience (or set it to 0) to go on",
+                flush=True,
+            )
+        return stopped
 
     def _after_step(self, stop: StopSignal, validator, log: MetricsLog, bar) -> bool:
         """The hooks after a step: checkpoint (and stop on a signal), validation (True: stop early), grid."""

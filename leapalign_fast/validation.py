@@ -14,16 +14,22 @@ Scorers, by label in `eval_rewards`:
 Writes, in output_dir:
   validation.jsonl   one row per validation: {"step", "val/<label>": mean score, "val/evaluator/<category>", "best",
                      "since_best", "eval_seconds"} (also TensorBoard scalars `val/...`)
-  best/              trained.safetensors (+ ema.safetensors) and state.json {step, metric, value} of the best
-                     validation so far; `leapalign-fast eval --checkpoint <output_dir>/best` samples it. Rebuilt in
-                     `.tmp-best` and swapped in by renames; the regular checkpoints are never touched.
-Sampling and scoring run on the main process; its verdict (improved, stop) is shared with every rank.
+  best/              trained.safetensors (+ ema.safetensors), state.json {step, metric, value, prompts_sha256} and
+                     manifest.json (sha256 of the others, written last, as a checkpoint's) of the best validation so
+                     far; `leapalign-fast eval --checkpoint <output_dir>/best` verifies and samples it. Built in a new
+                     `.tmp-best.*` folder and swapped in by renames; the regular checkpoints are never touched. On
+                     resume a damaged best/ is moved to `damaged-best*` (one line) and the next validation writes a
+                     new one; a best/ chosen on other validation prompts (resume_force) is moved to `best-old-prompts*`.
+A non-finite validation score is an error (TrainingDiverged, exit 3), not a verdict: no best/ and no early stop come
+from it, and its row holds null. Sampling and scoring run on the main process; its verdict (improved, stop, failed)
+is shared with every rank.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,11 +38,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from leapalign_fast import checkpoint as ckpt
 from leapalign_fast.build import prompt_embeddings, trained_state
 from leapalign_fast.config import Config
-from leapalign_fast.errors import UserError
-from leapalign_fast.io import fsync_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from leapalign_fast.errors import TrainingDiverged, UserError
+from leapalign_fast.io import new_staging_dir, save_tensors_atomic, swap_in, write_json_atomic, write_text_atomic
 from leapalign_fast.prompts import read_prompt_file, validation_prompts  # noqa: F401  (train reads it from here)
+from leapalign_fast.resume_settings import prompts_digest
 from leapalign_fast.sampler import sample_trajectory
 
 
@@ -111,7 +119,9 @@ def _since_best(rows: list[dict], metric: str) -> tuple[float, int]:
     best, since = -math.inf, 0
     for row in rows:
         v = row.get(f"val/{metric}")
-        if v is not None and v > best:
+        if v is None:  # a failed validation (a non-finite score, logged as null) decides nothing
+            continue
+        if v > best:
             best, since = v, 0
         else:
             since += 1
@@ -126,7 +136,8 @@ class Validator:
         self.cfg, self.out = cfg, run.out
         self.metric = cfg.best_metric or cfg.eval_rewards[0]
         self.prompts = read_prompt_file(cfg.eval_prompt_file)
-        self.embeds = prompt_embeddings(cfg, run.backbone, run.components, self.prompts)
+        main = run.accelerator.is_main_process  # verified by rank 0 when the trainer embedded it
+        self.embeds = prompt_embeddings(cfg, run.backbone, run.components, self.prompts, verify=main)
         self.scorers = build_scorers(cfg, self.prompts, run.reward, run.accelerator.device)
         n = cfg.eval_num_steps or cfg.num_steps
         self.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
@@ -134,16 +145,54 @@ class Validator:
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 7919]).generate_state(1)[0]))
         self.noise = torch.randn(*run.geometry.noise_shape(len(self.prompts)), generator=gen)  # (P, L, C)
         self.path = run.out / "validation.jsonl"
-        rows = []
-        if run.accelerator.is_main_process:
+        self.digest = prompts_digest(self.prompts)
+        self.main = run.accelerator.is_main_process
+        rows, fresh = [], False
+        if self.main:
             if start_step == 0:
                 self.path.unlink(missing_ok=True)
                 shutil.rmtree(run.out / "best", ignore_errors=True)
             else:  # drop rows after the resumed step, so a replayed validation is not counted twice
-                _restore_best_dir(run.out)
                 rows = [r for r in _read_rows(self.path) if r["step"] <= start_step]
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+                fresh = self._check_best_dir(start_step)
         self.best, self.since_best = _since_best(rows, self.metric)
+        if fresh == "damaged":  # the next validation writes a new best/ (the patience count goes on)
+            self.best = -math.inf
+        elif fresh == "prompts":  # scores on other prompts do not compare: best and patience start over
+            self.best, self.since_best = -math.inf, 0
+
+    @property
+    def stopped_early(self) -> bool:
+        """The resumed run had already stopped early: `early_stop_patience` validations without a better score."""
+        patience = self.cfg.early_stop_patience
+        return bool(patience) and self.since_best >= patience
+
+    def _check_best_dir(self, step: int) -> str | None:
+        """Resume: put back a best/ a crash left aside, verify it (a damaged one is moved to `damaged-best*`) and
+        compare its validation prompts with these. Returns None, "damaged" or "prompts"; one line each."""
+        out = self.out
+        _restore_best_dir(out)
+        best = out / "best"
+        if not best.is_dir():
+            return None
+        problem = ckpt.verify_checkpoint(best)
+        if problem is not None:
+            moved = ckpt.set_aside(best)
+            _say(f"best/ is damaged ({problem}); moved to {moved.name}, the next validation writes a new best/")
+            return "damaged"
+        try:
+            saved = json.loads((best / "state.json").read_text()).get("prompts_sha256")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is not None and saved != self.digest:
+            moved = _aside(best, "best-old-prompts")
+            _say(
+                f"best/ was chosen on other validation prompts (eval_prompt_file changed); moved to {moved.name}; "
+                f"the best and early-stop patience start over at step {step}"
+            )
+            return "prompts"
+        return None
 
     @torch.no_grad()
     def scores(self, run: Trainer) -> dict[str, list[float]]:
@@ -184,11 +233,19 @@ class Validator:
         if step % self.cfg.eval_every != 0 and step != self.cfg.max_steps:
             return False
         acc = run.accelerator
-        verdict = torch.zeros(2, device=acc.device)  # (improved, stop)
+        verdict = torch.zeros(3, device=acc.device)  # (improved, stop, a score not finite)
+        failure = None
         if acc.is_main_process:
             t0 = time.perf_counter()
-            row = self.row(step, self.scores(run), 0.0)
+            scores = self.scores(run)
+            row = self.row(step, scores, 0.0)
             row["eval_seconds"] = time.perf_counter() - t0
+            failure = self._nonfinite(step, scores, row)
+        if failure is not None:  # logged (as null), then an error on every rank below
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**row, "best": False, "since_best": self.since_best}) + "\n")
+            verdict[2] = 1.0
+        elif acc.is_main_process:
             value = row[f"val/{self.metric}"]
             improved = value > self.best
             if improved:
@@ -206,29 +263,69 @@ class Validator:
             patience = self.cfg.early_stop_patience
             verdict[0], verdict[1] = float(improved), float(bool(patience) and self.since_best >= patience)
         verdict = acc.reduce(verdict, "sum")  # only rank 0 contributes: its verdict, on every rank
+        if verdict[2] > 0:
+            raise TrainingDiverged(failure or f"a validation score at step {step} is not finite (see rank 0)")
         return bool(verdict[1] > 0)  # host sync
 
+    def _nonfinite(self, step: int, scores: dict[str, list[float]], row: dict) -> str | None:
+        """The error for a validation whose scores are not all finite (the row's non-finite means set to null,
+        JSON having no NaN), or None."""
+        bad = {label: sum(not math.isfinite(v) for v in values) for label, values in scores.items()}
+        bad = {label: n for label, n in bad.items() if n}
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                row[k] = None
+        if not bad:
+            return None
+        label, n = next(iter(bad.items()))
+        return (
+            f"validation at step {step}: scorer '{label}' gave {n} non-finite score(s) of {len(self.prompts)} "
+            f"(val/{label} is not a number); no best/ or early stop is decided on it. Last checkpoint: "
+            f"{ckpt.newest(self.out)}. Check the scorer's inputs and weights, or lower lr if the model diverged, then "
+            "rerun with resume=true"
+        )
+
     def _write_best(self, run: Trainer, step: int, value: float) -> None:
-        tmp, final, old = self.out / ".tmp-best", self.out / "best", self.out / ".old-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_tensors_atomic(trained_state(run.transformer), tmp / "trained.safetensors")
-        if run.ema is not None:
-            save_tensors_atomic(run.ema.shadow, tmp / "ema.safetensors")
-        write_json_atomic(tmp / "state.json", {"step": step, "metric": self.metric, "value": value})
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)  # a crash between the two renames leaves .old-best, restored on resume
-        fsync_dir(self.out)
-        shutil.rmtree(old, ignore_errors=True)
+        """best/ as a checkpoint is written: staged in a new folder, manifest last, swapped in by renames."""
+        staged = new_staging_dir(self.out / "best")
+        try:
+            save_tensors_atomic(trained_state(run.transformer), staged / "trained.safetensors")
+            if run.ema is not None:
+                save_tensors_atomic(run.ema.shadow, staged / "ema.safetensors")
+            state = {"step": step, "metric": self.metric, "value": value, "prompts_sha256": self.digest}
+            write_json_atomic(staged / "state.json", {**state, "checksummed": True})
+            ckpt.write_manifest(staged, step)
+            left = swap_in(staged, self.out / "best")  # a crash between its two renames leaves .old-best.*
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        if left is not None:
+            _say(f"the previous best/ (now {left}) could not be removed; delete it by hand, the new best/ is in place")
+
+
+def _say(text: str) -> None:
+    print(f"leapalign-fast: {text}", flush=True)
+
+
+def _aside(path: Path, name: str) -> Path:
+    target, n = path.with_name(name), 1
+    while target.exists():
+        target, n = path.with_name(f"{name}.{n}"), n + 1
+    os.replace(path, target)
+    return target
 
 
 def _restore_best_dir(out: Path) -> None:
-    """After a crash between the two renames of `_write_best`: put the previous best back."""
-    if not (out / "best").exists() and (out / ".old-best").exists():
-        (out / ".old-best").rename(out / "best")
-    shutil.rmtree(out / ".tmp-best", ignore_errors=True)
+    """After a crash between the two renames of a best/ swap: put the previous best (an intact `.old-best*`) back;
+    remove staging leftovers (`.tmp-best*`)."""
+    olds = sorted(out.glob(".old-best*"), key=lambda p: p.stat().st_mtime)
+    if not (out / "best").exists():
+        for old in reversed(olds):
+            if ckpt.verify_checkpoint(old) is None and (old / "state.json").is_file():
+                os.replace(old, out / "best")
+                break
+    for leftover in [*out.glob(".tmp-best*"), *out.glob(".old-best*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -111,7 +111,7 @@ def test_build_takes_the_resolved_backbone():
     assert sig == {
         "load_components": ["cfg", "backbone", "need_text", "empty_transformer"],
         "prompt_cache_path": ["cfg", "backbone", "prompts"],
-        "prompt_embeddings": ["cfg", "backbone", "components", "prompts", "device"],
+        "prompt_embeddings": ["cfg", "backbone", "components", "prompts", "device", "verify"],
         "add_trainable": ["transformer", "cfg", "backbone", "upcast"],
         "lora_targets": ["cfg", "backbone"],
         "encode_prompt_cache": ["cfg"],

@@ -61,7 +61,8 @@ def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
     # `best` holds the weights of the step with the highest validation reward, equal to that step's checkpoint
     best_step = max(rows, key=lambda r: r["val/reward"])["step"]
     state = json.loads((out / "best" / "state.json").read_text())
-    assert state == {"step": best_step, "metric": "reward", "value": max(r["val/reward"] for r in rows)}
+    want = {"step": best_step, "metric": "reward", "value": max(r["val/reward"] for r in rows), "checksummed": True}
+    assert {k: state[k] for k in want} == want and ckpt.verify_checkpoint(out / "best") is None  # a manifest
     assert [r["best"] for r in rows][0] is True and sum(r["best"] for r in rows) >= 1
     if best_step:
         regular = load_file(str(ckpt.checkpoint_root(out) / f"step_{best_step:08d}" / "trained.safetensors"))

@@ -11,6 +11,7 @@ Every `validate` raises a UserError naming `method.<key>` and the fix. `grad_gra
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,6 +32,33 @@ def register(cls: type[MethodSettings]) -> type[MethodSettings]:
 def need(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+LAM_MAX = 1e30  # |lam| * batch must stay a float32: the batch's hinge terms are summed
+
+
+def max_late_bias(num_steps: int) -> float:
+    """The largest `late_bias` whose draw weights (i + 1) ** late_bias, i < num_steps, and their sum stay finite in
+    float32 (methods/indices.py draw_late_biased; a factor 2 of headroom for rounding)."""
+    return math.inf if num_steps <= 1 else math.log(FLOAT32_MAX / (2 * num_steps)) / math.log(num_steps)
+
+
+def check_late_bias(late_bias: float, num_steps: int) -> None:
+    top = max_late_bias(num_steps)
+    need(
+        0 <= late_bias <= top,
+        f"method.late_bias must be in [0, {top:.4g}] for num_steps={num_steps} (P(i) ~ (i + 1) ** late_bias: beyond "
+        f"it the weights overflow float32), got {late_bias}",
+    )
+
+
+def check_grad_rescale(grad_rescale: float) -> None:
+    need(
+        0 <= grad_rescale <= 1,
+        f"method.grad_rescale must be in [0, 1] (0: raw Euler weights; 1: the active steps carry the whole "
+        f"trajectory's weight; beyond 1 they carry more, and the gradients grow without bound), got {grad_rescale}",
+    )
 
 
 def resolve_window(window: list[int], num_steps: int, min_span: int = 2) -> tuple[int, int]:
@@ -58,7 +86,12 @@ class MethodSettings:
     reference: ClassVar[bool] = False  # a memory/throughput reference, not an alignment method (bench/quality skips it)
 
     def validate(self, num_steps: int) -> None:
-        """Raise UserError naming `method.<key>` for a bad value (only this method's keys)."""
+        """Raise UserError naming `method.<key>` for a bad value (only this method's keys). Subclasses call it."""
+        need(
+            abs(self.lam) <= LAM_MAX,
+            f"method.lam must be in [-{LAM_MAX:g}, {LAM_MAX:g}] (the hinge margin, next to rewards of order 1; the "
+            f"batch's loss sum overflows float32 beyond it), got {self.lam}",
+        )
 
     def grad_graphs(self, num_steps: int) -> int:
         """Upper bound on the grad-enabled velocity forwards one sample keeps for the backward (memory preflight)."""
@@ -90,6 +123,7 @@ class PairSettings(MethodSettings):
     dirichlet_alpha: list[float] = field(default_factory=lambda: [2.5, 6.0, 2.0])  # (after j, j..k gap, before k)
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         need(
             self.index_sampler in SAMPLERS,
             f"method.index_sampler must be one of {', '.join(SAMPLERS)}, got '{self.index_sampler}'",
@@ -135,6 +169,7 @@ class ReFLSettings(MethodSettings):
         return 1
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         need(0.0 < self.late_fraction <= 1.0, f"method.late_fraction must be in (0, 1], got {self.late_fraction}")
         need(
             0 <= self.late_steps <= num_steps,
@@ -154,6 +189,7 @@ class DraftSettings(MethodSettings):
         return self.draft_k
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         n = num_steps
         need(1 <= self.draft_k <= n, f"method.draft_k must be in [1, num_steps={n}], got {self.draft_k}")
 
@@ -171,6 +207,7 @@ class DraftLVSettings(MethodSettings):
         return self.renoise + 1
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         need(self.renoise >= 0, f"method.renoise must be >= 0, got {self.renoise}")
 
 
@@ -190,6 +227,7 @@ class DRTuneSettings(MethodSettings):
         return self.drtune_steps
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         variants = ", ".join(DRTUNE_VARIANTS)
         need(self.variant in DRTUNE_VARIANTS, f"method.variant must be one of {variants}, got '{self.variant}'")
         need(self.drtune_steps >= 1, f"method.drtune_steps must be >= 1, got {self.drtune_steps}")
@@ -213,9 +251,10 @@ class SparseSettings(MethodSettings):
         return self.num_active_steps
 
     def validate(self, num_steps: int) -> None:
+        super().validate(num_steps)
         need(self.num_active_steps >= 1, f"method.num_active_steps must be >= 1, got {self.num_active_steps}")
-        need(self.late_bias >= 0, f"method.late_bias must be >= 0, got {self.late_bias}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
+        check_late_bias(self.late_bias, num_steps)
+        check_grad_rescale(self.grad_rescale)
 
 
 @register
@@ -236,8 +275,8 @@ class BridgeSettings(PairSettings):
             self.num_active_steps >= 2,
             f"method.num_active_steps must be >= 2 (one each side of j), got {self.num_active_steps}",
         )
-        need(self.late_bias >= 0, f"method.late_bias must be >= 0, got {self.late_bias}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
+        check_late_bias(self.late_bias, num_steps)
+        check_grad_rescale(self.grad_rescale)
         super().validate(num_steps)
 
 
@@ -275,7 +314,7 @@ class LagrangeSettings(PairSettings):
         )
         need(self.support_scale >= 0, f"method.support_scale must be >= 0, got {self.support_scale}")
         need(self.max_active_supports >= 0, f"method.max_active_supports must be >= 0, got {self.max_active_supports}")
-        need(self.grad_rescale >= 0, f"method.grad_rescale must be >= 0, got {self.grad_rescale}")
+        check_grad_rescale(self.grad_rescale)
         need(0.0 <= self.anchor_lambda <= 1.0, f"method.anchor_lambda must be in [0, 1], got {self.anchor_lambda}")
         need(
             self.weight_scheme in WEIGHT_SCHEMES,

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from leapalign_fast.io import save_tensors_atomic, write_json_atomic
+from leapalign_fast.errors import UserError
+from leapalign_fast.io import digests, new_staging_dir, save_tensors_atomic, swap_in, write_json_atomic
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to characters.
 TINY_WORDS = (
@@ -222,9 +226,11 @@ CACHE_CHUNK = 512
 
 
 def write_prompt_cache(encode, prompts: list[str], index: Path, chunk: int = CACHE_CHUNK) -> None:
-    """Encode `prompts` into chunk files beside `index` (a JSON list of prompts and files), each written
-    atomically; the index comes last, so its presence means the cache is complete. `encode(prompts)` gives the
-    named (P, ...) tensors to store (a backbone's `encode_prompts`); a FLUX `TextStack` stands for FLUX's."""
+    """Encode `prompts` into chunk files and `index` (a JSON list of the prompts, the files and each file's sha256),
+    built in a new staging folder beside `index`'s folder and renamed into place (replacing a damaged or stale
+    cache there), so the folder is complete whenever it exists. `encode(prompts)` gives the named (P, ...) tensors
+    to store (a backbone's `encode_prompts`); a FLUX `TextStack` stands for FLUX's. A failure (a full disk: an
+    OSError) removes the staging folder."""
     meta = {}
     if isinstance(encode, TextStack):
         text, meta = encode, {"max_sequence_length": encode.max_sequence_length}
@@ -233,33 +239,126 @@ def write_prompt_cache(encode, prompts: list[str], index: Path, chunk: int = CAC
             e = encode_prompts(text, p)
             return {"t5": e.t5, "pooled": e.pooled, "t5_lengths": e.lengths}
 
-    files = []
-    for n, start in enumerate(range(0, len(prompts), chunk)):
-        tensors = {k: v.contiguous() for k, v in encode(prompts[start : start + chunk]).items()}
-        files.append(f"chunk_{n:05d}.safetensors")
-        save_tensors_atomic(tensors, index.parent / files[-1])
-    write_json_atomic(index, {"prompts": list(prompts), "chunk": chunk, "files": files, **meta})
+    root = Path(index).parent
+    staged = new_staging_dir(root)
+    try:
+        files = []
+        for n, start in enumerate(range(0, len(prompts), chunk)):
+            tensors = {k: v.contiguous() for k, v in encode(prompts[start : start + chunk]).items()}
+            files.append(f"chunk_{n:05d}.safetensors")
+            save_tensors_atomic(tensors, staged / files[-1])
+        sums = digests([staged / f for f in files])
+        bad = next((e for e in sums if isinstance(e, OSError)), None)
+        if bad is not None:
+            raise bad
+        index_meta = {"prompts": list(prompts), "chunk": chunk, "files": files, "sha256": dict(zip(files, sums))}
+        write_json_atomic(staged / Path(index).name, {**index_meta, **meta})  # last
+        swap_in(staged, root)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    for f, digest in zip(files, sums):
+        _remember(root / f, digest)
+
+
+_CHUNK_NAME = re.compile(r"^chunk_\d{5}\.safetensors$")
+# Chunk files verified by this process: path -> (inode, size, mtime, sha256). Each file is hashed once per process
+# (a large cache is hundreds of GB), not once per open.
+_VERIFIED: dict[str, tuple[int, int, int, str]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(path: Path, digest: str) -> None:
+    try:
+        _VERIFIED[str(path)] = (*_stamp(path), digest)
+    except OSError:
+        pass
+
+
+def _known(path: Path, digest: str) -> bool:
+    try:
+        return _VERIFIED.get(str(path)) == (*_stamp(path), digest)
+    except OSError:
+        return False
+
+
+def check_prompt_cache(index: Path, prompts: list[str] | None = None) -> str | None:
+    """None when the cache of `index` is complete and every chunk file matches its sha256 (hashed once per process,
+    the whole file: a flipped byte in a row no batch draws is found too); else what is wrong, in a few words: a
+    missing, unreadable or incomplete index, one written before checksums, another prompt set than `prompts`, a
+    missing or changed chunk."""
+    index = Path(index)
+    try:
+        meta = json.loads(index.read_text())
+    except FileNotFoundError:
+        return f"{index.name} is missing"
+    except (OSError, ValueError) as e:
+        return f"{index.name} is unreadable ({type(e).__name__})"
+    if isinstance(meta, dict) and "files" in meta and "sha256" not in meta:
+        return "it was written before the cache had checksums"
+    try:
+        listed, chunk, files, sums = meta["prompts"], meta["chunk"], meta["files"], meta["sha256"]
+        assert isinstance(listed, list) and isinstance(chunk, int) and chunk > 0 and isinstance(sums, dict)
+        assert isinstance(files, list) and len(files) == math.ceil(len(listed) / chunk)
+        assert all(isinstance(f, str) and _CHUNK_NAME.match(f) and isinstance(sums.get(f), str) for f in files)
+    except (TypeError, KeyError, AssertionError):
+        return f"{index.name} is incomplete"
+    if prompts is not None and listed != list(prompts):
+        return "it holds another prompt set"
+    root = index.parent
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    todo = [f for f in files if not _known(root / f, sums[f])]
+    for f, got in zip(todo, digests([root / f for f in todo])):
+        if isinstance(got, OSError):
+            return f"{f} cannot be read ({got.strerror})"
+        if got != sums[f]:
+            return f"{f} does not match its checksum"
+        _remember(root / f, got)
+    return None
 
 
 class PromptCache:
     """Prompt embeddings read per batch from the chunk files of `write_prompt_cache` (memory-mapped
-    safetensors): a rank holds only the rows it asks for, never the whole cache."""
+    safetensors): a rank holds only the rows it asks for, never the whole cache. Opened, it is verified
+    (`check_prompt_cache`) unless `verify=False` (its caller has just verified or written it)."""
 
-    def __init__(self, index: Path):
-        meta = json.loads(Path(index).read_text())
-        self.prompts: list[str] = meta["prompts"]
-        self.chunk, self.files, self.root = meta["chunk"], meta["files"], Path(index).parent
+    def __init__(self, index: Path, prompts: list[str] | None = None, verify: bool = True):
+        self.root = Path(index).parent
+        problem = check_prompt_cache(index, prompts) if verify else None
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            meta = json.loads(Path(index).read_text())
+            self.prompts: list[str] = meta["prompts"]
+            self.chunk, self.files = meta["chunk"], meta["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"prompt cache {self.root} is damaged ({e}); delete that folder and rerun: the prompts are encoded "
+                "again"
+            ) from None
         self._open: dict[int, object] = {}
 
     def _rows(self, name: str, idx: list[int]) -> torch.Tensor:
         rows = []
         for i in idx:
             n, r = divmod(i, self.chunk)
-            if n not in self._open:
-                from safetensors import safe_open
+            try:
+                if n not in self._open:
+                    from safetensors import safe_open
 
-                self._open[n] = safe_open(str(self.root / self.files[n]), framework="pt")
-            rows.append(self._open[n].get_slice(name)[r : r + 1])
+                    self._open[n] = safe_open(str(self.root / self.files[n]), framework="pt")
+                rows.append(self._open[n].get_slice(name)[r : r + 1])
+            except Exception as e:  # noqa: BLE001 - the file changed under the run: safetensors' own error, ...
+                raise UserError(
+                    f"prompt cache {self.root} cannot be read ({type(e).__name__}: {str(e)[:120]}); delete that "
+                    "folder and rerun with resume=true: the prompts are encoded again"
+                ) from None
         return torch.cat(rows)
 
     def tensors(self, idx: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:

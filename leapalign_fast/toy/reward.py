@@ -296,9 +296,16 @@ def _load_toy_reward(path: str, contrast: int) -> ToyReward:
             f"reward 'toy': weights file {p} not found; reward.options.path names the safetensors file(s) "
             f"written by bench/train_toy_reward.py (shipped as assets/toy/reward*.safetensors)"
         )
-    weights = load_file(str(p))
-    model = ToyReward(dim=weights["embed.weight"].shape[1])  # the width is read from the weights
-    model.load_state_dict(weights)
+    try:
+        weights = load_file(str(p))
+        model = ToyReward(dim=weights["embed.weight"].shape[1])  # the width is read from the weights
+        model.load_state_dict(weights)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error (truncated, garbage), a missing key, a shape
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(
+            f"reward 'toy': weights file {p} cannot be loaded ({type(e).__name__}: {first}); restore it or point "
+            "reward.options.path at an intact file written by bench/train_toy_reward.py"
+        ) from None
     model.contrast = int(contrast)
     return model.eval()
 
