@@ -17,7 +17,7 @@ from leapalign_fast.build import (
     add_trainable,
     load_components,
     load_trained,
-    prompt_cache_path,
+    prompt_cache_intact,
     prompt_embeddings,
     to_device,
 )
@@ -110,7 +110,7 @@ def sample_images(
     (its trained or EMA weights) or the base model (`path` None), from noise seeded by `seed`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = backbone_for(cfg.model)  # resolved once, here, for everything below
-    comps = load_components(cfg, backbone, need_text=not prompt_cache_path(cfg, backbone, prompts).is_file())
+    comps = load_components(cfg, backbone, need_text=not prompt_cache_intact(cfg, backbone, prompts))  # or damaged
     embeds = prompt_embeddings(cfg, backbone, comps, prompts)
     comps.text = None
     dtype = DTYPES[cfg.model.dtype]

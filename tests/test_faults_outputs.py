@@ -678,3 +678,19 @@ def test_eval_of_latest_survives_pruning_under_it(when, two_checkpoints, tmp_pat
     want = "step_00000002" if when == "while-sampling" else "step_00000001"
     assert json.loads((out / "eval" / want / "scores.json").read_text())["checkpoint"].endswith(want)
     assert not staging_left(out)
+
+
+def test_eval_encodes_a_damaged_prompt_cache_again(flux_dir, tmp_path, capsys):
+    """From a model directory the text encoders load only when a cache needs them: a damaged one must count."""
+    (tmp_path / "p.txt").write_text("a red square\na blue circle\n")
+    argv = [f"output_dir={tmp_path / 'run'}", f"model.source={flux_dir}", "--checkpoint", "base", "--steps", "2"]
+    argv += ["--prompts", str(tmp_path / "p.txt")]
+    assert cli(capsys, "eval", *argv)[0] == 0
+    first = json.loads((tmp_path / "run" / "eval" / "base" / "scores.json").read_text())
+    cache = next((tmp_path / "run" / "prompt_cache").iterdir())
+    _random_data(cache / "chunk_00000.safetensors")
+    code, lines, err = cli(capsys, "eval", *argv)
+    said = [line for line in lines if "prompt cache" in line]
+    err = [line for line in err if not line.startswith("Loading weights")]  # transformers' own progress bar
+    assert code == 0 and not err and len(said) == 1 and "does not match its checksum" in said[0], (lines, err)
+    assert json.loads((tmp_path / "run" / "eval" / "base" / "scores.json").read_text())["scores"] == first["scores"]
