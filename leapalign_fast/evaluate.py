@@ -123,7 +123,7 @@ def sample_images(
         load_trained(transformer, weights, path)
     transformer.eval()
     vae = comps.vae.to(device)
-    geom = backbone.geometry(comps, cfg.resolution)
+    geom = backbone.geometry(comps, cfg.image_size)
     sigmas = backbone.schedule(comps, num_steps, geom)
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):

@@ -155,7 +155,7 @@ class Trainer:
         # reads only its shards (fsdp.py).
         need_text = acc.is_main_process and not all(build.prompt_cache_intact(cfg, backbone, p) for p in prompt_sets)
         self.components = build.load_components(cfg, backbone, need_text=need_text, empty_transformer=cfg.fsdp)
-        self.geometry = backbone.geometry(self.components, cfg.resolution)
+        self.geometry = backbone.geometry(self.components, cfg.image_size)
         check_memory(cfg, backbone, self.components, self.geometry, acc.device)  # a blow-up fails now, not later
         self._embed_prompts(prompt_sets)
         self.reward = build_reward(cfg.reward.name, **cfg.reward.options).to(acc.device)
