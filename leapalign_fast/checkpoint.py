@@ -385,6 +385,7 @@ MATH_KEYS = (
     "height",
     "width",
     "guidance",
+    "method_draws",
     "lr",
     "weight_decay",
     "adam_betas",

@@ -70,6 +70,7 @@ class ModelConfig:
     cuda_graph: bool = False  # replay the no-grad sampler forwards from CUDA graphs (CUDA only)
     gradient_checkpointing: bool = False  # recompute the grad-enabled forwards' activations in the backward
     checkpoint_decode: bool = False  # recompute the VAE decode and the reward in the backward (per VAE block)
+    tf32: bool = False  # TF32 matmuls and convolutions on GPUs that have them (FlowBP: on); false: full float32
     # True-CFG backbones (SD3.5, FLUX.2-Klein base): false runs the negative-prompt branch of the grad-enabled
     # forwards without grad (the gradient then flows through the conditional branch only, scaled by guidance)
     uncond_grad: bool = True
@@ -130,6 +131,9 @@ class Config:
     early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
     tensorboard: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # The method's random draws ((k, j), ReFL's step, ...) per micro-step: "per_rank" (each rank its own: lower
+    # variance of the global gradient) or "shared" (every rank the same, as FlowBP); the expected gradient is the same
+    method_draws: str = "per_rank"
     # FSDP2 (fully_shard per transformer block, then the root) for full fine-tunes and LoRA; checkpoints are then
     # sharded (torch.distributed.checkpoint), resumable at another world size (leapalign_fast/dist_checkpoint.py)
     fsdp: bool = False
@@ -399,6 +403,10 @@ def validate(cfg: Config) -> None:
         f"model.compile must be none, regional or full, got '{cfg.model.compile}'",
     )
     need(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    need(
+        cfg.method_draws in ("per_rank", "shared"),
+        f"method_draws must be 'per_rank' or 'shared', got '{cfg.method_draws}'",
+    )
     validate_validation(cfg, need)
     validate_fsdp(cfg, need)
     validate_method(cfg, need)

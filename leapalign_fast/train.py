@@ -90,9 +90,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """CPU generator for one micro-step of one rank, independent of anything that ran before."""
-    s = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint64)[0]
+def step_generator(seed: int, step: int, micro: int, rank: int, stream: int = 0) -> torch.Generator:
+    """CPU generator for one micro-step of one rank, independent of anything that ran before. `stream` > 0: another
+    independent stream of the same micro-step (the method's draws shared by every rank, `method_draws = "shared"`)."""
+    entropy = [seed, step, micro, rank] + ([stream] if stream else [])
+    s = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(s) & ((1 << 63) - 1))
 
 
@@ -134,6 +136,9 @@ class Trainer:
         if cfg.deterministic and torch.cuda.is_available():  # else cuBLAS matmuls raise under deterministic mode
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
         torch.use_deterministic_algorithms(cfg.deterministic)
+        # model.tf32: TF32 matmuls and convolutions on GPUs that have them (FlowBP's choice); false: full float32.
+        torch.set_float32_matmul_precision("high" if cfg.model.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = cfg.model.tf32
         self.method = build_method(cfg.method, cfg.num_steps)  # bad method settings fail before anything is written
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.out = out = Path(cfg.output_dir)
@@ -246,8 +251,16 @@ class Trainer:
         noise = torch.randn(*self.geometry.noise_shape(batch), generator=generator)
         return noise.to(self.accelerator.device, DTYPES[self.cfg.model.dtype])
 
-    def step_inputs(self, idx: list[int], generator: torch.Generator, instrument: Instrument | None = None):
-        """A micro-step's method inputs; `model.checkpoint_decode` recomputes decode + reward in the backward."""
+    def step_inputs(
+        self,
+        idx: list[int],
+        generator: torch.Generator,
+        instrument: Instrument | None = None,
+        method_generator: torch.Generator | None = None,
+    ):
+        """A micro-step's method inputs: noise from `generator`, the method's draws (step indices) from
+        `method_generator` (default: the same generator, after the noise); `model.checkpoint_decode` recomputes
+        decode + reward in the backward."""
         wrap = instrument or (lambda fn, part: fn)
         decode, reward = checkpointed_decode_reward(
             self.components.vae, self.decode, self.reward, self.cfg.model.checkpoint_decode
@@ -259,7 +272,7 @@ class Trainer:
             wrap(decode, "decode"),
             wrap(reward, "reward"),
             [self.prompts[i] for i in idx],
-            generator,
+            method_generator or generator,
         )
 
     # -- the seams ---------------------------------------------------------------------------------------
@@ -270,11 +283,12 @@ class Trainer:
         method=None,
         instrument: Instrument | None = None,
         around_loss=contextlib.nullcontext,
+        method_generator: torch.Generator | None = None,
     ) -> StepOutput:
         """The method's loss on prompts `idx` and its backward (gradients accumulate; no optimizer step).
         `method` replaces the run's (bench/memory.py), `instrument` wraps the step's parts, `around_loss` is a
-        context manager entered around the method's forward."""
-        inputs = self.step_inputs(idx, generator, instrument)
+        context manager entered around the method's forward, `method_generator` draws the method's randomness."""
+        inputs = self.step_inputs(idx, generator, instrument, method_generator)
         with around_loss():
             out = (method or self.method)(inputs)
         backward = self.accelerator.backward
@@ -303,7 +317,10 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             idx = self.order.take(B * world)[rank * B : (rank + 1) * B]  # this rank's prompts
             with acc.accumulate(self.transformer):
-                out = self.micro_step(idx, step_generator(cfg.seed, self.step, micro, rank))
+                # method_draws: "per_rank" (each rank its own (k, j), ...), "shared" (one per micro-step, as FlowBP)
+                shared = cfg.method_draws == "shared"
+                draws = step_generator(cfg.seed, self.step, micro, 0, stream=1) if shared else None
+                out = self.micro_step(idx, step_generator(cfg.seed, self.step, micro, rank), method_generator=draws)
                 losses.append(out.loss.detach())
                 if acc.sync_gradients:
                     grad_norm, finite = self.optimizer_step(losses)
