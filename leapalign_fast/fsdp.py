@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from leapalign_fast.blocks import repeated_blocks
 from leapalign_fast.errors import UserError
 
 
@@ -48,14 +49,8 @@ def compute_dtype(mixed_precision: str, storage: torch.dtype) -> torch.dtype | N
 
 
 def wrap_units(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules sharded one by one: instances of the model's repeated block classes (diffusers'
-    `_repeated_blocks`), in module order; for a model that names none (SD3Transformer2DModel), the elements of its
-    top-level block lists (`transformer_blocks`, ...), the same unit."""
-    classes = set(getattr(transformer, "_repeated_blocks", ()) or ())
-    units = [m for m in transformer.modules() if type(m).__name__ in classes]
-    if not units:
-        lists = [c for c in transformer.children() if isinstance(c, torch.nn.ModuleList) and len(c) > 0]
-        units = [block for blocks in lists for block in blocks]
+    """The modules sharded one by one: the transformer's repeated blocks (blocks.repeated_blocks)."""
+    units = repeated_blocks(transformer)
     if not units:
         raise UserError(f"fsdp=true: {type(transformer).__name__} has no repeated blocks to shard; use fsdp=false")
     return units

@@ -8,6 +8,7 @@ holding exactly the trained weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -167,3 +168,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_regional_compile_and_fsdp_find_sd3_blocks():
+    """SD3Transformer2DModel names no `_repeated_blocks`: its transformer_blocks are the unit of regional compile
+    (the SD3.5 configs set compile = "regional") and of FSDP sharding."""
+    from leapalign_fast.blocks import repeated_blocks
+    from leapalign_fast.config import TinyFluxConfig
+    from leapalign_fast.models.backbone import get_backbone
+    from leapalign_fast.models.fast import compile_transformer
+
+    tr = get_backbone("sd3").build_tiny(TinyFluxConfig(), 0).transformer
+    assert not getattr(tr, "_repeated_blocks", None)
+    blocks = repeated_blocks(tr)
+    assert blocks and blocks == list(tr.transformer_blocks)
+    compile_transformer(tr, "regional", backend="eager")  # raised "names no repeated blocks" before
+    assert all(isinstance(b.forward, functools.partial) for b in blocks)

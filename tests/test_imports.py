@@ -103,6 +103,7 @@ LAYERS = [
         "leapalign_fast.recompute",
         "leapalign_fast.dist_checkpoint",
         "leapalign_fast.model_dir",
+        "leapalign_fast.blocks",
     ],
     ["leapalign_fast.sampler", "leapalign_fast.models", "leapalign_fast.rewards", "leapalign_fast.toy"],
     ["leapalign_fast.methods", "leapalign_fast.preflight"],

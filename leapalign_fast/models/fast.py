@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from leapalign_fast.blocks import repeated_blocks
 from leapalign_fast.errors import UserError
 
 log = logging.getLogger("leapalign_fast")
@@ -136,8 +137,7 @@ def compile_transformer(transformer, mode: str, backend: str = "inductor") -> No
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     if mode == "regional":
-        classes = set(getattr(transformer, "_repeated_blocks", ()))
-        blocks = [m for m in transformer.modules() if type(m).__name__ in classes]
+        blocks = repeated_blocks(transformer)  # SD3 names none: its transformer_blocks
         if not blocks:
             raise UserError(
                 f"model.compile='regional': {type(transformer).__name__} names no repeated blocks; "
