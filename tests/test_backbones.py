@@ -305,6 +305,17 @@ def test_leapalign_trains_resumes_bit_exactly_and_lora_loads_in_pipeline(family,
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert (ours - _ours(backbone, comps, comps.transformer, cond, noise)).abs().max() > 1e-4
 
+    # lora_ema/: the EMA adapter, loaded by the pipeline, samples as our model with the EMA weights swapped in
+    named = dict(trained.named_parameters())
+    with torch.no_grad():
+        for n, shadow in res.trainer.ema.shadow.items():
+            named[n].copy_(shadow)
+    ours_ema = _ours(backbone, comps, trained, cond, noise)
+    pipe = _pipeline(backbone, backbone.build_tiny(TinyFluxConfig(), 0))
+    pipe.load_lora_weights(straight / "lora_ema", adapter_name="leap_ema")
+    torch.testing.assert_close(ours_ema, _theirs(backbone, pipe, comps, cond, noise), rtol=0, atol=1e-5)
+    assert (ours_ema - ours).abs().max() > 1e-6  # the EMA is not the live weights
+
 
 def test_family_from_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
