@@ -247,7 +247,7 @@ def random_weights(kind: str, device: str):
         finally:
             torch.set_default_dtype(previous)
 
-    def prompt_embeddings(cfg, backbone, components, prompts, device=None):
+    def prompt_embeddings(cfg, backbone, components, prompts, device=None, verify=True):  # nothing to verify
         return RandomEmbeds(prompts, shapes(cfg.model.max_sequence_length), DTYPES[cfg.model.dtype])
 
     saved = build.load_components, build.prompt_embeddings
