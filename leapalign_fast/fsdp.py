@@ -1,9 +1,9 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for full fine-tunes and LoRA: one FSDP unit per repeated
-transformer block (the model's `_repeated_blocks`: FLUX's double and single blocks), then the root.
+transformer block (blocks.repeated_blocks: FLUX's double and single blocks, SD3's transformer_blocks), then the root.
 
 Order, so that no rank ever holds the whole model in float32 (12B FLUX: 44 GiB), nor (from a model directory)
 the whole model at all, nor an unsharded EMA:
-1. the transformer is built on the meta device from its config.json (no memory; `models.flux.empty_transformer`)
+1. the transformer is built on the meta device from its config.json (no memory; `models.common.empty_transformer`)
    in its storage dtype (bf16), trainable flags set, LoRA added: peft initialises the LoRA weights on the host
    as on a loaded model (`host_placeholders`), so a seed gives the same LoRA either way;
 2. block by block: that block's trainable parameters are upcast to float32, then the block is sharded;

@@ -110,6 +110,7 @@ def _assert_export_holds(directory: Path, want: dict[str, torch.Tensor]):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL)
 def test_full_config_trains_sharded_on_two_processes_and_exports(name, tmp_path):
     """Two CPU ranks (gloo), FSDP2 as the config says: `transformer/` and `transformer_ema/` at the end hold the
