@@ -17,6 +17,7 @@ from leapalign_fast.config import Config
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, backbone_for
+from leapalign_fast.models.common import unwrap
 from leapalign_fast.models.text import PromptCache, check_prompt_cache, prompt_cache_key, write_prompt_cache
 from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
 from leapalign_fast.runlock import check_writable
@@ -164,12 +165,6 @@ def add_trainable(transformer, cfg: Config, backbone: Backbone, upcast: bool = T
     for p in params if upcast else ():
         p.data = p.data.float()
     return params
-
-
-def unwrap(model):
-    """Strip accelerate/DDP wrappers and torch.compile's `_orig_mod`."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def load_trained(model, weights: dict[str, torch.Tensor], source: Path) -> None:

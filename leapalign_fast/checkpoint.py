@@ -40,9 +40,8 @@ from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.ema import EMA
 from leapalign_fast.errors import TrainingDiverged, UserError, disk_failure, disk_reason
 from leapalign_fast.fsdp import all_finite, full_tensors
-from leapalign_fast.io import (  # noqa: F401  (digests, file_sha256: checkpoint's names for them, kept)
+from leapalign_fast.io import (
     digests,
-    file_sha256,
     fsync_dir,
     save_tensors_atomic,
     write_json_atomic,
@@ -367,9 +366,15 @@ def _read_checkpoint(path: Path, rank: int) -> dict:
             load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
         ),
     }
+    return read_rng(path, rank, out)
+
+
+def read_rng(path: Path, rank: int, out: dict) -> dict:
+    """`out` with this rank's RNG state of checkpoint `path` under "rng" (a rank the saving run did not have, in a
+    resharded resume, has none)."""
     rng = path / f"rng_rank{rank}.safetensors"
     if rng.is_file():
-        out["rng"] = (load_file(str(rng)), json.loads((path / f"rng_rank{rank}.json").read_text()))
+        out["rng"] = (load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
     return out
 
 
@@ -548,12 +553,6 @@ class Checkpointer:
             set_rng_state(*data["rng"])
         return int(data["state"]["step"]), int(data["state"]["consumed"])
 
-    def _read_rng(self, path: Path, out: dict) -> dict:
-        rng = path / f"rng_rank{self.acc.process_index}.safetensors"
-        if rng.is_file():  # a rank the saving run did not have (a resharded resume) has none
-            out["rng"] = (load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
-        return out
-
     # -- what the implementations differ in ---------------------------------------------------------------
     def _nonfinite(self, trained: dict, ema: dict | None) -> str | None:
         raise NotImplementedError
@@ -602,7 +601,7 @@ class LocalCheckpointer(Checkpointer):
         self.acc.wait_for_everyone()
 
     def _read(self, path):
-        return read_checkpoint(path, self.acc.process_index)
+        return _read_checkpoint(path, self.acc.process_index)  # resume guards the read
 
     def _load(self, path, data, state):
         load_trained(unwrap(state.transformer), data["trained"], path)
@@ -686,7 +685,7 @@ class ShardedCheckpointer(Checkpointer):
         self.saver.save(tmp, step, shards, commit, failed, started)
 
     def _read(self, path):
-        return self._read_rng(path, {"state": json.loads((path / "state.json").read_text())})
+        return read_rng(path, self.acc.process_index, {"state": json.loads((path / "state.json").read_text())})
 
     def _load(self, path, data, state):
         saved_world = data["state"].get("world_size")

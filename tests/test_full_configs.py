@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_backbones import TINY_RUN as BACKBONES_TINY_RUN
+from test_fsdp import _free_port
 
 from leapalign_fast.config import load_config
 
@@ -74,25 +76,9 @@ def test_the_header_check_notices_a_config_that_says_fsdp_and_runs_without():
     assert resolved(cfg)["fsdp"] != header_claims(text)["fsdp"]
 
 
-# The heavy settings of a shipped config swapped for a CPU-sized run of its family's tiny random build.
-TINY_RUN = [
-    "model.source=tiny",
-    "model.dtype=float32",
-    "mixed_precision=no",
-    "model.compile=none",
-    "model.max_sequence_length=32",
-    "resolution=64",
-    "num_steps=4",
-    "batch_size=1",
-    "max_steps=2",
-    "checkpoint_every=2",
-    "resume=false",
-    "prompt_file=",
-    "reward.name=colour",
-    "reward.options={}",
-    "tensorboard=false",
-    "eval_prompts=['a red square']",
-]
+# test_backbones' CPU-sized run of a shipped config on its family's tiny build, with the config's own fsdp setting
+# (that list pins fsdp=false), one prompt a rank and a checkpoint at step 2.
+TINY_RUN = [o for o in BACKBONES_TINY_RUN if o != "fsdp=false"] + ["batch_size=1", "checkpoint_every=2"]
 
 
 def _model_class(name: str):
@@ -161,14 +147,6 @@ def test_full_config_without_fsdp_exports_the_same_directory(name, tmp_path):
     _assert_export_holds(tmp_path / "transformer", {k: v.detach() for k, v in model.state_dict().items()})
     ema = {**{k: v.detach() for k, v in model.state_dict().items()}, **res.trainer.ema.shadow}
     _assert_export_holds(tmp_path / "transformer_ema", ema)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_regional_compile_and_fsdp_find_sd3_blocks():

@@ -23,7 +23,7 @@ def log_once(message: str) -> None:
         print(f"leapalign-fast: {message}", flush=True)
 
 
-def bare(module):
+def unwrap(module):
     """The module under accelerate/DDP's `.module` and torch.compile's `_orig_mod` (its config, its marks)."""
     module = getattr(module, "module", module)
     return getattr(module, "_orig_mod", module)

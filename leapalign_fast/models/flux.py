@@ -23,7 +23,6 @@ from leapalign_fast.errors import UserError
 from leapalign_fast.flow import REDUCED, calculate_shift
 from leapalign_fast.models.backbone import DTYPES, Backbone, ConditionedVelocity, Geometry  # noqa: F401  (DTYPES re-exported)
 from leapalign_fast.models.common import (
-    bare,
     load_denoiser,
     load_part,
     log_once,
@@ -31,6 +30,7 @@ from leapalign_fast.models.common import (
     pack_latents,
     pipeline_schedule,
     unpack_latents,
+    unwrap,
 )
 from leapalign_fast.models.text import TextStack, build_tiny_text_stack, encode_prompts
 
@@ -294,7 +294,7 @@ def schedule(components: FluxComponents, num_steps: int, geom: Geometry, device=
 
 def has_guidance_embedding(transformer) -> bool:
     """FluxPipeline's test: the transformer's config has `guidance_embeds` (FLUX.1-dev yes, schnell no)."""
-    return bool(bare(transformer).config.get("guidance_embeds", False))
+    return bool(unwrap(transformer).config.get("guidance_embeds", False))
 
 
 def velocity(

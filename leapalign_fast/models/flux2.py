@@ -20,12 +20,12 @@ from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 from leapalign_fast.models.common import (
     SINGLE_ENCODER_PARTS,
-    bare,
     load_denoiser,
     load_single_encoder,
     log_once,
     model_dir,
     pipeline_schedule,
+    unwrap,
 )
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
 
@@ -60,7 +60,7 @@ _DISTILLED = "_leapalign_klein_is_distilled"
 
 def is_distilled(transformer) -> bool:
     """Whether `transformer` is a step-wise distilled Klein's (Flux2KleinPipeline then never runs CFG)."""
-    return bool(getattr(bare(transformer), _DISTILLED, False))
+    return bool(getattr(unwrap(transformer), _DISTILLED, False))
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Flux2Components:
 
     @is_distilled.setter
     def is_distilled(self, value: bool) -> None:
-        setattr(bare(self.transformer), _DISTILLED, bool(value))
+        setattr(unwrap(self.transformer), _DISTILLED, bool(value))
 
 
 def build_tiny_qwen3(vocab_size: int, hidden: int, layers: int) -> Qwen3ForCausalLM:
