@@ -29,8 +29,11 @@ def _connect_fwd_kernel(
     WRITE_DISC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
+    # A 1-D grid of n_rows * n_blocks programs: CUDA caps a grid's second dimension at 65535 blocks, its first at
+    # 2**31 - 1, so rows of more than 65535 blocks launch too.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks
+    blk = pid % n_blocks
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     base = row.to(tl.int64) * n_cols
@@ -48,7 +51,7 @@ def _connect_bwd_kernel(
     G_DISC,
     G_PRED,
     n,
-    alpha,
+    ALPHA,
     HAS_CONN: tl.constexpr,
     HAS_DISC: tl.constexpr,
     ACC: tl.constexpr,
@@ -60,7 +63,7 @@ def _connect_bwd_kernel(
     if HAS_CONN:
         acc += tl.load(G_CONN + offs, mask=mask, other=0.0).to(ACC)
     if HAS_DISC:
-        acc += alpha * tl.load(G_DISC + offs, mask=mask, other=0.0).to(ACC)
+        acc += tl.load(ALPHA).to(ACC) * tl.load(G_DISC + offs, mask=mask, other=0.0).to(ACC)
     tl.store(G_PRED + offs, acc.to(G_PRED.dtype.element_ty), mask=mask)
 
 
@@ -89,7 +92,7 @@ def connect_forward(x_pred: torch.Tensor, x_real: torch.Tensor, write_disc: bool
     n_blocks = triton.cdiv(n, block)
     partial = torch.empty(b, n_blocks, device=x_pred.device, dtype=torch.float32)
     if n > 0:
-        jit(_connect_fwd_kernel)[(b, n_blocks)](
+        jit(_connect_fwd_kernel)[(b * n_blocks,)](
             x_pred_c,
             x_real_c,
             x_conn,
@@ -114,16 +117,21 @@ def connect_backward(grad_conn, grad_disc, alpha: float, like: torch.Tensor) -> 
     gc = grad_conn.contiguous() if grad_conn is not None else g_pred
     gd = grad_disc.contiguous() if grad_disc is not None else g_pred
     block = block_size(n, gpu_block=4096)
+    # alpha travels as a one-element tensor of the accumulator's dtype: compiled Triton types a Python float
+    # argument as float32 (the interpreter keeps it float64), which would round alpha = 0.3 to 0.30000001 in the
+    # float64 backward. torch.full launches a fill, no host-device synchronization.
+    acc64 = like.dtype == torch.float64
+    alpha_t = torch.full((1,), float(alpha), dtype=torch.float64 if acc64 else torch.float32, device=like.device)
     if n > 0:
         jit(_connect_bwd_kernel)[(triton.cdiv(n, block),)](
             gc,
             gd,
             g_pred,
             n,
-            float(alpha),
+            alpha_t,
             HAS_CONN=grad_conn is not None,
             HAS_DISC=grad_disc is not None,
-            ACC=tl.float64 if like.dtype == torch.float64 else tl.float32,
+            ACC=tl.float64 if acc64 else tl.float32,
             BLOCK=block,
             num_warps=8 if block >= 2048 else 4,
         )

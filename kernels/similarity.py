@@ -15,7 +15,11 @@ def _similarity_kernel(D_J, D_0, OUT, n, tau, BLOCK: tl.constexpr):
     mask = offs < n
     d_j = tl.load(D_J + offs, mask=mask, other=1.0).to(tl.float32)
     d_0 = tl.load(D_0 + offs, mask=mask, other=1.0).to(tl.float32)
-    tl.store(OUT + offs, 1.0 / (tl.maximum(d_j, tau) + tl.maximum(d_0, tau)), mask=mask)
+    # PropagateNan.ALL: a NaN distance gives a NaN weight, as the reference's clamp_min does (the default maximum
+    # returns tau for NaN and would hide a diverged sample behind the floor's weight).
+    w_j = tl.maximum(d_j, tau, propagate_nan=tl.PropagateNan.ALL)
+    w_0 = tl.maximum(d_0, tau, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(OUT + offs, 1.0 / (w_j + w_0), mask=mask)
 
 
 def similarity_weight_triton(d_j: torch.Tensor, d_0: torch.Tensor, tau: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ with a GPU the same tests run compiled (marked `gpu`).
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,65 @@ def test_bench_kernels_interpret_smoke(tmp_path):
     assert data["environment"]["torch"] and len(data["rows"]) == 4
     assert {r["impl"] for r in data["rows"]} == {"reference", "triton"}
     assert all(len(r["full_ms_p20_p50_p80"]) == 3 for r in data["rows"])
+
+
+class CompiledLaunchStandIn:
+    """What a compiled launch does differently from the interpreter, on CPU: a Python float argument becomes a
+    float32 kernel argument (compiled Triton types it fp32; the interpreter keeps float64), and a grid beyond
+    CUDA's limits (x <= 2**31 - 1 blocks, y and z <= 65535) refuses to launch. `run=False` checks without
+    running the kernel (a grid of 65536 interpreted programs would take minutes)."""
+
+    LIMITS = (2**31 - 1, 65535, 65535)
+
+    def __init__(self, real_jit, run=True):
+        self.real_jit, self.run, self.grids = real_jit, run, []
+
+    def __call__(self, fn):
+        kernel = self.real_jit(fn)
+
+        def at(grid):
+            def launch(*args, **kwargs):
+                assert all(g <= cap for g, cap in zip(grid, self.LIMITS)), f"grid {grid} exceeds CUDA's {self.LIMITS}"
+                self.grids.append(tuple(grid))
+                args = [float(np.float32(a)) if isinstance(a, float) else a for a in args]
+                if self.run:
+                    return kernel[grid](*args, **kwargs)
+
+            return launch
+
+        return type("Launcher", (), {"__getitem__": lambda _, grid: at(grid)})()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs the stand-in")
+def test_float64_backward_keeps_alpha_exact_on_the_compiled_path(monkeypatch):
+    # The float64 gradcheck above failed on every CUDA host: alpha, passed as a Python float, reached the compiled
+    # kernel as float32 (0.30000001192...). The stand-in rounds float arguments the same way on CPU.
+    from leapalign_fast.kernels import connector
+
+    monkeypatch.setattr(connector, "jit", CompiledLaunchStandIn(connector.jit))
+    x_pred = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(connect_discount(x_pred, torch.randn_like(x_pred), 0.3, impl="triton")[1].sum(), x_pred)
+    torch.testing.assert_close(got[0], torch.full_like(got[0], 0.3), rtol=0, atol=1e-15)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs the stand-in")
+def test_forward_grid_stays_within_cuda_limits_for_long_rows(monkeypatch):
+    from leapalign_fast.kernels import connector
+
+    stand_in = CompiledLaunchStandIn(connector.jit, run=False)
+    monkeypatch.setattr(connector, "jit", stand_in)
+    monkeypatch.setattr(connector, "block_size", lambda n, gpu_block=2048: 16)  # 65537 blocks of one row
+    x = torch.zeros(2, 16 * 65536 + 1)
+    connector.connect_forward(x, x, write_disc=True)
+    assert stand_in.grids == [(2 * 65537,)]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_similarity_weight_propagates_nan_like_the_reference(device):
+    nan = float("nan")
+    d_j = torch.tensor([nan, 0.2, 0.05, nan], device=device)
+    d_0 = torch.tensor([0.3, nan, 0.01, nan], device=device)
+    got = similarity_weight(d_j, d_0, 0.1, impl="triton")
+    want = similarity_weight_ref(d_j, d_0, 0.1)
+    assert torch.isnan(want[[0, 1, 3]]).all()
+    torch.testing.assert_close(got, want, equal_nan=True)
