@@ -518,10 +518,30 @@ class MetricsLog:
         self.close()
 
 
+@contextlib.contextmanager
+def restored_torch_settings():
+    """The process-wide settings the Trainer sets (deterministic algorithms, float32 matmul precision, cuDNN's
+    TF32 and determinism) are put back as they were when the run ends, also on an error: a deterministic run left
+    strict determinism on for the rest of the process, where cuDNN attention has no deterministic kernel."""
+    cudnn = torch.backends.cudnn
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_float32_matmul_precision(),
+        (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark),
+    )
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_float32_matmul_precision(saved[2])
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved[3]
+
+
 def train(cfg: Config) -> TrainResult:
     """Build the trainer for `cfg` and run it to `max_steps`. Rank 0 holds the output_dir's lock for the whole
-    run: a second run into it is refused."""
-    with RunLock(cfg.output_dir) if is_main_rank() else contextlib.nullcontext():
+    run: a second run into it is refused. torch's global settings are restored at the end."""
+    with RunLock(cfg.output_dir) if is_main_rank() else contextlib.nullcontext(), restored_torch_settings():
         if (note := mixed_precision_note(cfg)) and is_main_rank():
             print(f"leapalign-fast: {note}", flush=True)
         return Trainer(cfg).train()

@@ -219,3 +219,27 @@ def test_checkpointed_decode_and_reward_change_nothing(tmp_path, method):
         runs[0].trainer.transformer.named_parameters(), runs[1].trainer.transformer.named_parameters()
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_train_restores_torch_global_settings_also_on_error(tmp_path):
+    """deterministic=true used to stay on after train() returned: later in the process diffusers' cuDNN attention
+    had no deterministic kernel ("No available kernel" in tests/test_gpu.py after a deterministic run)."""
+    from leapalign_fast.errors import UserError
+
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision(), cudnn.allow_tf32)
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.set_float32_matmul_precision("medium")
+        cudnn.allow_tf32 = True
+        run = [*FAST, "max_steps=1", "deterministic=true", "model.tf32=false"]
+        train(load_config(None, [f"output_dir={tmp_path / 'ok'}", *run]))
+        assert (torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision()) == (False, "medium")
+        assert cudnn.allow_tf32
+        with pytest.raises(UserError, match="no-such-reward"):  # raised inside the Trainer, after the settings
+            train(load_config(None, [f"output_dir={tmp_path / 'bad'}", *run, 'reward.name="no-such-reward"']))
+        assert not torch.are_deterministic_algorithms_enabled() and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_float32_matmul_precision(before[1])
+        cudnn.allow_tf32 = before[2]
