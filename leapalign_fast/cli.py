@@ -12,12 +12,33 @@ from pathlib import Path
 from leapalign_fast.errors import UserError, disk_failure
 from leapalign_fast.threads import configure_threads, describe_threads
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository, when the package runs from a checkout
+DEFAULT_CONFIG = CHECKOUT / "configs" / "tiny.toml"
+
+
+def _is_checkout(folder: Path) -> bool:
+    """The package runs from this project's source tree, not from an install (whose parent is site-packages or a
+    --target folder, beside which a `configs` folder would be someone else's)."""
+    try:
+        return 'name = "leapalign-fast"' in (folder / "pyproject.toml").read_text()
+    except OSError:
+        return False
 
 
 def _default_config() -> Path | None:
+    """configs/tiny.toml of the working directory, else of the checkout the package runs from; None (the library
+    defaults, said on stderr) for an installed package run elsewhere: a wheel carries no configs."""
     local = Path("configs/tiny.toml")
-    return local if local.is_file() else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if local.is_file():
+        return local
+    if DEFAULT_CONFIG.is_file() and _is_checkout(CHECKOUT):
+        return DEFAULT_CONFIG
+    print(
+        "leapalign-fast: no configs/tiny.toml in the working directory and the package is installed (a wheel carries "
+        "no configs): training the library defaults (a random tiny FLUX, the colour reward); pass --config FILE",
+        file=sys.stderr,
+    )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Config: TOML + overrides onto dataclasses, and one clear error for every bad key or value."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,38 @@ def test_every_shipped_config_parses_and_validates(path):
     cfg = resolved(path)
     assert load_config(path).method.name == cfg.method.name
     assert resolved(path) == cfg and config_toml(cfg)
+
+
+def test_installed_package_does_not_take_a_configs_folder_beside_its_site(tmp_path):
+    """Installed with `pip install --target /tmp/site` (the GPU script's wheels), the package's parent is the site
+    folder: the CLI's default config was /tmp/site/configs/tiny.toml, whatever that is (or, silently, the library
+    defaults). It takes a checkout's configs only, and says when it falls back to the defaults."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "leapalign_fast", site / "leapalign_fast", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "configs").mkdir()
+    (site / "configs" / "tiny.toml").write_text("seed = 12345\n")  # another distribution's data, not ours
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    code = "import leapalign_fast.cli as c; print(c.__file__); print(c._default_config())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    where, default = proc.stdout.split()
+    assert where.startswith(str(site)) and default == "None", proc.stdout
+    assert "library defaults" in proc.stderr and "--config" in proc.stderr
+    # From a checkout, the checkout's configs/tiny.toml is the default from any working directory.
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.split()[1] == str(ROOT / "configs" / "tiny.toml"), proc.stdout + proc.stderr
