@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from leapalign_fast import hub
 from leapalign_fast.config import Config
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
@@ -29,9 +30,10 @@ def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, emp
     shards itself); the tiny random model is built whole."""
     if cfg.model.source == "tiny":
         return backbone.build_tiny(cfg.model.tiny, cfg.seed)
+    root = model_root(cfg, need_text)
     try:
         return backbone.load(
-            cfg.model.source,
+            root,
             DTYPES[cfg.model.dtype],
             need_text=need_text,
             max_sequence_length=cfg.model.max_sequence_length,
@@ -39,6 +41,9 @@ def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, emp
         )
     except Exception as e:  # noqa: BLE001 - the parts' own loaders name what they know; this is the rest
         # e.g. safetensors' SafetensorError for a truncated text encoder (transformers does not wrap it)
+        if isinstance(e, UserError) and hub.is_hub(cfg.model.source):  # say which repository the folder is
+            fix = "; download it with network access" + (" (HF_HUB_OFFLINE=1 is set)" if hub.offline() else "")
+            raise UserError(f"{e} (the Hugging Face cache's snapshot of {cfg.model.source}{fix})") from None
         if isinstance(e, UserError) or not (
             type(e).__name__ == "SafetensorError" or isinstance(e, (EOFError, OSError))
         ):
@@ -48,6 +53,12 @@ def load_components(cfg: Config, backbone: Backbone, need_text: bool = True, emp
             f"cannot load the model from {cfg.model.source} ({type(e).__name__}: {first}); a weights file there is "
             "truncated or damaged: restore or re-download that part"
         ) from None
+
+
+def model_root(cfg: Config, need_text: bool = True) -> Path:
+    """`model.source` as a local diffusers-format folder: a local path as it is, a hub id as its cache snapshot
+    holding the parts this command reads (`hub.model_patterns`: no text encoders when every prompt is cached)."""
+    return hub.resolve_model(cfg.model.source, cfg.model.revision or None, need_text)
 
 
 def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
@@ -66,7 +77,8 @@ def prompt_cache_path(cfg: Config, backbone: Backbone, prompts: list[str]) -> Pa
     """The index of the cached embeddings of `prompts`: output_dir/prompt_cache/<key>/index.json, keyed by model
     (the backbone's `cache_prefix`, the source, the seed of a tiny model) and prompts, written last (its presence
     means the cache is complete)."""
-    model_id = f"{backbone.cache_prefix}{cfg.model.source}:{cfg.seed if cfg.model.source == 'tiny' else ''}"
+    source = cfg.model.source + (f"@{cfg.model.revision}" if cfg.model.revision else "")
+    model_id = f"{backbone.cache_prefix}{source}:{cfg.seed if cfg.model.source == 'tiny' else ''}"
     key = prompt_cache_key(model_id, prompts, cfg.model.max_sequence_length)
     return Path(cfg.output_dir) / "prompt_cache" / key / "index.json"
 

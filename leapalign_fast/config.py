@@ -22,6 +22,7 @@ from pathlib import Path
 import tomli_w
 
 from leapalign_fast.errors import UserError
+from leapalign_fast.hub import is_hub
 from leapalign_fast.methods.settings import METHOD_SETTINGS, LeapAlignSettings, MethodSettings
 
 # FLUX attention and MLP projections (double and single blocks), as diffusers' LoRA examples name them.
@@ -58,7 +59,10 @@ class TinyFluxConfig:
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # "tiny" (random init, real classes) or a local diffusers-format model directory
+    # "tiny" (random init, real classes), a local diffusers-format model directory, or a Hugging Face Hub id
+    # ("black-forest-labs/FLUX.1-dev"), fetched into the Hub cache (HF_HOME) with only the parts a command reads
+    source: str = "tiny"
+    revision: str = ""  # a hub id's branch, tag or commit; "" = its default branch
     family: str = ""  # backbone (models/backbone.py BACKBONES): flux | sd3 ...; "" = from model_index.json, else flux
     dtype: str = "float32"  # dtype of the frozen weights: float32 | bfloat16 | float16
     max_sequence_length: int = 32  # T5 tokens (FLUX.1-dev: 512)
@@ -257,18 +261,21 @@ def apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = parse_value(text.strip())
 
 
-def _relative(value) -> bool:
-    return isinstance(value, str) and value not in ("", "tiny") and not Path(value).is_absolute()
+def _relative(value, base: Path) -> bool:
+    """A relative local path (not "", "tiny", a hub id `org/name` that is no path beside the config, or hf://)."""
+    if not isinstance(value, str) or value in ("", "tiny") or Path(value).is_absolute():
+        return False
+    return not (value.startswith("hf://") or (is_hub(value) and not (base / value).exists()))
 
 
 def resolve_file_paths(data: dict, base: Path) -> None:
     """Relative paths written in a config file are relative to that file's directory (so `configs/tiny.toml` finds
     `../assets/toy` from any working directory): `model.source` (unless "tiny"), `prompt_file` and the reward's
-    `path` option (a path or a list of paths). Paths in command-line overrides stay relative to the working
-    directory."""
+    `path` option (a path or a list of paths). Hub ids (`org/name` naming nothing beside the file, `hf://...`) stay
+    as they are. Paths in command-line overrides stay relative to the working directory."""
 
     def fix(value):
-        return os.path.normpath(base / value) if _relative(value) else value
+        return os.path.normpath(base / value) if _relative(value, base) else value
 
     model, reward = data.get("model"), data.get("reward")
     if isinstance(model, dict) and "source" in model:

@@ -217,7 +217,7 @@ class Trainer:
             params = add_trainable(transformer, cfg, self.backbone, upcast=not cfg.fsdp)
         switches = prepare_transformer(transformer, cfg.model, device)  # checkpointing, then compile, then FSDP
         if cfg.fsdp:  # the trainable state (parameters, optimizer, EMA) is built from the shards, after this
-            weights = Path(cfg.model.source) / "transformer" if cfg.model.source != "tiny" else None
+            weights = build.model_root(cfg, need_text=False) / "transformer" if cfg.model.source != "tiny" else None
             param_dtype = fsdp.compute_dtype(cfg.mixed_precision, dtype)
             switches += ", " + fsdp.shard_transformer(transformer, device, param_dtype, weights, dtype)
             params = [p for p in transformer.parameters() if p.requires_grad]

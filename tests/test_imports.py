@@ -90,6 +90,7 @@ LAYERS = [
         "leapalign_fast.dtypes",
         "leapalign_fast.threads",
         "leapalign_fast.methods.settings",
+        "leapalign_fast.hub",
     ],
     ["leapalign_fast.config"],
     [

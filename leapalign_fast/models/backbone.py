@@ -26,6 +26,7 @@ import torch
 from leapalign_fast.config import FLUX_LORA_TARGETS
 from leapalign_fast.dtypes import DTYPES  # noqa: F401  (re-exported: the one dtype map lives in a leaf both sides use)
 from leapalign_fast.errors import UserError
+from leapalign_fast.hub import is_hub, resolve
 
 # family -> module holding its `BACKBONE`; imported on first use, so a run imports only its own family's classes.
 BACKBONES = {
@@ -134,11 +135,13 @@ class Backbone:
         return list(self.lora_targets) if targets == FLUX_LORA_TARGETS else targets
 
 
-def family_of(source: str, family: str | None) -> str:
-    """`model.family` if set, else read from `<source>/model_index.json`'s `_class_name`, else FLUX."""
+def family_of(source: str, family: str | None, revision: str | None = None) -> str:
+    """`model.family` if set, else read from `<source>/model_index.json`'s `_class_name`, else FLUX. A hub id
+    fetches that one file (`hub.resolve`)."""
     if family:
         return family
-    index = Path(source) / "model_index.json"
+    root = resolve(source, revision, ["model_index.json"]) if is_hub(source) else Path(source)
+    index = root / "model_index.json"
     if source != "tiny" and index.is_file():
         try:
             cls = json.loads(index.read_text()).get("_class_name", "")
@@ -163,4 +166,6 @@ def get_backbone(name: str) -> Backbone:
 
 def backbone_for(model_cfg) -> Backbone:
     """The backbone of a `[model]` config."""
-    return get_backbone(family_of(model_cfg.source, getattr(model_cfg, "family", "")))
+    return get_backbone(
+        family_of(model_cfg.source, getattr(model_cfg, "family", ""), getattr(model_cfg, "revision", "") or None)
+    )
