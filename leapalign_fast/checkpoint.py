@@ -389,6 +389,7 @@ MATH_KEYS = (
     "resolution",
     "height",
     "width",
+    "num_frames",
     "guidance",
     "method_draws",
     "lr",

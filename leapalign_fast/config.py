@@ -93,6 +93,8 @@ class LoraConfig:
 class RewardConfig:
     name: str = "colour"
     options: dict = field(default_factory=dict)  # passed to the reward's builder (weights paths, ...)
+    frames: int = 0  # video: score this many evenly spaced frames (all decoded), their mean; 0 = every frame
+    temporal_weight: float = 0.0  # video: minus this x the mean |frame_{i+1} - frame_i| (a consistency penalty)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Config:
     resolution: int = 64  # image side in pixels (a square); height/width below override it
     height: int = 0  # image height in pixels; 0 = resolution
     width: int = 0  # image width in pixels; 0 = resolution
+    num_frames: int = 1  # video frames (a video backbone, e.g. wan: 1 + a multiple of 4); images: 1
     guidance: float = 3.5  # FLUX guidance embedding
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -374,6 +377,9 @@ def validate_numbers(cfg: Config) -> None:
     for key in ("height", "width"):
         side = getattr(cfg, key)
         need(0 <= side <= 8192, f"{key} must be in [1, 8192] pixels, or 0 for resolution, got {side}")
+    need(1 <= cfg.num_frames <= 1025, f"num_frames must be in [1, 1025] (1: an image), got {cfg.num_frames}")
+    need(cfg.reward.frames >= 0, f"reward.frames must be >= 0 (0: every frame), got {cfg.reward.frames}")
+    need(cfg.reward.temporal_weight >= 0, f"reward.temporal_weight must be >= 0, got {cfg.reward.temporal_weight}")
 
 
 def validate(cfg: Config) -> None:

@@ -30,6 +30,7 @@ from leapalign_fast.io import write_json_atomic
 from leapalign_fast.models.backbone import backbone_for
 from leapalign_fast.prompts import read_prompt_file
 from leapalign_fast.rewards import build_reward
+from leapalign_fast.rewards.video import video_reward
 from leapalign_fast.sampler import sample_trajectory
 
 
@@ -123,7 +124,7 @@ def sample_images(
         load_trained(transformer, weights, path)
     transformer.eval()
     vae = comps.vae.to(device)
-    geom = backbone.geometry(comps, cfg.image_size)
+    geom = backbone.layout(comps, cfg.image_size, cfg.num_frames)
     sigmas = backbone.schedule(comps, num_steps, geom)
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
@@ -154,7 +155,7 @@ def evaluate(
         scorers = {}
         for name in rewards:  # fail on a bad reward before any sampling
             opts = cfg.reward.options.get(name, cfg.reward.options if name == cfg.reward.name else {})
-            scorers[name] = build_reward(name, **opts).to(device)
+            scorers[name] = video_reward(build_reward(name, **opts)).to(device)  # per frame on a video
         label = f"{shown.name}{'_ema' if ema else ''}" if shown else "base"
         out = Path(out or Path(cfg.output_dir) / "eval" / label)
         scores = {name: [] for name in rewards}

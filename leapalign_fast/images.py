@@ -13,7 +13,10 @@ from leapalign_fast.io import atomic_write
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> None:
-    """images (B, 3, H, W) in [0, 1] -> one PNG grid."""
+    """images (B, 3, H, W) in [0, 1] -> one PNG grid; videos (B, T, 3, H, W): a row of frames per video."""
+    if images.dim() == 5:
+        columns = images.shape[1]
+        images = images.flatten(0, 1)
     b, _, h, w = images.shape
     cols = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)

@@ -44,7 +44,7 @@ def step_bytes(cfg, backbone, components, geometry) -> int:
     graphs = cfg.method.grad_graphs(cfg.num_steps)
     widest = backbone.decoder_width(components.vae)
     height, width = cfg.image_size
-    per_decode = height * width * widest * 3 * elem
+    per_decode = height * width * getattr(cfg, "num_frames", 1) * widest * 3 * elem  # every frame of a video
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
     grad = (max if cfg.method.decode_apart() else sum)((graphs * per_forward, decodes * per_decode))

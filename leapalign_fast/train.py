@@ -49,6 +49,7 @@ from leapalign_fast.preflight import check_memory, mixed_precision_note
 from leapalign_fast.prompts import PromptOrder, validation_prompts
 from leapalign_fast.recompute import checkpointed_decode_reward
 from leapalign_fast.rewards import build_reward, check_reward_name
+from leapalign_fast.rewards.video import video_reward
 from leapalign_fast.runlock import RunLock, check_writable, is_main_rank
 from leapalign_fast.sampler import sample_trajectory
 from leapalign_fast.validation import build_validator
@@ -160,10 +161,11 @@ class Trainer:
         # reads only its shards (fsdp.py).
         need_text = acc.is_main_process and not all(build.prompt_cache_intact(cfg, backbone, p) for p in prompt_sets)
         self.components = build.load_components(cfg, backbone, need_text=need_text, empty_transformer=cfg.fsdp)
-        self.geometry = backbone.geometry(self.components, cfg.image_size)
+        self.geometry = backbone.layout(self.components, cfg.image_size, cfg.num_frames)
         check_memory(cfg, backbone, self.components, self.geometry, acc.device)  # a blow-up fails now, not later
         self._embed_prompts(prompt_sets)
-        self.reward = build_reward(cfg.reward.name, **cfg.reward.options).to(acc.device)
+        reward = build_reward(cfg.reward.name, **cfg.reward.options)  # per frame on a video (rewards/video.py)
+        self.reward = video_reward(reward, cfg.reward.frames, cfg.reward.temporal_weight).to(acc.device)
         if hasattr(self.reward, "check_prompts"):  # fail now, not at the first step that draws a bad prompt
             self.reward.check_prompts(self.prompts + list(cfg.eval_prompts))
         self.params = self._prepare_transformer()

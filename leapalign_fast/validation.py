@@ -95,6 +95,7 @@ def build_scorers(
     cfg: Config, prompts: list[str], trained_reward: torch.nn.Module, device
 ) -> dict[str, torch.nn.Module]:
     from leapalign_fast.rewards import build_reward, check_reward_name
+    from leapalign_fast.rewards.video import video_reward
 
     scorers = {}
     for label in cfg.eval_rewards:
@@ -110,7 +111,7 @@ def build_scorers(
             opts = dict(cfg.eval_reward_options.get(label, {}))
             name = opts.pop("name", label)
             check_reward_name(name)
-            scorers[label] = build_reward(name, **opts).to(device)
+            scorers[label] = video_reward(build_reward(name, **opts)).to(device)  # per frame on a video
     return scorers
 
 

@@ -203,6 +203,18 @@ LORA_DEFAULTS = {
         "txt_mlp.net.0.proj",
         "txt_mlp.net.2",
     ],
+    "wan": [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ffn.net.0.proj",
+        "ffn.net.2",
+    ],
 }
 
 

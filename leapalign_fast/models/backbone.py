@@ -34,6 +34,7 @@ BACKBONES = {
     "sd3": "leapalign_fast.models.sd3",  # SD3.5-Medium/Large: StableDiffusion3Pipeline
     "flux2": "leapalign_fast.models.flux2",  # FLUX.2-Klein (base: true CFG): Flux2KleinPipeline
     "qwenimage": "leapalign_fast.models.qwenimage",  # Qwen-Image: QwenImagePipeline
+    "wan": "leapalign_fast.models.wan",  # Wan 2.1 T2V, Wan 2.2 TI2V (text-to-video): WanPipeline
 }
 
 
@@ -56,12 +57,14 @@ class ConditionedVelocity:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The latent layout of one resolution: VAE latents (C_vae, h, w), packed to (tokens, channels)."""
+    """The latent layout of one resolution: VAE latents (C_vae, frames, h, w), packed to (tokens, channels); an
+    image is one frame."""
 
     h: int  # VAE latent height
     w: int  # VAE latent width
-    tokens: int  # L of the packed (B, L, C) latents the transformer and the methods see
+    tokens: int  # L of the packed (B, L, C) latents the transformer and the methods see (all frames)
     channels: int  # C of the packed latents
+    frames: int = 1  # latent frames (a video backbone's; images: 1)
 
     def noise_shape(self, batch: int) -> tuple[int, int, int]:
         return (batch, self.tokens, self.channels)
@@ -110,7 +113,8 @@ class Backbone:
     # (transformer, conditioning dict, geometry, guidance, uncond_grad=True) -> v(x, t), graphable (see FluxVelocity);
     # guidance as the pipeline applies it to this transformer (none without a guidance embedding, no CFG if distilled)
     velocity: Callable[..., Any]
-    decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]  # (vae, packed x, geometry) -> images in [0, 1]
+    # (vae, packed x, geometry) -> images (B, 3, H, W) in [0, 1]; a video family's: frames (B, T, 3, H, W)
+    decode: Callable[[Any, torch.Tensor, Geometry], torch.Tensor]
     lora_targets: tuple[str, ...]  # peft target_modules of the transformer
     decoder_width: Callable[[Any], int]  # (vae) -> its decoder's widest channel count (the memory preflight's bound)
     # (vae, images (B, 3, H, W) in [0, 1]) -> packed latents, the inverse of `decode` (toy benchmarks); optional
@@ -118,6 +122,8 @@ class Backbone:
     # (components, conditioning dict, noise (B, L, C), geometry, num_steps, guidance) -> packed x0 (B, L, C) sampled
     # by the family's diffusers pipeline (text encoders absent): the reference of bench/sampler.py
     pipeline_sample: Callable[..., torch.Tensor] | None = None
+    # A video family: `geometry` takes a third argument, `num_frames`, and `decode` returns (B, T, 3, H, W)
+    video: bool = False
     # The prompt cache's model-id prefix (`cache_prefix`); None: "<name>:". FLUX's is "": its keys predate this
     # interface, so its existing caches stay valid.
     prompt_cache_prefix: str | None = None
@@ -127,6 +133,17 @@ class Backbone:
     def cache_prefix(self) -> str:
         """What the prompt cache puts before the model's source in its key, so families never share a cache."""
         return f"{self.name}:" if self.prompt_cache_prefix is None else self.prompt_cache_prefix
+
+    def layout(self, components, size, num_frames: int = 1) -> Geometry:
+        """The geometry of `size` (pixels) and `num_frames` (the config's; an image family takes only 1)."""
+        if self.video:
+            return self.geometry(components, size, num_frames)
+        if num_frames != 1:
+            raise UserError(
+                f"num_frames={num_frames}: model.family {self.name} makes images; set num_frames = 1 or use a video "
+                f"family ({', '.join(n for n in BACKBONES if get_backbone(n).video)})"
+            )
+        return self.geometry(components, size)
 
     def resolve_lora_targets(self, configured) -> list[str]:
         """`lora.target_modules` on this backbone: as configured, except that the config's default (FLUX.1's

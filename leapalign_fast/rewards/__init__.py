@@ -28,6 +28,7 @@ REWARDS = {
     "imagereward": "leapalign_fast.rewards.imagereward:build_imagereward",
     "colour": "leapalign_fast.rewards.colour:build_colour_reward",
     "toy": "leapalign_fast.toy.reward:build_toy_reward",
+    "fade": "leapalign_fast.rewards.video:build_fade_reward",  # toy video reward: last frame brighter than the first
 }
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}  # builders registered at run time (register_reward)
 

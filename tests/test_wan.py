@@ -1,0 +1,245 @@
+"""The Wan text-to-video backbone (models/wan.py) and the per-frame video rewards (rewards/video.py), on tiny random
+components of the real diffusers/transformers classes (WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel):
+our sampler equals WanPipeline's (non-square, several frame counts), our prompt cache its encode_prompt, the
+exported LoRA loads in WanPipeline and reproduces our samples, every method trains, LeapAlign resumes bit-exactly,
+and a per-frame reward on K frames is the differentiable mean of the frames' scores."""
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from test_crash_safety import BASE, _assert_same_run
+
+from leapalign_fast.blocks import repeated_blocks
+from leapalign_fast.config import TinyFluxConfig, load_config
+from leapalign_fast.errors import UserError
+from leapalign_fast.methods import METHODS
+from leapalign_fast.models.backbone import family_of, get_backbone
+from leapalign_fast.models.common import unwrap
+from leapalign_fast.rewards import build_reward
+from leapalign_fast.rewards.video import frame_indices, temporal_penalty, video_reward
+from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.train import train
+
+N, G = 4, 3.5
+PROMPTS = ["a red square", "two blue circles"]
+VIDEO = ["model.family=wan", "num_frames=5", "height=32", "width=48"]  # 2 latent frames, non-square
+
+
+@pytest.fixture(scope="module")
+def wan():
+    backbone = get_backbone("wan")
+    return backbone, backbone.build_tiny(TinyFluxConfig(), 0)
+
+
+def _pipeline(comps, text=True):
+    pipe = WanPipeline(
+        tokenizer=comps.text.tokenizer if text else None,
+        text_encoder=comps.text.text_encoder if text else None,
+        vae=comps.vae,
+        transformer=comps.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(comps.scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _ours(backbone, comps, transformer, cond, noise, geom):
+    with torch.no_grad():
+        v = backbone.velocity(transformer, cond, geom, G)
+        return sample_trajectory(v, noise, backbone.schedule(comps, N, geom)).x0
+
+
+def _theirs(pipe, cond, noise, geom, num_frames):
+    """WanPipeline's latents from our noise (unpacked to its layout), packed back to ours."""
+    from leapalign_fast.models.wan import pack, unpack
+
+    with torch.no_grad():
+        z = pipe(
+            prompt_embeds=cond["embeds"],
+            negative_prompt_embeds=cond["neg_embeds"],
+            latents=unpack(noise, geom),
+            height=geom.h * 8,
+            width=geom.w * 8,
+            num_frames=num_frames,
+            num_inference_steps=N,
+            guidance_scale=G,
+            output_type="latent",
+            return_dict=False,
+            max_sequence_length=cond["embeds"].shape[1],
+        )[0]
+    return pack(z)
+
+
+def test_prompt_cache_equals_pipeline_encode_prompt(wan):
+    backbone, comps = wan
+    ours = backbone.encode_prompts(comps.text, PROMPTS)
+    with torch.no_grad():
+        e, ne = _pipeline(comps).encode_prompt(PROMPTS, max_sequence_length=comps.text.max_sequence_length)
+    assert set(ours) == {"embeds", "neg_embeds"} == set(backbone.conditioning)
+    assert ours["embeds"].shape == e.shape == (2, comps.text.max_sequence_length, 32)
+    torch.testing.assert_close(ours["embeds"], e, rtol=0, atol=0)
+    torch.testing.assert_close(ours["neg_embeds"], ne, rtol=0, atol=0)
+    assert (ours["embeds"][:, -1] == 0).all()  # zeroed past the prompt's tokens, as the pipeline
+
+
+@pytest.mark.parametrize("size, num_frames", [((64, 64), 1), ((32, 48), 5), ((48, 32), 9)])
+def test_sampler_equals_wan_pipeline(wan, size, num_frames):
+    backbone, comps = wan
+    geom = backbone.layout(comps, size, num_frames)
+    assert geom.frames == (num_frames - 1) // 4 + 1 and geom.tokens == geom.frames * (geom.h // 2) * (geom.w // 2)
+    cond = backbone.encode_prompts(comps.text, PROMPTS)
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
+    ours = _ours(backbone, comps, comps.transformer, cond, noise, geom)
+    theirs = _theirs(_pipeline(comps, text=False), cond, noise, geom, num_frames)
+    print(f"wan {size} x {num_frames} frames: sampler max|diff| vs WanPipeline {(ours - theirs).abs().max():.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    # the bench's reference (Backbone.pipeline_sample) is the same pipeline
+    ref = backbone.pipeline_sample(comps, cond, noise, geom, N, G)
+    torch.testing.assert_close(ref, theirs, rtol=0, atol=0)
+    with torch.no_grad():
+        video = backbone.decode(comps.vae, ours, geom)
+    assert video.shape == (2, num_frames, 3, *size) and 0 <= video.min() and video.max() <= 1
+
+
+def test_decode_equals_the_pipeline_video(wan):
+    """Our decode (un-normalise, VAE, [0, 1], frames first) is WanPipeline's output_type='pt' video."""
+    backbone, comps = wan
+    geom = backbone.layout(comps, (32, 48), 5)
+    cond = backbone.encode_prompts(comps.text, PROMPTS[:1])
+    noise = torch.randn(*geom.noise_shape(1), generator=torch.Generator().manual_seed(2))
+    from leapalign_fast.models.wan import unpack
+
+    with torch.no_grad():
+        ours = backbone.decode(comps.vae, _ours(backbone, comps, comps.transformer, cond, noise, geom), geom)
+        theirs = _pipeline(comps, text=False)(
+            prompt_embeds=cond["embeds"],
+            negative_prompt_embeds=cond["neg_embeds"],
+            latents=unpack(noise, geom),
+            height=32,
+            width=48,
+            num_frames=5,
+            num_inference_steps=N,
+            guidance_scale=G,
+            output_type="pt",
+            return_dict=False,
+        )[0]
+    assert theirs.shape == ours.shape == (1, 5, 3, 32, 48)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_geometry_refuses_what_the_vae_cannot_take_in_one_line(wan):
+    backbone, comps = wan
+    with pytest.raises(UserError, match=r"num_frames=6: .*1 \+ a multiple of 4 frames; use e\.g\. 5"):
+        backbone.layout(comps, 64, 6)
+    with pytest.raises(UserError, match=r"resolution 40 is not divisible by 16"):
+        backbone.layout(comps, 40, 5)
+    with pytest.raises(UserError, match=r"num_frames=5: model.family flux makes images; .*video family \(.*wan"):
+        get_backbone("flux").layout(None, 64, 5)
+
+
+def test_wan_is_found_by_model_index_and_its_blocks_are_the_fsdp_units(wan, tmp_path):
+    backbone, comps = wan
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    assert family_of(str(tmp_path), "") == "wan"
+    assert repeated_blocks(comps.transformer) == list(comps.transformer.blocks)
+
+
+def _colour_video(prompts, frames=5):
+    torch.manual_seed(0)
+    return torch.rand(len(prompts), frames, 3, 16, 24, requires_grad=True)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5, 9])
+def test_per_frame_reward_on_k_frames_is_the_differentiable_mean_of_frame_scores(k):
+    image_reward = build_reward("colour")
+    video = _colour_video(PROMPTS)
+    got = video_reward(image_reward, frames=k)(video, PROMPTS)
+    idx = frame_indices(5, k)
+    assert idx == {0: [0, 1, 2, 3, 4], 1: [2], 2: [0, 4], 3: [0, 2, 4], 5: [0, 1, 2, 3, 4], 9: [0, 1, 2, 3, 4]}[k]
+    want = torch.stack([image_reward(video[:, i], PROMPTS) for i in idx], 1).mean(1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    (grad,) = torch.autograd.grad(got.sum(), video)
+    scored = grad.abs().flatten(2).sum(2) > 0  # (B, T): which frames receive a gradient
+    assert scored.tolist() == [[i in idx for i in range(5)]] * 2
+
+
+def test_temporal_term_and_the_toy_video_reward():
+    video = _colour_video(PROMPTS)
+    base = video_reward(build_reward("colour"))(video, PROMPTS)
+    with_penalty = video_reward(build_reward("colour"), temporal_weight=0.5)(video, PROMPTS)
+    want = (video[:, 1:] - video[:, :-1]).abs().flatten(1).mean(1)
+    torch.testing.assert_close(temporal_penalty(video), want)
+    torch.testing.assert_close(with_penalty, base - 0.5 * want)
+    still = video[:, :1].expand(-1, 5, -1, -1, -1)
+    assert temporal_penalty(still).abs().max() == 0
+    fade = video_reward(build_reward("fade"))
+    ramp = torch.linspace(0, 1, 5).view(1, 5, 1, 1, 1).expand(2, 5, 3, 4, 4)
+    torch.testing.assert_close(fade(ramp, PROMPTS), torch.ones(2))
+    torch.testing.assert_close(fade(ramp.flip(1), PROMPTS), -torch.ones(2))
+    images = torch.rand(2, 3, 8, 8)  # images pass to the image reward unchanged
+    torch.testing.assert_close(
+        video_reward(build_reward("colour"), 2, 0.5)(images, PROMPTS), build_reward("colour")(images, PROMPTS)
+    )
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_leapalign_trains_wan_with_a_per_frame_reward_resumes_and_lora_loads_in_wan_pipeline(wan, tmp_path):
+    backbone, comps = wan
+    args = [
+        *VIDEO,
+        "lora.enabled=true",
+        "lora.rank=4",
+        "lr=5e-2",
+        "checkpoint_every=2",
+        f"guidance={G}",
+        "reward.frames=2",
+        "reward.temporal_weight=0.1",
+        *BASE,
+    ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    res = train(load_config(None, [f"output_dir={straight}", "max_steps=4", *args]))
+    train(load_config(None, [f"output_dir={split}", "max_steps=2", *args]))
+    train(load_config(None, [f"output_dir={split}", "max_steps=4", "resume=true", *args]))
+    _assert_same_run(straight, split, 4)
+    assert res.trainer.backbone.name == "wan" and res.trainer.geometry.frames == 2
+    assert all(math.isfinite(r["loss"]) for r in _rows(straight))
+
+    trained = unwrap(res.trainer.transformer).cpu()
+    pipe = _pipeline(backbone.build_tiny(TinyFluxConfig(), 0), text=False)  # a fresh base model, same seed
+    pipe.load_lora_weights(straight / "lora", adapter_name="leap")
+    geom = backbone.layout(comps, (32, 48), 5)
+    cond = backbone.encode_prompts(comps.text, PROMPTS[:1])
+    noise = torch.randn(*geom.noise_shape(1), generator=torch.Generator().manual_seed(1))
+    ours = _ours(backbone, comps, trained, cond, noise, geom)
+    theirs = _theirs(pipe, cond, noise, geom, 5)
+    print(f"wan LoRA max|diff| vs WanPipeline.load_lora_weights: {(ours - theirs).abs().max():.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours - _ours(backbone, comps, comps.transformer, cond, noise, geom)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_two_steps_on_wan(method, tmp_path):
+    train(
+        load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                *VIDEO,
+                f"method.name={method}",
+                "max_steps=2",
+                f"guidance={G}",
+                "model.uncond_grad=false",
+                "reward.frames=2",
+                *BASE,
+            ],
+        )
+    )
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
