@@ -123,7 +123,8 @@ def bench_resolution(
 ) -> list[dict]:
     backbone, comps, cond = build(kind, device, dtype, batch, max_sequence_length)
     geom = backbone.geometry(comps, res)
-    noise = torch.randn(*geom.noise_shape(batch), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    noise = torch.randn(*geom.noise_shape(batch), generator=torch.Generator().manual_seed(0))
+    noise = noise.to(device, backbone.noise_dtype(dtype))
     args = (backbone, comps, cond, noise, geom, steps, guidance)
     # Eager variants first: compiling is in place, so anything timed after it runs compiled.
     phases = [[("pipeline_eager", pipeline_runner(*args)), ("ours_eager", ours_runner(*args, graphed=False))]]

@@ -131,7 +131,7 @@ def sample_images(
         idx = list(range(start, min(start + batch_size, len(prompts))))
         cond = {k: v.to(device) for k, v in embeds.tensors(idx, backbone.conditioning).items()}
         velocity = backbone.velocity(transformer, cond, geom, cfg.guidance, uncond_grad=cfg.model.uncond_grad)
-        noise = torch.randn(*geom.noise_shape(len(idx)), generator=gen).to(device, dtype)
+        noise = torch.randn(*geom.noise_shape(len(idx)), generator=gen).to(device, backbone.noise_dtype(dtype))
         with torch.no_grad():
             yield idx, backbone.decode(vae, sample_trajectory(velocity, noise, sigmas).x0, geom)
 

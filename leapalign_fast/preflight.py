@@ -36,8 +36,11 @@ def step_bytes(cfg, backbone, components, geometry) -> int:
     tc = components.transformer.config
     elem = 4 if cfg.model.dtype == "float32" and cfg.mixed_precision == "no" else 2
     tokens = geometry.tokens + cfg.model.max_sequence_length
-    hidden = tc.num_attention_heads * tc.attention_head_dim
-    layers = tc.num_layers + getattr(tc, "num_single_layers", 0)  # FLUX's single-stream blocks
+    if backbone.transformer_size is not None:
+        hidden, layers = backbone.transformer_size(tc)
+    else:
+        hidden = tc.num_attention_heads * tc.attention_head_dim
+        layers = tc.num_layers + getattr(tc, "num_single_layers", 0)  # FLUX's single-stream blocks
     # draft and full carry their own activation-checkpointing switch
     checkpointed = cfg.model.gradient_checkpointing or getattr(cfg.method, "checkpointing", False)
     per_forward = tokens * hidden * layers * (1 if checkpointed else 6) * elem

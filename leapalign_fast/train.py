@@ -251,7 +251,7 @@ class Trainer:
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(B, L, C) packed Gaussian latents, drawn on CPU so every device gets the same numbers."""
         noise = torch.randn(*self.geometry.noise_shape(batch), generator=generator)
-        return noise.to(self.accelerator.device, DTYPES[self.cfg.model.dtype])
+        return noise.to(self.accelerator.device, self.backbone.noise_dtype(DTYPES[self.cfg.model.dtype]))
 
     def step_inputs(
         self,

@@ -200,7 +200,7 @@ class Validator:
         """Per-image scores of every scorer on the validation prompts, with the current weights."""
         from leapalign_fast.models.backbone import DTYPES
 
-        dev, dtype = run.accelerator.device, DTYPES[self.cfg.model.dtype]
+        dev, dtype = run.accelerator.device, run.backbone.noise_dtype(DTYPES[self.cfg.model.dtype])
         out = {label: [] for label in self.scorers}
         B = self.cfg.batch_size
         for start in range(0, len(self.prompts), B):

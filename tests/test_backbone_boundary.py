@@ -215,6 +215,15 @@ LORA_DEFAULTS = {
         "ffn.net.0.proj",
         "ffn.net.2",
     ],
+    "zimage": [
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    ],
 }
 
 

@@ -153,10 +153,47 @@ def _qwen_sample(pipe, comps, cond, noise, geom, res=RES, steps=N, guidance=G):
     )[0]
 
 
+def _zimage_pipeline(comps):
+    from leapalign_fast.models.zimage import pipeline
+
+    return pipeline(comps)
+
+
+def _zimage_encode(pipe, comps, prompts):
+    """The pipeline's per-prompt tensors (each at its own length), compared left-aligned and zero-padded to
+    max_sequence_length with a mask, as our cache holds them."""
+    s = comps.text.max_sequence_length
+    pos, neg = pipe.encode_prompt(list(prompts), device="cpu", max_sequence_length=s)
+    out = {}
+    for key, rows in (("", pos), ("neg_", neg)):
+        out[key + "embeds"] = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, s - len(r))) for r in rows])
+        out[key + "mask"] = torch.stack([(torch.arange(s) < len(r)).long() for r in rows])
+    return out
+
+
+def _zimage_sample(pipe, comps, cond, noise, geom, res=RES, steps=N, guidance=G):
+    from leapalign_fast.models.common import pack_latents, unpack_latents
+    from leapalign_fast.models.zimage import _rows
+
+    z = pipe(
+        prompt_embeds=_rows(cond["embeds"], cond["mask"]),
+        negative_prompt_embeds=_rows(cond["neg_embeds"], cond["neg_mask"]),
+        latents=unpack_latents(noise, geom.h, geom.w),
+        height=res,
+        width=res,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="latent",
+        return_dict=False,
+    )[0]
+    return pack_latents(z)
+
+
 HARNESS = {  # family: (pipeline, encode_prompt, pipeline latents, our x0 in the pipeline's latent layout)
     "sd3": (_sd3_pipeline, _sd3_encode, _sd3_sample, lambda comps, x0, geom: x0),
     "flux2": (_flux2_pipeline, _flux2_encode, _flux2_sample, _flux2_ours_layout),
     "qwenimage": (_qwen_pipeline, _qwen_encode, _qwen_sample, lambda comps, x0, geom: x0),
+    "zimage": (_zimage_pipeline, _zimage_encode, _zimage_sample, lambda comps, x0, geom: x0),
 }
 FAMILIES = list(HARNESS)
 
@@ -324,6 +361,8 @@ def test_family_from_model_index(tmp_path):
     assert family_of(str(tmp_path), "") == "flux2"
     (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
     assert family_of(str(tmp_path), "") == "qwenimage"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
+    assert family_of(str(tmp_path), "") == "zimage"
     assert family_of("tiny", "") == "flux" and family_of(str(tmp_path), "flux") == "flux"
     cfg = load_config(None, ["model.family=sd3"])
     assert backbone_for(cfg.model).pipeline == "StableDiffusion3Pipeline"
@@ -349,6 +388,29 @@ def test_backbone_configs_hold_the_published_settings(name, family, guidance, ba
     assert cfg.lora.enabled == (variant == "")
 
 
+@pytest.mark.parametrize("variant", ["", "_full"])
+def test_zimage_configs_hold_turbos_published_settings(variant):
+    """Z-Image-Turbo's published sampling (8 steps, no CFG), the other backbones' shared training settings."""
+    cfg = load_config(CONFIGS / f"zimage_leapalign{variant}.toml")
+    assert (cfg.model.family, cfg.guidance, cfg.num_steps, cfg.batch_size) == ("zimage", 0.0, 8, 4)
+    assert (cfg.resolution, cfg.lr, cfg.ema_decay, cfg.max_steps, cfg.model.max_sequence_length) == (
+        512,
+        1e-5,
+        0.995,
+        300,
+        512,
+    )
+    assert (cfg.mixed_precision, cfg.model.dtype, cfg.method.name, cfg.method.lam) == (
+        "bf16",
+        "bfloat16",
+        "leapalign",
+        0.55,
+    )
+    assert cfg.lora.enabled == (variant == "") and not cfg.model.cuda_graph
+    if cfg.lora.enabled:
+        assert cfg.lora.target_modules == list(get_backbone("zimage").lora_targets)
+
+
 # The heavy settings of a shipped config swapped for a CPU-sized run of the family's tiny random build; everything
 # else (full fine-tune, lr, EMA, gradient checkpointing, checkpointed decode, CFG on both branches) as shipped.
 TINY_RUN = [
@@ -372,7 +434,7 @@ TINY_RUN = [
 ]
 
 
-@pytest.mark.parametrize("name", [p[0] for p in PUBLISHED])
+@pytest.mark.parametrize("name", [p[0] for p in PUBLISHED] + ["zimage"])
 def test_full_configs_train_the_tiny_build_of_their_backbone(name, tmp_path):
     """Each full config, its model swapped for the tiny random build of its family, trains two steps that change
     every transformer weight's checkpointed copy (a full fine-tune, not LoRA)."""
@@ -427,6 +489,8 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
     from leapalign_fast.models.fast import GraphedVelocity
 
     backbone, comps = family
+    if backbone.pipeline == "ZImagePipeline":
+        pytest.skip("Z-Image's forward has prompt-dependent shapes: refused (test_zimage_refuses_cuda_graphs)")
     tr = comps.transformer
     geom = backbone.geometry(comps, RES)
     capture, _ = cpu_graph(tr)
@@ -441,6 +505,28 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
         with torch.no_grad():
             torch.testing.assert_close(g(x, t), backbone.velocity(tr, cond, geom, G)(x, t), rtol=0, atol=0)
     assert len(g.graphs) == 1
+
+
+def test_zimage_refuses_cuda_graphs():
+    """Z-Image's transformer takes each prompt's embeddings at their own length: a captured graph would replay
+    another batch's shapes, so a graphed no-grad call is one UserError line (grad-enabled calls run eagerly)."""
+    from test_fast_path import cpu_graph
+
+    from leapalign_fast.errors import UserError
+    from leapalign_fast.models.fast import GraphedVelocity
+
+    backbone = get_backbone("zimage")
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    geom = backbone.geometry(comps, RES)
+    cond = backbone.encode_prompts(comps.text, PROMPTS)
+    assert len(set(cond["mask"].sum(1).tolist())) == 2  # the two prompts' lengths differ
+    g = GraphedVelocity(comps.transformer, capture=cpu_graph(comps.transformer)[0], device_types=("cpu",))
+    g.bind(backbone.velocity(comps.transformer, cond, geom, G))
+    x, t = torch.randn(*geom.noise_shape(2)), torch.rand(2)
+    assert torch.isfinite(g(x, t)).all()  # grad enabled: eager
+    with torch.no_grad(), pytest.raises(UserError, match=r"^model.cuda_graph=true cannot capture Z-Image.*=false$"):
+        g(x, t)
+    assert not g.graphs
 
 
 def test_load_reads_the_pipeline_directory_and_lists_missing_parts(family, tmp_path):

@@ -26,7 +26,13 @@ from leapalign_fast.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml"))
-FULL = ["flux_leapalign_full", "sd35_medium_leapalign_full", "flux2_klein_leapalign_full", "qwen_image_leapalign_full"]
+FULL = [
+    "flux_leapalign_full",
+    "sd35_medium_leapalign_full",
+    "flux2_klein_leapalign_full",
+    "qwen_image_leapalign_full",
+    "zimage_leapalign_full",
+]
 
 
 def header_claims(text: str) -> dict[str, bool]:

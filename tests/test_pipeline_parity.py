@@ -109,17 +109,21 @@ def test_bf16_samples_are_the_pipelines_bit_for_bit(name):
     comps.transformer.to(BF16)
     geom = backbone.geometry(comps, res)
     cond = _cond(backbone, comps, PROMPTS, BF16)
-    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)).to(BF16)
+    latents = backbone.noise_dtype(BF16)  # Z-Image's pipeline keeps float32 latents
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)).to(BF16).to(latents)
     theirs = _theirs(backbone, _pipe(name, comps), comps, cond, noise, res)
     ours = _ours(backbone, comps, cond, noise, res)
-    old = _ours(backbone, comps, cond, noise, res, step=euler_step)
+    if latents == BF16:
+        old, what = _ours(backbone, comps, cond, noise, res, step=euler_step), "float32 Euler arithmetic"
+    else:  # the old bf16 latents (the model's dtype)
+        old, what = _ours(backbone, comps, cond, noise.to(BF16), res), "bf16 latents"
     print(
         f"{name} bf16 {res}px max|diff| vs {backbone.pipeline}: ours {(ours - theirs).abs().max():.2e}, "
-        f"float32 Euler arithmetic {(old - theirs).float().abs().max():.2e}"
+        f"{what} {(old.float() - theirs.float()).abs().max():.2e}"
     )
-    assert ours.dtype == theirs.dtype == BF16 and torch.isfinite(ours.float()).all()
+    assert ours.dtype == theirs.dtype == latents and torch.isfinite(ours.float()).all()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    assert (old - theirs).abs().max() > 0  # the check sees the old arithmetic
+    assert (old.float() - theirs.float()).abs().max() > 0  # the check sees the old arithmetic
 
 
 def test_flux_bf16_time_is_the_pipelines_rounding():
@@ -315,3 +319,42 @@ def test_a_non_square_run_trains_and_draws_non_square_grids(tmp_path):
         assert grid.size[0] > grid.size[1]  # one image, wider than tall
     with pytest.raises(UserError, match="image width 100 is not divisible by 16"):
         train(load_config(None, [f"output_dir={tmp_path / 'bad'}", "height=64", "width=100"]))
+
+
+@torch.no_grad()
+def test_zimage_cfg_is_the_pipelines_with_its_normalization_and_truncation():
+    """ZImagePipeline's CFG: none at guidance 0 (Turbo: one forward a step), `pos + g (pos - neg)` from one forward
+    over [pos, neg] above it, and its `cfg_normalization` / `cfg_truncation` options: our samples are the pipeline's
+    exactly (float32), and each option changes them (the check sees it)."""
+    backbone = get_backbone("zimage")
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    cond = backbone.encode_prompts(comps.text, PROMPTS)
+    geom = backbone.geometry(comps, (64, 96))
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(3))
+    sigmas = backbone.schedule(comps, N, geom)
+    batches = []
+    comps.transformer.register_forward_hook(lambda m, args, out: batches.append(len(args[0])))
+    samples = {}
+    for name, guidance, opts in [
+        ("turbo", 0.0, {}),
+        ("cfg", G, {}),
+        ("normalized", G, {"cfg_normalization": 1.0}),
+        ("truncated", G, {"cfg_truncation": 0.2}),  # 1 - sigma: 0, 0.1, 0.25, 0.5 (shift 3): the last two
+    ]:
+        batches.clear()
+        v = backbone.velocity(comps.transformer, cond, geom, guidance, **opts)
+        ours = sample_trajectory(v, noise, sigmas).x0
+        ours_batches = list(batches)
+        theirs = backbone.pipeline_sample(comps, cond, noise, geom, N, guidance, **opts)
+        assert batches[len(ours_batches) :] == ours_batches  # the same forwards, batched the same way
+        print(f"zimage {name} max|diff| vs ZImagePipeline: {(ours - theirs).abs().max():.2e}")
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        samples[name] = ours
+        if name == "turbo":
+            assert ours_batches == [2] * N
+        if name == "cfg":
+            assert ours_batches == [4] * N
+        if name == "truncated":
+            assert ours_batches == [4, 4, 2, 2]
+    for name in ("turbo", "normalized", "truncated"):
+        assert (samples[name] - samples["cfg"]).abs().max() > 1e-3, name

@@ -35,6 +35,7 @@ BACKBONES = {
     "flux2": "leapalign_fast.models.flux2",  # FLUX.2-Klein (base: true CFG): Flux2KleinPipeline
     "qwenimage": "leapalign_fast.models.qwenimage",  # Qwen-Image: QwenImagePipeline
     "wan": "leapalign_fast.models.wan",  # Wan 2.1 T2V, Wan 2.2 TI2V (text-to-video): WanPipeline
+    "zimage": "leapalign_fast.models.zimage",  # Z-Image-Turbo and Z-Image: ZImagePipeline
 }
 
 
@@ -127,6 +128,12 @@ class Backbone:
     # The prompt cache's model-id prefix (`cache_prefix`); None: "<name>:". FLUX's is "": its keys predate this
     # interface, so its existing caches stay valid.
     prompt_cache_prefix: str | None = None
+    # The dtype of the sampled latents where the pipeline fixes it (ZImagePipeline keeps float32 latents whatever its
+    # transformer's dtype); None: the model's dtype (`model.dtype`). See `noise_dtype`.
+    latent_dtype: torch.dtype | None = None
+    # (transformer config) -> (hidden width, blocks a token passes) for the memory preflight; None: diffusers' usual
+    # names, num_attention_heads x attention_head_dim and num_layers + num_single_layers
+    transformer_size: Callable[[Any], tuple[int, int]] | None = None
     # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
 
     @property
@@ -144,6 +151,10 @@ class Backbone:
                 f"family ({', '.join(n for n in BACKBONES if get_backbone(n).video)})"
             )
         return self.geometry(components, size)
+
+    def noise_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the sampler's noise and states have for a model stored in `model_dtype`."""
+        return self.latent_dtype or model_dtype
 
     def resolve_lora_targets(self, configured) -> list[str]:
         """`lora.target_modules` on this backbone: as configured, except that the config's default (FLUX.1's

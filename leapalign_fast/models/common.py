@@ -36,6 +36,7 @@ def pipeline_schedule(
     linspace: bool = True,
     flow_sigmas: bool = True,
     device=None,
+    sigmas=None,
 ) -> torch.Tensor:
     """(N + 1,) float32 sigmas, 1 ... 0, exactly as a pipeline's `retrieve_timesteps` sets them on a
     FlowMatchEulerDiscreteScheduler of `scheduler_config` (the model directory's): `linspace` passes
@@ -43,6 +44,7 @@ def pipeline_schedule(
     `flow_sigmas`: a config's `use_flow_sigmas` drops the linspace (FluxPipeline and Flux2KleinPipeline read it,
     QwenImagePipeline does not); `mu` is the resolution's shift where the config shifts dynamically (a static
     `shift` ignores it). Then whatever the config asks: its shift, `shift_terminal`, Karras/exponential/beta sigmas.
+    `sigmas`: the N sigmas the pipeline passes where they are not numpy's linspace (ZImagePipeline: torch's).
     A step count the config cannot sample is one UserError line."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -56,7 +58,8 @@ def pipeline_schedule(
             "schedule by 1 - its last sigma, 0 at one step: NaN); use 2 or more steps (num_steps, eval_num_steps, "
             "eval --steps)"
         )
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if linspace else None
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if linspace else None
     if sigmas is not None and flow_sigmas and scheduler.config.get("use_flow_sigmas"):
         sigmas = None
     scheduler.set_timesteps(num_steps if sigmas is None else None, device="cpu", sigmas=sigmas, mu=mu)
