@@ -63,7 +63,7 @@ def run_mode(args, asynchronous: bool, out: Path) -> dict:
         "keep_checkpoints=1",
         "fsdp=true",
         f"async_checkpoint={str(asynchronous).lower()}",
-        "tensorboard=false",
+        "report_to=none",
         *args.overrides,
     ]
     config = ["--config", str(args.config)] if args.config else ["--config", str(ROOT / "configs" / "defaults.toml")]

@@ -47,7 +47,7 @@ def generate(
     from leapalign_fast.config import load_config
     from leapalign_fast.evaluate import sample_images
 
-    cfg = load_config(ROOT / "configs" / "tiny.toml", [f"model.source={model}", "tensorboard=false"])
+    cfg = load_config(ROOT / "configs" / "tiny.toml", [f"model.source={model}", "report_to=none"])
     images, prompts = [], []
     for i, n in enumerate(steps):
         k = per_caption // len(steps) + (i < per_caption % len(steps))

@@ -39,7 +39,7 @@ def run_once(config: Path, overrides: list[str], out: Path, skip: int) -> dict:
         "--config",
         str(config),
         f"output_dir={out}",
-        "tensorboard=false",
+        "report_to=none",
         *overrides,
     ]
     t0 = time.perf_counter()

@@ -136,7 +136,9 @@ class Config:
     eval_num_steps: int = 0  # sampling steps of validation images; 0 = num_steps
     best_metric: str = ""  # the eval_rewards label the `best` checkpoint maximises; "" = the first
     early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
-    tensorboard: bool = True
+    # Experiment trackers, through accelerate (leapalign_fast/trackers.py): "tensorboard", "wandb" (optional
+    # dependency: pip install 'leapalign-fast[wandb]'), a list of them, or "none"; metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     deterministic: bool = False  # torch.use_deterministic_algorithms
     # The method's random draws ((k, j), ReFL's step, ...) per micro-step: "per_rank" (each rank its own: lower
     # variance of the global gradient) or "shared" (every rank the same, as FlowBP); the expected gradient is the same
@@ -167,7 +169,12 @@ def _keys(cls, prefix="") -> list[str]:
     return out
 
 
+RENAMED = {"tensorboard": 'report_to (tensorboard=false is report_to="none")'}
+
+
 def _unknown(key: str, root_cls) -> UserError:
+    if key in RENAMED:
+        return UserError(f"config key '{key}' was replaced by {RENAMED[key]}")
     close = difflib.get_close_matches(key, _keys(root_cls), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see configs/defaults.toml for every key"
     return UserError(f"unknown config key '{key}'{hint}")
@@ -203,6 +210,8 @@ def _build(cls, data: dict, prefix: str, root_cls):
         if key not in names:
             raise _unknown(full, root_cls)
         hint = hints[key]
+        if full == "report_to" and isinstance(value, str):  # one tracker by name, or "none"
+            value = [] if value == "none" else [value]
         if hint is MethodSettings:
             kwargs[key] = method_from_table(value, full + ".")
         elif dataclasses.is_dataclass(hint):
@@ -420,6 +429,7 @@ def validate(cfg: Config) -> None:
         cfg.method_draws in ("per_rank", "shared"),
         f"method_draws must be 'per_rank' or 'shared', got '{cfg.method_draws}'",
     )
+    validate_report_to(cfg, need)
     validate_validation(cfg, need)
     validate_fsdp(cfg, need)
     validate_method(cfg, need)
@@ -434,6 +444,17 @@ def validate_method(cfg: Config, need) -> None:
         "method.reward_first=true takes the reward's gradient before the trainer's backward, outside fp16's loss "
         "scaling (small gradients would underflow); use mixed_precision='bf16' or 'no', or method.reward_first=false",
     )
+
+
+def validate_report_to(cfg: Config, need) -> None:
+    """report_to: known trackers, each once ("none", read as an empty list, stands alone)."""
+    known = ("tensorboard", "wandb")
+    for name in cfg.report_to:
+        need(
+            name in known,
+            f"report_to: unknown tracker '{name}'; use tensorboard, wandb, a list of them, or \"none\"",
+        )
+    need(len(set(cfg.report_to)) == len(cfg.report_to), f"report_to names a tracker twice: {cfg.report_to}")
 
 
 def validate_fsdp(cfg: Config, need) -> None:

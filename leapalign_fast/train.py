@@ -32,14 +32,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
-from leapalign_fast import build, fsdp
+from leapalign_fast import build, fsdp, trackers
 from leapalign_fast import checkpoint as ckpt
 from leapalign_fast.build import add_trainable, prompt_cache_path, to_device, train_prompts, trained_state, unwrap
 from leapalign_fast.checkpoint import TrainState, make_checkpointer, truncate_metrics
 from leapalign_fast.config import Config, config_toml
 from leapalign_fast.ema import EMA
 from leapalign_fast.errors import TrainingDiverged, UserError
-from leapalign_fast.images import save_grid
+from leapalign_fast.images import grid_array, save_grid
 from leapalign_fast.io import write_text_atomic
 from leapalign_fast.methods import StepInputs, StepOutput, build_method
 from leapalign_fast.models.backbone import DTYPES, backbone_for
@@ -108,6 +108,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
+        log_with=trackers.make_trackers(cfg) or None,  # report_to; started by Trainer.train once the step is known
     )
     if accelerator.distributed_type.name == "FSDP":
         raise UserError(
@@ -375,7 +376,9 @@ class Trainer:
         if not acc.is_main_process:
             return None
         path = self.out / "grids" / f"step_{self.step:06d}.png"
-        save_grid(self.decode(x0), path)
+        grid = grid_array(self.decode(x0))
+        save_grid(grid, path)
+        trackers.log_image(acc, "grid", grid, self.step)
         return path
 
     def export(self) -> None:
@@ -396,14 +399,14 @@ class Trainer:
                 "train; raise max_steps to continue (final grid and LoRA export are rewritten)",
                 flush=True,
             )
-        log = MetricsLog(self.out, self.step, cfg.tensorboard and acc.is_main_process, acc.is_main_process)
         if acc.is_main_process:
             write_text_atomic(self.out / "config.toml", config_toml(cfg))
+        log = MetricsLog(self.out, self.step, acc, cfg)
         if self.step == 0:
             self.write_grid()
         validator = build_validator(self, self.step)  # eval_every: validation scores, the `best` checkpoint, early stop
         if validator is not None and self.step == 0:
-            validator(self, 0, log.writer)
+            validator(self, 0)
         stopped = self._stopped_early(validator)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         rewards: list[float] = []
@@ -475,7 +478,7 @@ class Trainer:
                 bar.close()
                 self.checkpointer.close()  # the checkpoint is committed on every rank before the exit
                 raise Preempted(step, path)
-        if validator is not None and validator(self, step, log.writer):  # early stop: no new best for a while
+        if validator is not None and validator(self, step):  # early stop: no new best for a while
             if not due:
                 self.save()
             return True
@@ -485,39 +488,33 @@ class Trainer:
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0; cut back to the resumed step) and TensorBoard scalars."""
+    """metrics.jsonl (rank 0; cut back to the resumed step) and the `report_to` trackers (trackers.py), started
+    here at the resumed step with the resolved config, closed by `close`."""
 
-    def __init__(self, out: Path, step: int, tensorboard: bool, main: bool):
-        self.path, self.main, self.writer = out / "metrics.jsonl", main, None
-        if main:
+    def __init__(self, out: Path, step: int, accelerator: Accelerator, cfg: Config):
+        self.path, self.acc, self.main = out / "metrics.jsonl", accelerator, accelerator.is_main_process
+        if self.main:
             if step == 0:
                 self.path.unlink(missing_ok=True)
             truncate_metrics(self.path, step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
+        trackers.start(accelerator, cfg, step)
 
     def write(self, record: dict) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, record["step"])
+        trackers.log_scalars(self.acc, record, record["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        trackers.finish(self.acc)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:  # on success train() closes it after the final grid
+            self.close()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ Scorers, by label in `eval_rewards`:
 
 Writes, in output_dir:
   validation.jsonl   one row per validation: {"step", "val/<label>": mean score, "val/evaluator/<category>", "best",
-                     "since_best", "eval_seconds"} (also TensorBoard scalars `val/...`)
+                     "since_best", "eval_seconds"}; the `val/...` scores and a grid of the first batch's images
+                     (`val/images`) also go to the run's trackers (`report_to`)
   best/              trained.safetensors (+ ema.safetensors), state.json {step, metric, value, prompts_sha256} and
                      manifest.json (sha256 of the others, written last, as a checkpoint's) of the best validation so
                      far; `leapalign-fast eval --checkpoint <output_dir>/best` verifies and samples it. Built in a new
@@ -42,10 +43,12 @@ from leapalign_fast import checkpoint as ckpt
 from leapalign_fast.build import prompt_embeddings, trained_state
 from leapalign_fast.config import Config
 from leapalign_fast.errors import TrainingDiverged, UserError
+from leapalign_fast.images import grid_array
 from leapalign_fast.io import new_staging_dir, save_tensors_atomic, swap_in, write_json_atomic, write_text_atomic
 from leapalign_fast.prompts import read_prompt_file, validation_prompts  # noqa: F401  (train reads it from here)
 from leapalign_fast.resume_settings import prompts_digest
 from leapalign_fast.sampler import sample_trajectory
+from leapalign_fast.trackers import log_image
 
 
 class Trainer(Protocol):
@@ -208,6 +211,8 @@ class Validator:
             velocity = run.velocity(idx, self.embeds)
             x0 = sample_trajectory(velocity, self.noise[idx].to(dev, dtype), self.sigmas).x0
             images = run.decode(x0)
+            if start == 0:
+                self.images = grid_array(images)  # the first batch, for the trackers
             prompts = [self.prompts[i] for i in idx]
             for label, scorer in self.scorers.items():
                 out[label] += scorer(images, prompts).float().cpu().tolist()  # host sync, once per validation batch
@@ -229,7 +234,7 @@ class Validator:
         row["eval_seconds"] = seconds
         return row
 
-    def __call__(self, run: Trainer, step: int, writer=None) -> bool:
+    def __call__(self, run: Trainer, step: int) -> bool:
         """Validate at `step` if due; returns True when training should stop early (on every rank)."""
         if step % self.cfg.eval_every != 0 and step != self.cfg.max_steps:
             return False
@@ -257,10 +262,8 @@ class Validator:
             row.update(best=improved, since_best=self.since_best)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if writer is not None:
-                for k, v in row.items():
-                    if k.startswith("val/"):
-                        writer.add_scalar(k, v, step)
+            acc.log({k: v for k, v in row.items() if k.startswith("val/")}, step=step)
+            log_image(acc, "val/images", self.images, step)
             patience = self.cfg.early_stop_patience
             verdict[0], verdict[1] = float(improved), float(bool(patience) and self.since_best >= patience)
         verdict = acc.reduce(verdict, "sum")  # only rank 0 contributes: its verdict, on every rank

@@ -428,7 +428,7 @@ TINY_RUN = [
     "prompt_file=",
     "reward.name=colour",
     "reward.options={}",
-    "tensorboard=false",
+    "report_to=none",
     "deterministic=true",
     "eval_prompts=['a red square']",
 ]

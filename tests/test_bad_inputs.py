@@ -13,7 +13,7 @@ from leapalign_fast.models.flux import TinyFluxConfig, build_tiny_flux, save_flu
 from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "max_steps=2"]
+FAST = ["batch_size=2", "num_steps=4", "report_to=none", "max_steps=2"]
 # The CLI on the library defaults (a random tiny FLUX, colour reward): these tests are about inputs, not the toy.
 CLI = ["--config", str(ROOT / "configs" / "defaults.toml"), *FAST]
 

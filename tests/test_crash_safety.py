@@ -19,7 +19,7 @@ from leapalign_fast.config import load_config
 from leapalign_fast.train import EXIT_PREEMPTED, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["batch_size=2", "num_steps=4", "tensorboard=false", "deterministic=true", "ema_decay=0.9"]
+BASE = ["batch_size=2", "num_steps=4", "report_to=none", "deterministic=true", "ema_decay=0.9"]
 LORA = ["lora.enabled=true", "lora.rank=4", "lr=1e-2"]
 
 

@@ -7,7 +7,7 @@ from leapalign_fast.cli import main
 from leapalign_fast.config import load_config
 from leapalign_fast.train import train
 
-FAST = ["batch_size=2", "num_steps=4", "tensorboard=false"]
+FAST = ["batch_size=2", "num_steps=4", "report_to=none"]
 DEFAULTS = str(Path(__file__).resolve().parent.parent / "configs" / "defaults.toml")  # the library defaults
 
 

@@ -88,7 +88,7 @@ def test_lora_export_loads_in_flux_pipeline(flux_dir, tmp_path):
                 "max_steps=2",
                 "batch_size=2",
                 "num_steps=4",
-                "tensorboard=false",
+                "report_to=none",
             ],
         )
     )
@@ -140,7 +140,7 @@ def test_regional_compile_count_is_bounded_over_a_run_with_grids(tmp_path):
                 "batch_size=2",
                 "num_steps=3",
                 "grid_every=0",
-                "tensorboard=false",
+                "report_to=none",
                 "ema_decay=0",
                 "mixed_precision=bf16",
                 "model.dtype=bfloat16",
@@ -237,7 +237,7 @@ def test_encode_prompts_then_train_without_text_encoders(flux_dir, tmp_path, cap
         "max_steps=1",
         "batch_size=2",
         "num_steps=4",
-        "tensorboard=false",
+        "report_to=none",
     ]
     assert main(["encode-prompts", *args]) == 0
     assert capsys.readouterr().out.count("wrote ") == 2

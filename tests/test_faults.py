@@ -27,7 +27,7 @@ from leapalign_fast.runlock import RunLock
 from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "checkpoint_every=1", "ema_decay=0.9"]
+FAST = ["batch_size=2", "num_steps=4", "report_to=none", "checkpoint_every=1", "ema_decay=0.9"]
 CLI = ["--config", str(ROOT / "configs" / "defaults.toml"), *FAST]
 
 

@@ -23,7 +23,7 @@ from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = str(ROOT / "configs" / "defaults.toml")
-FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "max_steps=2"]
+FAST = ["batch_size=2", "num_steps=4", "report_to=none", "max_steps=2"]
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -32,7 +32,7 @@ from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = str(ROOT / "configs" / "defaults.toml")
-FAST = ["batch_size=2", "num_steps=4", "tensorboard=false", "checkpoint_every=1", "ema_decay=0.9"]
+FAST = ["batch_size=2", "num_steps=4", "report_to=none", "checkpoint_every=1", "ema_decay=0.9"]
 SHARDED = [*FAST, "fsdp=true", "deterministic=true"]
 VAL_PROMPTS = "a red square\na blue circle\na green star\n"
 ENOSPC_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"  # as seen, 0.8

@@ -79,7 +79,7 @@ def test_lora_ema_export_holds_the_ema(tmp_path):
                 "checkpoint_every=3",
                 "batch_size=2",
                 "num_steps=4",
-                "tensorboard=false",
+                "report_to=none",
                 "lora.enabled=true",
                 "lora.rank=4",
                 "lr=1e-2",

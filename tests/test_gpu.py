@@ -31,7 +31,7 @@ BACKEND = "inductor" if CUDA else "aot_eager"  # inductor on CPU compiles C++: m
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (CUDA or ON_CPU), reason="needs CUDA")]
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA itself")
-RUN = ["batch_size=2", "num_steps=4", "tensorboard=false", "ema_decay=0"]
+RUN = ["batch_size=2", "num_steps=4", "report_to=none", "ema_decay=0"]
 # Head dim 64, as the attention kernels meet at FLUX size (128); the rope axes sum to it.
 WIDE = TinyFluxConfig(heads=4, head_dim=64, text_dim=64)
 
@@ -261,7 +261,7 @@ def test_inductor_compile_count_is_bounded_over_a_run_with_grids(tmp_path):
                 "batch_size=2",
                 "num_steps=3",
                 "grid_every=1",
-                "tensorboard=false",
+                "report_to=none",
                 "ema_decay=0",
                 "mixed_precision=bf16",
                 "model.dtype=bfloat16",

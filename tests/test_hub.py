@@ -66,7 +66,7 @@ def test_a_hub_id_trains_from_the_cache_and_reads_only_the_parts_it_needs(cache,
     """encode-prompts reads the text encoders; the training run after it (prompts cached) opens nothing of them."""
     global OPENED
     snapshot = add_folder(cache, REPO, flux_dir)
-    args = [f"model.source={REPO}", "max_steps=1", f"output_dir={tmp_path / 'run'}", "tensorboard=false"]
+    args = [f"model.source={REPO}", "max_steps=1", f"output_dir={tmp_path / 'run'}", "report_to=none"]
     OPENED = []
     try:
         assert main(["encode-prompts", *args]) == 0

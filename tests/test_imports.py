@@ -105,6 +105,7 @@ LAYERS = [
         "leapalign_fast.dist_checkpoint",
         "leapalign_fast.model_dir",
         "leapalign_fast.blocks",
+        "leapalign_fast.trackers",
     ],
     ["leapalign_fast.sampler", "leapalign_fast.models", "leapalign_fast.rewards", "leapalign_fast.toy"],
     ["leapalign_fast.methods", "leapalign_fast.preflight"],

@@ -247,7 +247,7 @@ def test_both_orders_train_the_same_weights(tmp_path):
         "checkpoint_every=3",
         "batch_size=2",
         "num_steps=5",
-        "tensorboard=false",
+        "report_to=none",
         "lr=1e-3",
         "deterministic=true",
         "model.checkpoint_decode=true",

@@ -7,7 +7,7 @@ import torch
 from leapalign_fast.config import load_config
 from leapalign_fast.train import Trainer
 
-BASE = ["max_steps=4", "batch_size=1", "num_steps=6", "tensorboard=false", "eval_prompts=['a red square']"]
+BASE = ["max_steps=4", "batch_size=1", "num_steps=6", "report_to=none", "eval_prompts=['a red square']"]
 
 
 def _draws(trainer, monkeypatch, rank: int, steps: int = 4) -> list[tuple[float, float, float]]:

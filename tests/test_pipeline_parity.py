@@ -310,7 +310,7 @@ def test_a_non_square_run_trains_and_draws_non_square_grids(tmp_path):
     cfg = load_config(
         None,
         [f"output_dir={tmp_path}", "height=64", "width=96", "max_steps=1", "batch_size=2"]
-        + ["num_steps=3", "tensorboard=false", "eval_prompts=['a red square']"],
+        + ["num_steps=3", "report_to=none", "eval_prompts=['a red square']"],
     )
     assert cfg.image_size == (64, 96)
     res = train(cfg)

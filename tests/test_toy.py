@@ -243,7 +243,7 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
                 "max_steps=2",
                 "batch_size=2",
                 "num_steps=4",
-                "tensorboard=false",
+                "report_to=none",
                 "reward.name=toy",
                 f"reward.options={{path = '{toy_assets / 'reward.safetensors'}'}}",
             ],

@@ -15,7 +15,7 @@ from leapalign_fast.recompute import decoder_checkpointed
 from leapalign_fast.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["batch_size=2", "tensorboard=false", "num_steps=4"]
+FAST = ["batch_size=2", "report_to=none", "num_steps=4"]
 
 
 def _metrics(out):
@@ -31,7 +31,7 @@ def test_outputs_of_a_short_run(tmp_path):
                 f"output_dir={out}",
                 "max_steps=5",
                 "checkpoint_every=2",
-                "tensorboard=true",
+                "report_to=tensorboard",
                 "keep_checkpoints=2",
                 "batch_size=2",
                 "num_steps=4",
@@ -51,7 +51,7 @@ def test_outputs_of_a_short_run(tmp_path):
             f"output_dir={out}",
             "max_steps=5",
             "checkpoint_every=2",
-            "tensorboard=true",
+            "report_to=tensorboard",
             "keep_checkpoints=2",
             "batch_size=2",
             "num_steps=4",
@@ -144,7 +144,7 @@ def test_default_run_raises_the_reward_without_collapsing_the_evaluator(tmp_path
     from leapalign_fast.toy.splits import evaluation_set
 
     monkeypatch.chdir(ROOT)  # the command as typed in the repository (in this process: no second torch import)
-    assert main(["train", f"output_dir={tmp_path}", "tensorboard=false"]) == 0
+    assert main(["train", f"output_dir={tmp_path}", "report_to=none"]) == 0
     cfg = load_config(ROOT / "configs" / "tiny.toml", [f"output_dir={tmp_path}"])
     rewards = [r["reward"] for r in _metrics(tmp_path)]
     assert len(rewards) == cfg.max_steps
