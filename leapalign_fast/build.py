@@ -20,7 +20,14 @@ from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, backbone_for
 from leapalign_fast.models.common import unwrap
 from leapalign_fast.models.text import PromptCache, check_prompt_cache, prompt_cache_key, write_prompt_cache
-from leapalign_fast.prompts import builtin_prompts, read_prompt_file, validation_prompts
+from leapalign_fast.prompts import (
+    PromptSet,
+    builtin_prompts,
+    prompts_sha256,
+    read_prompt_file,
+    resolve_prompt_set,
+    validation_prompts,
+)
 from leapalign_fast.runlock import check_writable
 
 
@@ -69,8 +76,22 @@ def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.M
     return module
 
 
+def train_prompt_set(cfg: Config) -> PromptSet:
+    """The training prompts: `prompts` (a published set by name, or a file), else `prompt_file`, else the built-in
+    colour prompts; with their source and checksum (a run records them in its config.toml)."""
+    if cfg.prompts:
+        return resolve_prompt_set(cfg.prompts)
+    if cfg.prompt_file:
+        prompts = read_prompt_file(cfg.prompt_file)
+        return PromptSet(cfg.prompt_file, prompts, [""] * len(prompts), cfg.prompt_file, prompts_sha256(prompts))
+    prompts = builtin_prompts()
+    return PromptSet(
+        "builtin", prompts, [""] * len(prompts), "leapalign_fast.prompts.builtin_prompts", prompts_sha256(prompts)
+    )
+
+
 def train_prompts(cfg: Config) -> list[str]:
-    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else builtin_prompts()
+    return train_prompt_set(cfg).prompts
 
 
 def prompt_cache_path(cfg: Config, backbone: Backbone, prompts: list[str]) -> Path:

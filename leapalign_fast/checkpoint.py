@@ -401,6 +401,7 @@ MATH_KEYS = (
     "ema_decay",
     "mixed_precision",
     "prompt_file",
+    "prompts",
     "model",
     "lora",
     "method",

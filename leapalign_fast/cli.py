@@ -51,7 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--config", type=Path, default=None, help="the run's TOML config (default: configs/tiny.toml)")
     p_eval.add_argument("--checkpoint", default="latest", help="'latest' (default), 'base' or a checkpoint directory")
     p_eval.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    p_eval.add_argument("--prompts", default=None, help="prompt file (default: the config's eval_prompts)")
+    p_eval.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file (default: the config's eval_prompts); with --benchmark: a local "
+        "copy (folder or hf:// URL) of the benchmark's files",
+    )
+    p_eval.add_argument(
+        "--benchmark",
+        default=None,
+        help="a published protocol: hpdv2 (HPD v2 test split, 400 prompts) or hpsv2 (HPS v2 benchmark, 4 styles); "
+        "scores HPSv2.1, PickScore, ImageReward, CLIP and aesthetic on the same images (docs/benchmarks.md)",
+    )
+    p_eval.add_argument("--limit", type=int, default=0, help="--benchmark: the first N prompts of each style only")
     p_eval.add_argument("--rewards", default=None, help="comma-separated reward names (default: the config's reward)")
     p_eval.add_argument("--steps", type=int, default=50, help="sampling steps (the paper evaluates with 50)")
     p_eval.add_argument("--batch", type=int, default=4)
@@ -127,6 +139,28 @@ def main(argv: list[str] | None = None) -> int:
                         f"done: no step to run (at step {result.steps}, max_steps={cfg.max_steps}); outputs in "
                         f"{result.output_dir}"
                     )
+        elif args.command == "eval" and args.benchmark:
+            from leapalign_fast.evaluate import benchmark
+
+            if args.rewards:
+                raise UserError(
+                    "--benchmark scores its own rewards (HPSv2.1, PickScore, ImageReward, CLIP, aesthetic); "
+                    "drop --rewards"
+                )
+            result = benchmark(
+                cfg,
+                args.benchmark,
+                args.checkpoint,
+                args.ema,
+                args.batch,
+                args.limit,
+                args.prompts,
+                args.steps,
+                args.out,
+            )
+            if rank0:
+                print(result["table"], end="")
+                print(f"wrote {result['out']}/benchmark.json and benchmark.md")
         elif args.command == "eval":
             from leapalign_fast.evaluate import evaluate
 

@@ -124,6 +124,9 @@ class Config:
     resume_force: bool = False  # resume even if the checkpoint's config differs in a key that changes the math
     max_nonfinite_steps: int = 5  # abort after this many consecutive steps with a non-finite loss or grad norm
     prompt_file: str = ""  # one prompt per line; "" = the built-in colour prompts
+    # a published prompt set by name (hpdv2-train, hpdv2-test, hpdv2-benchmark, geneval; "<name>:<local copy>"),
+    # or a prompt file; "" = prompt_file
+    prompts: str = ""
     eval_prompts: list[str] = field(
         default_factory=lambda: ["a red square", "a green circle", "a blue triangle", "a yellow star"]
     )
@@ -295,6 +298,8 @@ def resolve_file_paths(data: dict, base: Path) -> None:
     for key in ("prompt_file", "eval_prompt_file"):
         if key in data:
             data[key] = fix(data[key])
+    if isinstance(data.get("prompts"), str) and (base / data["prompts"]).is_file():  # a prompt file, not a set name
+        data["prompts"] = fix(data["prompts"])
     options = [reward.get("options")] if isinstance(reward, dict) else []
     if isinstance(data.get("eval_reward_options"), dict):
         options += list(data["eval_reward_options"].values())
@@ -381,6 +386,10 @@ def validate_numbers(cfg: Config) -> None:
     need(
         len(cfg.eval_prompts) >= 1 and all(p.strip() for p in cfg.eval_prompts),
         "eval_prompts must hold at least one non-empty prompt (they draw the progress grids)",
+    )
+    need(
+        not (cfg.prompts and cfg.prompt_file),
+        f"prompts = '{cfg.prompts}' and prompt_file = '{cfg.prompt_file}' both name the training prompts; keep one",
     )
     need(cfg.resolution <= 8192, f"resolution must be <= 8192, got {cfg.resolution}")
     for key in ("height", "width"):

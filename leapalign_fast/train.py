@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from leapalign_fast import build, fsdp, trackers
 from leapalign_fast import checkpoint as ckpt
-from leapalign_fast.build import add_trainable, prompt_cache_path, to_device, train_prompts, trained_state, unwrap
+from leapalign_fast.build import add_trainable, prompt_cache_path, to_device, trained_state, unwrap
 from leapalign_fast.checkpoint import TrainState, make_checkpointer, truncate_metrics
 from leapalign_fast.config import Config, config_toml
 from leapalign_fast.ema import EMA
@@ -155,7 +155,8 @@ class Trainer:
         check_reward_name(cfg.reward.name)  # a typo fails before the model is loaded
         self.backbone = backbone = backbone_for(cfg.model)  # resolved once; everything below is handed it
         torch.manual_seed(cfg.seed)  # same init on every rank
-        self.prompts = train_prompts(cfg)
+        self.prompt_set = build.train_prompt_set(cfg)  # its name, source and checksum head the run's config.toml
+        self.prompts = self.prompt_set.prompts
         prompt_sets = (self.prompts, list(cfg.eval_prompts), *validation_prompts(cfg))
         # Only rank 0 encodes, so only it loads the text encoders (T5-XXL: 9.5 GB a rank), and only when a cache is
         # missing or fails its checksums. FSDP from a model directory: the transformer on the meta device; each rank
@@ -400,7 +401,7 @@ class Trainer:
                 flush=True,
             )
         if acc.is_main_process:
-            write_text_atomic(self.out / "config.toml", config_toml(cfg))
+            write_text_atomic(self.out / "config.toml", self.prompt_set.record() + config_toml(cfg))
         log = MetricsLog(self.out, self.step, acc, cfg)
         if self.step == 0:
             self.write_grid()

@@ -1,4 +1,5 @@
-"""CLIP-family rewards on transformers' CLIPModel, loaded from local paths only, preprocessed in torch.
+"""CLIP-family rewards on transformers' CLIPModel, loaded from local paths or Hub ids (by default the published
+repositories below, through the Hub cache), preprocessed in torch.
 
 - `clip`:      CLIP score, cosine of image and text embeddings, any local CLIP checkpoint (HF format).
 - `pickscore`: PickScore_v1 (a CLIP-H), `logit_scale.exp() * cos`, as its authors score.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from leapalign_fast import hub
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 
@@ -77,12 +79,28 @@ def load_weights_file(path: Path, reward: str) -> dict:
     return state
 
 
-def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
-    if not path:
+# The published Hugging Face Hub repositories each reward's weights default to (docs/rewards.md).
+CLIP_L = "openai/clip-vit-large-patch14"  # `clip`, and the image tower under `aesthetic`
+CLIP_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # HPS v2.1's architecture and tokenizer; PickScore's tokenizer
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+HPS_V21 = "hf://xswu/HPSv2/HPS_v2.1_compressed.pt"
+AESTHETIC_MLP = "hf://trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"  # LAION's sac+logos+ava1-l14 MLP
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _need_dir(
+    path: str | None, reward: str, what: str, source: str, default: str | None = None, weights: bool = True
+) -> Path:
+    """A CLIP directory in Hugging Face format: `path` (a local directory or a hub id), else the published
+    `default` repository, fetched through the Hub cache (config, tokenizer and, when `weights`, the weights file:
+    model.safetensors where the repository has one, else pytorch_model.bin)."""
+    if not path and not default:
         raise UserError(f"reward '{reward}' needs reward.options.{what}: a local directory ({source})")
-    p = Path(path)
+    source_id = path or default
+    p = resolve_dir(source_id, reward, what, weights)
     missing = [n for n in ("config.json",) if not (p / n).is_file()]
-    if not any((p / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+    if weights and not any((p / n).is_file() for n in WEIGHT_FILES):
         missing.append("model.safetensors")
     if not any((p / n).is_file() for n in ("tokenizer.json", "vocab.json")):
         missing.append("tokenizer.json")
@@ -91,6 +109,19 @@ def _need_dir(path: str | None, reward: str, what: str, source: str) -> Path:
             f"reward '{reward}': {p} lacks {', '.join(missing) if p.is_dir() else 'everything (not a directory)'}; "
             f"download {source} to a local directory beforehand and pass it as reward.options.{what}"
         )
+    return p
+
+
+def resolve_dir(source_id: str, reward: str, what: str, weights: bool = True) -> Path:
+    """A local directory as it is; a hub id as its cache snapshot with the config and tokenizer files (and the
+    weights: model.safetensors, or pytorch_model.bin only where the repository has no safetensors)."""
+    name = f"reward '{reward}' option {what}"
+    if not hub.is_hub(source_id):
+        return Path(source_id)
+    patterns = ["config.json", *TOKENIZER_FILES]
+    p = hub.resolve(source_id, None, patterns + (["model.safetensors*"] if weights else []), name)
+    if weights and not any((p / n).is_file() for n in WEIGHT_FILES):
+        p = hub.resolve(source_id, None, patterns + ["pytorch_model.bin"], name)
     return p
 
 
@@ -126,28 +157,33 @@ class ClipReward(torch.nn.Module):
         return cos * self.model.logit_scale.exp().float() if self.use_logit_scale else cos
 
 
-def _load_clip(path: Path, dtype: str):
+def _load_clip(path: Path, dtype: str, tokenizer: Path | None = None):
     from transformers import CLIPModel, CLIPTokenizer
 
     dt = DTYPES[dtype]
-    return CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True), CLIPTokenizer.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path, dtype=dt, local_files_only=True)
+    return model, CLIPTokenizer.from_pretrained(tokenizer or path)
 
 
 def build_clip(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(
-        path, "clip", "path", "any CLIP checkpoint in Hugging Face format, e.g. openai/clip-vit-large-patch14"
-    )
+    p = _need_dir(path, "clip", "path", f"any CLIP checkpoint in Hugging Face format, e.g. {CLIP_L}", CLIP_L)
     return ClipReward(*_load_clip(p, dtype), use_logit_scale=False)
 
 
-def build_pickscore(path: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(
-        path,
-        "pickscore",
-        "path",
-        "yuvalkirstain/PickScore_v1 (model) with the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    )
-    return ClipReward(*_load_clip(p, dtype), use_logit_scale=True)
+def build_pickscore(path: str | None = None, tokenizer: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    """PickScore_v1's weights (`path`) with the CLIP-H tokenizer its authors score with (`tokenizer`; default: the
+    one in `path` when it has one, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)."""
+    source = f"{PICKSCORE} (model) with the tokenizer of {CLIP_H}"
+    if path and not hub.is_hub(path):  # a local directory holds both, as before
+        p = _need_dir(path, "pickscore", "path", source)
+        tok = _need_dir(tokenizer, "pickscore", "tokenizer", source, weights=False) if tokenizer else None
+        return ClipReward(*_load_clip(p, dtype, tok), use_logit_scale=True)
+    p = resolve_dir(path or PICKSCORE, "pickscore", "path")
+    has_tok = any((p / n).is_file() for n in ("tokenizer.json", "vocab.json"))
+    tok = resolve_dir(tokenizer or (str(p) if has_tok else CLIP_H), "pickscore", "tokenizer", weights=False)
+    if not (p / "config.json").is_file() or not any((p / n).is_file() for n in WEIGHT_FILES):
+        raise UserError(f"reward 'pickscore': {p} lacks config.json or its weights; is it {PICKSCORE}?")
+    return ClipReward(*_load_clip(p, dtype, tok), use_logit_scale=True)
 
 
 # ---- HPS v2.1: open_clip ViT-H-14 state dict -> transformers CLIPModel ------------------------------------
@@ -208,16 +244,21 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(
-        clip, "hpsv2.1", "clip", "the CLIP-H architecture and tokenizer: laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    )
-    ck = Path(checkpoint or "")
-    if not checkpoint or not ck.is_file():
+    """HPS v2.1. `clip` gives only the architecture (config.json) and the tokenizer: every weight comes from the
+    HPS checkpoint, so the CLIP-H weights (3.9 GB) are neither downloaded nor read."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    p = _need_dir(clip, "hpsv2.1", "clip", f"the CLIP-H architecture and tokenizer: {CLIP_H}", CLIP_H, weights=False)
+    ck = hub.resolve_file(checkpoint or HPS_V21, "reward 'hpsv2.1' option checkpoint")
+    if not ck.is_file():
         raise UserError(
             f"reward 'hpsv2.1' needs reward.options.checkpoint: the file HPS_v2.1_compressed.pt "
             f"(from the xswu/HPSv2 repository on the Hugging Face Hub); {ck} not found"
         )
-    model, tokenizer = _load_clip(p, dtype)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device until the checkpoint's land
+        model = CLIPModel(CLIPConfig.from_pretrained(p))
+    tokenizer = CLIPTokenizer.from_pretrained(p)
     state = load_weights_file(ck, "hpsv2.1")
     state = state.get("state_dict", state)
     converted = open_clip_to_hf(state)
@@ -226,8 +267,9 @@ def build_hpsv21(clip: str | None = None, checkpoint: str | None = None, dtype: 
     wrong = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
     if missing or wrong:
         raise UserError(f"HPS checkpoint {ck} does not fit {p}: missing {missing[:4]}, wrong shapes {wrong[:4]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in converted.items() if k in own}, strict=False)
-    return ClipReward(model, tokenizer, use_logit_scale=False, preprocess="resize_max")
+    dt = DTYPES[dtype]
+    model.load_state_dict({k: v.to(dt) for k, v in converted.items() if k in own}, strict=False, assign=True)
+    return ClipReward(model.eval(), tokenizer, use_logit_scale=False, preprocess="resize_max")
 
 
 # ---- LAION aesthetic predictor -------------------------------------------------------------------------------
@@ -252,12 +294,14 @@ class AestheticReward(torch.nn.Module):
 
 
 def build_aesthetic(clip: str | None = None, mlp: str | None = None, dtype: str = "float32") -> torch.nn.Module:
-    p = _need_dir(clip, "aesthetic", "clip", "openai/clip-vit-large-patch14")
-    if not mlp or not Path(mlp).is_file():
+    p = _need_dir(clip, "aesthetic", "clip", CLIP_L, CLIP_L)
+    mlp_path = hub.resolve_file(mlp or AESTHETIC_MLP, "reward 'aesthetic' option mlp")
+    if not mlp_path.is_file():
         raise UserError(
             "reward 'aesthetic' needs reward.options.mlp: the file sac+logos+ava1-l14-linearMSE.pth "
             f"(LAION improved-aesthetic-predictor); {mlp!r} not found"
         )
+    mlp = str(mlp_path)
     clip_reward = ClipReward(
         *_load_clip(p, dtype), use_logit_scale=False, preprocess="round"
     )  # OpenAI CLIP's torchvision

@@ -10,14 +10,17 @@ architecture sizes are read from the checkpoint's shapes. Images are preprocesse
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
+from leapalign_fast import hub
 from leapalign_fast.dtypes import DTYPES
 from leapalign_fast.errors import UserError
 from leapalign_fast.rewards.clip_rewards import clip_preprocess, load_weights_file
 
+IMAGEREWARD = "hf://THUDM/ImageReward/ImageReward.pt"  # the published checkpoint (BLIP-code key names)
+BERT = "google-bert/bert-base-uncased"  # BLIP's tokenizer (`bert-base-uncased`, now under google-bert/)
+BERT_FILES = ["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's published reward normalisation
 _MLP = {"layers.0": "0", "layers.2": "2", "layers.4": "4", "layers.6": "6", "layers.7": "7"}
 
@@ -112,14 +115,15 @@ def make_mlp(width: int) -> torch.nn.Sequential:
 def build_imagereward(checkpoint: str | None = None, tokenizer: str | None = None, dtype: str = "float32"):
     from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
 
-    ck = Path(checkpoint or "")
-    if not checkpoint or not ck.is_file():
+    ck = hub.resolve_file(checkpoint or IMAGEREWARD, "reward 'imagereward' option checkpoint")
+    if not ck.is_file():
         raise UserError(
             "reward 'imagereward' needs reward.options.checkpoint: the file ImageReward.pt (from the "
             f"THUDM/ImageReward repository on the Hugging Face Hub); {ck} not found"
         )
-    tk = Path(tokenizer or "")
-    if not tokenizer or not (tk / "vocab.txt").is_file():
+    tokenizer = tokenizer or BERT
+    tk = hub.resolve(tokenizer, None, BERT_FILES, "reward 'imagereward' option tokenizer")
+    if not (tk / "vocab.txt").is_file():
         raise UserError(
             "reward 'imagereward' needs reward.options.tokenizer: a local directory with vocab.txt of "
             f"bert-base-uncased; {tk} has none"
