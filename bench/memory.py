@@ -8,6 +8,7 @@
     python bench/memory.py --model flux2-klein-9b       # GPU: FLUX.2-Klein-base 9B shapes,
     configs/flux2_klein_leapalign.toml
     python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
+    python bench/memory.py --model z-image-turbo        # GPU: Z-Image-Turbo shapes, configs/zimage_leapalign.toml
     python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
 The step is the trainer's: `train.Trainer` is built from a Config (dtype, LoRA, autocast through accelerate,

@@ -135,6 +135,24 @@ def _qwenimage(transformer_kw, vae_kw):
     return "qwenimage", "qwen_image_leapalign.toml", build, shapes
 
 
+def _zimage(transformer_kw, vae_kw):
+    def build():
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+
+        from leapalign_fast.models.zimage import ZImageComponents
+
+        return ZImageComponents(
+            ZImageTransformer2DModel(**transformer_kw),
+            AutoencoderKL(**vae_kw).eval(),
+            None,
+            FlowMatchEulerDiscreteScheduler(shift=3.0),  # Z-Image-Turbo's scheduler_config.json
+        )
+
+    d = transformer_kw.get("cap_feat_dim", 2560)
+    shapes = lambda msl: {"embeds": (msl, d), "mask": (msl,), "neg_embeds": (msl, d), "neg_mask": (msl,)}  # noqa: E731
+    return "zimage", "zimage_leapalign.toml", build, shapes
+
+
 # Random-weight models built without a weights directory: (family, config file, build(), cached tensor shapes).
 # The `random-tiny*` ones are the CPU stand-ins that let the tests run the full-size code path.
 RANDOM_MODELS = {
@@ -142,6 +160,7 @@ RANDOM_MODELS = {
     "sd35-medium": _sd3(SD35_MEDIUM, SD3_VAE),
     "flux2-klein-9b": _flux2(KLEIN_9B, {}),
     "qwen-image": _qwenimage({}, {}),  # the classes' defaults are Qwen-Image's
+    "z-image-turbo": _zimage({}, FLUX_VAE),  # the class defaults are Z-Image-Turbo's (3840 wide, 30 + 2 + 2 blocks)
     "random-tiny": _flux(
         dict(
             FLUX_DEV,
@@ -199,12 +218,17 @@ RANDOM_MODELS = {
             mid_block_add_attention=False,
         ),
     ),
+    "random-tiny-zimage": _zimage(
+        dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6]),
+        dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8),
+    ),
 }
 RANDOM_RESOLUTIONS = {
     "flux-dev": [512, 1024],
     "sd35-medium": [512],
     "flux2-klein-9b": [512],
     "qwen-image": [512],
+    "z-image-turbo": [512],
 }  # others: 64
 
 

@@ -394,7 +394,7 @@ def test_graphed_velocity_replays_equal_eager_on_gpu():
     assert g(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "flux2", "qwenimage"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "flux2", "qwenimage", "zimage"])
 def test_bench_sampler_quick(family, tmp_path):
     """bench/sampler.py's path for every backbone at toy size (random weights and embeddings, in this process):
     our sampler and the family's diffusers pipeline, timed, the same latents."""

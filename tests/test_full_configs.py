@@ -169,3 +169,39 @@ def test_regional_compile_and_fsdp_find_sd3_blocks():
     assert blocks and blocks == list(tr.transformer_blocks)
     compile_transformer(tr, "regional", backend="eager")  # raised "names no repeated blocks" before
     assert all(isinstance(b.forward, functools.partial) for b in blocks)
+
+
+def test_zimage_blocks_are_the_fsdp_and_regional_compile_unit():
+    """ZImageTransformer2DModel's repeated blocks (diffusers' `_repeated_blocks`) are its noise refiner, context
+    refiner and main layers, in that order: the units FSDP shards and regional compile compiles (fullgraph; the
+    compiled velocity equals eager, values and gradients, for prompts of different lengths)."""
+    import torch
+
+    from leapalign_fast.blocks import repeated_blocks
+    from leapalign_fast.config import TinyFluxConfig
+    from leapalign_fast.models.backbone import get_backbone
+    from leapalign_fast.models.fast import compile_transformer
+
+    backbone = get_backbone("zimage")
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    tr = comps.transformer
+    blocks = repeated_blocks(tr)
+    assert blocks == [*tr.noise_refiner, *tr.context_refiner, *tr.layers] and len(blocks) == 4
+    geom = backbone.geometry(comps, 32)
+    cond = backbone.encode_prompts(comps.text, ["a red square", "two blue circles"])
+    v = backbone.velocity(tr, cond, geom, 3.5)
+    x, t = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.4])
+
+    def run():
+        tr.zero_grad()
+        out = v(x, t)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in tr.parameters()]
+
+    want = run()
+    compile_transformer(tr, "regional", backend="eager")
+    assert all(isinstance(b.forward, functools.partial) for b in blocks)
+    got = run()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
