@@ -45,8 +45,11 @@ from leapalign_fast.toy.scenes import CATEGORIES  # noqa: E402
 from leapalign_fast.toy.splits import evaluation_set  # noqa: E402
 
 METHODS = [m for m, spec in REGISTRY.items() if not spec.reference]  # every alignment method (not `full`)
+STRICT = [f"strict/{c}" for c in CATEGORIES]
+IMAGE_COLUMNS = ["strict", "objects", "extra", "empty", "specks", "artefact"]  # toy.evaluator.summarise
 COLUMNS = [*CATEGORIES, "overall", "heldout", "reward", "ood_reward", "colour_entropy", "diversity"]
 DIFF_COLUMNS = ("overall", "heldout", "reward", "ood_reward", "colour_entropy", "diversity")
+STRICT_DIFF = ("overall", "strict", "objects", "empty", "artefact")  # Δ vs base in the strict table
 TRAIN_PROMPTS = ROOT / "assets" / "toy" / "prompts_train.txt"
 
 
@@ -75,14 +78,15 @@ def run_config(args, method: str, seed: int, out: Path, extra=()):
 
 def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarray]:
     """Evaluator accuracies per category, `overall` (mean of the six), `heldout` (without `single`, whose captions
-    are trained), the trained reward's mean (in-domain), the out-of-domain scorer's mean (`ood_reward`: another
-    architecture, data and seed, never a training signal), `colour_entropy` (evaluator.colour_entropy: collapse of
-    the colours of colour-free captions) and `diversity` (RMS pixel distance between images of one caption from
-    different noise, averaged over captions): (table, images)."""
+        are trained), the trained reward's mean (in-domain), the out-of-domain scorer's mean (`ood_reward`: another
+        architecture, data and seed, never a training signal), `colour_entropy` (evaluator.colour_entropy: collapse of
+        the colours of colour-free captions) and `diversity` (RMS pixel distance between images of one caption from
+        different noise, averaged over captions); and the strict evaluator's columns (toy.evaluator.summarise: `strict`
+    and `strict/<category>`, `objects`, `extra`, `empty`, `specks`, `artefact`): (table, images)."""
     import torch
 
     from leapalign_fast.evaluate import sample_images
-    from leapalign_fast.toy.evaluator import colour_entropy, evaluate_images
+    from leapalign_fast.toy.evaluator import colour_entropy, evaluate_strict
 
     prompts, specs = [c for c, _ in eval_set], [s for _, s in eval_set]
     images = np.concatenate(
@@ -91,7 +95,7 @@ def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarra
             for _, im in sample_images(cfg, prompts, path, num_steps=args.eval_n, batch_size=96, seed=1000 + seed)
         ]
     )
-    table = evaluate_images(images, specs)
+    table = evaluate_strict(images, specs)
     table["heldout"] = float(np.mean([table[c] for c in CATEGORIES if c != "single"]))
     with torch.no_grad():
         table["reward"] = float(
@@ -213,28 +217,37 @@ def _worker(payload):
 
 
 def summarise(results: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
-    """Per method: mean and 95% CI of every column; paired differences against base and between methods."""
-    table = {m: {c: mean_ci([runs[s]["table"][c] for s in seeds]) for c in COLUMNS} for m, runs in results.items()}
+    """Per method: mean and 95% CI of every column; paired differences against base and between methods (of the
+    GenEval-style `overall` in `between`, of the strict score in `between_strict`). Runs recorded before the strict
+    evaluator existed (no `strict` column) give the GenEval-style tables only."""
+    strict = all("strict" in r["table"] for runs in results.values() for r in runs.values())
+    columns = COLUMNS + (STRICT + IMAGE_COLUMNS if strict else [])
+    diffs = list(DIFF_COLUMNS) + ([c for c in IMAGE_COLUMNS if c not in DIFF_COLUMNS] if strict else [])
+    table = {m: {c: mean_ci([runs[s]["table"][c] for s in seeds]) for c in columns} for m, runs in results.items()}
     vs_base = {
         m: {
             c: paired([runs[s]["table"][c] for s in seeds], [results["base"][s]["table"][c] for s in seeds])
-            for c in DIFF_COLUMNS
+            for c in diffs
         }
         for m, runs in results.items()
         if m != "base"
     }
     methods = [m for m in results if m != "base"]
-    between = {
-        a: {
-            b: paired(
-                [results[a][s]["table"]["overall"] for s in seeds], [results[b][s]["table"]["overall"] for s in seeds]
-            )
-            for b in methods
-            if b != a
+
+    def between(col):
+        return {
+            a: {
+                b: paired([results[a][s]["table"][col] for s in seeds], [results[b][s]["table"][col] for s in seeds])
+                for b in methods
+                if b != a
+            }
+            for a in methods
         }
-        for a in methods
-    }
-    return {"table": table, "vs_base": vs_base, "between": between}
+
+    out = {"table": table, "vs_base": vs_base, "between": between("overall")}
+    if strict:
+        out["between_strict"] = between("strict")
+    return out
 
 
 def markdown(summary: dict, results: dict, args) -> str:
@@ -274,23 +287,70 @@ def markdown(summary: dict, results: dict, args) -> str:
             f"{q['diff']:+.2f} | {q['t']:.2f} | {e['diff']:+.3f} | {e['t']:.2f} | {d['diff']:+.4f} |"
         )
     methods = order[1:]
-    if len(methods) > 1:
-        md += [
-            "",
-            "Paired t of Δ overall between methods (row minus column):",
-            "",
-            "| | " + " | ".join(methods) + " |",
-            "|---" * (len(methods) + 1) + "|",
-        ]
-        for a in methods:
-            md.append(
-                f"| {a} | "
-                + " | ".join("–" if a == b else f"{summary['between'][a][b]['t']:+.1f}" for b in methods)
-                + " |"
-            )
+    if "strict" in t["base"]:
+        md += strict_markdown(summary, order, fmt)
+    for key, what in (("between", "Δ overall (GenEval-style)"), ("between_strict", "Δ strict")):
+        if len(methods) > 1 and key in summary:
+            md += [
+                "",
+                f"Paired t of {what} between methods (row minus column):",
+                "",
+                "| | " + " | ".join(methods) + " |",
+                "|---" * (len(methods) + 1) + "|",
+            ]
+            for a in methods:
+                md.append(
+                    f"| {a} | "
+                    + " | ".join("–" if a == b else f"{summary[key][a][b]['t']:+.1f}" for b in methods)
+                    + " |"
+                )
     base_std = t["base"]["overall"]["std"]
     md += ["", f"Base model's own seed-to-seed std of overall (evaluation noise only): {base_std:.4f}."]
     return "\n".join(md) + "\n"
+
+
+def strict_markdown(summary: dict, order: list[str], fmt) -> list[str]:
+    """The strict evaluator's tables: per category, the image counts, and Δ vs base next to the GenEval-style Δ."""
+    t, vb = summary["table"], summary["vs_base"]
+    md = [
+        "",
+        "Strict score (a pass only with exactly the caption's objects and no artefact; toy/evaluator.py) per "
+        "category, mean [95% t interval] over seeds:",
+        "",
+        "| method | " + " | ".join(CATEGORIES) + " | strict |",
+        "|---" * (len(CATEGORIES) + 2) + "|",
+    ]
+    for m in order:
+        md.append(f"| {m} | " + " | ".join(fmt(t[m][c]) for c in [*STRICT, "strict"]) + " |")
+    md += [
+        "",
+        "What the images hold: objects detected per image, objects beyond the caption's per image, empty images, "
+        "specks per image, images with an artefact (more specks than toy.evaluator.MAX_SPECKS):",
+        "",
+        "| method | objects | extra | empty | specks | artefact |",
+        "|---" * 6 + "|",
+    ]
+    for m in order:
+        md.append(
+            f"| {m} | " + " | ".join(fmt(t[m][c]) for c in ["objects", "extra", "empty", "specks", "artefact"]) + " |"
+        )
+    md += [
+        "",
+        "Paired differences against base, GenEval-style and strict: mean [95% CI] (paired t, seeds above base).",
+        "",
+        "| method | " + " | ".join(f"Δ {c}" for c in STRICT_DIFF) + " |",
+        "|---" * (len(STRICT_DIFF) + 1) + "|",
+    ]
+    for m in order[1:]:
+        md.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (t {d['t']:.2f}, {d['wins']}/{d['n']})"
+                for d in (vb[m][c] for c in STRICT_DIFF)
+            )
+            + " |"
+        )
+    return md
 
 
 def plots(results: dict, out: Path, name: str) -> None:

@@ -137,7 +137,10 @@ class Config:
     eval_rewards: list[str] = field(default_factory=lambda: ["reward"])  # reward | evaluator | a label below
     eval_reward_options: dict = field(default_factory=dict)  # label -> {name = registered reward, its options}
     eval_num_steps: int = 0  # sampling steps of validation images; 0 = num_steps
-    best_metric: str = ""  # the eval_rewards label the `best` checkpoint maximises; "" = the first
+    # the validation score that picks the `best` checkpoint and drives early stop: an eval_rewards label, or one of
+    # the toy evaluator's columns, "evaluator/<column>" (strict, extra, empty, artefact, ...); "" = the first label
+    best_metric: str = ""
+    best_mode: str = ""  # max | min; "" = the metric's own direction (scores: max; extra, empty, artefact: min)
     early_stop_patience: int = 0  # stop after this many validations without a new best; 0 = never
     # Experiment trackers, through accelerate (leapalign_fast/trackers.py): "tensorboard", "wandb" (optional
     # dependency: pip install 'leapalign-fast[wandb]'), a list of them, or "none"; metrics.jsonl is always written
@@ -500,6 +503,10 @@ def validate_validation(cfg: Config, need) -> None:
         "early_stop_patience needs validation: set eval_every > 0 and eval_prompt_file",
     )
     need(not cfg.best_metric or cfg.eval_every, "best_metric needs validation: set eval_every > 0 and eval_prompt_file")
+    need(
+        cfg.best_mode in ("", "max", "min"),
+        f"best_mode must be 'max', 'min' or '' (the metric's own), got {cfg.best_mode!r}",
+    )
     if not cfg.eval_every:
         return
     need(
@@ -519,10 +526,16 @@ def validate_validation(cfg: Config, need) -> None:
             f"eval_reward_options.{label} must be a table of the "
             'reward\'s options, e.g. { name = "toy", path = "reward.safetensors" }',
         )
+    head, column = cfg.best_metric.partition("/")[::2]
     need(
-        not cfg.best_metric or cfg.best_metric in cfg.eval_rewards,
+        not cfg.best_metric or head in cfg.eval_rewards,
         f"best_metric '{cfg.best_metric}' is not one of "
         f"eval_rewards {cfg.eval_rewards}; pick one of them (or leave it empty for the first)",
+    )
+    need(
+        not column or head == "evaluator",
+        f"best_metric '{cfg.best_metric}': only the toy evaluator has columns ('evaluator/strict', "
+        f"'evaluator/artefact', ...); use the label '{head}' alone",
     )
 
 

@@ -1,18 +1,21 @@
 """Validation during training: every `eval_every` steps, sample the validation prompts (`eval_prompt_file`) from
 fixed noise with the current weights, score them with a set of rewards (`eval_rewards`), log the scores, keep a
-`best` checkpoint by one of them (`best_metric`), and stop early after `early_stop_patience` validations without
-improvement.
+`best` checkpoint by one of them (`best_metric`, in the direction `best_mode`), and stop early after
+`early_stop_patience` validations without improvement.
 
 Scorers, by label in `eval_rewards`:
   reward      the trained reward (`[reward]`), as the loss sees it
   evaluator   the toy benchmark's rule-based evaluator (leapalign_fast.toy.evaluator; GenEval-style mean of the
-              per-category accuracies); the prompts must be toy captions. A score only: it has no gradient.
+              per-category accuracies); the prompts must be toy captions. A score only: it has no gradient. Its
+              columns, each selectable as best_metric = "evaluator/<column>": the per-category accuracies, `strict`
+              (exactly the caption's objects and no artefact; also per category, `strict/<category>`), and per
+              image `objects`, `extra` (objects beyond the caption's), `empty`, `specks`, `artefact`.
   <label>     a registered reward: `eval_reward_options.<label>` holds its builder options, and `name` picks the
               registered reward (default: the label itself), e.g.
               eval_reward_options = { second = { name = "toy", path = "assets/toy/reward_b.safetensors" } }
 
 Writes, in output_dir:
-  validation.jsonl   one row per validation: {"step", "val/<label>": mean score, "val/evaluator/<category>", "best",
+  validation.jsonl   one row per validation: {"step", "val/<label>": mean score, "val/evaluator/<column>", "best",
                      "since_best", "eval_seconds"}; the `val/...` scores and a grid of the first batch's images
                      (`val/images`) also go to the run's trackers (`report_to`)
   best/              trained.safetensors (+ ema.safetensors), state.json {step, metric, value, prompts_sha256} and
@@ -88,10 +91,52 @@ class EvaluatorScore(torch.nn.Module):
         self.specs = {p: parse_caption(p) for p in prompts}
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from leapalign_fast.toy.evaluator import judge
+        return torch.tensor(self.columns(images, prompts)["evaluator"])
 
-        images = images.detach().float().cpu().numpy()
-        return torch.tensor([float(judge(im, self.specs[p])) for im, p in zip(images, prompts)])
+    def columns(self, images: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
+        """Per-image values of every evaluator column: `evaluator` (the GenEval-style pass) and `evaluator/<column>`
+        (strict pass, objects, extra objects, empty, specks, artefact)."""
+        from leapalign_fast.toy.evaluator import assess
+
+        found = [assess(im, self.specs[p]) for im, p in zip(images.detach().float().cpu().numpy(), prompts)]
+        return {
+            "evaluator": [float(a.passed) for a in found],
+            "evaluator/strict": [float(a.strict) for a in found],
+            "evaluator/objects": [float(a.objects) for a in found],
+            "evaluator/extra": [float(a.extra) for a in found],
+            "evaluator/empty": [float(a.objects == 0) for a in found],
+            "evaluator/specks": [float(a.specks) for a in found],
+            "evaluator/artefact": [float(a.artefact) for a in found],
+        }
+
+
+def best_direction(cfg: Config) -> tuple[str, float]:
+    """The validation score that picks `best` (best_metric, or the first eval_rewards label) and +1 when higher is
+    better, -1 when lower is (best_mode, or the column's own direction). An unknown evaluator column, or `objects`
+    (no direction of its own) without best_mode, is a UserError."""
+    metric = cfg.best_metric or cfg.eval_rewards[0]
+    column = metric.partition("/")[2]
+    higher: bool | None = True
+    if column:
+        from leapalign_fast.toy.evaluator import METRICS
+        from leapalign_fast.toy.scenes import CATEGORIES
+
+        known = {k: v for k, v in METRICS.items() if k != "overall"}
+        known.update({c: True for c in CATEGORIES} | {f"strict/{c}": True for c in CATEGORIES})
+        if column not in known:
+            raise UserError(
+                f"best_metric '{metric}': the evaluator has no column '{column}'; one of "
+                + ", ".join(f"'evaluator/{k}'" for k in known)
+            )
+        higher = known[column]
+    if cfg.best_mode:
+        return metric, 1.0 if cfg.best_mode == "max" else -1.0
+    if higher is None:
+        raise UserError(
+            f"best_metric '{metric}' has no better direction of its own (more objects is neither better nor worse); "
+            "set best_mode = 'max' or 'min'"
+        )
+    return metric, 1.0 if higher else -1.0
 
 
 def build_scorers(
@@ -118,15 +163,16 @@ def build_scorers(
     return scorers
 
 
-def _since_best(rows: list[dict], metric: str) -> tuple[float, int]:
-    """(best value, validations since it) from earlier validation rows (a resumed run)."""
+def _since_best(rows: list[dict], metric: str, sign: float = 1.0) -> tuple[float, int]:
+    """(best signed value (sign x score: higher is better), validations since it) from earlier validation rows (a
+    resumed run)."""
     best, since = -math.inf, 0
     for row in rows:
         v = row.get(f"val/{metric}")
         if v is None:  # a failed validation (a non-finite score, logged as null) decides nothing
             continue
-        if v > best:
-            best, since = v, 0
+        if sign * v > best:
+            best, since = sign * v, 0
         else:
             since += 1
     return best, since
@@ -138,7 +184,7 @@ class Validator:
     def __init__(self, run: Trainer, start_step: int):
         cfg = run.cfg
         self.cfg, self.out = cfg, run.out
-        self.metric = cfg.best_metric or cfg.eval_rewards[0]
+        self.metric, self.sign = best_direction(cfg)
         self.prompts = read_prompt_file(cfg.eval_prompt_file)
         main = run.accelerator.is_main_process  # verified by rank 0 when the trainer embedded it
         self.embeds = prompt_embeddings(cfg, run.backbone, run.components, self.prompts, verify=main)
@@ -160,7 +206,7 @@ class Validator:
                 rows = [r for r in _read_rows(self.path) if r["step"] <= start_step]
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
                 fresh = self._check_best_dir(start_step)
-        self.best, self.since_best = _since_best(rows, self.metric)
+        self.best, self.since_best = _since_best(rows, self.metric, self.sign)  # best: sign x score
         if fresh == "damaged":  # the next validation writes a new best/ (the patience count goes on)
             self.best = -math.inf
         elif fresh == "prompts":  # scores on other prompts do not compare: best and patience start over
@@ -215,20 +261,24 @@ class Validator:
                 self.images = grid_array(images)  # the first batch, for the trackers
             prompts = [self.prompts[i] for i in idx]
             for label, scorer in self.scorers.items():
-                out[label] += scorer(images, prompts).float().cpu().tolist()  # host sync, once per validation batch
+                if isinstance(scorer, EvaluatorScore):  # every column of the evaluator, from one detection
+                    for column, values in scorer.columns(images, prompts).items():
+                        out.setdefault(column, []).extend(values)
+                else:
+                    out[label] += scorer(images, prompts).float().cpu().tolist()  # host sync, once per batch
         return out
 
     def row(self, step: int, scores: dict[str, list[float]], seconds: float) -> dict:
         row: dict = {"step": step}
         for label, values in scores.items():
-            if label == "evaluator":  # GenEval's overall: the mean of the per-category accuracies
+            if label in ("evaluator", "evaluator/strict"):  # as GenEval's overall: the mean of the categories
                 from leapalign_fast.toy.scenes import parse_caption
 
                 per: dict[str, list[float]] = {}
                 for p, v in zip(self.prompts, values):
                     per.setdefault(parse_caption(p).category, []).append(v)
-                row.update({f"val/evaluator/{c}": float(np.mean(v)) for c, v in per.items()})
-                row["val/evaluator"] = float(np.mean([np.mean(v) for v in per.values()]))
+                row.update({f"val/{label}/{c}": float(np.mean(v)) for c, v in per.items()})
+                row[f"val/{label}"] = float(np.mean([np.mean(v) for v in per.values()]))
             else:
                 row[f"val/{label}"] = float(np.mean(values))
         row["eval_seconds"] = seconds
@@ -253,9 +303,9 @@ class Validator:
             verdict[2] = 1.0
         elif acc.is_main_process:
             value = row[f"val/{self.metric}"]
-            improved = value > self.best
+            improved = self.sign * value > self.best
             if improved:
-                self.best, self.since_best = value, 0
+                self.best, self.since_best = self.sign * value, 0
                 self._write_best(run, step, value)
             else:
                 self.since_best += 1

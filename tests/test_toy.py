@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from leapalign_fast.models.text import TINY_WORDS
-from leapalign_fast.toy.evaluator import detect, evaluate_images, judge
+from leapalign_fast.toy.evaluator import MAX_SPECKS, assess, detect, evaluate_images, evaluate_strict, judge, specks
 from leapalign_fast.toy.scenes import CATEGORIES, Obj, Spec, caption, prompt_set, render, sample_scene
 
 RED_SQ = Obj("square", "red", 16, 32, 14)
@@ -107,6 +107,54 @@ def test_evaluate_images_and_prompt_set():
     # 'single' has only 3 distinct captions (one per shape); every other category has more than 5
     assert len(prompts) == 3 + 5 * 5 and len({c for c, _ in prompts}) == len(prompts)
     assert prompt_set(5, seed=0) == prompts
+
+
+def test_strict_score_fails_an_extra_object_and_passes_the_same_image_without_it():
+    green = Spec("colours", (("green", "circle"),))
+    one = [Obj("circle", "green", 20, 20, 14)]
+    four = one + [Obj("circle", "green", x, y, 14) for x, y in ((46, 20), (20, 46), (46, 46))]
+    alone, crowded = assess(render(one), green), assess(render(four), green)
+    assert alone.passed and alone.strict and (alone.objects, alone.extra, alone.specks) == (1, 0, 0)
+    # GenEval-style: four green circles pass "a green circle"; strict: three objects too many
+    assert crowded.passed and not crowded.strict and (crowded.objects, crowded.extra) == (4, 3)
+    counting = Spec("counting", (("green", "circle"),), count=2)
+    assert assess(render(four[:2]), counting).strict
+    assert not assess(render(four[:2] + [Obj("square", "red", 46, 46, 14)]), counting).strict
+    table = evaluate_strict([render(one), render(four), np.zeros((3, 64, 64))], [green, green, green])
+    assert table["colours"] == pytest.approx(2 / 3) and table["strict"] == pytest.approx(1 / 3)
+    assert table["objects"] == pytest.approx(5 / 3) and table["extra"] == 1.0 and table["empty"] == pytest.approx(1 / 3)
+
+
+def _lattice(img: np.ndarray, level: float = 0.3, step: int = 8) -> np.ndarray:
+    """A regular lattice of faint 2 x 2 px green specks over the whole image (kept off the objects)."""
+    out = img.copy()
+    for y in range(3, 64, step):
+        for x in range(3, 64, step):
+            if img[:, max(0, y - 4) : y + 6, max(0, x - 4) : x + 6].max() == 0:
+                out[1, y : y + 2, x : x + 2] = level
+    return out
+
+
+def test_speck_lattice_is_an_artefact_and_a_clean_scene_is_not():
+    import torch
+
+    from leapalign_fast.toy.reward import gaussian_blur
+
+    spec = Spec("binding", (("red", "square"), ("blue", "circle")))
+    clean = render([RED_SQ, BLUE_CI])
+    latticed = _lattice(clean)
+    # the GenEval-style detector never sees the specks (each 4 px of brightness 0.3): same objects, still a pass
+    assert detect(latticed) == detect(clean) and judge(latticed, spec)
+    a = assess(latticed, spec)
+    assert a.specks > 20 and a.artefact and not a.strict
+    assert specks(clean) == 0 and assess(clean, spec).strict and not assess(clean, spec).artefact
+    soft = gaussian_blur(torch.from_numpy(clean[None]), 1.5)[0].numpy()  # soft object edges are not specks
+    assert specks(soft) == 0 and assess(soft, spec).strict
+    few = clean.copy()
+    few[1, 3:5, 3:5] = few[1, 3:5, 59:61] = 0.3  # MAX_SPECKS stray marks are tolerated, one more is not
+    assert specks(few) == 2 == MAX_SPECKS and assess(few, spec).strict
+    few[1, 59:61, 3:5] = 0.3
+    assert specks(few) == 3 and not assess(few, spec).strict
 
 
 def test_toy_reward_perturbations_gradients_and_roundtrip(tmp_path):
@@ -344,7 +392,8 @@ def test_quality_bench_quick(toy_assets, tmp_path):
         result = json.loads((out / "quality_toy_validation_quick.json").read_text())
         table = result["table"]
         assert set(table) == {"base", "leapalign", "refl"}
-        assert set(table["leapalign"]) == set(CATEGORIES) | {
+        strict = {f"strict/{c}" for c in CATEGORIES} | {"strict", "objects", "extra", "empty", "specks", "artefact"}
+        assert set(table["leapalign"]) == set(CATEGORIES) | strict | {
             "overall",
             "heldout",
             "reward",
@@ -352,8 +401,11 @@ def test_quality_bench_quick(toy_assets, tmp_path):
             "colour_entropy",
             "diversity",
         }
-        assert all(0.0 <= table[m][c]["mean"] <= 1.0 for m in table for c in [*CATEGORIES, "overall", "heldout"])
+        rates = [*CATEGORIES, "overall", "heldout", "strict", "empty", "artefact"]
+        assert all(0.0 <= table[m][c]["mean"] <= 1.0 for m in table for c in rates)
+        assert all(table[m]["strict"]["mean"] <= table[m]["overall"]["mean"] for m in table)
         assert set(result["vs_base"]) == {"leapalign", "refl"} and "t" in result["vs_base"]["leapalign"]["overall"]
+        assert "t" in result["vs_base"]["leapalign"]["strict"] and "refl" in result["between_strict"]["leapalign"]
         run = result["per_seed"]["leapalign"]["0"]
         assert run["steps"] == 3 and run["grad_forwards_per_step"] == 2.0  # LeapAlign: two grad-enabled leaps
         assert result["per_seed"]["refl"]["0"]["grad_forwards_per_step"] == 1.0

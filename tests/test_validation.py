@@ -29,6 +29,20 @@ def _constant(value: float = 0.0):
     return Constant()
 
 
+@register_reward("test_falling")
+def _falling():
+    """A scorer that falls at every call: every validation is a new best when lower is better, none when higher is."""
+
+    class Falling(torch.nn.Module):
+        calls = 0
+
+        def forward(self, images, prompts):
+            self.calls += 1
+            return torch.full((len(images),), -float(self.calls))
+
+    return Falling()
+
+
 def _cfg(tmp_path, *extra):
     (tmp_path / "val.txt").write_text(PROMPTS)
     return load_config(
@@ -58,6 +72,11 @@ def test_validation_rows_tensorboard_and_best_checkpoint(tmp_path):
     for r in rows:
         assert 0.0 <= r["val/reward"] <= 1.0 and 0.0 <= r["val/evaluator"] <= 1.0 and r["eval_seconds"] > 0
         assert {"val/evaluator/colours", "val/evaluator/counting", "val/evaluator/position"} <= set(r)
+        # the strict evaluator's columns: strict never above the GenEval-style pass rate, per category and overall
+        columns = ("strict", "objects", "extra", "empty", "specks", "artefact", "strict/colours", "strict/position")
+        assert {f"val/evaluator/{c}" for c in columns} <= set(r)
+        assert all(r[f"val/evaluator/strict/{c}"] <= r[f"val/evaluator/{c}"] for c in ("colours", "counting"))
+        assert 0.0 <= r["val/evaluator/strict"] <= r["val/evaluator"] and 0.0 <= r["val/evaluator/empty"] <= 1.0
     # `best` holds the weights of the step with the highest validation reward, equal to that step's checkpoint
     best_step = max(rows, key=lambda r: r["val/reward"])["step"]
     state = json.loads((out / "best" / "state.json").read_text())
@@ -116,6 +135,46 @@ def test_resume_keeps_one_row_per_validation_and_the_best_so_far(tmp_path):
     assert json.loads((tmp_path / "run" / "best" / "state.json").read_text())["step"] == best["step"]
 
 
+def test_best_mode_min_selects_and_early_stops_on_a_falling_score(tmp_path):
+    """Lower is better: a falling score is a new best at every validation (max, the default, would stop at step 2
+    with patience 1: test_early_stop_after_patience_validations_without_improvement)."""
+    res = train(
+        _cfg(
+            tmp_path,
+            "max_steps=4",
+            "eval_every=2",
+            "checkpoint_every=100",
+            "early_stop_patience=1",
+            "eval_rewards=['falling']",
+            "eval_reward_options={falling = {name = 'test_falling'}}",
+            "best_mode='min'",
+        )
+    )
+    rows = _rows(res.output_dir)
+    assert res.steps == 4 and [r["best"] for r in rows] == [True, True, True] and rows[-1]["since_best"] == 0
+    state = json.loads((Path(res.output_dir) / "best" / "state.json").read_text())
+    assert state["step"] == 4 and state["value"] == rows[-1]["val/falling"] < rows[0]["val/falling"]
+
+
+def test_best_direction_of_evaluator_columns():
+    from leapalign_fast.validation import best_direction
+
+    def direction(*extra):
+        return best_direction(load_config(None, ["eval_every=2", "eval_prompt_file=x.txt", *extra]))
+
+    both = "eval_rewards=['reward', 'evaluator']"
+    assert direction(both) == ("reward", 1.0)
+    assert direction(both, "best_metric=evaluator/strict") == ("evaluator/strict", 1.0)
+    assert direction(both, "best_metric=evaluator/strict/colours") == ("evaluator/strict/colours", 1.0)
+    assert direction(both, "best_metric=evaluator/artefact") == ("evaluator/artefact", -1.0)
+    assert direction(both, "best_metric=evaluator/artefact", "best_mode=max") == ("evaluator/artefact", 1.0)
+    assert direction(both, "best_metric=evaluator/objects", "best_mode=min") == ("evaluator/objects", -1.0)
+    with pytest.raises(UserError, match="has no better direction of its own"):
+        direction(both, "best_metric=evaluator/objects")
+    with pytest.raises(UserError, match="the evaluator has no column 'nope'"):
+        direction(both, "best_metric=evaluator/nope")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -127,6 +186,9 @@ def test_resume_keeps_one_row_per_validation_and_the_best_so_far(tmp_path):
         (["early_stop_patience=3"], "early_stop_patience needs validation"),
         (["early_stop_patience=-1"], "early_stop_patience must be >= 0"),
         (["best_metric=reward"], "best_metric needs validation"),
+        (["eval_every=2", "eval_prompt_file=x.txt", "best_metric=evaluator/strict"], "is not one of"),
+        (["eval_every=2", "eval_prompt_file=x.txt", "best_metric=reward/strict"], "only the toy evaluator has columns"),
+        (["best_mode=up"], "best_mode must be 'max', 'min' or ''"),
         (["eval_num_steps=-2"], "eval_num_steps must be >= 0"),
         (
             ["eval_every=2", "eval_prompt_file=x.txt", "eval_reward_options={a = 3}"],

@@ -1,5 +1,14 @@
 """Rule-based evaluator for the toy scenes: colour segmentation, connected components, shape by fill ratio,
 centroids. Exact on rendered scenes; never used as a training reward.
+
+Two verdicts per image (`assess`):
+  passed   GenEval-style (`judge`): the objects the caption names are there; other objects are ignored, so "a green
+           circle" drawn as four green blobs passes.
+  strict   passed, and nothing else: exactly as many objects as the caption names (counted by the same detector)
+           and no artefact, i.e. at most MAX_SPECKS specks. A speck is a faint or small mark outside the detected
+           objects (a component of pixels at least SPECK_LEVEL bright, of SPECK_MIN_AREA pixels or more, beyond
+           SPECK_MARGIN pixels of every object): the detector's own thresholds (FOREGROUND, MIN_AREA) never see a
+           lattice of faint specks, this rule does.
 """
 
 from __future__ import annotations
@@ -14,6 +23,10 @@ MIN_AREA = 20  # pixels; smaller blobs are noise
 COLOUR_TOL = 0.45  # max RGB distance to a palette colour
 FOREGROUND = 0.5  # min brightest channel of an object pixel (every palette colour has a channel >= 0.8)
 MIN_PURITY = 0.5  # min fraction of an object's pixels near its colour; below: "mixed"
+SPECK_LEVEL = 0.15  # min brightest channel of a speck pixel: a faint mark, far below FOREGROUND
+SPECK_MIN_AREA = 3  # pixels; a speck is at least this large (lone bright pixels are sampling noise)
+SPECK_MARGIN = 3  # pixels around a detected object that belong to its soft edge, not to a speck
+MAX_SPECKS = 2  # more specks than this in one image is an artefact (the strict score fails it)
 
 
 @dataclass(frozen=True)
@@ -70,21 +83,50 @@ def detect(image: np.ndarray) -> list[Found]:
     colour but still counts as its shape for captions without colours). Segmenting each palette colour separately
     (the first version) split one orange blob into a red and a yellow object, which passed "a triangle and a
     circle"."""
-    img = np.asarray(image, dtype=np.float32)
+    return _detect(np.asarray(image, dtype=np.float32))[0]
+
+
+def _detect(img: np.ndarray) -> tuple[list[Found], np.ndarray]:
+    """`detect`, with the (H, W) mask of the detected objects' pixels."""
     palette = np.asarray(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
     dist = np.linalg.norm(img[None] - palette[:, :, None, None], axis=1)  # (K, H, W)
     nearest = np.where(dist.min(0) < COLOUR_TOL, dist.argmin(0), -1)  # (H, W) palette index, -1 for none
     names = list(COLOURS)
     found = []
+    objects = np.zeros(img.shape[1:], dtype=bool)
     for pix in _components(img.max(0) >= FOREGROUND):
         if len(pix) < MIN_AREA:
             continue
+        objects[pix[:, 0], pix[:, 1]] = True
         votes = np.bincount(nearest[pix[:, 0], pix[:, 1]] + 1, minlength=len(names) + 1)[1:]
         colour = names[int(votes.argmax())] if votes.max() >= MIN_PURITY * len(pix) else "mixed"
         found.append(
             Found(colour, classify_shape(pix), float(pix[:, 1].mean()) + 0.5, float(pix[:, 0].mean()) + 0.5, len(pix))
         )
-    return found
+    return found, objects
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Boolean (H, W) mask grown by r pixels (a (2r+1)-square neighbourhood)."""
+    h, w = mask.shape
+    padded = np.pad(mask, r)
+    out = np.zeros_like(mask)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def specks(image: np.ndarray, objects: np.ndarray | None = None) -> int:
+    """Faint or small marks outside the detected objects of a (3, H, W) image: components of pixels whose brightest
+    channel is at least SPECK_LEVEL, of at least SPECK_MIN_AREA pixels, farther than SPECK_MARGIN from every
+    detected object (`objects`: their pixel mask; detected here when None). Blobs too small for an object (under
+    MIN_AREA) count as specks too. A clean render has none; a lattice of faint dots has one per dot."""
+    img = np.asarray(image, dtype=np.float32)
+    if objects is None:
+        objects = _detect(img)[1]
+    mask = (img.max(0) >= SPECK_LEVEL) & ~_dilate(objects, SPECK_MARGIN)
+    return sum(len(pix) >= SPECK_MIN_AREA for pix in _components(mask))
 
 
 def _match(found: list[Found], colour: str | None, shape: str) -> list[Found]:
@@ -93,7 +135,41 @@ def _match(found: list[Found], colour: str | None, shape: str) -> list[Found]:
 
 def judge(image: np.ndarray, spec: Spec) -> bool:
     """Does the image show what the spec asks for (GenEval-style, per category)?"""
-    found = detect(image)
+    return _judge(detect(image), spec)
+
+
+def named_objects(spec: Spec) -> int:
+    """How many objects the caption names: its count for counting, one per noun otherwise."""
+    return spec.count if spec.category == "counting" else len(spec.objects)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything the evaluator says about one image of one caption."""
+
+    passed: bool  # GenEval-style (`judge`)
+    strict: bool  # passed, exactly the named objects and no artefact
+    objects: int  # objects detected
+    extra: int  # objects beyond the ones the caption names
+    specks: int  # faint or small marks outside the objects (`specks`)
+
+    @property
+    def artefact(self) -> bool:
+        return self.specks > MAX_SPECKS
+
+
+def assess(image: np.ndarray, spec: Spec) -> Assessment:
+    """The GenEval-style verdict, the strict one and the counts behind them (see the module docstring)."""
+    img = np.asarray(image, dtype=np.float32)
+    found, objects = _detect(img)
+    passed = _judge(found, spec)
+    extra = max(0, len(found) - named_objects(spec))
+    n = specks(img, objects)
+    strict = passed and len(found) == named_objects(spec) and n <= MAX_SPECKS
+    return Assessment(passed, strict, len(found), extra, n)
+
+
+def _judge(found: list[Found], spec: Spec) -> bool:
     objs = spec.objects
     if spec.category in ("single", "colours"):
         return bool(_match(found, *objs[0]))
@@ -122,6 +198,41 @@ def evaluate_images(images, specs: list[Spec]) -> dict[str, float]:
     table = {c: float(np.mean(v)) for c, v in per.items()}
     table["overall"] = float(np.mean(list(table.values()))) if table else 0.0
     return table
+
+
+# summarise()'s image-level columns, and whether more is better (validation's best checkpoint; None: no direction)
+METRICS = {
+    "overall": True,  # GenEval-style pass rate, mean of the categories
+    "strict": True,  # strict pass rate, mean of the categories
+    "objects": None,  # objects detected per image
+    "extra": False,  # objects beyond the caption's, per image
+    "empty": False,  # fraction of images with no object
+    "specks": False,  # specks per image
+    "artefact": False,  # fraction of images with more than MAX_SPECKS specks
+}
+
+
+def summarise(assessments: list[Assessment], specs: list[Spec]) -> dict[str, float]:
+    """Per category `<category>` (GenEval-style) and `strict/<category>`; `overall` and `strict` (means of the
+    categories, as GenEval); `objects`, `extra`, `specks` per image, `empty` and `artefact` fractions of images."""
+    per: dict[str, list[Assessment]] = {}
+    for a, spec in zip(assessments, specs):
+        per.setdefault(spec.category, []).append(a)
+    table = {c: float(np.mean([a.passed for a in v])) for c, v in per.items()}
+    table.update({f"strict/{c}": float(np.mean([a.strict for a in v])) for c, v in per.items()})
+    table["overall"] = float(np.mean([table[c] for c in per])) if per else 0.0
+    table["strict"] = float(np.mean([table[f"strict/{c}"] for c in per])) if per else 0.0
+    table["objects"] = float(np.mean([a.objects for a in assessments])) if assessments else 0.0
+    table["extra"] = float(np.mean([a.extra for a in assessments])) if assessments else 0.0
+    table["empty"] = float(np.mean([a.objects == 0 for a in assessments])) if assessments else 0.0
+    table["specks"] = float(np.mean([a.specks for a in assessments])) if assessments else 0.0
+    table["artefact"] = float(np.mean([a.artefact for a in assessments])) if assessments else 0.0
+    return table
+
+
+def evaluate_strict(images, specs: list[Spec]) -> dict[str, float]:
+    """`summarise` of every image's `assess`ment, for (B, 3, H, W) images."""
+    return summarise([assess(np.asarray(img), spec) for img, spec in zip(images, specs)], specs)
 
 
 def _credit(f: Found, colour: str | None, shape: str) -> float:
