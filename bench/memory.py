@@ -49,6 +49,7 @@ import ctypes.util
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -262,7 +263,7 @@ def method_variant(spec: str, lam: float, n: int):
 
     name, _, rest = spec.partition(":")
     table = {"name": name, "lam": lam}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # a comma inside [...] belongs to a list value
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"bench/memory.py: method setting '{item}' in '{spec}' must be key=value")

@@ -144,6 +144,8 @@ def test_method_variants_parse_and_pair_with_their_method():
     s = memory.method_variant("leapalign:reward_first=false, alpha=0.5", 2.0, 10)
     assert (s.name, s.reward_first, s.alpha, s.lam) == ("leapalign", False, 0.5, 2.0)
     assert memory.method_variant("leapalign", 2.0, 10).reward_first
+    s = memory.method_variant("leapalign:index_window=[2, 8],alpha=0.6", 1.0, 10)  # a list value keeps its commas
+    assert (s.index_window, s.alpha) == ([2, 8], 0.6)
     with pytest.raises(UserError, match="method.reward_frist"):
         memory.method_variant("leapalign:reward_frist=false", 1.0, 10)
     with pytest.raises(SystemExit, match="key=value"):
