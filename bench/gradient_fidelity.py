@@ -457,7 +457,7 @@ def build_trainer(model: str, tmp: Path, batch: int, overrides: list[str]):
         cfg = load_config(None, [f"resolution={MODELS['mid'][1]}", *overrides])
         cfg.model.tiny = TinyFluxConfig(**MODELS["mid"][0])
         cfg.eval_prompts = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
-    cfg.output_dir, cfg.resume, cfg.tensorboard, cfg.batch_size = str(tmp), False, False, batch
+    cfg.output_dir, cfg.resume, cfg.report_to, cfg.batch_size = str(tmp), False, [], batch
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return train.Trainer(cfg, Accelerator(mixed_precision=cfg.mixed_precision, cpu=True))
