@@ -489,3 +489,31 @@ def test_preference_pairs_agreement_and_lr_choice():
         "m": "1e-4",
         "n": "5e-5",
     }
+
+
+def test_rescore_reads_committed_grids_in_caption_order(tmp_path):
+    """bench/rescore_toy.py: the grid's images are paired with the captions bench/quality.py sampled them for."""
+    import json
+
+    import torch
+
+    from bench.rescore_toy import grid_specs, main
+    from leapalign_fast.images import save_grid
+    from leapalign_fast.toy.scenes import realise
+
+    specs = grid_specs("validation", 4, 12)
+    assert [s.category for s in specs] == [c for c in CATEGORIES for _ in range(2)]
+    rng = random.Random(0)
+    clean = np.stack([render(realise(s, rng).objects) for s in specs])
+    (tmp_path / "x.json").write_text(
+        json.dumps({"settings": {"split": "validation", "images": "4", "grid": "12", "seeds": "[5, 6]"}})
+    )
+    save_grid(torch.from_numpy(clean), tmp_path / "x_samples" / "base.png", columns=6)
+    save_grid(
+        torch.from_numpy(np.stack([_lattice(im) for im in clean])), tmp_path / "x_samples" / "hack.png", columns=6
+    )
+    assert main(["x", "--name", "y", "--results", str(tmp_path), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "y.json").read_text())
+    assert result["table"]["base"]["passed"]["mean"] == 1.0 == result["table"]["base"]["strict"]["mean"]
+    assert result["table"]["hack"]["passed"]["mean"] == 1.0 and result["table"]["hack"]["artefact"]["mean"] == 1.0
+    assert result["vs_base"]["hack"]["strict"]["diff"] == -1.0 and result["per_image"]["base"]["seed"] == 5
