@@ -128,17 +128,17 @@ def bench_resolution(
     args = (backbone, comps, cond, noise, geom, steps, guidance)
     # Eager variants first: compiling is in place, so anything timed after it runs compiled.
     phases = [[("pipeline_eager", pipeline_runner(*args)), ("ours_eager", ours_runner(*args, graphed=False))]]
-    if cuda:
+    graphs = cuda and backbone.graphable  # Z-Image: prompt-dependent shapes, no CUDA graph
+    if graphs:
         phases[0].append(("ours_eager_cuda_graph", ours_runner(*args, graphed=True)))
     reference = phases[0][0][1]()
     rows = []
     for variants in phases + ([None] if cuda else []):
         if variants is None:  # the compiled phase, built only after the eager one is timed
             compile_transformer(comps.transformer, "regional")
-            variants = [
-                ("ours_compiled", ours_runner(*args, graphed=False)),
-                ("ours_compiled_cuda_graph", ours_runner(*args, graphed=True)),
-            ]
+            variants = [("ours_compiled", ours_runner(*args, graphed=False))]
+            if graphs:
+                variants.append(("ours_compiled_cuda_graph", ours_runner(*args, graphed=True)))
         for name, stat in timed_interleaved(variants, reps, cuda).items():
             run = dict(variants)[name]
             r = {

@@ -154,6 +154,11 @@ class Trainer:
             )
         check_reward_name(cfg.reward.name)  # a typo fails before the model is loaded
         self.backbone = backbone = backbone_for(cfg.model)  # resolved once; everything below is handed it
+        if cfg.model.cuda_graph and not backbone.graphable:
+            raise UserError(
+                f"model.cuda_graph=true: model.family {backbone.name}'s forward changes shape with the prompts (no "
+                "CUDA graph can replay it); set model.cuda_graph=false"
+            )
         torch.manual_seed(cfg.seed)  # same init on every rank
         self.prompt_set = build.train_prompt_set(cfg)  # its name, source and checksum head the run's config.toml
         self.prompts = self.prompt_set.prompts

@@ -507,9 +507,10 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
     assert len(g.graphs) == 1
 
 
-def test_zimage_refuses_cuda_graphs():
+def test_zimage_refuses_cuda_graphs(tmp_path):
     """Z-Image's transformer takes each prompt's embeddings at their own length: a captured graph would replay
-    another batch's shapes, so a graphed no-grad call is one UserError line (grad-enabled calls run eagerly)."""
+    another batch's shapes, so a graphed no-grad call is one UserError line (grad-enabled calls run eagerly), and a
+    run with model.cuda_graph=true is refused before anything loads."""
     from test_fast_path import cpu_graph
 
     from leapalign_fast.errors import UserError
@@ -527,6 +528,9 @@ def test_zimage_refuses_cuda_graphs():
     with torch.no_grad(), pytest.raises(UserError, match=r"^model.cuda_graph=true cannot capture Z-Image.*=false$"):
         g(x, t)
     assert not g.graphs
+    with pytest.raises(UserError, match=r"^model.cuda_graph=true: model.family zimage's forward .*=false$"):
+        train(load_config(None, ["model.family=zimage", "model.cuda_graph=true", f"output_dir={tmp_path}", *BASE]))
+    assert not (tmp_path / "prompt_cache").exists()  # refused before anything loads or is encoded
 
 
 def test_load_reads_the_pipeline_directory_and_lists_missing_parts(family, tmp_path):

@@ -134,6 +134,9 @@ class Backbone:
     # (transformer config) -> (hidden width, blocks a token passes) for the memory preflight; None: diffusers' usual
     # names, num_attention_heads x attention_head_dim and num_layers + num_single_layers
     transformer_size: Callable[[Any], tuple[int, int]] | None = None
+    # False: the velocity's forward has shapes that follow the prompts (Z-Image: each prompt at its own length), so no
+    # CUDA graph can replay it; `model.cuda_graph = true` is refused before anything loads
+    graphable: bool = True
     # LoRA export: models/lora_export.py writes through `<pipeline>.save_lora_weights`, which the pipeline loads.
 
     @property

@@ -14,8 +14,8 @@ The pipeline's conventions, kept exactly:
 The transformer takes each prompt's embeddings at its own length (it pads them to a multiple of 32 with a learnt pad
 token): the cache holds them left-aligned, zero-padded to max_sequence_length with a mask, and the velocity passes
 row i's first `mask[i].sum()` tokens. Those lengths make the forward's shapes depend on the prompts, so no CUDA graph
-is captured for it (model.cuda_graph is refused with one line). Packed latents are FLUX's 2x2 packing of the
-(B, 16, h, w) VAE latents, the transformer's own patches.
+is captured for it (`graphable=False`: model.cuda_graph is refused with one line before anything loads). Packed
+latents are FLUX's 2x2 packing of the (B, 16, h, w) VAE latents, the transformer's own patches.
 """
 
 from __future__ import annotations
@@ -365,5 +365,6 @@ BACKBONE = Backbone(
     decoder_width=decoder_width,
     pipeline_sample=pipeline_sample,
     latent_dtype=torch.float32,
+    graphable=False,
     transformer_size=lambda c: (c.dim, c.n_layers + c.n_refiner_layers),  # a token passes one refiner's blocks
 )
