@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p_enc = sub.add_parser("encode-prompts", help="cache the prompt embeddings so training never loads text encoders")
     p_enc.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/tiny.toml)")
     p_enc.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_doc = sub.add_parser(
+        "doctor",
+        help="check this machine (and launcher) for the config's job in seconds: devices, dtypes, versions, kernels, "
+        "attention, collective, weights, prompt caches, memory, disk, trackers; exit 2 if a check fails",
+    )
+    p_doc.add_argument("--config", type=Path, default=None, help="the job's TOML config (default: configs/tiny.toml)")
+    p_doc.add_argument("--timeout", type=float, default=60.0, help="seconds the collective may take (launched runs)")
+    p_doc.add_argument("overrides", nargs="*", help="key=value overrides, as the job will get them")
     p_exp = sub.add_parser(
         "export",
         help="write a checkpoint's weights as a diffusers model directory (sharded "
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = [*getattr(args, "overrides", []), *rest]
     configure_threads()  # before torch is imported
+    if args.command == "doctor" and not os.path.exists("/dev/nvidiactl"):
+        # no GPU: doctor checks the Triton kernels under Triton's interpreter, chosen before triton is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.command == "export":
         return _export(args)
     sigint = []  # Ctrl-C inside an import can surface as another error: numpy's lazy `numpy.dtypes`, interrupted
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
 
+    if args.command == "doctor":
+        return _doctor(cfg, args.timeout)
     rank0 = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one closing line, not one per rank
     if rank0:
         print(f"leapalign-fast: {describe_threads()}", flush=True)
@@ -213,6 +226,17 @@ def _disk_failed(e: BaseException, then: str) -> int:
         file=sys.stderr,
     )
     return 2
+
+
+def _doctor(cfg, timeout_s: float) -> int:
+    """`leapalign-fast doctor` (leapalign_fast/doctor.py): the table, one line per failure, 0 or 2."""
+    try:
+        from leapalign_fast.doctor import main as doctor
+
+        return doctor(cfg, timeout_s)
+    except UserError as e:
+        print(f"leapalign-fast: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _export(args) -> int:
