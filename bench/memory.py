@@ -9,6 +9,9 @@
     configs/flux2_klein_leapalign.toml
     python bench/memory.py --model qwen-image           # GPU: Qwen-Image shapes, configs/qwen_image_leapalign.toml
     python bench/memory.py --model z-image-turbo        # GPU: Z-Image-Turbo shapes, configs/zimage_leapalign.toml
+    python bench/memory.py --model wan2.1-1.3b          # GPU: Wan 2.1 T2V-1.3B, 480x832 x 33 frames,
+                                                        # configs/wan21_1.3b_leapalign.toml (wan2.2-5b: TI2V-5B)
+    python bench/memory.py --model random-tiny-wan --set num_frames=9   # CPU: the Wan path at toy size
     python bench/memory.py --quick --set model.family=sd3   # CPU: any backbone at the tiny size
 
 The step is the trainer's: `train.Trainer` is built from a Config (dtype, LoRA, autocast through accelerate,
@@ -282,7 +285,8 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
     from leapalign_fast.methods import build_method
 
     cuda = run.accelerator.device.type == "cuda"
-    run.geometry = run.backbone.geometry(run.components, res)
+    size = tuple(int(s) for s in res.split("x")) if isinstance(res, str) else res  # "HxW": non-square
+    run.geometry = run.backbone.layout(run.components, size, run.cfg.num_frames)
     run.sigmas = run.backbone.schedule(run.components, n, run.geometry, device=run.accelerator.device)
     method = build_method(method_variant(method_name, run.cfg.method.lam, n), n)  # its own (published) defaults
     excluded = {
@@ -547,6 +551,14 @@ def isolated_rss(rows: list[dict], args, argv: list[str]) -> None:
                         r.pop(k, None)
 
 
+def _resolution(value: str):
+    """512 -> 512 (a square); 480x832 -> "480x832" (height x width, kept as the rows' label)."""
+    parts = value.lower().split("x")
+    if not all(p.isdigit() for p in parts) or len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"resolution {value!r}: give pixels, 512 or HxW such as 480x832")
+    return int(value) if len(parts) == 1 else "x".join(parts)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 64 px, N 10 and 50, 1 repeat; temp output")
@@ -566,7 +578,9 @@ def parse_args(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as on the CLI")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    p.add_argument("--resolutions", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--resolutions", type=_resolution, nargs="+", default=None, help="pixels: 512 (square) or HxW, e.g. 480x832"
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument(
         "--checkpoint-decode",
@@ -589,6 +603,11 @@ def parse_args(argv=None):
         help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
         "allocator's heap fragmented, which raises the resident memory of the steps after it)",
     )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="a full-size model without a GPU: count its step's memory on the meta device (bench/meta_memory.py)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
     if args.quick:
@@ -601,6 +620,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.estimate:  # no step runs: shapes only, on the meta device
+        from bench import meta_memory
+
+        return meta_memory.main(
+            ["--model", args.model or "wan2.1-1.3b", *(["--out", str(args.out)] if args.out else [])]
+        )
     if sys.platform == "linux" and any(k not in os.environ for k in _MALLOC_ENV) and not args.dry_run:
         os.environ.update(_MALLOC_ENV)
         os.execv(
@@ -636,7 +661,8 @@ def main(argv=None) -> int:
     args.model = args.model or ("flux-dev" if cuda else "mid")
     if args.model in RANDOM_RESOLUTIONS and not cuda:
         print(
-            f"bench/memory.py --model {args.model} needs a CUDA GPU (full size); use --model mid on CPU",
+            f"bench/memory.py --model {args.model} needs a CUDA GPU (full size); use --model mid on CPU, or "
+            "--estimate (counted on the meta device)",
             file=sys.stderr,
         )
         return 2

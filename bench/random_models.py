@@ -153,6 +153,52 @@ def _zimage(transformer_kw, vae_kw):
     return "zimage", "zimage_leapalign.toml", build, shapes
 
 
+# Wan 2.1 T2V-1.3B and Wan 2.2 TI2V-5B transformer/config.json (the other keys: the class defaults, which are
+# Wan's); Wan 2.1's VAE is AutoencoderKLWan's defaults, Wan 2.2's the 16x patchified one (48 channels; its latent
+# mean/std are 0/1 here: random weights).
+WAN21_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096)
+WAN22_5B = dict(
+    num_attention_heads=24,
+    attention_head_dim=128,
+    ffn_dim=14336,
+    num_layers=30,
+    text_dim=4096,
+    in_channels=48,
+    out_channels=48,
+)
+WAN22_VAE = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    in_channels=12,
+    out_channels=12,
+    is_residual=True,
+    patch_size=2,
+    scale_factor_spatial=16,
+    latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
+
+
+def _wan(transformer_kw, vae_kw, config_file, flow_shift, expand_timesteps=False):
+    def build():
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        from leapalign_fast.models.wan import WanComponents, euler_scheduler
+
+        components = WanComponents(
+            WanTransformer3DModel(**transformer_kw),
+            AutoencoderKLWan(**vae_kw).eval(),
+            None,
+            euler_scheduler({"flow_shift": flow_shift}),
+        )
+        components.expand_timesteps = expand_timesteps
+        return components
+
+    d = transformer_kw.get("text_dim", 4096)
+    return "wan", config_file, build, lambda msl: {"embeds": (msl, d), "neg_embeds": (msl, d)}
+
+
 # Random-weight models built without a weights directory: (family, config file, build(), cached tensor shapes).
 # The `random-tiny*` ones are the CPU stand-ins that let the tests run the full-size code path.
 RANDOM_MODELS = {
@@ -161,6 +207,8 @@ RANDOM_MODELS = {
     "flux2-klein-9b": _flux2(KLEIN_9B, {}),
     "qwen-image": _qwenimage({}, {}),  # the classes' defaults are Qwen-Image's
     "z-image-turbo": _zimage({}, FLUX_VAE),  # the class defaults are Z-Image-Turbo's (3840 wide, 30 + 2 + 2 blocks)
+    "wan2.1-1.3b": _wan(WAN21_1_3B, {}, "wan21_1.3b_leapalign.toml", 3.0),
+    "wan2.2-5b": _wan(WAN22_5B, WAN22_VAE, "wan22_5b_leapalign.toml", 5.0, expand_timesteps=True),
     "random-tiny": _flux(
         dict(
             FLUX_DEV,
@@ -222,6 +270,12 @@ RANDOM_MODELS = {
         dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6]),
         dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8),
     ),
+    "random-tiny-wan": _wan(
+        dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32),
+        dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+        "wan21_1.3b_leapalign.toml",
+        3.0,
+    ),
 }
 RANDOM_RESOLUTIONS = {
     "flux-dev": [512, 1024],
@@ -229,6 +283,8 @@ RANDOM_RESOLUTIONS = {
     "flux2-klein-9b": [512],
     "qwen-image": [512],
     "z-image-turbo": [512],
+    "wan2.1-1.3b": ["480x832"],  # with the config's num_frames (33; --set num_frames=81)
+    "wan2.2-5b": ["480x832"],
 }  # others: 64
 
 

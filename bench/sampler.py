@@ -120,9 +120,11 @@ def bench_resolution(
     cuda: bool,
     guidance: float,
     max_sequence_length: int,
+    num_frames: int = 1,
 ) -> list[dict]:
     backbone, comps, cond = build(kind, device, dtype, batch, max_sequence_length)
-    geom = backbone.geometry(comps, res)
+    size = tuple(int(s) for s in res.split("x")) if isinstance(res, str) else res  # "HxW": non-square
+    geom = backbone.layout(comps, size, num_frames if backbone.video else 1)
     noise = torch.randn(*geom.noise_shape(batch), generator=torch.Generator().manual_seed(0))
     noise = noise.to(device, backbone.noise_dtype(dtype))
     args = (backbone, comps, cond, noise, geom, steps, guidance)
@@ -193,7 +195,17 @@ def main(argv=None) -> int:
     for res in res_list:
         # One full-size model alive at a time: the previous resolution's model and graphs are gone before this build.
         rows += bench_resolution(
-            kind, device, dtype, res, steps, args.batch, args.reps if cuda else 3, cuda, cfg.guidance, msl
+            kind,
+            device,
+            dtype,
+            res,
+            steps,
+            args.batch,
+            args.reps if cuda else 3,
+            cuda,
+            cfg.guidance,
+            msl,
+            num_frames=cfg.num_frames,
         )
         gc.collect()
         if cuda:

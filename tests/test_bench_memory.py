@@ -102,7 +102,13 @@ def test_memory_bench_random_weight_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "model, family", [("random-tiny-sd3", "sd3"), ("random-tiny-qwen", "qwenimage"), ("random-tiny-flux2", "flux2")]
+    "model, family",
+    [
+        ("random-tiny-sd3", "sd3"),
+        ("random-tiny-qwen", "qwenimage"),
+        ("random-tiny-flux2", "flux2"),
+        ("random-tiny-wan", "wan"),
+    ],
 )
 def test_memory_bench_random_weight_path_of_other_backbones(model, family, tmp_path, monkeypatch):
     """The same full-size path for SD3.5-Medium, Qwen-Image and FLUX.2-Klein (their LoRA configs, random weights)

@@ -243,3 +243,199 @@ def test_every_method_trains_two_steps_on_wan(method, tmp_path):
     )
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_meta_device_count_equals_the_count_of_a_real_run():
+    """bench/meta_memory.py's full-size estimate counts saved tensors on the meta device: on the toy Wan the count
+    is the one of the same step run for real on CPU (velocity with CFG, LoRA, checkpointing off and on; decode)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from bench import meta_memory
+    from bench.random_models import RANDOM_MODELS
+
+    backbone = get_backbone("wan")
+    counts = {}
+    for where in ("meta", "cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(where):
+                comps = RANDOM_MODELS["random-tiny-wan"][2]()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        tr = comps.transformer
+        meta_memory.add_lora(tr, backbone.lora_targets, 4)
+        geom = backbone.layout(comps, (32, 48), 5)
+        cond = {k: torch.zeros(1, 8, 32, device=where, dtype=torch.bfloat16) for k in backbone.conditioning}
+        x = torch.zeros(*geom.noise_shape(1), device=where, dtype=torch.bfloat16)
+        t = torch.full((1,), 0.5, device=where)
+        v = backbone.velocity(tr, cond, geom, 5.0)
+        for ck in (False, True):
+            tr.enable_gradient_checkpointing() if ck else tr.disable_gradient_checkpointing()
+            counts[where, ck] = meta_memory.saved_bytes(lambda: v(x.requires_grad_(True), t), [tr])
+        z = x.clone().requires_grad_(True)
+        counts[where, "decode"] = meta_memory.saved_bytes(lambda: backbone.decode(comps.vae, z, geom), [comps.vae])
+    assert counts["meta", False] == counts["cpu", False] > counts["meta", True] == counts["cpu", True] > 0
+    assert counts["meta", "decode"] == counts["cpu", "decode"] > 0
+
+
+@pytest.mark.slow
+def test_meta_memory_estimate_rows():
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from bench import meta_memory
+
+    rows = meta_memory.estimate("random-tiny-wan", (32, 48), [5, 9], rank=4, num_steps=10, scored=2)
+    assert len(rows) == 2 * 2 * 2  # LoRA/full x frames x checkpointing
+    for r in rows:
+        assert r["leapalign_gib"] < r["full_backprop_n10_gib"]
+        assert r["tokens"] == r["latent_frames"] * 3 * 2
+    by = {(r["mode"], r["num_frames"], r["checkpointing"]): r for r in rows}
+    assert by["lora", 9, False]["decode_gib"] > by["lora", 5, False]["decode_gib"]
+    assert by["lora", 5, True]["grad_forward_gib"] < by["lora", 5, False]["grad_forward_gib"]
+    assert by["lora", 5, False]["fixed_gib"] < by["full", 5, False]["fixed_gib"]
+
+
+def _tiny_wan22(wan):
+    """Tiny Wan 2.2 TI2V-style components: the patchified residual AutoencoderKLWan (16x: 8x + 2x2 patches),
+    per-token timesteps (`expand_timesteps`), shift 5."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from leapalign_fast.models.wan import WanComponents, euler_scheduler
+
+    backbone, base = wan
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+    )
+    transformer = WanTransformer3DModel.from_config({**transformer.config, "num_layers": 2})
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=8,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        latents_mean=[0.1] * 8,
+        latents_std=[2.0] * 8,
+    ).eval()
+    comps = WanComponents(transformer, vae, base.text, euler_scheduler({"flow_shift": 5.0}))
+    comps.expand_timesteps = True
+    return backbone, comps
+
+
+def test_wan22_ti2v_samples_and_decodes_as_the_pipeline(wan):
+    backbone, comps = _tiny_wan22(wan)
+    geom = backbone.layout(comps, (32, 64), 5)
+    assert (geom.h, geom.w, geom.frames, geom.tokens, geom.channels) == (2, 4, 2, 4, 32)
+    with pytest.raises(UserError, match=r"image width 80 is not divisible by 32"):
+        backbone.layout(comps, (64, 80), 5)
+    cond = backbone.encode_prompts(comps.text, PROMPTS[:1])
+    noise = torch.randn(*geom.noise_shape(1), generator=torch.Generator().manual_seed(0))
+    ours = _ours(backbone, comps, comps.transformer, cond, noise, geom)
+    theirs = backbone.pipeline_sample(comps, cond, noise, geom, N, G)  # WanPipeline(expand_timesteps=True)
+    print(f"wan 2.2 TI2V-style sampler max|diff| vs WanPipeline: {(ours - theirs).abs().max():.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    comps.expand_timesteps = False  # one timestep per sample: not the pipeline's computation
+    assert (_ours(backbone, comps, comps.transformer, cond, noise, geom) - theirs).abs().max() > 0
+    with torch.no_grad():
+        video = backbone.decode(comps.vae, ours, geom)
+    assert video.shape == (1, 5, 3, 32, 64)
+
+
+def test_a_wan_directory_loads_with_its_unipc_scheduler_config(wan, tmp_path):
+    """A WanPipeline.save_pretrained directory (UniPC scheduler with flow_shift, as Wan's repositories ship it,
+    expand_timesteps in model_index.json) loads: its shift, its per-token timesteps, its tokenizer."""
+    from diffusers import UniPCMultistepScheduler
+
+    from leapalign_fast.models.wan import load_wan
+
+    backbone, comps = _tiny_wan22(wan)
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    WanPipeline(
+        tokenizer=comps.text.tokenizer,
+        text_encoder=comps.text.text_encoder,
+        vae=comps.vae,
+        transformer=comps.transformer,
+        scheduler=unipc,
+        expand_timesteps=True,
+    ).save_pretrained(tmp_path)
+    loaded = load_wan(tmp_path, torch.float32, max_sequence_length=32)
+    assert loaded.expand_timesteps and loaded.scheduler.config.shift == 5.0
+    assert family_of(str(tmp_path), "") == "wan"
+    cond = backbone.encode_prompts(loaded.text, PROMPTS)
+    torch.testing.assert_close(cond["embeds"], backbone.encode_prompts(comps.text, PROMPTS)["embeds"], rtol=0, atol=0)
+    geom = backbone.layout(loaded, (64, 64), 5)
+    sigmas = backbone.schedule(loaded, N, geom)
+    want = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    want.set_timesteps(N)
+    torch.testing.assert_close(sigmas, want.sigmas.float(), rtol=0, atol=0)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(UserError, match="two-transformer Wan 2.2"):
+        load_wan(tmp_path, torch.float32)
+
+
+WAN_CONFIGS = ["wan21_1.3b_leapalign", "wan22_5b_leapalign"]
+
+
+@pytest.mark.parametrize("name", WAN_CONFIGS)
+def test_wan_configs_hold_their_settings(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml")
+    assert (cfg.model.family, cfg.guidance, cfg.height, cfg.width, cfg.num_frames) == ("wan", 5.0, 480, 832, 33)
+    assert (cfg.num_steps, cfg.lr, cfg.ema_decay, cfg.mixed_precision, cfg.model.dtype) == (
+        20,
+        1e-5,
+        0.995,
+        "bf16",
+        "bfloat16",
+    )
+    assert (
+        cfg.lora.enabled and cfg.lora.rank == 64 and cfg.lora.target_modules == list(get_backbone("wan").lora_targets)
+    )
+    assert (cfg.method.name, cfg.method.lam, cfg.reward.name, cfg.reward.frames) == ("leapalign", 0.55, "hpsv2.1", 4)
+    assert cfg.model.gradient_checkpointing and cfg.model.max_sequence_length == 512
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", WAN_CONFIGS)
+def test_wan_configs_train_two_steps_on_the_tiny_build_every_adapter_weight_trained(name, tmp_path):
+    """Each shipped Wan config, its model swapped for the tiny random Wan (a 5-frame 32x48 clip, colour reward on
+    2 frames), trains two steps that change every LoRA weight (gradient checkpointing, checkpointed decode, CFG on
+    both branches as shipped)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from test_backbones import TINY_RUN
+
+    cfg = load_config(
+        Path(__file__).resolve().parent.parent / "configs" / f"{name}.toml",
+        [f"output_dir={tmp_path}", *TINY_RUN, "num_frames=5", "height=32", "width=48", "reward.frames=2", "lr=1e-2"],
+    )
+    assert cfg.lora.enabled and cfg.model.gradient_checkpointing and cfg.model.checkpoint_decode
+    train(cfg)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    trained = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "trained.safetensors"))
+    tiny = get_backbone("wan").build_tiny(cfg.model.tiny, cfg.seed).transformer
+    from leapalign_fast.build import add_trainable
+
+    add_trainable(tiny, cfg, get_backbone("wan"))
+    start = {n: p.detach() for n, p in tiny.named_parameters() if p.requires_grad}
+    assert set(trained) == set(start) and len(start) == 2 * 10 * 2  # A and B of 10 targets in 2 blocks
+    assert all(not torch.equal(trained[n], start[n]) for n in start)  # every adapter weight moved
