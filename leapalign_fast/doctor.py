@@ -328,12 +328,14 @@ def check_collective(ctx: Context) -> Check:
     )
 
 
-FIXES = {
-    "missing": "download it first (`hf download <repo>`, or one run with network access), or point model.source at a "
-    "local diffusers-format folder",
-    "gated": "accept the model's license on its Hub page, then `hf auth login` (or set HF_TOKEN)",
-    "not-found": "check model.source and model.revision",
-}
+def hub_fix(state: str, key: str, value: str) -> str:
+    """The fix for a Hub status that stops a run (`key`: the config key that names `value`)."""
+    return {
+        "missing": f"download it first (`hf download {value}` with the same HF_HOME, or one run with network access), "
+        f"or set {key} to a local copy",
+        "gated": f"accept {value}'s license on its Hub page, then `hf auth login` (or set HF_TOKEN)",
+        "not-found": f"check {key} (and model.revision)",
+    }.get(state, f"check {key}")
 
 
 def check_weights(ctx: Context, need_text: bool = False) -> Check:
@@ -349,7 +351,7 @@ def check_weights(ctx: Context, need_text: bool = False) -> Check:
         return Check(name, "ok", "model.source=tiny: a random model of the real classes, built here")
     state = hub.status(source, cfg.model.revision or None, hub.model_patterns(need_text))
     if state.state not in ("local", "present", "stale"):
-        fix = FIXES[state.state]
+        fix = hub_fix(state.state, "model.source", source)
         if need_text:
             fix = f"some prompts are not cached, so the run needs the text encoders: {fix}, or run encode-prompts first"
         return Check(name, "fail", f"model.source {state.state}: {state.detail}", fix)
@@ -372,42 +374,73 @@ def check_weights(ctx: Context, need_text: bool = False) -> Check:
     return Check(name, "warn" if state.state == "stale" else "ok", f"model.source {state.state}: {state.detail}")
 
 
-def _reward_paths(cfg) -> list[Check]:
-    from leapalign_fast import hub
+def _reward_sources() -> dict[str, list[tuple[str, str, list[str] | None]]]:
+    """Reward name -> (option, its default source, the files a run reads of a repository; None: one file) for the
+    rewards whose builders read published weights (rewards/clip_rewards.py, rewards/imagereward.py)."""
+    from leapalign_fast.rewards import clip_rewards as cr
+    from leapalign_fast.rewards import imagereward as ir
 
-    options = cfg.reward.options.get("path")
-    paths = [] if options is None else options if isinstance(options, list) else [options]
+    tokenizer = ["config.json", *cr.TOKENIZER_FILES]
+    weights = [*tokenizer, "model.safetensors*"]
+    return {
+        "clip": [("path", cr.CLIP_L, weights)],
+        "pickscore": [("path", cr.PICKSCORE, weights), ("tokenizer", cr.CLIP_H, tokenizer)],
+        "hpsv2.1": [("clip", cr.CLIP_H, tokenizer), ("checkpoint", cr.HPS_V21, None)],
+        "aesthetic": [("clip", cr.CLIP_L, weights), ("mlp", cr.AESTHETIC_MLP, None)],
+        "imagereward": [("checkpoint", ir.IMAGEREWARD, None), ("tokenizer", ir.BERT, ir.BERT_FILES)],
+    }
+
+
+def check_reward_weights(cfg) -> list[Check]:
+    """Each weight source the reward (or each part of a weighted sum) reads: its option, else its published default;
+    a local path exists, a Hub id / hf:// file is present / stale / missing / gated (nothing downloaded)."""
+    from leapalign_fast import hub
+    from leapalign_fast.rewards import parse_mixture
+
+    name, options = cfg.reward.name, cfg.reward.options
+    mixture = "," in name or ":" in name
+    parts = {p: options.get(p, {}) for p in parse_mixture(name)} if mixture else {name: options}
+    sources = _reward_sources()
     checks = []
-    for p in paths:
-        ref = hub.parse(p)
-        if ref is None:
-            ok = Path(p).exists()
-            checks.append(
-                Check(
-                    "reward-weights",
-                    "ok" if ok else "fail",
-                    f"reward.options.path {p} {'exists' if ok else 'does not exist'}",
-                    "" if ok else "download the reward's weights there, or fix reward.options.path",
-                )
-            )
-        else:
-            state = hub.status(
-                f"{ref.repo_id}",
-                ref.revision,
-                [ref.filename] if ref.filename else None,
-                ref.repo_type,
-                "reward.options.path",
-            )
+    for part, opts in parts.items():
+        wanted = [(o, opts.get(o) or default, files) for o, default, files in sources.get(part, [])]
+        if part not in sources and isinstance(opts, dict) and opts.get("path"):  # toy rewards: their weight files
+            paths = opts["path"] if isinstance(opts["path"], list) else [opts["path"]]
+            wanted = [("path", p, None) for p in paths]
+        for option, value, files in wanted:
+            what = f"reward {part}: options.{option}"
+            ref = hub.parse(value)
+            if ref is not None and ref.filename:
+                files = [ref.filename]
+            state = hub.status(value, None, files, ref.repo_type if ref else "model", what)
             bad = state.state not in ("present", "stale", "local")
+            detail = state.detail if state.detail.startswith(what) else f"{what} {state.state}: {state.detail}"
             checks.append(
                 Check(
                     "reward-weights",
                     "fail" if bad else ("warn" if state.state == "stale" else "ok"),
-                    f"reward.options.path {state.state}: {state.detail}",
-                    "download it first, or accept its license and log in (`hf auth login`)" if bad else "",
+                    detail,
+                    hub_fix(state.state, f"reward.options.{option}", ref.repo_id if ref else str(value)) if bad else "",
                 )
             )
     return checks
+
+
+def _published_prompt_set(cfg) -> Check | None:
+    """`prompts = "<published set>"` read from its Hub dataset: a failure when its files are not there to read (not
+    cached offline, gated, not found), without downloading them; None when they are (or the prompts are local)."""
+    from leapalign_fast import hub
+    from leapalign_fast.prompts import PROMPT_SETS
+
+    name, _, where = cfg.prompts.partition(":")
+    spec = PROMPT_SETS.get(name)
+    if spec is None or where or spec.repo is None:
+        return None
+    state = hub.status(spec.repo, None, list(spec.files.values()), "dataset", f"prompts {name}")
+    if state.state in ("present", "stale"):
+        return None
+    fix = hub_fix(state.state, "prompts", f"{spec.repo} --repo-type dataset")
+    return Check("prompts", "fail", f"prompt set {name} {state.state}: {state.detail}", fix)
 
 
 def check_prompts(ctx: Context) -> Check:
@@ -419,11 +452,14 @@ def check_prompts(ctx: Context) -> Check:
     cfg = ctx.cfg
     if ctx.backbone is None:
         return Check("prompts", "skipped", "no backbone (see weights)")
+    published = _published_prompt_set(cfg)
+    if published is not None:
+        return published
     try:
         sets = {"training": train_prompts(cfg), "eval_prompts": list(cfg.eval_prompts)}
         sets.update({"validation": v for v in validation_prompts(cfg)})
     except UserError as e:
-        return Check("prompts", "fail", str(e), "fix prompt_file / eval_prompt_file")
+        return Check("prompts", "fail", str(e), "fix prompts / prompt_file / eval_prompt_file")
     present, missing, stale = [], [], []
     for label, prompts in sets.items():
         path = prompt_cache_path(cfg, ctx.backbone, prompts)
@@ -619,7 +655,7 @@ def run_checks(cfg, collective_timeout_s: float = 60.0) -> list[Check]:
     if ctx.world <= 1:
         checks.append(check_collective(ctx))
     checks.append(check_weights(ctx))
-    checks += _reward_paths(cfg)
+    checks += check_reward_weights(cfg)
     checks.append(check_prompts(ctx))
     if ctx.need_text and cfg.model.source != "tiny" and ctx.model_dir is not None:
         checks.append(check_weights(ctx, need_text=True))

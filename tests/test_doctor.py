@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hub_cache
 import pytest
 import test_hub
 
@@ -175,7 +176,7 @@ def test_config_problems_each_fail_their_check(tmp_path, capsys, monkeypatch):
 def test_a_hub_id_in_the_cache_is_present(tmp_path, capsys, cache, flux_dir, monkeypatch):
     """model.source as a Hub id, from a cache laid out as huggingface_hub lays it out (offline): every check passes,
     the text encoders found there too (no prompt is cached yet)."""
-    test_hub.add_folder(cache, test_hub.REPO, flux_dir)
+    hub_cache.add_folder(cache, test_hub.REPO, flux_dir)
     rc, rows, failures = _doctor(_cfg(tmp_path, f"model.source={test_hub.REPO}"), capsys)
     assert rc == 0 and rows["weights"] == rows["text-encoders"] == rows["memory"] == "ok", (rows, failures)
 
@@ -183,5 +184,20 @@ def test_a_hub_id_in_the_cache_is_present(tmp_path, capsys, cache, flux_dir, mon
 def test_a_gated_hub_id_fails(tmp_path, capsys, hub_server):
     """The Hub (a local stand-in) refuses the repository: the weights check fails with the fix, nothing waits on it."""
     hub_server.answer = (403, "GatedRepo")
-    rows = _one_failure(_cfg(tmp_path, "model.source=org/gated"), capsys, "weights", "accept the model's license")
+    rows = _one_failure(_cfg(tmp_path, "model.source=org/gated"), capsys, "weights", "accept org/gated's license")
     assert rows["memory"] == rows["disk"] == "skipped"
+
+
+def test_reward_weights_and_a_prompt_set_by_name(tmp_path, capsys, cache):
+    """A reward with no options is checked at its published repository (here in an offline cache laid out as
+    huggingface_hub lays it out); not cached, it fails with the download to run; a published prompt set too."""
+    from leapalign_fast.rewards.clip_rewards import CLIP_L
+
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "model.safetensors": b"weights"}
+    cfg = _cfg(tmp_path, "reward.name=clip", "reward.options={}")
+    _one_failure(cfg, capsys, "reward-weights", f"`hf download {CLIP_L}`")
+    hub_cache.add_repo(cache, CLIP_L, files)
+    rc, rows, failures = _doctor(cfg, capsys)
+    assert rc == 0 and rows["reward-weights"] == "ok", failures
+    cfg = _cfg(tmp_path, "prompts=hpdv2-train", "reward.name=colour")
+    _one_failure(cfg, capsys, "prompts", "`hf download zhwang/HPDv2 --repo-type dataset`")
