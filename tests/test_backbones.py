@@ -489,8 +489,8 @@ def test_graphed_velocity_rebinds_every_family_conditioning(family):
     from leapalign_fast.models.fast import GraphedVelocity
 
     backbone, comps = family
-    if backbone.pipeline == "ZImagePipeline":
-        pytest.skip("Z-Image's forward has prompt-dependent shapes: refused (test_zimage_refuses_cuda_graphs)")
+    if not backbone.graphable:  # Z-Image: prompt-dependent shapes, refused (test_zimage_refuses_cuda_graphs)
+        pytest.skip(f"{backbone.name}: no CUDA graphs (Backbone.graphable = False)")
     tr = comps.transformer
     geom = backbone.geometry(comps, RES)
     capture, _ = cpu_graph(tr)
