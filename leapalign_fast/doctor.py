@@ -57,7 +57,9 @@ class Context:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
-        self.backbone = self.components = self.prompt_sets = None
+        if self.cuda and self.local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
+        self.backbone = self.components = None
         self.need_text = True
         self.model_dir: Path | None = None
         self.build_error: str | None = None
@@ -608,7 +610,7 @@ def check_trackers(ctx: Context) -> Check:
     names = ctx.cfg.report_to
     if not names:
         return Check("trackers", "ok", 'report_to="none": metrics.jsonl only')
-    missing = [n for n in names if importlib.util.find_spec({"tensorboard": "tensorboard"}.get(n, n)) is None]
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
         return Check(
             "trackers",
@@ -680,6 +682,14 @@ def main(cfg, collective_timeout_s: float = 60.0) -> int:
         skipped = [c.name for c in checks if c.status == "skipped"]
         if skipped:
             print(f"skipped: {', '.join(skipped)}", flush=True)
+        import torch
+
+        if not torch.cuda.is_available():
+            print(
+                "CPU machine: the kernels ran under Triton's interpreter (not compiled for a GPU); no GPU memory, "
+                "GPU dtype or NCCL was checked (on a GPU machine doctor checks them)",
+                flush=True,
+            )
     prefix = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     for c in failures:
         print(f"leapalign-fast doctor: {prefix}{c.name} failed: {c.fix}", file=sys.stderr, flush=True)
