@@ -96,8 +96,12 @@ def log_image(accelerator, name: str, image: np.ndarray, step: int) -> None:
             tracker.log_images({name: batch}, step=step)
 
 
-def finish(accelerator) -> None:
-    """Close every tracker (flushes TensorBoard, ends the W&B run); `accelerator.end_training` then finds none."""
+def finish(accelerator, failed: bool = False) -> None:
+    """Close every tracker (flushes TensorBoard, ends the W&B run, marked failed after an error or a signal);
+    `accelerator.end_training` then finds none."""
     for tracker in accelerator.trackers:
-        tracker.finish()
+        if failed and tracker.name == "wandb":
+            tracker.run.finish(exit_code=1)
+        else:
+            tracker.finish()
     accelerator.trackers.clear()

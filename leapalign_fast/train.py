@@ -520,7 +520,7 @@ class MetricsLog:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:  # on success train() closes it after the final grid
-            self.close()
+            trackers.finish(self.acc, failed=True)
 
 
 @contextlib.contextmanager

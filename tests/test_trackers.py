@@ -8,9 +8,11 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from leapalign_fast.config import load_config
 from leapalign_fast.errors import UserError
+from leapalign_fast.rewards import register_reward
 from leapalign_fast.trackers import flat_config
 
 FAST = ["batch_size=2", "num_steps=4", "max_steps=3", "checkpoint_every=3", "lr=1e-2"]
@@ -42,10 +44,11 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def wandb_run(out: Path) -> tuple[dict, dict, dict]:
-    """(scalars {name: {step: value}}, images {name: [steps]}, config {key: value}) of the one offline W&B run."""
+def wandb_run(out: Path) -> tuple[dict, dict, dict, int | None]:
+    """(scalars {name: {step: value}}, images {name: [steps]}, config {key: value}, exit code) of the one offline
+    W&B run in `out`."""
     (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    scalars, images, config = {}, {}, {}
+    scalars, images, config, exit_code = {}, {}, {}, None
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -66,7 +69,9 @@ def wandb_run(out: Path) -> tuple[dict, dict, dict]:
                     scalars.setdefault(key, {})[step] = value
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-    return scalars, images, config
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return scalars, images, config, exit_code
 
 
 def tensorboard_run(logdir: Path) -> tuple[dict, dict]:
@@ -79,15 +84,19 @@ def tensorboard_run(logdir: Path) -> tuple[dict, dict]:
     return scalars, images
 
 
-@pytest.mark.slow  # about 5 s of CPU: a 3-step run with validation, W&B's service process
-def test_tensorboard_and_wandb_offline_get_the_same_scalars_images_and_config(tmp_path, monkeypatch):
-    from leapalign_fast.train import train
-
+def _wandb_offline(tmp_path, monkeypatch) -> None:
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")  # no system-metrics sampler beside a seconds-long test
+
+
+@pytest.mark.slow  # about 5 s of CPU: a 3-step run with validation, W&B's service process
+def test_tensorboard_and_wandb_offline_get_the_same_scalars_images_and_config(tmp_path, monkeypatch):
+    from leapalign_fast.train import train
+
+    _wandb_offline(tmp_path, monkeypatch)
     (tmp_path / "val.txt").write_text("a red circle\ntwo blue squares\n")
     overrides = [
         f"output_dir={tmp_path / 'run'}",
@@ -100,7 +109,8 @@ def test_tensorboard_and_wandb_offline_get_the_same_scalars_images_and_config(tm
     out = Path(train(cfg).output_dir)
 
     tb_scalars, tb_images = tensorboard_run(out / "tensorboard")
-    wb_scalars, wb_images, wb_config = wandb_run(out)
+    wb_scalars, wb_images, wb_config, exit_code = wandb_run(out)
+    assert exit_code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     numeric = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
     assert {"loss", "reward", "grad_norm", "lr", "skipped"} <= numeric
@@ -142,3 +152,24 @@ def test_a_missing_wandb_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"report_to names 'wandb', which is not installed; pip install"):
         Trainer(load_config(None, [f"output_dir={tmp_path}", "report_to=wandb", *FAST]))
     assert not any(tmp_path.iterdir())
+
+
+@register_reward("test_nan_reward")
+def _nan_reward():
+    class NaN(torch.nn.Module):
+        def forward(self, images, prompts):
+            return images.mean(dim=(1, 2, 3)) * float("nan")
+
+    return NaN()
+
+
+def test_a_failed_run_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):
+    """A run that stops on an error (here: diverged) closes its trackers, the W&B run with exit code 1."""
+    from leapalign_fast.errors import TrainingDiverged
+    from leapalign_fast.train import train
+
+    _wandb_offline(tmp_path, monkeypatch)
+    overrides = [f"output_dir={tmp_path / 'run'}", "report_to=wandb", "reward.name=test_nan_reward", *FAST]
+    with pytest.raises(TrainingDiverged):
+        train(load_config(None, [*overrides, "max_nonfinite_steps=1", "reward.options={}"]))
+    assert wandb_run(tmp_path / "run")[3] == 1
