@@ -517,3 +517,13 @@ def test_rescore_reads_committed_grids_in_caption_order(tmp_path):
     assert result["table"]["base"]["passed"]["mean"] == 1.0 == result["table"]["base"]["strict"]["mean"]
     assert result["table"]["hack"]["passed"]["mean"] == 1.0 and result["table"]["hack"]["artefact"]["mean"] == 1.0
     assert result["vs_base"]["hack"]["strict"]["diff"] == -1.0 and result["per_image"]["base"]["seed"] == 5
+
+
+def test_seeds_needed_matches_power_tables():
+    from bench.stats import seeds_for_halfwidth, seeds_needed, t_quantile
+
+    # paired t, alpha 0.05 two-sided, power 0.8: 10 pairs for an effect of one sd, 34 for half an sd (exact tables)
+    assert seeds_needed(1.0, 1.0) == 10 and seeds_needed(0.02, 0.01) == 34 and seeds_needed(0.02, -0.01) == 34
+    assert seeds_needed(1.0, 1.0, power=0.9) > 10 and seeds_needed(1.0, 0.0, n_max=50) == 51
+    n = seeds_for_halfwidth(0.03, 0.01)
+    assert t_quantile(0.975, n - 1) * 0.03 / n**0.5 <= 0.01 < t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5
