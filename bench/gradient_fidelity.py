@@ -154,7 +154,7 @@ def fidelity(draws: np.ndarray, g: np.ndarray, rng: np.random.Generator, boots: 
             if len(x) and math.isfinite(point[key]):  # basic bootstrap: 2 theta - the resamples' quantiles
                 lo, hi = np.quantile(x, [0.025, 0.975])
                 out["ci"][key] = np.clip([2 * point[key] - hi, 2 * point[key] - lo], *bounds[key]).tolist()
-    out["gram"] = {"K": K.tolist(), "u": u.tolist(), "gg": gg}  # every statistic above can be recomputed from these
+    out["gram"] = {"K": K, "u": u, "gg": gg}  # every statistic above can be recomputed from these (split_gram)
     return out
 
 
@@ -405,6 +405,7 @@ def check_method(src: ClosedFormSource, spec: str, draws: int, formula_spec: str
             mean_minus_expected_over_se=gap / se if se > 1e-12 * np.linalg.norm(expected) else None,
         )
     row["measured"] = fidelity(stack, g_formula, np.random.default_rng(seed))
+    row["measured"].pop("gram")  # the formulas reproduce these draws exactly: no need to keep them
     row["passes"] = passes(row)
     return row
 
@@ -492,7 +493,11 @@ def main(argv=None) -> int:
     p.add_argument("--closed-form-draws", type=int, default=64)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--tag", default="")
+    p.add_argument("--replot", type=Path, default=None, help="rewrite the tables and plots of a result JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        print("wrote", *replot(args.replot))
+        return 0
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: a busy machine must not spin-wait
     import torch  # noqa: F401  (imported once the wait policy is set)
@@ -564,6 +569,12 @@ def main(argv=None) -> int:
         )
     payload.update(threads=describe_threads(), wall_seconds=time.perf_counter() - t_start)
     args.out.mkdir(parents=True, exist_ok=True)
+    gram = split_gram(payload)
+    if gram:
+        from leapalign_fast.io import save_tensors_atomic
+
+        payload["gram_file"] = f"{name}_gram.safetensors"
+        save_tensors_atomic(gram, args.out / payload["gram_file"])
     path = write_result(args.out / f"{name}.json", payload)
     extra = (
         write_tables(payload, args.out / name)
@@ -613,11 +624,6 @@ def _ci(r: dict, key: str) -> str:
 
 
 def write_tables(payload: dict, stem: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     md = [write_closed_form_md(payload, stem).read_text(), ""]
     for key, res in payload["results"].items():
         info = res["info"]
@@ -627,8 +633,8 @@ def write_tables(payload: dict, stem: Path) -> list[Path]:
             "",
             "| method | cos(mean, g) [95% CI] | abs(mean)/abs(g) [CI] | cos one draw: mean [q10, q90] | SNR [CI] | "
             + " | ".join(f"cos {k}" for k in res["rows"][0]["groups"] if k != "all")
-            + " | activation MiB | step s (median) |",
-            "|---" * (7 + len(res["rows"][0]["groups"]) - 1) + "|",
+            + " | activation MiB | step s (median wall) | step CPU s (median) |",
+            "|---" * (8 + len(res["rows"][0]["groups"]) - 1) + "|",
         ]
         for r in res["rows"]:
             a = r["groups"]["all"]
@@ -638,7 +644,7 @@ def write_tables(payload: dict, stem: Path) -> list[Path]:
                 f"{_ci(a, 'norm_ratio')} | {cd['mean']:.3f} [{cd['q10']:.3f}, {cd['q90']:.3f}] | "
                 f"{_snr(r, a_snr)}{_ci(a, 'snr')} | "
                 + " | ".join(_fmt(v.get("cos_mean")) for k, v in r["groups"].items() if k != "all")
-                + f" | {_fmt(r.get('activation_mib'), 1)} | {r['step_seconds']:.3f} |"
+                + f" | {_fmt(r.get('activation_mib'), 1)} | {r['step_seconds']:.3f} | {r['step_cpu_seconds']:.3f} |"
             )
         if "picks" in res:
             md += ["", "Chosen on this set: " + json.dumps(res["picks"])]
@@ -647,30 +653,51 @@ def write_tables(payload: dict, stem: Path) -> list[Path]:
     path.write_text("\n".join(md) + "\n")
     paths = [path]
     for key, res in payload["results"].items():
-        if key.startswith("select"):
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, xkey, xlabel in (
-            (axes[0], "activation_mib", "activation memory (MiB, bench/memory.py count)"),
-            (axes[1], "step_seconds", "step time (s, median; 2 shared CPU cores)"),
+        paths.append(Path(f"{stem}_{key.replace('/', '_')}.png"))
+        plot_front(res["rows"], f"{payload['model']} model, {key}", paths[-1])
+    return paths
+
+
+def plot_front(rows: list[dict], title: str, path: Path) -> None:
+    """Fidelity against activation memory and against CPU time per step: the mean gradient's cosine with g (top)
+    and a single draw's (bottom), with the Pareto front (no other point has less cost and more fidelity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex="col")
+    for col, (xkey, xlabel) in enumerate(
+        (
+            ("activation_mib", "activation memory (MiB, bench/memory.py count)"),
+            ("step_cpu_seconds", "process CPU seconds per step (median; 2 shared cores)"),
+        )
+    ):
+        for row_i, (ykey, ylabel) in enumerate(
+            (("cos_mean", "cos(mean gradient, full-trajectory gradient)"), ("cos_draw", "cos(one draw, g): mean"))
         ):
-            pts = []
-            for r in res["rows"]:
+            ax, pts = axes[row_i, col], []
+            for r in rows:
                 a, x = r["groups"]["all"], r.get(xkey)
                 if x is None:
                     continue
-                ci = (a.get("ci") or {}).get("cos_mean") or [a["cos_mean"]] * 2
+                if ykey == "cos_mean":
+                    y = a["cos_mean"]
+                    ci = (a.get("ci") or {}).get("cos_mean") or [y, y]
+                else:
+                    y, ci = a["cos_draw"]["mean"], a["cos_draw"]["ci"]
+                    ci = [y, y] if any(map(math.isnan, ci)) else ci
                 shipped = ":" not in r["method"]
                 ax.errorbar(
                     x,
-                    a["cos_mean"],
-                    yerr=[[a["cos_mean"] - ci[0]], [ci[1] - a["cos_mean"]]],
+                    y,
+                    yerr=[[max(y - ci[0], 0)], [max(ci[1] - y, 0)]],
                     fmt="*" if shipped else "o",
-                    ms=10 if shipped else 5,
+                    ms=11 if shipped else 5,
                     capsize=3,
                 )
-                ax.annotate(r["method"], (x, a["cos_mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-                pts.append((x, a["cos_mean"]))
+                ax.annotate(r["method"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                pts.append((x, y))
             front, best = [], -np.inf
             for x, y in sorted(pts):
                 if y > best:
@@ -678,16 +705,39 @@ def write_tables(payload: dict, stem: Path) -> list[Path]:
                     best = y
             if front:
                 ax.step(*zip(*front), where="post", color="grey", lw=1, label="Pareto front")
-            ax.set(xlabel=xlabel, xscale="log")
+            ax.set(xscale="log", ylabel=ylabel if col == 0 else None)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("cos(mean gradient, full-trajectory gradient)")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{payload['model']} model, {key} (stars: shipped defaults; bars: 95% bootstrap CI)", fontsize=9)
-        fig.tight_layout()
-        paths.append(Path(f"{stem}_{key.replace('/', '_')}.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
+            if row_i == 1:
+                ax.set_xlabel(xlabel)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(
+        f"{title} (stars: shipped defaults; bars: 95% intervals, bootstrap (top) and t over draws (bottom))",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def split_gram(payload: dict) -> dict:
+    """Move each group's Gram matrix (K = D D^T of the draws, u = D g, gg = |g|^2) out of the payload into tensors
+    named `<set>/N<n>/<method>/<group>/{K,u,gg}` (written beside the JSON as safetensors)."""
+    import torch
+
+    tensors = {}
+    for key, res in payload.get("results", {}).items():
+        for r in res["rows"]:
+            for group, f in r["groups"].items():
+                for name, value in f.pop("gram", {}).items():
+                    tensors[f"{key}/{r['method']}/{group}/{name}"] = torch.as_tensor(value, dtype=torch.float64)
+    return tensors
+
+
+def replot(path: Path) -> list[Path]:
+    """Tables and plots again from a result JSON (e.g. after a change of the plot)."""
+    payload = json.loads(path.read_text())
+    stem = path.with_suffix("")
+    return write_tables(payload, stem) if "results" in payload else [write_closed_form_md(payload, stem)]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from bench.gradient_fidelity import (
     fidelity,
     passes,
     settings_of,
+    split_gram,
 )
 
 
@@ -150,6 +151,10 @@ def test_fidelity_statistics():
     sub = fidelity(draws, g, np.random.default_rng(1), boots=10, idx=idx)
     m = draws[:, idx].mean(0)
     assert sub["cos_mean"] == pytest.approx(m @ g[idx] / np.linalg.norm(m) / np.linalg.norm(g[idx]), rel=1e-12)
+    tensors = split_gram({"results": {"s": {"rows": [{"method": "m", "groups": {"all": out}}]}}})
+    K, u, gg = (tensors[f"s/m/all/{k}"].numpy() for k in ("K", "u", "gg"))  # the statistics again, from the file's
+    c = np.full(20, 1 / 20)
+    assert c @ u / math.sqrt(c @ K @ c * gg) == pytest.approx(out["cos_mean"], rel=1e-12) and "gram" not in out
     same = fidelity(np.stack([g, g]), g, np.random.default_rng(1))
     assert same["snr"] is None and same["draws_equal"] and same["cos_mean"] == pytest.approx(1.0)
 
