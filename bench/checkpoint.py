@@ -3,7 +3,7 @@
     python bench/checkpoint.py                 # CPU, 2 processes (gloo): the largest tiny-FLUX that fits this
                                                # machine (6 double + 12 single blocks, width 512: 106M parameters)
     python bench/checkpoint.py --nproc 8 --model config --config configs/flux_leapalign_full.toml \\
-        model.source=/path/to/FLUX.1-dev prompt_file=/path/to/prompts.txt      # GPU: full-size FLUX.1-dev, 8 GPUs
+        model.source=black-forest-labs/FLUX.1-dev prompts=hpdv2-train          # GPU: full-size FLUX.1-dev, 8 GPUs
 
 Each mode (async_checkpoint=false, then true) is one `torchrun` launch of the trainer itself: `--steps` optimizer
 steps with a checkpoint every `--every`. The trainer logs every committed save to `checkpoints.jsonl` (seconds the

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
         "grid_every=0",
         "resume=false",
         'prompt_file=""',
+        'prompts=""',
         "report_to=none",
         'reward.name="colour"',
         "reward.options={}",

@@ -90,7 +90,7 @@ def bench_config(args, tmp: Path):
         family, config_file = RANDOM_MODELS[args.model][:2]
         cfg = load_config(args.config or ROOT / "configs" / config_file, args.set)
         cfg.model.source, cfg.model.family = f"random:{args.model}", family
-    cfg.output_dir, cfg.resume, cfg.prompt_file, cfg.report_to = str(tmp), False, "", []
+    cfg.output_dir, cfg.resume, cfg.prompt_file, cfg.prompts, cfg.report_to = str(tmp), False, "", "", []
     cfg.batch_size = args.batch
     cfg.reward.name, cfg.reward.options = args.reward, json.loads(args.reward_options)
     if args.reward == "colour":  # build_run checks every prompt names a colour; the evaluation prompts are unused

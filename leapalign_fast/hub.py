@@ -90,8 +90,14 @@ def _has_token() -> bool:
 def _lock(ref: HubRef):
     """A file lock beside the cache: the first process to take it downloads, the others wait and then find the
     files cached (huggingface_hub's own per-file locks keep concurrent writers safe; this one keeps a 16-process
-    launch from fetching the same 24 GB sixteen times over)."""
+    launch from fetching the same 24 GB sixteen times over). Offline nothing is downloaded: no lock (the cache may
+    be read-only)."""
+    import contextlib
+
     from filelock import FileLock
+
+    if offline():
+        return contextlib.nullcontext()
 
     folder = cache_dir() / ".locks" / "leapalign-fast"
     folder.mkdir(parents=True, exist_ok=True)

@@ -426,6 +426,7 @@ TINY_RUN = [
     "max_steps=2",
     "resume=false",
     "prompt_file=",
+    "prompts=",
     "reward.name=colour",
     "reward.options={}",
     "report_to=none",

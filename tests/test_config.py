@@ -139,7 +139,9 @@ def test_flux_configs_hold_the_paper_settings(name):
     assert cfg.lora.enabled == (name == "flux_leapalign.toml")
     from leapalign_fast.rewards import build_reward
 
-    with pytest.raises(UserError, match="hpsv2.1.*lacks everything"):  # options fit the builder; files are local
+    assert cfg.model.source == "black-forest-labs/FLUX.1-dev" and cfg.prompts == "hpdv2-train"  # hub ids, by name
+    # the options fit the builder; the weights are the published ones, not in this machine's (offline) cache
+    with pytest.raises(UserError, match="hpsv2.1.*laion/CLIP-ViT-H-14-laion2B-s32B-b79K.*HF_HUB_OFFLINE=1"):
         build_reward(cfg.reward.name, **cfg.reward.options)
 
 

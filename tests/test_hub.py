@@ -205,6 +205,7 @@ def test_one_process_downloads_while_the_others_wait(cache, monkeypatch):
     """Four callers at once: the downloads (a stand-in for the network, 0.2 s each) never overlap."""
     import huggingface_hub
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: the lock is taken (offline nothing downloads)
     active, overlaps = [], []
 
     def download(repo_id, **kw):
