@@ -6,14 +6,18 @@
    sampling steps, the fine-tuning setting, half with N = 20, the evaluation setting).
 2. The rule-based evaluator plays the annotator, on training captions only: `evaluator.graded` scores each image
    against its own caption and against `--relabel` other training captions (a one-attribute near miss that is a
-   training caption, and a random training caption).
+   training caption, and a random training caption). `--annotator strict` grades as the strict score judges
+   (`graded(..., strict=True)`: the strict pass, and extra objects and specks cost credit); `geneval` (the default,
+   the shipped reward_pref's) as the GenEval-style pass.
 3. Preference pairs: two images of one caption (HPS's pairs), or one image under two training captions, whose
    graded scores differ by at least `--margin`; the preferred one is the higher. A `ToyReward` scorer is trained
    with the Bradley-Terry loss -log sigmoid(r_win - r_lose).
 4. Agreement with the evaluator on *held-out* generated pairs: fresh samples of the *validation* captions
    (`--val-per-caption` noises each, N = 20), never used for training: pairwise accuracy on pairs of one caption
-   whose graded scores differ, and the same-caption AUC of pass vs fail (`judge`); the same numbers for every
-   `--compare` scorer (e.g. the procedural-scene rewards) on the same pairs.
+   whose graded scores differ, and the same-caption AUC of pass vs fail (`judge`, or the strict pass with
+   `--annotator strict`), each with a 95% interval from a bootstrap over captions (pairs of one caption are not
+   independent); the same numbers for every `--compare` scorer (e.g. the procedural-scene rewards) on the same
+   pairs.
 
 Writes the weights (safetensors) and a JSON beside them with the command, seed, data sizes and the agreement.
 """
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from leapalign_fast.toy.evaluator import graded, judge  # noqa: E402
+from leapalign_fast.toy.evaluator import assess, graded  # noqa: E402
 from leapalign_fast.toy.reward import ToyReward, perturb, save_toy_reward  # noqa: E402
 from leapalign_fast.toy.scenes import caption  # noqa: E402
 from leapalign_fast.toy.splits import split_specs  # noqa: E402
@@ -57,17 +61,19 @@ def generate(
     return np.concatenate(images).astype(np.float32), prompts
 
 
-def annotate(images: np.ndarray, prompts: list[str], specs: dict, relabel: int, rng: random.Random):
+def annotate(
+    images: np.ndarray, prompts: list[str], specs: dict, relabel: int, rng: random.Random, strict: bool = False
+):
     """(image index, caption, graded score) rows: each image under its own caption and `relabel` other training
     captions (a near miss when one is a training caption, else a random one)."""
     pool = list(specs)
     rows = []
     for i, (im, p) in enumerate(zip(images, prompts)):
-        rows.append((i, p, graded(im, specs[p])))
+        rows.append((i, p, graded(im, specs[p], strict)))
         for _ in range(relabel):
             miss = caption(perturb(specs[p], rng))
             other = miss if miss in specs and miss != p else rng.choice(pool)
-            rows.append((i, other, graded(im, specs[other])))
+            rows.append((i, other, graded(im, specs[other], strict)))
     return rows
 
 
@@ -134,25 +140,42 @@ def scores_of(scorer, images: np.ndarray, prompts: list[str]) -> np.ndarray:
     ).numpy()
 
 
-def agreement(r: np.ndarray, prompts: list[str], g: np.ndarray, passed: np.ndarray) -> dict:
+def agreement(r: np.ndarray, prompts: list[str], g: np.ndarray, passed: np.ndarray, boot: int = 1000) -> dict:
     """Pairwise agreement of scores `r` with the evaluator over pairs of images of one caption: on pairs whose graded
-    scores differ (`pairwise_accuracy`), and pass vs fail (`auc`: the same-caption AUC; ties count half)."""
+    scores differ (`pairwise_accuracy`), and pass vs fail (`auc`: the same-caption AUC; ties count half); each with
+    a 95% interval (`*_ci`) from `boot` bootstrap resamples of the captions (a caption's pairs share its images)."""
     by: dict[str, list[int]] = {}
     for k, p in enumerate(prompts):
         by.setdefault(p, []).append(k)
-    acc, auc = [], []
+    per = []  # per caption: (sum, count) of agreeing graded pairs, (sum, count) of agreeing pass-fail pairs
     for ks in by.values():
+        acc, auc = [], []
         for a in ks:
             for b in ks:
                 if g[a] > g[b]:
                     acc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
                 if passed[a] and not passed[b]:
                     auc.append(float(r[a] > r[b]) + 0.5 * float(r[a] == r[b]))
+        per.append((sum(acc), len(acc), sum(auc), len(auc)))
+    tot = np.asarray(per, dtype=np.float64).reshape(-1, 4)
+    ratio = lambda t, i: float(t[i] / t[i + 1]) if t[i + 1] else float("nan")  # noqa: E731
+    whole = tot.sum(0)
+    rng = np.random.default_rng(0)
+    draws = np.stack([tot[rng.integers(0, len(tot), len(tot))].sum(0) for _ in range(boot)]) if len(tot) else None
+
+    def ci(i):
+        if draws is None or not whole[i + 1]:
+            return [float("nan"), float("nan")]
+        vals = [ratio(d, i) for d in draws if d[i + 1]]
+        return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+
     return {
-        "pairwise_accuracy": float(np.mean(acc)) if acc else float("nan"),
-        "graded_pairs": len(acc),
-        "auc": float(np.mean(auc)) if auc else float("nan"),
-        "pass_fail_pairs": len(auc),
+        "pairwise_accuracy": ratio(whole, 0),
+        "pairwise_accuracy_ci": ci(0),
+        "graded_pairs": int(whole[1]),
+        "auc": ratio(whole, 2),
+        "auc_ci": ci(2),
+        "pass_fail_pairs": int(whole[3]),
     }
 
 
@@ -171,6 +194,12 @@ def main(argv=None) -> int:
         "--smooth", type=float, default=0.5, help="Gaussian blur (sigma, px) the scorer applies to its input"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--annotator",
+        choices=("geneval", "strict"),
+        default="geneval",
+        help="what the annotator wants: the GenEval-style pass (the shipped reward_pref) or the strict score",
+    )
     p.add_argument("--val-per-caption", type=int, default=8)
     p.add_argument(
         "--compare",
@@ -193,7 +222,8 @@ def main(argv=None) -> int:
         args.model, list(train_specs), args.per_caption, args.sample_steps, 10_000 * (args.seed + 1)
     )
     log(f"generated {len(images)} training-caption samples [{time.perf_counter() - t0:.0f} s]")
-    rows = annotate(images, prompts, train_specs, args.relabel, random.Random(args.seed))
+    strict = args.annotator == "strict"
+    rows = annotate(images, prompts, train_specs, args.relabel, random.Random(args.seed), strict)
     pairs, n_caption = preference_pairs(rows, args.margin)
     own = np.array([s for (_, _, s) in rows[:: args.relabel + 1]])
     log(
@@ -207,8 +237,9 @@ def main(argv=None) -> int:
     quantiles = {f"p{q}": float(np.percentile(own_r, q)) for q in (5, 50, 95, 99)}
     # held-out agreement: validation captions, fresh noise, never annotated for training
     vimages, vprompts = generate(args.model, list(val_specs), args.val_per_caption, [20], 77_777)
-    g = np.array([graded(im, val_specs[q]) for im, q in zip(vimages, vprompts)])
-    passed = np.array([judge(im, val_specs[q]) for im, q in zip(vimages, vprompts)])
+    g = np.array([graded(im, val_specs[q], strict) for im, q in zip(vimages, vprompts)])
+    verdicts = [assess(im, val_specs[q]) for im, q in zip(vimages, vprompts)]
+    passed = np.array([a.strict if strict else a.passed for a in verdicts])
     result = {"validation": agreement(scores_of(model, vimages, vprompts), vprompts, g, passed)}
     from leapalign_fast.toy.reward import _load_toy_reward
 
@@ -226,6 +257,7 @@ def main(argv=None) -> int:
         {
             "model": str(args.model),
             "seed": args.seed,
+            "annotator": args.annotator,
             "per_caption": args.per_caption,
             "sample_steps": args.sample_steps,
             "relabel": args.relabel,

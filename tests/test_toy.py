@@ -441,6 +441,11 @@ def test_graded_ranks_passing_above_partial_above_wrong():
         [Obj("square", "red", 16, 16, 12), Obj("circle", "blue", 46, 46, 12), Obj("square", "green", 46, 12, 12)]
     )
     assert graded(clutter, spec) < 1.0  # an extra object costs partial credit, not the pass
+    # the strict annotator: an extra object or a speck lattice costs the pass, not only partial credit
+    assert graded(right, spec, strict=True) == 1.0 and graded(clutter, spec, strict=True) < 0.5 <= graded(clutter, spec)
+    latticed = _lattice(right)
+    assert graded(latticed, spec) == 1.0 and graded(latticed, spec, strict=True) < 0.5
+    assert graded(half, spec, strict=True) > graded(_lattice(half), spec, strict=True)  # specks cost partial credit
 
 
 def test_colour_entropy_sees_collapse():
@@ -480,11 +485,18 @@ def test_preference_pairs_agreement_and_lr_choice():
     g, passed = np.array([0.9, 0.2, 0.6]), np.array([True, False, True])
     assert agreement(np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed) == {
         "pairwise_accuracy": 1.0,
+        "pairwise_accuracy_ci": [1.0, 1.0],
         "graded_pairs": 3,
         "auc": 1.0,
+        "auc_ci": [1.0, 1.0],
         "pass_fail_pairs": 2,
     }
     assert agreement(-np.array([3.0, 1.0, 2.0]), ["a"] * 3, g, passed)["pairwise_accuracy"] == 0.0
+    # two captions, one ranked right and one wrong: 0.5 overall, and the caption bootstrap spans both
+    mixed = agreement(
+        np.array([3.0, 1.0, 1.0, 3.0]), ["a", "a", "b", "b"], np.array([0.9, 0.2, 0.9, 0.2]), passed[[0, 1, 0, 1]]
+    )
+    assert mixed["pairwise_accuracy"] == 0.5 and mixed["pairwise_accuracy_ci"] == [0.0, 1.0]
     assert choose({"m": {"5e-5": 0.2, "1e-4": 0.3, "2e-4": 0.3}, "n": {"5e-5": 0.4, "1e-4": 0.1}}) == {
         "m": "1e-4",
         "n": "5e-5",

@@ -240,17 +240,20 @@ def _credit(f: Found, colour: str | None, shape: str) -> float:
     return 0.5 * (f.shape == shape) + 0.5 * (colour is None or f.colour == colour)
 
 
-def graded(image: np.ndarray, spec: Spec) -> float:
+def graded(image: np.ndarray, spec: Spec, strict: bool = False) -> float:
     """A finer score in [0, 1] than `judge`, for ranking two images of one caption (preference pairs are mostly ties
-    under pass/fail on a weak generator): half for passing `judge`, half for partial credit, the mean of
+    under pass/fail on a weak generator): half for passing `judge` (with `strict`: the strict pass of `assess`),
+    half for partial credit, the mean of
 
     - per named object, the best credit of a distinct detected object (shape right: 1/2, colour right: 1/2);
     - counting: 1 - |exact matches - count| / count;  position: the relation between the two best-credited objects;
-    - 1 / (1 + detected objects beyond the ones the caption asks for).
+    - 1 / (1 + detected objects beyond the ones the caption asks for);
+    - with `strict`: 1 / (1 + specks), so a faint lattice costs credit too.
 
     So every image that passes scores above every image that fails, and among failures an image closer to the
-    caption scores higher."""
-    found = detect(image)
+    caption scores higher. `strict` is the preference annotator that wants what the strict score wants."""
+    img = np.asarray(image, dtype=np.float32)
+    found, objects = _detect(img)
     objs = spec.objects
     terms = []
     need = spec.count if spec.category == "counting" else len(objs)
@@ -272,7 +275,12 @@ def graded(image: np.ndarray, spec: Spec) -> float:
             )
             terms.append(float(bool(ok)))
     terms.append(1.0 / (1 + max(0, len(found) - need)))
-    return 0.5 * float(judge(image, spec)) + 0.5 * float(np.mean(terms))
+    passed = _judge(found, spec)
+    if strict:
+        n = specks(img, objects)
+        terms.append(1.0 / (1 + n))
+        passed = passed and len(found) == need and n <= MAX_SPECKS
+    return 0.5 * float(passed) + 0.5 * float(np.mean(terms))
 
 
 def colour_entropy(images, specs: list[Spec]) -> float:
