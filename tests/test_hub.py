@@ -149,7 +149,7 @@ class _HubStandIn(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def hub_server(cache, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubStandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -195,6 +195,10 @@ def test_a_full_disk_and_an_interrupted_download_are_one_line_each():
 def test_status_says_present_or_missing_without_downloading(cache, flux_dir):
     assert hub.status(REPO).state == "missing"
     snapshot = add_folder(cache, REPO, flux_dir)
+    from huggingface_hub import scan_cache_dir
+
+    (repo,) = scan_cache_dir(cache).repos  # huggingface_hub reads the layout as its own: one repo, one revision
+    assert (repo.repo_id, set(repo.refs), repo.nb_files) == (REPO, {"main"}, len(list(flux_dir.rglob("*.*"))))
     found = hub.status(REPO, allow_patterns=hub.model_patterns(False))
     assert (found.state, found.path) == ("present", snapshot)
     assert hub.status(str(snapshot)).state == "local"
