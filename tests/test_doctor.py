@@ -15,7 +15,7 @@ import hub_cache
 import pytest
 import test_hub
 
-from leapalign_fast import doctor
+from leapalign_fast import doctor, doctor_job, doctor_machine
 from leapalign_fast.config import load_config
 
 cache, flux_dir, hub_server = test_hub.cache, test_hub.flux_dir, test_hub.hub_server  # their fixtures
@@ -44,7 +44,7 @@ def _doctor(cfg, capsys, timeout_s: float = 60.0):
     rows = {}
     for line in out.splitlines()[1:]:
         parts = line.split()
-        if len(parts) >= 2 and parts[1] in doctor.STATUSES:
+        if len(parts) >= 2 and parts[1] in doctor_machine.STATUSES:
             rows[parts[0]] = parts[1]
     return rc, rows, [line for line in err.splitlines() if line.startswith("leapalign-fast doctor:")]
 
@@ -115,12 +115,12 @@ def test_a_perturbed_connector_gradient_fails(tmp_path, capsys, monkeypatch):
 
 
 def test_too_little_disk_fails(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(doctor, "free_disk_bytes", lambda path: 10_000)
+    monkeypatch.setattr(doctor_job, "free_disk_bytes", lambda path: 10_000)
     _one_failure(_cfg(tmp_path), capsys, "disk", "lower keep_checkpoints")
 
 
 def test_too_little_device_memory_fails(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(doctor, "free_device_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(doctor_job, "free_device_bytes", lambda device: 1 << 20)
     _one_failure(_cfg(tmp_path), capsys, "memory", "lower batch_size")
 
 
@@ -152,17 +152,22 @@ def test_an_unreachable_collective_fails(tmp_path, capsys, monkeypatch):
     assert rc == 2 and rows["collective"] == "fail" and len(failures) == 1
     assert failures[0].startswith("leapalign-fast doctor: rank 0: collective failed: every rank must start")
     monkeypatch.setenv("RANK", "2")  # a rank outside the world: said without waiting
-    assert "RANK=2 is outside WORLD_SIZE=2" in doctor.check_collective(doctor.Context(_cfg(tmp_path), 2)).detail
+    assert (
+        "RANK=2 is outside WORLD_SIZE=2"
+        in doctor_machine.check_collective(doctor_machine.Context(_cfg(tmp_path), 2)).detail
+    )
 
 
 def test_config_problems_each_fail_their_check(tmp_path, capsys, monkeypatch):
     """attention, dtype, versions and trackers: each injected through the config, the environment or the data."""
     _one_failure(_cfg(tmp_path, "model.attention=flash"), capsys, "attention", "set model.attention")
     # bf16 where the device has none (a GPU before Ampere): the measurement is what a CPU cannot show
-    monkeypatch.setattr(doctor, "dtype_support", lambda device: {"bfloat16": False, "float32": True, "tf32": False})
-    check = doctor.check_dtype(doctor.Context(_cfg(tmp_path, "model.dtype=bfloat16"), 2))
+    monkeypatch.setattr(
+        doctor_machine, "dtype_support", lambda device: {"bfloat16": False, "float32": True, "tf32": False}
+    )
+    check = doctor_machine.check_dtype(doctor_machine.Context(_cfg(tmp_path, "model.dtype=bfloat16"), 2))
     assert check.status == "fail" and "bfloat16 does not run on cpu" in check.detail
-    check = doctor.check_versions(doctor.Context(_cfg(tmp_path), 2), ["torch>=99", "numpy"])
+    check = doctor_machine.check_versions(doctor_machine.Context(_cfg(tmp_path), 2), ["torch>=99", "numpy"])
     assert check.status == "fail" and check.detail.startswith("torch: wants >=99, has ")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -170,7 +175,7 @@ def test_config_problems_each_fail_their_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     _one_failure(_cfg(tmp_path, "report_to=wandb"), capsys, "trackers", "`wandb login`")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert doctor.check_trackers(doctor.Context(_cfg(tmp_path, "report_to=wandb"), 2)).status == "ok"
+    assert doctor_machine.check_trackers(doctor_machine.Context(_cfg(tmp_path, "report_to=wandb"), 2)).status == "ok"
 
 
 def test_a_hub_id_in_the_cache_is_present(tmp_path, capsys, cache, flux_dir, monkeypatch):

@@ -111,7 +111,7 @@ LAYERS = [
     ["leapalign_fast.methods", "leapalign_fast.preflight"],
     ["leapalign_fast.build"],
     ["leapalign_fast.checkpoint", "leapalign_fast.validation", "leapalign_fast.evaluate"],
-    ["leapalign_fast.train", "leapalign_fast.doctor"],
+    ["leapalign_fast.train", "leapalign_fast.doctor", "leapalign_fast.doctor_machine", "leapalign_fast.doctor_job"],
     ["leapalign_fast.cli", "leapalign_fast"],
 ]
 
