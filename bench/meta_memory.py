@@ -20,8 +20,10 @@ What is counted and what is not (so a GPU measurement, `bench/memory.py --model 
   backprop: N grad forwards plus the decode + reward graph. With checkpointing: only each block's input per
   forward, plus one block's activations recomputed at a time.
 - the reward: HPSv2.1's ViT-H/14 graph, 0.4 GiB per scored frame (the FLUX section's estimate, docs/gpu.md), times
-  `reward.frames`. The Wan VAE has no per-block checkpointing (`_supports_gradient_checkpointing` is False), so
-  `checkpoint_decode` recomputes the whole decode in the backward: its graph is alive there either way.
+  `reward.frames`.
+- "checkpointing on" is both switches of the configs: `gradient_checkpointing` (per block) and `checkpoint_decode`,
+  which for Wan recomputes the decode one latent frame at a time (models/wan.decode_per_frame): the caches each
+  frame's recompute needs, plus the largest frame's graph (`per_frame_decode_bytes`). Off: the whole decode graph.
 """
 
 from __future__ import annotations
@@ -90,6 +92,39 @@ def saved_bytes(fn, modules) -> int:
     return sum(n for n, _ in seen.values())
 
 
+def per_frame_decode_bytes(vae, z) -> int:
+    """What a grad-enabled Wan decode with `model.checkpoint_decode` (models/wan.decode_per_frame) keeps at its
+    peak: every latent frame's checkpoint inputs (the decoder's causal cache going in, its slice of the
+    post-quant-conv latents) until that frame's backward, the video tail's saved tensors, and one frame's graph
+    recomputed at a time (the largest). Counted by running the same loop without the checkpoints."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    from leapalign_fast.models.wan import _frame
+
+    x = vae.post_quant_conv(z)
+    kept = x.untyped_storage().nbytes()
+    cache = [None] * vae._cached_conv_counts["decoder"]
+    outs, graphs = [], []
+    for i in range(x.shape[2]):
+        kept += sum(c.untyped_storage().nbytes() for c in {id(c): c for c in cache if torch.is_tensor(c)}.values())
+        result = {}
+
+        def run(i=i, cache=cache, result=result):
+            result["out"] = _frame(vae.decoder, x[:, :, i : i + 1], i == 0, *cache)
+
+        graphs.append(saved_bytes(run, [vae]))
+        out, *cache = result["out"]
+        outs.append(out.detach().requires_grad_(True))
+
+    def tail():
+        out = torch.cat(outs, 2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        (torch.clamp(out, min=-1.0, max=1.0).float() * 0.5 + 0.5).clamp(0.0, 1.0).transpose(1, 2)
+
+    return kept + saved_bytes(tail, [vae]) + max(graphs)
+
+
 def build_meta(kind: str):
     """The random-weight components of `kind` on the meta device, in bf16."""
     previous = torch.get_default_dtype()
@@ -152,11 +187,15 @@ def estimate(kind: str, size: tuple[int, int], frames_list: list[int], rank: int
             block = (per[False] - per[True]) / tr.config.num_layers  # one block recomputed at a time
             z = torch.empty(*geom.noise_shape(1), device="meta", dtype=torch.bfloat16, requires_grad=True)
             decode = saved_bytes(lambda: backbone.decode(comps.vae, z, geom), [comps.vae])
+            from leapalign_fast.models.wan import vae_latents
+
+            decode_ck = per_frame_decode_bytes(comps.vae, vae_latents(comps.vae, z, geom))
             reward = REWARD_GIB_PER_FRAME * GIB * min(scored, num_frames)
-            for ck in (False, True):
+            for ck in (False, True):  # block checkpointing and the per-frame decode recompute together
                 fwd = per[ck] + (block if ck else 0.0)
-                leap = fixed + max(decode + reward, 2 * per[ck] + (block if ck else 0.0))
-                full_bp = fixed + decode + reward + num_steps * per[ck] + (block if ck else 0.0)
+                dec = decode_ck if ck else decode
+                leap = fixed + max(dec + reward, 2 * per[ck] + (block if ck else 0.0))
+                full_bp = fixed + dec + reward + num_steps * per[ck] + (block if ck else 0.0)
                 rows.append(
                     {
                         "model": kind,
@@ -171,7 +210,7 @@ def estimate(kind: str, size: tuple[int, int], frames_list: list[int], rank: int
                         "trained_parameters": trained,
                         "fixed_gib": fixed / GIB,
                         "grad_forward_gib": fwd / GIB,
-                        "decode_gib": decode / GIB,
+                        "decode_gib": dec / GIB,
                         "reward_gib": reward / GIB,
                         "leapalign_gib": leap / GIB,
                         f"full_backprop_n{num_steps}_gib": full_bp / GIB,
@@ -182,7 +221,8 @@ def estimate(kind: str, size: tuple[int, int], frames_list: list[int], rank: int
 
 def table(rows: list[dict], num_steps: int) -> str:
     md = [
-        "| model | fine-tune | frames (tokens) | checkpointing | fixed | one grad forward (CFG) | decode | "
+        "| model | fine-tune | frames (tokens) | checkpointing (blocks, decode per frame) | fixed | "
+        "one grad forward (CFG) | decode | "
         f"LeapAlign step | full backprop N={num_steps} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

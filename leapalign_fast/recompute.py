@@ -19,6 +19,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LAYER_LISTS = ("resnets", "attentions", "upsamplers")  # the layers of diffusers' Decoder's mid and up blocks
+# Set on the VAE while `model.checkpoint_decode` is on: a backbone's decode may read it to recompute itself in
+# finer units than the whole decode (Wan's causal video decoder: one latent frame at a time, models/wan.py).
+DECODE_RECOMPUTED = "_leapalign_decode_recomputed"
+# Set (True) on a VAE whose backbone's decode does that: the whole-decode recompute is then not wrapped around it
+# (nested, the outer recompute would re-run every unit with its graph kept, all units at once).
+RECOMPUTES_ITSELF = "_leapalign_decode_recomputes_itself"
 
 
 def recomputed(fn: Callable) -> Callable:
@@ -64,6 +70,7 @@ def _decoder_forward(dec, sample: torch.Tensor, latent_embeds: torch.Tensor | No
 
 def checkpoint_decoder(vae, enabled: bool) -> None:
     """Recompute the decoder per layer (per diffusers block where the layers are not known); off: undo it."""
+    setattr(vae, DECODE_RECOMPUTED, bool(enabled))
     layers = decoder_layers(vae)
     if layers and enabled and "forward" not in vae.decoder.__dict__:
         vae.decoder.forward = functools.partial(_decoder_forward, vae.decoder)
@@ -97,4 +104,4 @@ def checkpointed_decode_reward(vae, decode: Callable, reward: Callable, enabled:
     checkpoint_decoder(vae, enabled)
     if not enabled:
         return decode, reward
-    return recomputed(decode), recomputed(reward)
+    return (decode if getattr(vae, RECOMPUTES_ITSELF, False) else recomputed(decode)), recomputed(reward)

@@ -296,6 +296,7 @@ def test_meta_memory_estimate_rows():
     by = {(r["mode"], r["num_frames"], r["checkpointing"]): r for r in rows}
     assert by["lora", 9, False]["decode_gib"] > by["lora", 5, False]["decode_gib"]
     assert by["lora", 5, True]["grad_forward_gib"] < by["lora", 5, False]["grad_forward_gib"]
+    assert by["lora", 9, True]["decode_gib"] < by["lora", 9, False]["decode_gib"]  # one latent frame at a time
     assert by["lora", 5, False]["fixed_gib"] < by["full", 5, False]["fixed_gib"]
 
 
@@ -439,3 +440,39 @@ def test_wan_configs_train_two_steps_on_the_tiny_build_every_adapter_weight_trai
     start = {n: p.detach() for n, p in tiny.named_parameters() if p.requires_grad}
     assert set(trained) == set(start) and len(start) == 2 * 10 * 2  # A and B of 10 targets in 2 blocks
     assert all(not torch.equal(trained[n], start[n]) for n in start)  # every adapter weight moved
+
+
+def test_checkpointed_decode_recomputes_one_latent_frame_at_a_time_with_the_same_values_and_gradients(wan):
+    """With model.checkpoint_decode the Wan decode recomputes each latent frame's decoder call in the backward
+    (AutoencoderKLWan has no checkpointing of its own: the whole decode was recomputed at once); its video and
+    its gradient are the plain decode's."""
+    from leapalign_fast.recompute import checkpointed_decode_reward
+
+    backbone, comps = wan
+    geom = backbone.layout(comps, (32, 48), 9)  # 3 latent frames
+    x = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0))
+    weight = torch.rand(2, 9, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    calls = []
+    hook = comps.vae.decoder.register_forward_pre_hook(  # a pre-hook: a recompute stops early, before the end
+        lambda module, args, kwargs: calls.append(bool(kwargs.get("first_chunk"))), with_kwargs=True
+    )
+    results = {}
+    try:
+        for on in (False, True):
+            decode, _ = checkpointed_decode_reward(comps.vae, lambda z: backbone.decode(comps.vae, z, geom), None, on)
+            z = x.clone().requires_grad_(True)
+            calls.clear()
+            video = decode(z)
+            (grad,) = torch.autograd.grad((video * weight).sum(), z)
+            results[on] = video.detach(), grad, list(calls)
+    finally:
+        hook.remove()
+        checkpointed_decode_reward(comps.vae, None, None, False)
+    assert results[False][2] == [True, False, False]  # one decoder call per latent frame, first chunk first
+    # the forward, then each frame recomputed in the backward, last frame first: one frame's graph at a time (the
+    # whole-decode recompute re-ran frames 0, 1, 2 in order, holding all three graphs for their backward)
+    assert results[True][2] == [True, False, False, False, False, True]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # a no-grad decode (grids, evaluation) is the pipeline's plain one
+        torch.testing.assert_close(backbone.decode(comps.vae, x, geom), results[False][0], rtol=0, atol=0)

@@ -37,6 +37,7 @@ from leapalign_fast.models.common import (
     unwrap,
 )
 from leapalign_fast.models.text import build_tiny_t5_tokenizer
+from leapalign_fast.recompute import DECODE_RECOMPUTED, RECOMPUTES_ITSELF
 
 # Self-attention, cross-attention and the feed-forward of every block (the published Wan LoRAs' q, k, v, o, ffn).
 LORA_TARGETS = (
@@ -82,6 +83,9 @@ class WanComponents:
     vae: AutoencoderKLWan
     text: WanText | None
     scheduler: FlowMatchEulerDiscreteScheduler  # Euler flow matching with the model's shift
+
+    def __post_init__(self):
+        setattr(self.vae, RECOMPUTES_ITSELF, True)  # `decode` recomputes per latent frame under checkpoint_decode
 
     @property
     def expand_timesteps(self) -> bool:
@@ -289,9 +293,42 @@ def vae_latents(vae: AutoencoderKLWan, x: torch.Tensor, geom: Geometry) -> torch
     return z / inv_std + mean
 
 
+def _frame(decoder, x: torch.Tensor, first: bool, *cache):
+    """One latent frame through the causal decoder: (frames out, *the decoder's cache after it)."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+    return (out, *cache)
+
+
+def decode_per_frame(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """`AutoencoderKLWan.decode` (untiled) with each latent frame's decoder call recomputed in the backward. The
+    decoder's causal cache (the last frames of each causal conv's input) goes in and out of each call as tensors,
+    so the backward keeps only the caches and recomputes one frame's graph at a time, instead of holding the graph
+    of every frame (AutoencoderKLWan has no gradient checkpointing of its own). Values and gradients are the
+    decode's: the same operations on the same inputs."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    from torch.utils.checkpoint import checkpoint
+
+    x = vae.post_quant_conv(z)
+    cache = [None] * vae._cached_conv_counts["decoder"]
+    outs = []
+    for i in range(x.shape[2]):
+        out, *cache = checkpoint(_frame, vae.decoder, x[:, :, i : i + 1], i == 0, *cache, use_reentrant=False)
+        outs.append(out)
+    out = torch.cat(outs, 2)
+    if vae.config.patch_size is not None:
+        out = unpatchify(out, patch_size=vae.config.patch_size)
+    return torch.clamp(out, min=-1.0, max=1.0)
+
+
 def decode(vae: AutoencoderKLWan, x: torch.Tensor, geom: Geometry) -> torch.Tensor:
-    """Packed latents -> video (B, num_frames, 3, H, W) in [0, 1]."""
-    video = vae.decode(vae_latents(vae, x, geom), return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
+    """Packed latents -> video (B, num_frames, 3, H, W) in [0, 1]. With `model.checkpoint_decode` (the VAE marked
+    by recompute.py) a grad-enabled decode recomputes one latent frame at a time in the backward."""
+    z = vae_latents(vae, x, geom)
+    if torch.is_grad_enabled() and getattr(vae, DECODE_RECOMPUTED, False):
+        video = decode_per_frame(vae, z)
+    else:
+        video = vae.decode(z, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
     return (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).transpose(1, 2)
 
 
