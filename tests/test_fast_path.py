@@ -394,6 +394,28 @@ def test_graphed_velocity_replays_equal_eager_on_gpu():
     assert g(x, t).requires_grad  # grad-enabled calls run eagerly, outside the graph
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_of_two_signatures_share_one_pool_and_replay_in_any_order():
+    """Batch 2 and batch 3 captured into one memory pool, then replayed interleaved in an order other than the
+    capture's: each replay still equals eager (each result is cloned before the other graph replays)."""
+    comps = build_tiny_flux(TinyFluxConfig(), seed=0)
+    tr = comps.transformer.cuda()
+    g = GraphedVelocity(tr)
+    gen = torch.Generator().manual_seed(0)
+    cases = {}
+    for b in (2, 3):
+        t5, pooled = torch.randn(b, 8, 32, generator=gen).cuda(), torch.randn(b, 32, generator=gen).cuda()
+        x, t = torch.randn(b, 16, 64, generator=gen).cuda(), torch.rand(b, generator=gen).cuda()
+        cases[b] = (FluxVelocity(tr, t5, pooled, latent_image_ids(8, 8, "cuda"), 3.5), x, t)
+    with torch.no_grad():
+        want = {b: v(x, t) for b, (v, x, t) in cases.items()}
+        for b in (2, 3, 3, 2, 3, 2, 2):
+            v, x, t = cases[b]
+            torch.testing.assert_close(g.bind(v)(x, t), want[b], rtol=1e-5, atol=1e-5)
+    assert len(g.graphs) == 2 and g.pool is not None
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3", "flux2", "qwenimage", "zimage"])
 def test_bench_sampler_quick(family, tmp_path):
     """bench/sampler.py's path for every backbone at toy size (random weights and embeddings, in this process):

@@ -170,8 +170,11 @@ def _uniform_block_inputs(forward, *args, **kwargs):
     return forward(*map(uniform, args), **{k: uniform(v) for k, v in kwargs.items()})
 
 
-def capture_cuda_graph(forward: Callable[[], torch.Tensor], warmup: int) -> tuple[Callable[[], None], torch.Tensor]:
-    """Run `forward()` `warmup` times on a side stream (lazy inits, autotuning), then capture it in a CUDA graph.
+def capture_cuda_graph(
+    forward: Callable[[], torch.Tensor], warmup: int, pool=None
+) -> tuple[Callable[[], None], torch.Tensor]:
+    """Run `forward()` `warmup` times on a side stream (lazy inits, autotuning), then capture it in a CUDA graph
+    (in the memory pool `pool` if given: `torch.cuda.graph_pool_handle()`).
 
     Returns (replay, static output). A replay reads the very memory the capture read: every tensor `forward`
     reads must stay alive and be refilled in place before each replay.
@@ -183,7 +186,7 @@ def capture_cuda_graph(forward: Callable[[], torch.Tensor], warmup: int) -> tupl
             forward()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
         out = forward()
     return graph.replay, out
 
@@ -198,13 +201,19 @@ class GraphedVelocity:
     replay cannot overwrite a result the caller still holds. Parameters are updated in place by the optimizer,
     so a captured graph always sees the current weights.
 
+    Every graph of one GraphedVelocity (one per input signature: training batch, evaluation batch, another
+    resolution) captures into one shared memory pool, so their working sets overlap instead of adding up. That is
+    safe in any replay order here: the static inputs live outside the pool, and a replay's only result is cloned
+    before anything else replays, so a later replay may overwrite a graph's intermediates and static output freely.
+
     `capture` and `device_types` exist for tests: a CPU stand-in for `capture_cuda_graph` checks the binding.
     """
 
-    def __init__(self, nograd_transformer, warmup: int = 2, capture=capture_cuda_graph, device_types=("cuda",)):
+    def __init__(self, nograd_transformer, warmup: int = 2, capture=None, device_types=("cuda",)):
         # The graphs run the bare module: a DDP/FSDP wrapper's forward must not be captured.
         self.transformer, self.velocity, self.warmup = nograd_transformer, None, warmup
-        self.capture, self.device_types = capture, device_types
+        self.capture, self.device_types = capture or self._capture_in_shared_pool, device_types
+        self.pool = None  # made at the first capture (a CUDA memory pool handle)
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor | None]]] = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -218,6 +227,11 @@ class GraphedVelocity:
         fill_static(static, inputs)
         replay()
         return static["out"].clone()
+
+    def _capture_in_shared_pool(self, forward: Callable[[], torch.Tensor], warmup: int):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return capture_cuda_graph(forward, warmup, pool=self.pool)
 
     def bind(self, velocity) -> "GraphedVelocity":
         """Reuse the captured graphs for a new batch of conditioning (same shapes): its tensors are copied in."""
