@@ -103,3 +103,35 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_row(path: Path | str | None, row: dict) -> None:
+    """Append one result row to a JSONL file the moment it is measured (flushed and fsynced): a run stopped from
+    outside keeps every row finished before it (bench/gpu_run.sh gathers them under $OUT). No-op without a path."""
+    if path is None:
+        return
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of the device (a result to record, not a crash)."""
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run HERE (a machine with PyPI), before a GPU session: downloads the wheels the GPU machine lacks into .whl/
-# (git-ignored) and builds this project's own wheel beside them. The GPU machine has torch, triton,
-# transformers, peft, accelerate, safetensors, pytest, ... but no diffusers, no tomli-w and no package index.
+# (git-ignored). The GPU machine has torch, triton, transformers, peft, accelerate, safetensors, pytest,
+# pytest-xdist, pytest-timeout, ... but no diffusers, no tomli-w and no package index. The project itself is
+# not packaged: the checkout travels with every call and bench/gpu_run.sh imports it first (a wheel installed
+# by an earlier call would otherwise run the old code after a fix).
 #     bench/gpu_prepare.sh              # then: bench/gpu_run.sh on the GPU machine, with .whl carried along
 #     bench/gpu_prepare.sh --dry-run    # print the commands, download nothing
 # The versions are the ones installed here (tested together). A copy to the GPU machine may carry at most
@@ -24,7 +26,6 @@ run() { echo "+ $*"; if (( ! DRY )); then "$@"; fi; }
 run rm -rf .whl .whl-[0-9]*
 run mkdir -p .whl
 run "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl "${pins[@]}"
-run "$PY" -m pip wheel -q --no-deps -w .whl .   # build isolation: setuptools>=68 from the index
 (( DRY )) && exit 0
 # Split into folders of at most WHEEL_MIB.
 part=1; size=0
@@ -36,4 +37,7 @@ for f in $(ls -S .whl/*.whl); do
   size=$((size + mib))
 done
 du -sh .whl*/ && ls .whl*/
+for w in .whl*/; do  # each copy: the checkout as it travels plus one wheel folder, within the 64 MiB limit
+  "$PY" bench/gpu_summary.py carry . 64 "$w" || { echo "gpu_prepare: the checkout with $w is over 64 MiB" >&2; exit 4; }
+done
 echo "gpu_prepare: carry .whl (and each .whl-N in its own call) to the GPU machine; run bench/gpu_run.sh there"

@@ -26,6 +26,39 @@ if str(ROOT) not in sys.path:
 COLOUR_PROMPTS = ["a red square", "a green circle", "a blue triangle", "a yellow star"]
 
 
+class StepFollower:
+    """Hands each new line of the trainer's metrics.jsonl (one per optimizer step) to `emit` while the run goes on
+    (a thread polling the file twice a second), and the rest when the run ends."""
+
+    def __init__(self, path: Path, emit):
+        import threading
+
+        self.path, self.emit, self.seen, self.stop = path, emit, 0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _drain(self) -> None:
+        try:
+            lines = self.path.read_text().split("\n")[:-1]  # complete lines only: the last may be being written
+        except OSError:  # not written yet
+            return
+        for line in lines[self.seen :]:
+            self.emit(json.loads(line))
+            self.seen += 1
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            self._drain()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._drain()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "flux_leapalign.toml")
@@ -35,6 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir for random-tiny)")
+    p.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        help="also append a row per finished step (the trainer's metrics) and the final result to this JSONL file "
+        "as they come: a run stopped from outside keeps its finished steps",
+    )
     p.add_argument("--dry-run", action="store_true", help="load the config, print the plan, exit")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -67,7 +107,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from bench.common import slug, write_result
+    from bench.common import append_row, is_oom, slug, write_result
     from bench.random_models import random_weights
     from leapalign_fast import train
 
@@ -77,11 +117,25 @@ def main(argv=None) -> int:
             "bench/gpu_train_steps.py needs a CUDA GPU; --model random-tiny runs the same path on CPU", file=sys.stderr
         )
         return 2
+    label = {
+        "bench": "train_steps",
+        "model": args.model,
+        "compile": cfg.model.compile,
+        "cuda_graph": cfg.model.cuda_graph,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output_dir = tmp
         t0 = time.perf_counter()
-        with random_weights(args.model, "cuda" if cuda else "cpu"):
-            result = train.train(cfg)
+        follow = StepFollower(Path(tmp) / "metrics.jsonl", lambda m: append_row(args.jsonl, {**label, "step": m}))
+        try:
+            with random_weights(args.model, "cuda" if cuda else "cpu"), follow:
+                result = train.train(cfg)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            append_row(args.jsonl, {**label, "oom": True, "error": str(e).splitlines()[0]})
+            print(f"out of memory: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 3
         wall = time.perf_counter() - t0
         metrics = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     try:
@@ -107,7 +161,9 @@ def main(argv=None) -> int:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix="bench-train-")) if args.model == "random-tiny" else ROOT / "bench" / "results"
     )
-    path = write_result(out / f"train_steps_{args.model}_{slug(gpu)}.json", payload)
+    tag = "" if cfg.model.compile == "none" else f"_{slug(cfg.model.compile)}"  # eager keeps the old file name
+    path = write_result(out / f"train_steps_{args.model}_{slug(gpu)}{tag}.json", payload)
+    append_row(args.jsonl, {**label, **{k: v for k, v in payload.items() if k not in ("config", "metrics")}})
     print(
         f"{result.steps} steps, seconds per step {[round(s, 2) for s in payload['step_seconds']]}, peak "
         f"{payload['peak_gpu_mib'] or float('nan'):.0f} MiB, compiled graphs {graphs}; wrote {path}"

@@ -334,15 +334,28 @@ def measure(run, method_name: str, n: int, res: int, saved_parts) -> dict:
 
 
 def timed_repeats(run, methods: dict, repeats: int) -> dict[str, list[dict]]:
-    """`repeats` rounds, each running every method once in turn (interleaved: load drifts hit all alike)."""
+    """`repeats` rounds, each running every method once in turn (interleaved: load drifts hit all alike). A method
+    whose step runs out of device memory is timed no further: its list ends with {"oom": message}."""
+    from bench.common import free_device_memory, is_oom
+
     cuda = run.accelerator.device.type == "cuda"
     out = {m: [] for m in methods}
     for _ in range(repeats):
         for name, method in methods.items():
+            if out[name] and "oom" in out[name][-1]:
+                continue
             timer = Timer(cuda)
             before = rss_mib() if not cuda and reset_peak_rss() else None  # after the reset: trimmed baseline
             t0 = time.perf_counter()
-            trainer_step(run, method, timer, None)
+            try:
+                trainer_step(run, method, timer, None)
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                out[name].append({"oom": str(e).splitlines()[0]})
+                run.optimizer.zero_grad(set_to_none=True)
+                free_device_memory()
+                continue
             step = time.perf_counter() - t0
             out[name].append(
                 {
@@ -598,6 +611,13 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
     p.add_argument("--tag", default="", help="suffix of the output file names (e.g. lora)")
     p.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        help="also append each row to this JSONL file the moment it is measured (a run stopped from outside keeps "
+        "the finished rows; the JSON, table and plot are written at the end)",
+    )
+    p.add_argument(
         "--rss-isolated",
         action="store_true",
         help="CPU: peak RSS from one fresh process per method (a large step of another method leaves the "
@@ -651,7 +671,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from bench.common import slug, write_result
+    from bench.common import append_row, slug, write_result
     from leapalign_fast import train
     from leapalign_fast.config import config_dict
     from leapalign_fast.threads import describe_threads
@@ -706,12 +726,13 @@ def main(argv=None) -> int:
                             methods[m] = method
                     times = timed_repeats(run, methods, args.repeats)
                     for row in group:
-                        if not row["oom"] and args.repeats:
-                            row.update(summarize_times(times[row["method"]]))
+                        timed = [t for t in times.get(row["method"], []) if "oom" not in t]
+                        if len(timed) < len(times.get(row["method"], [])):  # the counted step fit, a timed one not
+                            row["timing_oom"] = times[row["method"]][-1]["oom"]
+                        if not row["oom"] and timed:
+                            row.update(summarize_times(timed))
                             rss = [
-                                x
-                                for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in times[row["method"]])]
-                                if x is not None
+                                x for x in [row.get("peak_rss_mib"), *(t["peak_rss"] for t in timed)] if x is not None
                             ]
                             if rss:  # resident memory moves with the allocator's reuse: median over every step
                                 row["peak_rss_mib_counted_step"] = row["peak_rss_mib"]
@@ -721,6 +742,7 @@ def main(argv=None) -> int:
                                     peak_rss_mib_max=max(rss),
                                 )
                         rows.append(row)
+                        append_row(args.jsonl, {"bench": "memory", "model": args.model, **row})
                         print(
                             f"{row['method']:>10} N={n:<3} {res}px "
                             f"decode-ckpt={'on' if row['checkpoint_decode'] else 'off':<3} "

@@ -29,7 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after site-packages: an installed leapalign_fast (with its kernels) wins
 
-from bench.common import interleaved_times, paired_ratio, peak_rss_mib, slug, time_summary, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    append_row,
+    free_device_memory,
+    interleaved_times,
+    is_oom,
+    paired_ratio,
+    peak_rss_mib,
+    slug,
+    time_summary,
+    write_result,
+)
 from bench.random_models import RANDOM_MODELS, RANDOM_RESOLUTIONS  # noqa: E402
 from leapalign_fast.models.backbone import BACKBONES, get_backbone  # noqa: E402
 from leapalign_fast.models.fast import GraphedVelocity, compile_transformer  # noqa: E402
@@ -121,7 +131,10 @@ def bench_resolution(
     guidance: float,
     max_sequence_length: int,
     num_frames: int = 1,
+    jsonl: Path | None = None,
 ) -> list[dict]:
+    """Rows of every variant at `res`; each phase's rows are appended to `jsonl` as soon as they are timed, and a
+    phase that runs out of device memory gives rows with `oom` (the next phase still runs)."""
     backbone, comps, cond = build(kind, device, dtype, batch, max_sequence_length)
     size = tuple(int(s) for s in res.split("x")) if isinstance(res, str) else res  # "HxW": non-square
     geom = backbone.layout(comps, size, num_frames if backbone.video else 1)
@@ -135,36 +148,50 @@ def bench_resolution(
         phases[0].append(("ours_eager_cuda_graph", ours_runner(*args, graphed=True)))
     reference = phases[0][0][1]()
     rows = []
+    base = None
     for variants in phases + ([None] if cuda else []):
         if variants is None:  # the compiled phase, built only after the eager one is timed
             compile_transformer(comps.transformer, "regional")
             variants = [("ours_compiled", ours_runner(*args, graphed=False))]
             if graphs:
                 variants.append(("ours_compiled_cuda_graph", ours_runner(*args, graphed=True)))
-        for name, stat in timed_interleaved(variants, reps, cuda).items():
+        common = {
+            "bench": "sampler",
+            "model": kind,
+            "backbone": backbone.name,
+            "pipeline": backbone.pipeline,
+            "resolution": res,
+            "steps": steps,
+            "batch": batch,
+            "guidance": guidance,
+            "dtype": str(dtype),
+        }
+        try:
+            stats = timed_interleaved(variants, reps, cuda)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            free_device_memory()
+            for name, _ in variants:
+                rows.append({"variant": name, **common, "oom": True, "error": str(e).splitlines()[0]})
+                append_row(jsonl, rows[-1])
+                print(f"{backbone.name} {res}px {name:>24}: out of memory", flush=True)
+            continue
+        for name, stat in stats.items():
             run = dict(variants)[name]
-            r = {
-                "variant": name,
-                "backbone": backbone.name,
-                "pipeline": backbone.pipeline,
-                "resolution": res,
-                "steps": steps,
-                "batch": batch,
-                "guidance": guidance,
-                "dtype": str(dtype),
-                **stat,
-            }
+            r = {"variant": name, **common, **stat, "oom": False}
             r["images_per_second"] = batch / r["seconds_median"]
             r["max_abs_diff_vs_pipeline"] = (run().float() - reference.float()).abs().max().item()
+            base = base or (r if name == "pipeline_eager" else None)
+            if base is not None:
+                r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
             rows.append(r)
+            append_row(jsonl, r)
             print(
                 f"{backbone.name} {res}px {name:>24}: {r['images_per_second']:.3f} img/s (median of {reps})  "
                 f"peak {r['peak_mib']:.0f} MiB  max|diff| {r['max_abs_diff_vs_pipeline']:.2e}",
                 flush=True,
             )
-    base = next(r for r in rows if r["variant"] == "pipeline_eager")
-    for r in rows:
-        r["speedup_vs_pipeline"] = r["images_per_second"] / base["images_per_second"]
     return rows
 
 
@@ -177,6 +204,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results (a temp dir with --quick)")
+    p.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        help="also append each row to this JSONL file as soon as it is timed (the JSON is rewritten after each "
+        "resolution), so a run stopped from outside keeps what finished",
+    )
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
@@ -192,6 +226,7 @@ def main(argv=None) -> int:
     steps = args.steps if cuda else 6
     out = args.out or (Path(tempfile.mkdtemp(prefix="sampler-quick-")) if args.quick else ROOT / "bench" / "results")
     rows = []
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     for res in res_list:
         # One full-size model alive at a time: the previous resolution's model and graphs are gone before this build.
         rows += bench_resolution(
@@ -206,21 +241,22 @@ def main(argv=None) -> int:
             cfg.guidance,
             msl,
             num_frames=cfg.num_frames,
+            jsonl=args.jsonl,
+        )
+        path = write_result(  # after every resolution: a later one that fails or is stopped loses nothing here
+            out / f"sampler_{kind}_{slug(gpu)}.json",
+            {
+                "model": kind,
+                "backbone": args.backbone,
+                "rows": rows,
+                "note": "random weights and prompt embeddings; denoising only; times are medians of interleaved "
+                "repeats",
+            },
         )
         gc.collect()
         if cuda:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    path = write_result(
-        out / f"sampler_{kind}_{slug(gpu)}.json",
-        {
-            "model": kind,
-            "backbone": args.backbone,
-            "rows": rows,
-            "note": "random weights and prompt embeddings; denoising only; times are medians of interleaved repeats",
-        },
-    )
     print("wrote", path)
     return 0
 
