@@ -180,7 +180,7 @@ def run_task(args, task: tuple[str, int], work: Path) -> dict:
             f"eval_every={args.eval_every}",
             f"eval_prompt_file={work / 'validation_prompts.txt'}",
             "eval_rewards=['evaluator', 'reward']",
-            "best_metric='evaluator'",
+            f"best_metric='{args.best_metric}'",
             f"eval_num_steps={args.eval_n}",
         ]
     cfg = run_config(args, method, seed, out, extra)
@@ -441,6 +441,11 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=48, help="evaluation images per category")
     p.add_argument("--eval-every", type=int, default=0, help="trainer validation every K steps (curves; --select best)")
     p.add_argument("--select", choices=("last", "best"), default="last", help="checkpoint scored per run")
+    p.add_argument(
+        "--best-metric",
+        default="evaluator",
+        help="validation score that picks `best` (--select best): evaluator (GenEval-style) or evaluator/strict, ...",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--grid", type=int, default=12, help="sample images kept per method (first seed)")

@@ -1,5 +1,7 @@
 """Equal-budget tuning of every method on the toy benchmark's *validation* split: one lr grid, the same for every
-method, the same steps, batch and sampling steps; each method keeps the lr with the best mean validation `overall`.
+method, the same steps, batch and sampling steps; each method keeps the lr with the best mean validation `--metric`
+(`overall`, the GenEval-style pass, by default; `strict` for the strict score, which extra objects and speck
+artefacts fail).
 
     python bench/tune_toy.py --lrs 5e-5 1e-4 2e-4 --seeds 0 1 --jobs 2
 
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="*", default=quality.METHODS)
     p.add_argument("--images", type=int, default=24, help="validation images per category")
+    p.add_argument("--metric", default="overall", help="the column each method's lr is chosen on: overall or strict")
     p.add_argument("--eval-every", type=int, default=25, help="trainer validation every K steps (the time curves)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
@@ -76,13 +79,13 @@ def main(argv=None) -> int:
                 ]
             )
         runs[lr] = json.loads((args.out / f"{name}.json").read_text())
-    grid = {m: {lr: runs[lr]["table"][m]["overall"]["mean"] for lr in args.lrs} for m in args.methods}
+    grid = {m: {lr: runs[lr]["table"][m][args.metric]["mean"] for lr in args.lrs} for m in args.methods}
     chosen = choose(grid)
-    base = runs[args.lrs[0]]["table"]["base"]["overall"]["mean"]
+    base = runs[args.lrs[0]]["table"]["base"][args.metric]["mean"]
     md = [
-        f"Validation split, seeds {args.seeds}, {args.images} images per category; mean overall over seeds for each "
-        f"lr of one grid (same for every method; the rest of configs/tiny.toml fixed: same steps, batch, sampling "
-        f"steps). Base model: {base:.3f}.",
+        f"Validation split, seeds {args.seeds}, {args.images} images per category; mean {args.metric} over seeds "
+        f"for each lr of one grid (same for every method; the rest of configs/tiny.toml fixed: same steps, batch, "
+        f"sampling steps). Base model: {base:.3f}.",
         "",
         "| method | "
         + " | ".join(f"lr {lr}" for lr in args.lrs)
@@ -104,6 +107,7 @@ def main(argv=None) -> int:
         {
             "grid": grid,
             "chosen": chosen,
+            "metric": args.metric,
             "base_overall": base,
             "overrides": {m: [f"lr={lr}"] for m, lr in chosen.items()},
             "seeds": args.seeds,
