@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check as two device calls of at most ~8 minutes each, the most important numbers first, from the
 # repository root on the GPU machine (no package index there; bench/gpu_prepare.sh's wheels carried in .whl):
-#     bench/gpu_run.sh call1        # memory (LeapAlign vs full backprop, FLUX.1-dev size, 512², N 10/25/50),
+#     bench/gpu_run.sh call1        # doctor (the machine: versions, kernels compiled vs references, attention),
+#                                   # memory (LeapAlign vs full backprop, FLUX.1-dev size, 512², N 10/25/50),
 #                                   # kernels (bandwidth at 64-512 MiB), tests (pytest -m gpu in parallel)
 #     bench/gpu_run.sh call2        # sampler vs FluxPipeline at 512², training steps eager, then compiled
-#     bench/gpu_run.sh STAGE...     # named stages: memory kernels tests sampler train train-compiled memory-1024
+#     bench/gpu_run.sh STAGE...     # named stages: doctor memory kernels tests sampler train train-compiled
+#                                   # memory-1024
 #     bench/gpu_run.sh --cpu-check call1 call2   # CPU (CI): the same plan at toy size, no GPU
 # With no argument: call1. GPU_BUDGET_S (default 470) bounds one invocation; each stage has its own limit inside
 # it, and a stage the budget cannot reach is recorded as skipped.
@@ -25,15 +27,15 @@ STAGES=()
 for a in "$@"; do
   case "$a" in
     --cpu-check|--dry-run) CHECK=1 ;;
-    call1) STAGES+=(memory kernels tests) ;;
+    call1) STAGES+=(doctor memory kernels tests) ;;
     call2) STAGES+=(sampler train train-compiled) ;;
-    memory|kernels|tests|sampler|train|train-compiled|memory-1024) STAGES+=("$a") ;;
+    doctor|memory|kernels|tests|sampler|train|train-compiled|memory-1024) STAGES+=("$a") ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    *) echo "gpu_run: unknown argument '$a' (call1 call2, or stages: memory kernels tests sampler train" \
+    *) echo "gpu_run: unknown argument '$a' (call1 call2, or stages: doctor memory kernels tests sampler train" \
             "train-compiled memory-1024; --cpu-check)" >&2; exit 2 ;;
   esac
 done
-(( ${#STAGES[@]} )) || STAGES=(memory kernels tests)
+(( ${#STAGES[@]} )) || STAGES=(doctor memory kernels tests)
 OUT=${OUT:-$ROOT/gpu-results}
 WORK=${GPU_WORK:-/tmp/gpu-bench}          # each benchmark's own JSON, tables and plots (not sent back)
 SITE=${GPU_SITE:-/tmp/site}
@@ -131,7 +133,12 @@ PYTEST_PAR=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n 4 --dist worksteal)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_PAR+=(--timeout 150)
 J=(--jsonl "$JSONL")
+# leapalign-fast doctor on the shipped toy config in bf16 (its files are in the checkout): devices, dtypes,
+# versions against the project's bounds, each Triton kernel compiled for this GPU against its reference, the
+# attention backend `auto` resolves to, memory and disk. Exit 2 if anything failed (the next stage still runs).
+DOCTOR=("$PY" -m leapalign_fast.cli doctor model.dtype=bfloat16 report_to=none output_dir="$WORK/doctor")
 for s in "${STAGES[@]}"; do
+  if [[ $s == doctor ]]; then stage doctor 90 "${DOCTOR[@]}"; continue; fi
   if (( CHECK )); then  # the same scripts at toy size on CPU (the kernels under Triton's interpreter)
     case $s in
       memory)  stage memory 300 "$PY" bench/memory.py --model random-tiny --methods leapalign full --steps 2 \

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-CALL1, CALL2 = ["memory", "kernels", "tests"], ["sampler", "train", "train-compiled"]
+CALL1, CALL2 = ["doctor", "memory", "kernels", "tests"], ["sampler", "train", "train-compiled"]
 
 
 def _env(tmp_path, **extra):
