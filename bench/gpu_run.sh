@@ -165,7 +165,7 @@ for s in "${STAGES[@]}"; do
     # Bandwidth: 64/256/512 MiB tensors (FLUX's own latents, B 1 and 8 at 1024², measure launch overhead).
     kernels) stage kernels 60 "$PY" bench/kernel_speed.py --batch 1 8 --mib 64 256 512 --reps 30 --out "$R" "${J[@]}" ;;
     # shellcheck disable=SC2086
-    tests)   stage tests 300 "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider "${PYTEST_PAR[@]}" \
+    tests)   stage tests 300 "$PY" -m pytest -m gpu -v -rfEs --durations=15 -p no:cacheprovider "${PYTEST_PAR[@]}" \
                --junitxml "$OUT/tests.xml" $TESTS ;;
     sampler) stage sampler 210 "$PY" bench/sampler.py --resolutions 512 --reps 3 --out "$R" "${J[@]}" ;;
     train)   stage train 150 "$PY" bench/gpu_train_steps.py --steps 3 --resolution 512 --set 'model.compile="none"' \
