@@ -164,3 +164,44 @@ def test_linear_velocity_is_what_the_formula_says():
     x, t = torch.randn(2, 4, 3, dtype=torch.float64), torch.tensor([0.3, 0.7], dtype=torch.float64)
     want = x @ m.W.T + m.b + t[:, None, None] * m.c
     torch.testing.assert_close(m(x, t), want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_the_toy_model_through_the_trainer(tmp_path):
+    """The real-model path end to end at toy size: the trainer's step, the two base-model sets, tables, plots and the
+    Gram file; `full` against itself is exact, LeapAlign's cosine lies in (0, 1)."""
+    import json
+
+    from bench.gradient_fidelity import main
+
+    argv = ["--steps", "4", "--draws", "2", "--batch", "1", "--methods", "full", "leapalign", "--no-grid"]
+    argv += ["--no-trained", "--closed-form-draws", "2", "--out", str(tmp_path), "--tag", "t"]
+    assert main(argv) == 0
+    out = json.loads((tmp_path / "gradient_fidelity_toy_cpu_t.json").read_text())
+    assert set(out["results"]) == {"select/N4", "report/N4"}
+    for res in out["results"].values():
+        rows = {r["method"]: r for r in res["rows"]}
+        assert rows["full"]["groups"]["all"]["cos_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert 0 < rows["leapalign"]["groups"]["all"]["cos_mean"] < 1
+        assert {"double_blocks", "single_blocks", "other"} <= set(rows["leapalign"]["groups"])
+        assert rows["leapalign"]["activation_mib"] < rows["full"]["activation_mib"]
+    assert (tmp_path / out["gram_file"]).is_file() and (
+        tmp_path / "gradient_fidelity_toy_cpu_t_report_N4.png"
+    ).is_file()
+
+
+def test_the_grid_fits_n_and_the_pick_is_the_select_sets_best():
+    from bench.gradient_fidelity import grid_for, pick_grid
+
+    assert "draft:draft_k=5" not in grid_for(4) and "draft:draft_k=12" in grid_for(25)
+    assert not any("index_window" in g for g in grid_for(3))
+    for n in (3, 10, 25):
+        for spec in grid_for(n):
+            settings_of(spec, 1.0, n)  # every variant is valid at its N
+    row = lambda m, c: {"method": m, "name": m.split(":")[0], "groups": {"all": {"cos_mean": c}}}
+    select = {
+        "rows": [row("leapalign", 0.7), row("leapalign:alpha=1.0", 0.8), row("leapalign:reward_first=false", 0.9)]
+    }
+    select["rows"] += [row("draft", 0.2), row("draft:draft_k=5", 0.3)]
+    picks = pick_grid(select)
+    assert picks["leapalign"]["chosen"] == "leapalign:alpha=1.0" and picks["draft"]["chosen"] == "draft:draft_k=5"
