@@ -129,7 +129,10 @@ def resolve(
                 ref.repo_id, repo_type=ref.repo_type, revision=ref.revision, allow_patterns=allow_patterns
             )
     except Exception as e:  # noqa: BLE001 - mapped to one line where known (hub_error), else re-raised
-        raise hub_error(e, ref, what) from None
+        error = hub_error(e, ref, what)
+        if error is e:
+            raise
+        raise error from None
     _RESOLVED[key] = Path(folder)
     return Path(folder)
 
@@ -153,7 +156,10 @@ def resolve_file(value, what: str, revision: str | None = None) -> Path:
         with _lock(ref):
             path = hf_hub_download(ref.repo_id, ref.filename, repo_type=ref.repo_type, revision=ref.revision)
     except Exception as e:  # noqa: BLE001 - mapped to one line where known (hub_error), else re-raised
-        raise hub_error(e, ref, what) from None
+        error = hub_error(e, ref, what)
+        if error is e:
+            raise
+        raise error from None
     _RESOLVED[key] = Path(path)
     return Path(path)
 
