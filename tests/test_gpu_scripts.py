@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL1, CALL2 = ["doctor", "memory", "kernels", "tests"], ["sampler", "train", "train-compiled"]
@@ -50,6 +51,7 @@ def test_prepare_dry_run_names_the_missing_wheels_and_not_the_project():
     assert "pip wheel" not in proc.stdout  # the checkout travels and is imported first: no project wheel to go stale
 
 
+@pytest.mark.slow
 def test_cpu_check_runs_both_calls_in_priority_order(tmp_path):
     """Both calls at toy size; a stale project copy in the wheel folder (a module file, which the cleanup of an
     older call's package folder leaves) must not be what runs: the checkout comes first on PYTHONPATH."""
@@ -112,6 +114,7 @@ def _tree(pid):
         return []
 
 
+@pytest.mark.slow
 def test_stopped_with_sigkill_during_stage_two_keeps_stage_one(tmp_path):
     """Everything killed at once (a device call past its limit): stage 1's rows and summary are on disk."""
     proc = _start(tmp_path, ["kernels", "tests"])
@@ -131,6 +134,7 @@ def test_stopped_with_sigkill_during_stage_two_keeps_stage_one(tmp_path):
     assert "gpu_run: done" not in (tmp_path / "out" / "gpu_run.log").read_text()
 
 
+@pytest.mark.slow
 def test_stopped_with_sigterm_during_stage_two_records_it_and_leaves_no_process(tmp_path):
     proc = _start(tmp_path, ["kernels", "tests"])
     try:
@@ -149,6 +153,7 @@ def test_stopped_with_sigterm_during_stage_two_records_it_and_leaves_no_process(
     assert "| kernels | ok (0) |" in summary and "| tests | stopped (143) |" in summary
 
 
+@pytest.mark.slow
 def test_stages_the_budget_cannot_reach_are_recorded_as_skipped(tmp_path):
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_run.sh"), "--cpu-check", "kernels", "sampler"],
@@ -163,6 +168,7 @@ def test_stages_the_budget_cannot_reach_are_recorded_as_skipped(tmp_path):
     assert "skipped" in (tmp_path / "out" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_train_steps_path_on_cpu(tmp_path):
     """bench/gpu_train_steps.py: the trainer on random weights with the FLUX LoRA config, at toy size on CPU; a
     row per finished step reaches the JSONL while the run goes on, then the result."""
