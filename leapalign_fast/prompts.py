@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from leapalign_fast import hub
 from leapalign_fast.errors import UserError
+from leapalign_fast.io import write_json_atomic
 
 _COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray", "cyan", "brown"]
 _SHAPES = ["square", "circle", "triangle", "star", "ring", "cross"]
@@ -114,24 +116,50 @@ def resolve_prompt_set(spec: str) -> PromptSet:
             "them, or give a text file with one prompt per line"
         )
     set_spec = PROMPT_SETS[name]
-    prompts, styles, sources = [], [], []
-    for style, file in set_spec.files.items():
-        path, source = _prompt_set_file(name, set_spec, file, where)
+    located = {style: _prompt_set_file(name, set_spec, file, where) for style, file in set_spec.files.items()}
+    source = ", ".join(src for _, src in located.values())
+    # A set read from the Hub (files at a commit) is kept extracted beside the cache, with its checksum: the other
+    # processes of a launch, and later runs, read that list instead of parsing the dataset's files again.
+    extracted = (
+        hub.cache_dir() / ".leapalign-fast" / "prompt_sets" / f"{name}-{_digest(source)}.json" if not where else None
+    )
+    if extracted is not None and extracted.is_file():
+        try:
+            kept = json.loads(extracted.read_text(encoding="utf-8"))
+            if prompts_sha256(kept["prompts"]) == kept["sha256"] and len(kept["styles"]) == len(kept["prompts"]):
+                for style, (path, _) in located.items():
+                    _check_count(name, set_spec, style, kept["styles"].count(style), path)
+                return PromptSet(name, kept["prompts"], kept["styles"], source, kept["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or damaged: extracted again below, and rewritten
+    prompts, styles = [], []
+    for style, (path, _) in located.items():
         found = _read_set_file(path, set_spec.reader, name)
-        if set_spec.expected is not None and len(found) != set_spec.expected[style]:
-            print(
-                f"leapalign-fast: prompt set {name}{' ' + style if style else ''} has {len(found)} prompts where "
-                f"{set_spec.expected[style]} are published; check {path} (a changed or truncated file?)",
-                file=sys.stderr,
-                flush=True,
-            )
+        _check_count(name, set_spec, style, len(found), path)
         prompts += [p for p, _ in found]
         styles += [tag or style for _, tag in found]
-        sources.append(source)
     if set_spec.unique:
         prompts = list(dict.fromkeys(prompts))
         styles = [""] * len(prompts)
-    return PromptSet(name, prompts, styles, ", ".join(sources), prompts_sha256(prompts))
+    result = PromptSet(name, prompts, styles, source, prompts_sha256(prompts))
+    if extracted is not None and os.access(extracted.parent.parent.parent, os.W_OK):  # a read-only cache: not kept
+        write_json_atomic(extracted, {"prompts": prompts, "styles": styles, "sha256": result.sha256, "source": source})
+    return result
+
+
+def _check_count(name: str, spec: PromptSetSpec, style: str, count: int, path: Path) -> None:
+    """One line on stderr when a file holds another number of prompts than its authors publish (the run goes on)."""
+    if spec.expected is not None and count != spec.expected[style]:
+        print(
+            f"leapalign-fast: prompt set {name}{' ' + style if style else ''} has {count} prompts where "
+            f"{spec.expected[style]} are published; check {path} (a changed or truncated file?)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _prompt_set_file(name: str, spec: PromptSetSpec, file: str, where: str) -> tuple[Path, str]:

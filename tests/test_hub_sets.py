@@ -89,6 +89,11 @@ def test_prompt_sets_by_name_count_and_checksum(cache, tmp_path, capsys):
     test = resolve_prompt_set("hpdv2-test")
     assert (len(test.prompts), test.sha256) == (400, _sha256(TEST_PROMPTS))
     assert test.source.startswith("hf://datasets/zhwang/HPDv2@") and test.source.endswith("/test.json")
+    (kept,) = (cache / ".leapalign-fast" / "prompt_sets").glob("hpdv2-test-*.json")  # the extracted list, kept
+    assert json.loads(kept.read_text())["sha256"] == test.sha256
+    kept.write_text("{ damaged")
+    assert resolve_prompt_set("hpdv2-test").sha256 == test.sha256  # extracted again from the dataset's file
+    assert json.loads(kept.read_text())["prompts"] == TEST_PROMPTS  # and kept again
     bench = resolve_prompt_set("hpdv2-benchmark")
     assert len(bench.prompts) == 3200 and [bench.styles.count(s) for s in HPS_STYLES] == [800] * 4
     assert bench.sha256 == _sha256([p for s in HPS_STYLES for p in STYLE_PROMPTS[s]])
