@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from leapalign_fast.config import load_config
 from leapalign_fast.errors import UserError
@@ -47,6 +48,9 @@ def wandb_records(path: Path) -> list:
 def wandb_run(out: Path) -> tuple[dict, dict, dict, int | None]:
     """(scalars {name: {step: value}}, images {name: [steps]}, config {key: value}, exit code) of the one offline
     W&B run in `out`."""
+    import wandb
+
+    wandb.teardown()  # W&B's service process writes the file behind the run: stopping it flushes the last records
     (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     scalars, images, config, exit_code = {}, {}, {}, None
     for record in wandb_records(path):
@@ -125,6 +129,8 @@ def test_tensorboard_and_wandb_offline_get_the_same_scalars_images_and_config(tm
     assert tb_images == wb_images == {"grid": [0, 3], "val/images": [0, 2, 3]}
     flat = flat_config(cfg)
     assert {k: wb_config[k] for k in flat} == flat and flat["report_to"] == '["tensorboard", "wandb"]'
+    (hparams,) = (out / "tensorboard").glob("*/hparams.yml")  # TensorBoard's copy of the hparams it logged
+    assert yaml.safe_load(hparams.read_text()) == flat
     assert flat["method.name"] == "leapalign" and flat["reward.options"] == "{}"
 
 
