@@ -154,6 +154,7 @@ class Trainer:
             )
         check_reward_name(cfg.reward.name)  # a typo fails before the model is loaded
         self.backbone = backbone = backbone_for(cfg.model)  # resolved once; everything below is handed it
+        backbone.check_frames(cfg.num_frames)  # num_frames on an image family fails before the model is loaded
         if cfg.model.cuda_graph and not backbone.graphable:
             raise UserError(
                 f"model.cuda_graph=true: model.family {backbone.name}'s forward changes shape with the prompts (no "

@@ -146,14 +146,16 @@ class Backbone:
 
     def layout(self, components, size, num_frames: int = 1) -> Geometry:
         """The geometry of `size` (pixels) and `num_frames` (the config's; an image family takes only 1)."""
-        if self.video:
-            return self.geometry(components, size, num_frames)
-        if num_frames != 1:
+        self.check_frames(num_frames)
+        return self.geometry(components, size, num_frames) if self.video else self.geometry(components, size)
+
+    def check_frames(self, num_frames: int) -> None:
+        """A frame count an image family cannot take is one UserError line (before any model is loaded)."""
+        if num_frames != 1 and not self.video:
             raise UserError(
                 f"num_frames={num_frames}: model.family {self.name} makes images; set num_frames = 1 or use a video "
                 f"family ({', '.join(n for n in BACKBONES if get_backbone(n).video)})"
             )
-        return self.geometry(components, size)
 
     def noise_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype the sampler's noise and states have for a model stored in `model_dtype`."""
