@@ -47,7 +47,9 @@ def step_bytes(cfg, backbone, components, geometry) -> int:
     graphs = cfg.method.grad_graphs(cfg.num_steps)
     widest = backbone.decoder_width(components.vae)
     height, width = cfg.image_size
-    per_decode = height * width * getattr(cfg, "num_frames", 1) * widest * 3 * elem  # every frame of a video
+    # every frame of a video; a recomputed video decode (checkpoint_decode) holds about one frame's graph at a time
+    frames = 1 if cfg.model.checkpoint_decode else getattr(cfg, "num_frames", 1)
+    per_decode = height * width * frames * widest * 3 * elem
     decodes = cfg.method.grad_decodes()
     latents = tokens * geometry.channels * 4 * (cfg.num_steps + 1)  # the trajectory
     grad = (max if cfg.method.decode_apart() else sum)((graphs * per_forward, decodes * per_decode))

@@ -505,3 +505,17 @@ def test_num_frames_on_an_image_family_fails_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr(build, "load_components", no_load)
     with pytest.raises(UserError, match=r"num_frames=5: model.family sd3 makes images; set num_frames = 1"):
         train(load_config(None, [f"output_dir={tmp_path}", "model.family=sd3", "num_frames=5", *BASE]))
+
+
+def test_the_memory_preflight_counts_every_decoded_frame_unless_the_decode_is_recomputed(wan):
+    from leapalign_fast.preflight import step_bytes
+
+    backbone, comps = wan
+
+    def need(frames, ck):
+        cfg = load_config(None, [*VIDEO, f"num_frames={frames}", f"model.checkpoint_decode={str(ck).lower()}"])
+        return step_bytes(cfg, backbone, comps, backbone.layout(comps, cfg.image_size, frames))
+
+    decode = 32 * 48 * 4 * comps.vae.config.base_dim * 3 * 4  # 4 more frames x the decoder's width, float32
+    assert need(9, False) - need(5, False) >= decode  # (and the 1 more latent frame's tokens)
+    assert need(9, True) - need(5, True) < decode
