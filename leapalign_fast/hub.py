@@ -129,7 +129,7 @@ def resolve(
                 ref.repo_id, repo_type=ref.repo_type, revision=ref.revision, allow_patterns=allow_patterns
             )
     except Exception as e:  # noqa: BLE001 - mapped to one line where known (hub_error), else re-raised
-        error = hub_error(e, ref, what)
+        error = hub_error(e, ref, what, allow_patterns)
         if error is e:
             raise
         raise error from None
@@ -164,7 +164,7 @@ def resolve_file(value, what: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
-def hub_error(e: BaseException, ref: HubRef, what: str) -> BaseException:
+def hub_error(e: BaseException, ref: HubRef, what: str, patterns: list[str] | None = None) -> BaseException:
     """huggingface_hub's (and the network's and the disk's) failures as one UserError line each; anything else is
     returned as it is (the caller raises it, traceback and all)."""
     from huggingface_hub.errors import (
@@ -206,8 +206,9 @@ def hub_error(e: BaseException, ref: HubRef, what: str) -> BaseException:
             f"{name}: {rev}{ref.repo_id} in the Hugging Face cache {cache_dir()} {part} and {why}; download it on a "
             f"connected machine (`hf download {ref.repo_id}"
             f"{' --repo-type dataset' if ref.repo_type == 'dataset' else ''}"
-            f"{' --revision ' + ref.revision if ref.revision else ''}` into the same HF_HOME), or rerun with network "
-            "access"
+            f"{' --revision ' + ref.revision if ref.revision else ''}"
+            f"{' --include ' + ' '.join(repr(p) for p in patterns) if patterns else ''}` into the same HF_HOME), "
+            "or rerun with network access"
         )
     if isinstance(e, EntryNotFoundError):
         return UserError(f"{name}: {ref.repo_id} has no such file; check the file name (and the revision)")

@@ -113,10 +113,13 @@ def test_only_the_denoiser_files_of_flux1_dev_are_fetched_when_prompts_are_cache
     assert encode - train == {f for f in files if f.startswith(("text_encoder", "tokenizer"))}
 
 
+@pytest.mark.parametrize("tree", [True, False], ids=["with-file-listing", "without"])
 def test_offline_a_wrong_revision_a_missing_repository_and_a_missing_file_are_one_line_each(
-    cache, flux_dir, tmp_path, capsys
+    cache, flux_dir, tmp_path, capsys, tree
 ):
-    snapshot = add_folder(cache, REPO, flux_dir)
+    """A missing file: found by huggingface_hub against the commit's cached file listing, or (a cache without one)
+    by the model loader; one line either way."""
+    snapshot = add_folder(cache, REPO, flux_dir, tree=tree)
     base = ["train", "max_steps=1", f"output_dir={tmp_path / 'run'}"]
     code, err = run_cli(capsys, *base, f"model.source={REPO}", "model.revision=v9")
     assert code == 2 and len(err.splitlines()) == 1
