@@ -35,11 +35,12 @@ def test_config_errors_come_before_the_heavy_imports():
 
 
 def test_config_is_a_leaf():
-    """`leapalign_fast.config` imports nothing of the package but UserError and the method settings (the `methods`
-    package, torch-free until a loss module is asked for), and not torch."""
+    """`leapalign_fast.config` imports nothing of the package but UserError, the Hub-id parser (`hub`, standard library
+    only until something is resolved) and the method settings (the `methods` package, torch-free until a loss module
+    is asked for), and neither torch nor huggingface_hub."""
     code = (
         "import sys\nimport leapalign_fast.config\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('leapalign_fast', 'torch', 'huggingface_hub')))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -47,6 +48,7 @@ def test_config_is_a_leaf():
         "leapalign_fast",
         "leapalign_fast.config",
         "leapalign_fast.errors",
+        "leapalign_fast.hub",
         "leapalign_fast.methods",
         "leapalign_fast.methods.settings",
     ]
