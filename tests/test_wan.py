@@ -519,3 +519,21 @@ def test_the_memory_preflight_counts_every_decoded_frame_unless_the_decode_is_re
     decode = 32 * 48 * 4 * comps.vae.config.base_dim * 3 * 4  # 4 more frames x the decoder's width, float32
     assert need(9, False) - need(5, False) >= decode  # (and the 1 more latent frame's tokens)
     assert need(9, True) - need(5, True) < decode
+
+
+def test_bf16_samples_are_wan_pipelines_bit_for_bit():
+    """In bf16 (the configs' dtype) our trajectory is WanPipeline's bit for bit: the pipeline keeps float32 latents
+    only until its first scheduler step casts them to the model dtype, and the Euler step is the scheduler's."""
+    backbone = get_backbone("wan")
+    comps = backbone.build_tiny(TinyFluxConfig(), 0)
+    comps.transformer.to(torch.bfloat16)
+    comps.vae.to(torch.bfloat16)
+    cond = {k: v.to(torch.bfloat16) for k, v in backbone.encode_prompts(comps.text, PROMPTS).items()}
+    geom = backbone.layout(comps, (32, 48), 5)
+    noise = torch.randn(*geom.noise_shape(2), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        v = backbone.velocity(comps.transformer, cond, geom, 5.0)
+        ours = sample_trajectory(v, noise, backbone.schedule(comps, N, geom)).x0
+    theirs = backbone.pipeline_sample(comps, cond, noise, geom, N, 5.0)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)
