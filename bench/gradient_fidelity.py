@@ -1,12 +1,14 @@
 """Gradient fidelity: how close each method's gradient is to the full-trajectory gradient, how noisy it is, and
 what it costs, measured on one fixed model state and one fixed batch of prompts and noises.
 
-    python bench/gradient_fidelity.py                          # the default run: toy model, N = 25, every method,
-                                                               # the grid, chosen on one set, reported on two others
-    python bench/gradient_fidelity.py --model mid --steps 25 --draws 8 --no-grid --no-trained   # the mid model
-    python bench/gradient_fidelity.py --steps 10 50 --no-trained --tag n-grid                   # other N
-    python bench/gradient_fidelity.py --set lora.enabled=true --tag lora                        # LoRA adapters
-    python bench/gradient_fidelity.py --closed-form-only                                        # the harness's check
+    python bench/gradient_fidelity.py          # the default run: toy model, N = 25, every method, the grid chosen on
+                                               # one set and reported on two others (about 12 min on 2 busy cores)
+    python bench/gradient_fidelity.py --model mid --batch 2 --draws 6 --no-grid --no-trained --only-set report
+    python bench/gradient_fidelity.py --steps 10 50 --no-grid --no-trained --only-set report --draws 8 --tag n10-50
+    python bench/gradient_fidelity.py --set lora.enabled=true --no-grid --no-trained --only-set report --draws 8 \
+        --tag lora
+    python bench/gradient_fidelity.py --closed-form-only       # the harness's check on the closed-form flow only
+    python bench/gradient_fidelity.py --replot bench/results/gradient_fidelity_toy_cpu.json   # tables + plots again
 
 For every method variant (`name` or `name:key=value,...`, as bench/memory.py takes them) the harness runs the
 trainer's own step (`Trainer.micro_step`, the method's loss builder and `accelerator.backward`) M times on the same
@@ -394,7 +396,7 @@ def check_method(src: ClosedFormSource, spec: str, draws: int, formula_spec: str
     mean = stack.mean(0)
     se = math.sqrt(stack.var(0, ddof=1).sum() / draws) if draws > 1 else 0.0  # the mean's standard error, in norm
     expected = expected_gradient(src.flow, sf)
-    row = {"method": spec, "per_draw_max_rel_error": max(per_draw_err), "cos_expected_vs_full": None}
+    row = {"method": spec, "draws": draws, "per_draw_max_rel_error": max(per_draw_err), "cos_expected_vs_full": None}
     if formula_spec:
         row["formula"] = formula_spec
     if expected is not None:
@@ -413,12 +415,14 @@ def check_method(src: ClosedFormSource, spec: str, draws: int, formula_spec: str
 
 PER_DRAW_TOL = 1e-10  # float64 round-off, relative to the gradient's largest entry
 EXPECTED_Z = 4.0  # |mean - E| within 4 standard errors (norms); deterministic methods: to round-off
+EXPECTED_MIN_DRAWS = 16  # fewer draws estimate the standard error too poorly (heavy tails: LeapAlign at tiny tau)
 
 
 def passes(row: dict) -> bool:
-    """The closed-form verdict: every draw equals its formula, and the mean over draws its expectation."""
+    """The closed-form verdict: every draw equals its formula, and (with at least EXPECTED_MIN_DRAWS draws) the mean
+    over draws its expectation."""
     ok = row["per_draw_max_rel_error"] < PER_DRAW_TOL
-    if row.get("mean_minus_expected_rel") is not None:
+    if row.get("mean_minus_expected_rel") is not None and row.get("draws", EXPECTED_MIN_DRAWS) >= EXPECTED_MIN_DRAWS:
         z = row["mean_minus_expected_over_se"]
         ok = ok and (row["mean_minus_expected_rel"] < PER_DRAW_TOL if z is None else z < EXPECTED_Z)
     return ok
@@ -583,6 +587,10 @@ def main(argv=None) -> int:
         else [write_closed_form_md(payload, args.out / name)]
     )
     print("wrote", path, *extra, f"in {payload['wall_seconds']:.0f} s")
+    if not cf["all_pass"]:
+        failed = [r["method"] for r in cf["rows"] if not r["passes"]]
+        print(f"bench/gradient_fidelity.py: the closed-form check FAILED for {failed}: do not trust the tables")
+        return 1
     return 0
 
 
