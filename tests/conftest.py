@@ -20,3 +20,15 @@ if not os.path.exists("/dev/nvidiactl"):
 # On a GPU host the in-process runs with deterministic=true go to CUDA, where deterministic cuBLAS needs this set
 # before the first cuBLAS handle exists (the trainer sets it too, but a handle may predate it in this process).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run (the README's test command) leaves out the tests marked `slow` (multi-process runs, benchmark
+    scripts end to end) so it stays within minutes on two cores; `-m slow` runs exactly them (`.ci/run` runs both), any
+    `-m` expression decides for itself, and a test named by its node id always runs."""
+    if config.getoption("markexpr") or any("::" in arg for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

@@ -13,6 +13,7 @@ from leapalign_fast.methods import METHODS
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_memory_bench_quick(tmp_path):
     proc = subprocess.run(
         [
@@ -177,6 +178,7 @@ def test_method_variants_parse_and_pair_with_their_method():
     assert v["step_seconds_ratio_paired"] == pytest.approx({"median": 1.0, "min": 0.75, "max": 1.1})
 
 
+@pytest.mark.slow
 def test_train_time_quick_pairs_trainer_runs(tmp_path):
     """bench/train_time.py: each variant a real `leapalign-fast train` process, rounds interleaved, paired ratios."""
     proc = subprocess.run(

@@ -80,6 +80,7 @@ def _worker() -> int:
     return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]) % 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_resume_is_bit_exact_two_processes(tmp_path, extra):
     def launch(out, *args):

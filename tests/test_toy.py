@@ -269,6 +269,7 @@ def toy_assets(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_path):
     import json
 
@@ -300,6 +301,7 @@ def test_pretrain_script_writes_a_directory_the_trainer_loads(toy_assets, tmp_pa
     assert res.steps == 2 and len(res.rewards) == 2
 
 
+@pytest.mark.slow
 def test_pretrain_script_new_transformer_on_components_with_model_guidance(toy_assets, tmp_path):
     """--components-from (a fresh transformer of another width on a model's VAE and text encoders) with caption
     dropout, model guidance and uniform times runs and records them; model guidance without caption dropout (no
@@ -354,6 +356,7 @@ def test_pretrain_script_new_transformer_on_components_with_model_guidance(toy_a
     assert bad.returncode != 0 and "--mg-scale needs --caption-dropout > 0" in bad.stderr
 
 
+@pytest.mark.slow
 def test_quality_bench_quick(toy_assets, tmp_path):
     """The benchmark end to end (1 seed, 3 steps); in parallel (--jobs 2) it gives the very same numbers."""
     import json

@@ -101,6 +101,7 @@ def test_lora_trains_only_adapters(tmp_path):
     assert base and not any(p.requires_grad for p in base)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ranks_end_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
