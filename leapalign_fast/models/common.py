@@ -177,6 +177,27 @@ def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
     return tok, enc
 
 
+def tiny_flux_vae(channels: int):
+    """A tiny random AutoencoderKL with FLUX.1's latent layout (16 channels, its scaling and shift, no quant convs):
+    the VAE of the tiny FLUX.1 and Z-Image builds."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(channels,) * 4,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=min(8, channels),
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C), FluxPipeline's 2x2 patch packing."""
     b, c, h, w = latents.shape

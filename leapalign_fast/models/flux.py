@@ -29,6 +29,7 @@ from leapalign_fast.models.common import (
     missing_parts,
     pack_latents,
     pipeline_schedule,
+    tiny_flux_vae,
     unpack_latents,
     unwrap,
 )
@@ -83,21 +84,7 @@ def build_tiny_flux(cfg: TinyFluxConfig, seed: int) -> FluxComponents:
         guidance_embeds=True,
         axes_dims_rope=(q, q, 2 * q),
     )
-    c = cfg.vae_channels
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(c, c, c, c),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=min(8, c),
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae(cfg.vae_channels)
     text = build_tiny_text_stack(cfg.text_dim, cfg.max_sequence_length, seed + 1)
     return FluxComponents(transformer, vae.eval(), text, dev_scheduler())
 

@@ -29,6 +29,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from leapalign_fast.errors import UserError
 from leapalign_fast.models.backbone import Backbone, ConditionedVelocity, Geometry
 from leapalign_fast.models.common import (
+    SINGLE_ENCODER_PARTS,
     load_denoiser,
     load_part,
     load_single_encoder,
@@ -52,16 +53,7 @@ LORA_TARGETS = (
     "ffn.net.0.proj",
     "ffn.net.2",
 )
-PARTS = {
-    "transformer": [
-        "config.json",
-        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
-    ],
-    "vae": ["config.json", ("diffusion_pytorch_model.safetensors",)],
-    "scheduler": ["scheduler_config.json"],
-    "text_encoder": ["config.json", ("model.safetensors", "model.safetensors.index.json")],
-    "tokenizer": [("tokenizer.json", "spiece.model")],
-}
+PARTS = {**SINGLE_ENCODER_PARTS, "tokenizer": [("tokenizer.json", "spiece.model")]}  # UMT5's tokenizer
 # WanPipeline's `expand_timesteps` (Wan 2.2 TI2V), marked on the bare transformer: the velocity is built from it.
 _EXPAND = "_leapalign_wan_expand_timesteps"
 

@@ -35,6 +35,7 @@ from leapalign_fast.models.common import (
     model_dir,
     pack_latents,
     pipeline_schedule,
+    tiny_flux_vae,
     unpack_latents,
 )
 from leapalign_fast.models.text import build_tiny_qwen_tokenizer
@@ -89,21 +90,7 @@ def build_tiny_zimage(tiny_cfg, seed: int) -> ZImageComponents:
     with torch.no_grad():  # the pad tokens start at zero: random ones, so a test sees the caption padding
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()
-    c = tiny_cfg.vae_channels
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(c, c, c, c),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=min(8, c),
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = tiny_flux_vae(tiny_cfg.vae_channels).eval()
     torch.manual_seed(seed + 1)
     tok = build_tiny_qwen_tokenizer()
     d = tiny_cfg.text_dim
