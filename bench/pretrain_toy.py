@@ -240,6 +240,18 @@ def main(argv=None) -> int:
         "--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-stage time distribution"
     )
     p.add_argument("--save-every", type=int, default=0, help="also write the model every n flow steps (0: at the end)")
+    p.add_argument(
+        "--then-steps",
+        type=int,
+        default=0,
+        help="a second flow stage in the same command: continue the "
+        "transformer for this many steps with a fresh optimizer, as --init-from on the first stage's output would "
+        "(0: one stage)",
+    )
+    p.add_argument("--then-lr", type=float, default=3e-4, help="second stage: peak lr")
+    p.add_argument("--then-bank", type=int, default=16384, help="second stage: scenes in its latent bank")
+    p.add_argument("--then-seed", type=int, default=1, help="second stage: torch and scene seed (a fresh bank)")
+    p.add_argument("--then-decay", choices=("none", "cosine"), default="cosine", help="second stage: lr decay")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "flux")
     args = p.parse_args(argv)
@@ -294,11 +306,25 @@ def main(argv=None) -> int:
                     if args.caption_dropout
                     else {}
                 ),
+                **(
+                    {
+                        "then_steps": args.then_steps,
+                        "then_lr": args.then_lr,
+                        "then_bank": args.then_bank,
+                        "then_seed": args.then_seed,
+                        "then_decay": args.then_decay,
+                        "first_stage_final_loss": stage1_loss[0],
+                    }
+                    if args.then_steps
+                    else {}
+                ),
                 "train_seconds": time.perf_counter() - t0,
                 "vae_final_loss": float(np.mean(vae_losses[-100:])),
                 "flow_final_loss": float(np.mean(flow_losses[-100:])),
             },
         )
+
+    stage1_loss = [float("nan")]
 
     flow_losses = train_flow(
         comps,
@@ -316,8 +342,18 @@ def main(argv=None) -> int:
         args.mg_ramp,
         args.t_dist,
     )
+    if args.then_steps:
+        # exactly what `--init-from <first stage> --flow-steps N --seed S` does in a new process: fresh optimizer
+        # and schedule, torch and scene RNGs reseeded, a new latent bank
+        stage1_loss[0] = float(np.mean(flow_losses[-100:]))
+        log(f"first stage done ({stage1_loss[0]:.5f}); second stage: {args.then_steps} steps, lr {args.then_lr}")
+        torch.manual_seed(args.then_seed)
+        rng = random.Random(args.then_seed)
+        flow_losses = train_flow(
+            comps, args.then_steps, args.batch, args.then_lr, rng, log, args.then_bank, args.then_decay
+        )
     comps.transformer.eval()
-    save(args.flow_steps, flow_losses)
+    save(args.flow_steps + args.then_steps, flow_losses)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -22,6 +22,7 @@ the same global tensors, each rank reading the pieces its own shards overlap (`d
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -54,12 +55,34 @@ def sharded_state(model, trained: dict, ema: dict | None, optimizer) -> dict:
     return state
 
 
+STALE_MESH_WARNING = "pickling/unpickling of the DeviceMesh occurred before the PGs were created"
+
+
+class _StaleMeshWarning(logging.Filter):
+    """torch >= 2.14 warns once per DTensor when a pickled DeviceMesh is rebuilt where its process group cannot
+    be looked up (seen from the asynchronous save's staged copies: 527 lines per failed save in one test run).
+    Those copies are only written to disk, never run under torch.compile, which is what the warning is about;
+    only that message is dropped, every other record of the logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return STALE_MESH_WARNING not in record.getMessage()
+
+
+def quiet_stale_mesh_warning() -> None:
+    """Install the filter on torch's device-mesh logger (once per process)."""
+    mesh_log = logging.getLogger("torch.distributed.device_mesh")
+    if not any(isinstance(f, _StaleMeshWarning) for f in mesh_log.filters):
+        mesh_log.addFilter(_StaleMeshWarning())
+
+
 class ShardedSaver:
     """DCP saves, synchronous or asynchronous, at most one in flight; rank 0 commits each after all ranks wrote."""
 
     def __init__(self, asynchronous: bool, log: Path | None = None):
         self.asynchronous, self.log = asynchronous, log
         self.rank = dist.get_rank()
+        if asynchronous:
+            quiet_stale_mesh_warning()
         # The background writes run their own collectives (plan, finish): on a group of their own, so they never
         # interleave with the training step's collectives on the default group. gloo: the staged copy is on CPU,
         # and so is the failure flag every rank agrees on after a save (an NCCL default group takes no CPU tensor).

@@ -235,6 +235,26 @@ def test_async_sharded_save_failing_in_torch_save_is_one_line(tmp_path, capsys, 
     assert code == 0 and [r["step"] for r in rows(tmp_path)] == [1, 2], err
 
 
+def test_the_stale_mesh_warning_of_staged_copies_is_dropped_and_nothing_else(caplog):
+    """torch 2.14's DeviceMesh.__setstate__ warning (once per DTensor of a staged copy) is dropped by the filter an
+    asynchronous saver installs; another warning of the same logger still reaches the handlers."""
+    import logging
+
+    from leapalign_fast import dist_checkpoint
+
+    dist_checkpoint.quiet_stale_mesh_warning()
+    dist_checkpoint.quiet_stale_mesh_warning()  # idempotent: one filter
+    mesh_log = logging.getLogger("torch.distributed.device_mesh")
+    assert sum(isinstance(f, dist_checkpoint._StaleMeshWarning) for f in mesh_log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="torch.distributed.device_mesh"):
+        mesh_log.warning(
+            "It seems like pickling/unpickling of the DeviceMesh occurred before the PGs were created. This will "
+            "cause PG lookup to fail when torch.compile is enabled"
+        )
+        mesh_log.warning("some other device mesh problem")
+    assert [r.getMessage() for r in caplog.records] == ["some other device mesh problem"]
+
+
 # ---- best/ ---------------------------------------------------------------------------------------------------
 
 NAN_AFTER: dict[str, int] = {}
