@@ -61,6 +61,35 @@ def generate(
     return np.concatenate(images).astype(np.float32), prompts
 
 
+def cached_generate(
+    cache: Path | None, what: str, model: Path, captions: list[str], per_caption: int, steps: list[int], seed: int
+) -> tuple[np.ndarray, list[str]]:
+    """`generate`, or its images read back from `cache` (safetensors, with the arguments that made them in its
+    metadata): reward variants trained on the same samples skip the sampling, which is most of the time. A cache
+    made with other arguments is an error, never silently reused."""
+    if cache is None:
+        return generate(model, captions, per_caption, steps, seed)
+    import json
+
+    from safetensors import safe_open
+
+    from leapalign_fast.io import save_tensors_atomic
+
+    path = cache.with_name(f"{cache.stem}_{what}.safetensors")
+    made = {"model": str(Path(model).resolve()), "per_caption": per_caption, "steps": steps, "seed": seed}
+    made["captions"] = captions
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if json.loads(meta["made"]) != made:
+                raise SystemExit(f"{path} holds samples made with other arguments; remove it or pass another --samples")
+            return f.get_tensor("images").numpy(), json.loads(meta["prompts"])
+    images, prompts = generate(model, captions, per_caption, steps, seed)
+    meta = {"made": json.dumps(made), "prompts": json.dumps(prompts)}
+    save_tensors_atomic({"images": torch.from_numpy(images)}, path, metadata=meta)
+    return images, prompts
+
+
 def annotate(
     images: np.ndarray, prompts: list[str], specs: dict, relabel: int, rng: random.Random, strict: bool = False
 ):
@@ -211,6 +240,13 @@ def main(argv=None) -> int:
         help="other scorers to measure on the same pairs",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="cache the generated samples at this path prefix (<prefix>_train/_val.safetensors) and reuse "
+        "them when the model, seeds and counts match (reward variants on the same samples)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "toy" / "reward_pref.safetensors")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -218,8 +254,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train_specs = {caption(s): s for s in split_specs("train")}
     val_specs = {caption(s): s for s in split_specs("validation")}
-    images, prompts = generate(
-        args.model, list(train_specs), args.per_caption, args.sample_steps, 10_000 * (args.seed + 1)
+    images, prompts = cached_generate(
+        args.samples,
+        "train",
+        args.model,
+        list(train_specs),
+        args.per_caption,
+        args.sample_steps,
+        10_000 * (args.seed + 1),
     )
     log(f"generated {len(images)} training-caption samples [{time.perf_counter() - t0:.0f} s]")
     strict = args.annotator == "strict"
@@ -236,7 +278,9 @@ def main(argv=None) -> int:
     own_r = scores_of(model, images, prompts)  # the scale a hinge margin `lam` is set against
     quantiles = {f"p{q}": float(np.percentile(own_r, q)) for q in (5, 50, 95, 99)}
     # held-out agreement: validation captions, fresh noise, never annotated for training
-    vimages, vprompts = generate(args.model, list(val_specs), args.val_per_caption, [20], 77_777)
+    vimages, vprompts = cached_generate(
+        args.samples, "val", args.model, list(val_specs), args.val_per_caption, [20], 77_777
+    )
     g = np.array([graded(im, val_specs[q], strict) for im, q in zip(vimages, vprompts)])
     verdicts = [assess(im, val_specs[q]) for im, q in zip(vimages, vprompts)]
     passed = np.array([a.strict if strict else a.passed for a in verdicts])

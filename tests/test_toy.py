@@ -506,6 +506,31 @@ def test_preference_pairs_agreement_and_lr_choice():
     }
 
 
+@pytest.mark.slow
+def test_preference_reward_sample_cache_gives_the_same_reward_and_refuses_other_arguments(tmp_path):
+    """bench/train_pref_reward.py --samples: the second run reads the samples back and trains bit-identical weights;
+    a cache made with other arguments is refused, not reused."""
+    from bench.train_pref_reward import main
+
+    base = [
+        "--per-caption",
+        "2",
+        "--val-per-caption",
+        "1",
+        "--steps",
+        "3",
+        "--compare",
+        "--samples",
+        str(tmp_path / "s"),
+    ]
+    for i in (1, 2):
+        assert main([*base, "--out", str(tmp_path / f"r{i}.safetensors")]) == 0
+    assert (tmp_path / "r1.safetensors").read_bytes() == (tmp_path / "r2.safetensors").read_bytes()
+    assert (tmp_path / "s_train.safetensors").is_file() and (tmp_path / "s_val.safetensors").is_file()
+    with pytest.raises(SystemExit, match="made with other arguments"):
+        main([*base[:-2], "--samples", str(tmp_path / "s"), "--per-caption", "4", "--out", str(tmp_path / "r3.st")])
+
+
 def test_rescore_reads_committed_grids_in_caption_order(tmp_path):
     """bench/rescore_toy.py: the grid's images are paired with the captions bench/quality.py sampled them for."""
     import json
