@@ -46,13 +46,19 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument(
+        "--name",
+        default="quality_toy_tuning",
+        help="output name: <name>.{md,json,png} and one <name>_lr<lr> benchmark per lr (the default keeps the first "
+        "grid's quality_toy_tune_lr<lr> files)",
+    )
+    p.add_argument(
         "--reuse", action="store_true", help="an lr whose quality_toy_tune_lr<lr>.json exists is read, not rerun"
     )
     args, rest = p.parse_known_args(argv)
     t0 = time.perf_counter()
     runs = {}
     for lr in args.lrs:
-        name = f"quality_toy_tune_lr{lr}"
+        name = f"quality_toy_tune_lr{lr}" if args.name == "quality_toy_tuning" else f"{args.name}_lr{lr}"
         if not (args.reuse and (args.out / f"{name}.json").is_file()):
             quality.main(
                 [
@@ -83,8 +89,8 @@ def main(argv=None) -> int:
     chosen = choose(grid)
     base = runs[args.lrs[0]]["table"]["base"][args.metric]["mean"]
     md = [
-        f"Validation split, seeds {args.seeds}, {args.images} images per category; mean {args.metric} over seeds "
-        f"for each lr of one grid (same for every method; the rest of configs/tiny.toml fixed: same steps, batch, "
+        f"Validation split, seeds {args.seeds}, {args.images} images per category; mean ± sd of {args.metric} over "
+        f"seeds for each lr of one grid (same for every method; the rest of the config fixed: same steps, batch, "
         f"sampling steps). Base model: {base:.3f}.",
         "",
         "| method | "
@@ -95,15 +101,17 @@ def main(argv=None) -> int:
     for m in sorted(args.methods, key=lambda m: -grid[m][chosen[m]]):
         per_seed = runs[chosen[m]]["per_seed"][m].values()
         md.append(
-            f"| {m} | " + " | ".join(f"{grid[m][lr]:.3f}" for lr in args.lrs) + f" | {chosen[m]} | "
+            f"| {m} | "
+            + " | ".join(f"{grid[m][lr]:.3f} ± {runs[lr]['table'][m][args.metric]['std']:.3f}" for lr in args.lrs)
+            + f" | {chosen[m]} | "
             f"{grid[m][chosen[m]] - base:+.3f} | {np.mean([r['step_seconds'] for r in per_seed]):.2f} | "
             f"{np.mean([r['grad_forwards_per_step'] for r in per_seed]):.1f} |"
         )
-    (args.out / "quality_toy_tuning.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     curves = {m: [r["validation"] for r in runs[chosen[m]]["per_seed"][m].values()] for m in args.methods}
-    plot(curves, chosen, args.out / "quality_toy_tuning_validation_vs_time.png")
+    plot(curves, chosen, args.out / f"{args.name}_validation_vs_time.png")
     write_result(
-        args.out / "quality_toy_tuning.json",
+        args.out / f"{args.name}.json",
         {
             "grid": grid,
             "chosen": chosen,
