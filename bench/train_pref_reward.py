@@ -284,7 +284,13 @@ def main(argv=None) -> int:
     g = np.array([graded(im, val_specs[q], strict) for im, q in zip(vimages, vprompts)])
     verdicts = [assess(im, val_specs[q]) for im, q in zip(vimages, vprompts)]
     passed = np.array([a.strict if strict else a.passed for a in verdicts])
-    result = {"validation": agreement(scores_of(model, vimages, vprompts), vprompts, g, passed)}
+    own_v = scores_of(model, vimages, vprompts)
+    result = {"validation": agreement(own_v, vprompts, g, passed)}
+    cats = np.array([val_specs[q].category for q in vprompts])
+    result["validation_by_category"] = {
+        c: agreement(own_v[cats == c], [q for q, k in zip(vprompts, cats) if k == c], g[cats == c], passed[cats == c])
+        for c in sorted(set(cats))
+    }
     from leapalign_fast.toy.reward import _load_toy_reward
 
     for path in args.compare:
