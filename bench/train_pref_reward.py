@@ -131,11 +131,27 @@ def preference_pairs(rows, margin: float) -> list[tuple[tuple[int, str], tuple[i
 
 
 def train_bt(
-    images: np.ndarray, pairs, steps: int, batch: int, lr: float, dim: int, smooth: float, seed: int, log=print
+    images: np.ndarray,
+    pairs,
+    steps: int,
+    batch: int,
+    lr: float,
+    dim: int,
+    smooth: float,
+    seed: int,
+    log=print,
+    groups: list[str] | None = None,
 ) -> ToyReward:
-    """Bradley-Terry: minimise -log sigmoid(r(win) - r(lose)) over random batches of pairs."""
+    """Bradley-Terry: minimise -log sigmoid(r(win) - r(lose)) over random batches of pairs. `groups` (one label per
+    pair, e.g. the caption's category): each pair of a batch is drawn from a uniformly chosen group, so a group with
+    many pairs (position captions have most) does not drown the others; None: pairs drawn uniformly."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    if groups is not None:
+        by_group: dict[str, list] = {}
+        for pair, g in zip(pairs, groups):
+            by_group.setdefault(g, []).append(pair)
+        pools = [by_group[g] for g in sorted(by_group)]
     model = ToyReward(dim=dim, smooth=smooth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -144,7 +160,10 @@ def train_bt(
     x = torch.from_numpy(images)
     losses = []
     for step in range(steps):
-        pick = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
+        if groups is None:
+            pick = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
+        else:
+            pick = [(pool := pools[rng.randrange(len(pools))])[rng.randrange(len(pool))] for _ in range(batch)]
         idx = [w[0] for w, _ in pick] + [l[0] for _, l in pick]
         caps = [w[1] for w, _ in pick] + [l[1] for _, l in pick]
         r = model.logits(x[idx], caps)
@@ -224,6 +243,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--balance",
+        choices=("none", "category"),
+        default="none",
+        help="pairs per batch: drawn uniformly (none) or from a uniformly chosen caption category (category)",
+    )
+    p.add_argument(
         "--annotator",
         choices=("geneval", "strict"),
         default="geneval",
@@ -272,7 +297,8 @@ def main(argv=None) -> int:
         f"{len(rows)} annotations, {len(pairs)} preference pairs ({n_caption} same-caption); own-caption pass rate "
         f"{np.mean(own >= 0.5):.3f} [{time.perf_counter() - t0:.0f} s]"
     )
-    model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log)
+    groups = [train_specs[w[1]].category for w, _ in pairs] if args.balance == "category" else None
+    model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log, groups)
     train_seconds = time.perf_counter() - t0
     save_toy_reward(model, args.out)
     own_r = scores_of(model, images, prompts)  # the scale a hinge margin `lam` is set against
@@ -317,6 +343,7 @@ def main(argv=None) -> int:
             "lr": args.lr,
             "dim": args.dim,
             "smooth": args.smooth,
+            "balance": args.balance,
             "train_images": len(images),
             "annotations": len(rows),
             "pairs": len(pairs),
