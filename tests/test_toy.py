@@ -567,3 +567,26 @@ def test_seeds_needed_matches_power_tables():
     assert seeds_needed(1.0, 1.0, power=0.9) > 10 and seeds_needed(1.0, 0.0, n_max=50) == 51
     n = seeds_for_halfwidth(0.03, 0.01)
     assert t_quantile(0.975, n - 1) * 0.03 / n**0.5 <= 0.01 < t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5
+
+
+def test_toy_report_tables_from_a_committed_result():
+    """bench/toy_report.py: Δ vs base cells are the quality JSON's paired differences, the between-method counts are
+    the intervals that exclude 0, and the Bonferroni threshold is the t quantile at alpha / pairs (14.09 for 10 pairs
+    at 3 seeds, the tabulated t(0.9975, 2))."""
+    import json
+    from pathlib import Path
+
+    from bench.toy_report import bonferroni_t, report
+
+    result = json.loads(
+        (Path(__file__).resolve().parent.parent / "bench/results/quality_strict_tuning_lr5e-5.json").read_text()
+    )
+    text = report(result)
+    assert abs(bonferroni_t(3, 10) - 14.089) < 0.01
+    d = result["vs_base"]["leapalign"]["strict"]
+    assert f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (t {d['t']:.2f}, {d['wins']}/3)" in text
+    methods = sorted(result["vs_base"])
+    for key, title in (("between", "GenEval-style"), ("between_strict", "strict")):
+        cis = [result[key][a][b]["ci"] for i, a in enumerate(methods) for b in methods[i + 1 :]]
+        resolved = sum(lo > 0 or hi < 0 for lo, hi in cis)
+        assert f"{title} score: paired difference" in text and f"{resolved} of {len(cis)} intervals exclude 0" in text
