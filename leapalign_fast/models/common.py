@@ -177,9 +177,9 @@ def load_single_encoder(root: Path, encoder_cls, dtype: torch.dtype):
     return tok, enc
 
 
-def tiny_flux_vae(channels: int):
-    """A tiny random AutoencoderKL with FLUX.1's latent layout (16 channels, its scaling and shift, no quant convs):
-    the VAE of the tiny FLUX.1 and Z-Image builds."""
+def tiny_flux_vae(channels: int, scaling_factor: float = 0.3611, shift_factor: float = 0.1159):
+    """A tiny random AutoencoderKL with the 16-channel latent layout (no quant convs) of FLUX.1 (its scaling and
+    shift, the defaults: the tiny FLUX.1 and Z-Image builds) and SD3 (which passes its own)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -191,8 +191,8 @@ def tiny_flux_vae(channels: int):
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=min(8, channels),
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )

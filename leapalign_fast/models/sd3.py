@@ -22,6 +22,7 @@ from leapalign_fast.models.common import (
     model_dir,
     pack_latents,
     pipeline_schedule,
+    tiny_flux_vae,
     unpack_latents,
 )
 from leapalign_fast.models.text import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
@@ -80,20 +81,7 @@ def build_tiny_sd3(tiny_cfg, seed: int) -> SD3Components:
         qk_norm="rms_norm",
     )
     c = tiny_cfg.vae_channels
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(c, c, c, c),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=min(8, c),
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_vae(c, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's own latent scaling and shift
     torch.manual_seed(seed + 1)
     clip_tok = build_tiny_clip_tokenizer()
 
