@@ -72,8 +72,43 @@ def run_config(args, method: str, seed: int, out: Path, extra=()):
     if args.reward:
         overrides.append(f"reward.options.path={args.reward}")
 
-    per_method = json.loads(Path(args.per_method).read_text())["overrides"].get(method, []) if args.per_method else []
+    per_method = per_method_overrides(args.per_method or []).get(method, [])
     return load_config(args.config, overrides + list(args.set) + per_method + list(extra))
+
+
+def per_method_overrides(paths) -> dict[str, list[str]]:
+    """The "overrides" of one or more tuning results (bench/tune_toy.py), merged: grids tuned apart (other methods,
+    same protocol) make one test table. A method two files set differently is an error, not a silent pick."""
+    merged: dict[str, list[str]] = {}
+    for path in paths:
+        for method, keys in json.loads(Path(path).read_text())["overrides"].items():
+            if method in merged and merged[method] != keys:
+                raise SystemExit(f"--per-method: {path} sets {method} to {keys}, an earlier file to {merged[method]}")
+            merged[method] = keys
+    return merged
+
+
+def load_runs(paths) -> list[dict]:
+    """The runs of one or more runs.jsonl files (a benchmark cut short and its rest, other methods on the same seeds).
+    A (method, seed) run found twice must be the same run: its table identical (runs are deterministic at one thread),
+    else the files come from different settings and cannot be pooled."""
+    runs: dict[tuple, tuple[dict, Path]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            r["task"] = tuple(r["task"])
+            if r["task"] in runs:
+                first, where = runs[r["task"]]
+                if json.dumps(first["table"], sort_keys=True) != json.dumps(r["table"], sort_keys=True):
+                    raise SystemExit(
+                        f"--from-runs: {r['task'][0]} seed {r['task'][1]} differs between {where} and {path}: "
+                        "these runs were not made with the same settings; pool only runs of one command"
+                    )
+                continue
+            runs[r["task"]] = (r, Path(path))
+    return [r for r, _ in runs.values()]
 
 
 def score(cfg, path, eval_set, args, seed, reward, ood) -> tuple[dict, np.ndarray]:
@@ -410,9 +445,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--per-method",
         type=Path,
+        nargs="+",
         default=None,
         help='JSON {"overrides": {method: [key=value, ...]}} '
-        "(bench/tune_toy.py's choice on validation), applied after --set",
+        "(bench/tune_toy.py's choice on validation), applied after --set; several files merge (disjoint methods)",
     )
     p.add_argument(
         "--ood-reward",
@@ -452,8 +488,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--from-runs",
         type=Path,
+        nargs="+",
         default=None,
-        help="summarise a runs.jsonl of an earlier (maybe cut short) benchmark: the seeds every listed method finished",
+        help="summarise the runs.jsonl of earlier (maybe cut short) benchmarks: the seeds all listed methods finished; "
+        "several files pool (a run found twice must be identical)",
     )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -494,9 +532,7 @@ def main(argv=None) -> int:
         )
 
     if args.from_runs:
-        runs = [json.loads(x) for x in args.from_runs.read_text().splitlines() if x.strip()]
-        for r in runs:
-            r["task"] = tuple(r["task"])
+        runs = load_runs(args.from_runs)
         args.methods = [m for m in args.methods if any(r["task"][0] == m for r in runs)]
         done = [s for s in args.seeds if all(any(r["task"] == (m, s) for r in runs) for m in ["base", *args.methods])]
         args.seeds, name = done, name + "_from_runs"

@@ -590,3 +590,32 @@ def test_toy_report_tables_from_a_committed_result():
         cis = [result[key][a][b]["ci"] for i, a in enumerate(methods) for b in methods[i + 1 :]]
         resolved = sum(lo > 0 or hi < 0 for lo, hi in cis)
         assert f"{title} score: paired difference" in text and f"{resolved} of {len(cis)} intervals exclude 0" in text
+
+
+def test_quality_pools_runs_files_and_refuses_runs_that_differ(tmp_path):
+    """bench/quality.py --from-runs with several runs.jsonl: every (method, seed) once; a run found twice with the same
+    table is one run, with another table an error naming both files. --per-method files merge; a conflict is an error.
+    """
+    import json
+
+    from bench.quality import load_runs, per_method_overrides
+
+    def run(method, seed, strict):
+        return json.dumps({"task": [method, seed], "table": {"strict": strict, "overall": float("nan")}}) + "\n"
+
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text(run("base", 1, 0.2) + run("leapalign", 1, 0.3) + run("base", 2, 0.25))
+    b.write_text(run("base", 2, 0.25) + run("refl", 2, 0.1) + "\n")
+    runs = load_runs([a, b])
+    assert sorted(r["task"] for r in runs) == [("base", 1), ("base", 2), ("leapalign", 1), ("refl", 2)]
+    c.write_text(run("base", 2, 0.26))
+    with pytest.raises(SystemExit, match=r"base seed 2 differs between .*a\.jsonl and .*c\.jsonl"):
+        load_runs([a, c])
+
+    t1, t2, t3 = tmp_path / "t1.json", tmp_path / "t2.json", tmp_path / "t3.json"
+    t1.write_text(json.dumps({"overrides": {"leapalign": ["lr=2.5e-5"], "refl": ["lr=5e-5"]}}))
+    t2.write_text(json.dumps({"overrides": {"draft": ["lr=1e-4"], "refl": ["lr=5e-5"]}}))
+    t3.write_text(json.dumps({"overrides": {"leapalign": ["lr=1e-4"]}}))
+    assert per_method_overrides([t1, t2]) == {"leapalign": ["lr=2.5e-5"], "refl": ["lr=5e-5"], "draft": ["lr=1e-4"]}
+    with pytest.raises(SystemExit, match=r"t3\.json sets leapalign to \['lr=1e-4'\]"):
+        per_method_overrides([t1, t3])
