@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
-from bench.stats import mean_ci, paired, seeds_for_halfwidth, seeds_needed  # noqa: E402
+from bench.stats import mean_ci, paired, sd_ratio_interval, seeds_for_halfwidth, seeds_needed  # noqa: E402
 
 DELTAS = (0.01, 0.02, 0.03, 0.05)
 HALFWIDTHS = (0.01, 0.02)
@@ -76,11 +76,13 @@ def main(argv=None) -> int:
         + " | ".join(f"for ±{h}" for h in HALFWIDTHS)
         + " |"
     )
+    lo, hi = sd_ratio_interval(len(s["seeds"]))
     md = [
         f"Power estimate for `{args.column}` from `{args.runs.name}` (seeds {', '.join(s['seeds'])}, n = "
         f"{len(s['seeds'])}): seeds a paired t-test needs (95% two-sided, power 0.8) to find a true difference of "
         "the observed size and of fixed sizes, and seeds for a 95% interval of ±h. The sd is itself measured on "
-        f"{len(s['seeds'])} seeds (95% interval about 0.66x to 2.0x at n = 8): read the counts as floors.",
+        f"{len(s['seeds'])} seeds (the true sd lies within {lo:.2f}x to {hi:.2f}x of it, 95%; the seed counts scale "
+        "with its square): read them as estimates, not guarantees.",
         "",
         head,
         "|---" * (len(cols) + 3) + "|",

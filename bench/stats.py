@@ -4,6 +4,7 @@ mean_ci([...])            -> {"mean", "std", "n", "ci": [lo, hi]}        95% t i
 paired(a, b)              -> {"diff", "ci", "t", "p", "wins", "n"}       a - b paired by index (seed)
 seeds_needed(sd, delta)   -> n   seeds for a paired t-test to detect a true difference delta (power 0.8)
 seeds_for_halfwidth(sd, h)-> n   seeds for the 95% interval of a paired difference to be +-h wide at most
+sd_ratio_interval(n)      -> (lo, hi)  95% interval of true sd / sample sd from n normal samples (chi-square)
 """
 
 from __future__ import annotations
@@ -61,6 +62,52 @@ def t_quantile(q: float, df: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if t_sf2(mid, df) > tail else (lo, mid)
     return (lo + hi) / 2
+
+
+def gammainc(a: float, x: float) -> float:
+    """Regularized lower incomplete gamma P(a, x): its series below a + 1, else 1 - the continued fraction of Q."""
+    if x <= 0.0:
+        return 0.0
+    front = math.exp(a * math.log(x) - x - math.lgamma(a))
+    if x < a + 1.0:
+        term = total = 1.0 / a
+        for n in range(1, 1000):
+            term *= x / (a + n)
+            total += term
+            if abs(term) < abs(total) * 1e-16:
+                break
+        return front * total
+    tiny = 1e-300
+    b, c, d = x + 1.0 - a, 1.0 / tiny, 1.0 / (x + 1.0 - a)
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return 1.0 - front * h
+
+
+@functools.lru_cache(maxsize=256)
+def chi2_quantile(q: float, df: int) -> float:
+    """The q-quantile of the chi-square distribution with df degrees of freedom, by bisection on its CDF."""
+    lo, hi = 0.0, 10.0 * df + 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gammainc(df / 2.0, mid / 2.0) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def sd_ratio_interval(n: int, level: float = 0.95) -> tuple[float, float]:
+    """How far the true sd may lie from an sd measured on n normal samples: the interval of sigma / s,
+    sqrt((n - 1) / chi2) at the upper and lower quantiles (about 0.66 to 2.0 at n = 8)."""
+    a = (1.0 - level) / 2.0
+    return math.sqrt((n - 1) / chi2_quantile(1.0 - a, n - 1)), math.sqrt((n - 1) / chi2_quantile(a, n - 1))
 
 
 def mean_ci(x: list[float], level: float = 0.95) -> dict:

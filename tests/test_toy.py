@@ -569,6 +569,19 @@ def test_seeds_needed_matches_power_tables():
     assert t_quantile(0.975, n - 1) * 0.03 / n**0.5 <= 0.01 < t_quantile(0.975, n - 2) * 0.03 / (n - 1) ** 0.5
 
 
+def test_chi_square_quantiles_and_sd_interval_match_tables():
+    from bench.stats import chi2_quantile, sd_ratio_interval
+
+    # tabulated chi-square quantiles (df 1, 7, 23, 100) to the printed digits
+    table = {(0.975, 7): 16.013, (0.025, 7): 1.690, (0.975, 23): 38.076, (0.025, 23): 11.689, (0.5, 1): 0.455}
+    for (q, df), value in {**table, (0.95, 100): 124.342}.items():
+        assert abs(chi2_quantile(q, df) - value) < 1e-3, (q, df)
+    lo, hi = sd_ratio_interval(8)
+    assert abs(lo - 0.661) < 1e-3 and abs(hi - 2.035) < 1e-3
+    lo24, hi24 = sd_ratio_interval(24)
+    assert lo < lo24 < 1 < hi24 < hi  # more seeds, a narrower interval around the measured sd
+
+
 def test_toy_report_tables_from_a_committed_result():
     """bench/toy_report.py: Δ vs base cells are the quality JSON's paired differences, the between-method counts are
     the intervals that exclude 0, and the Bonferroni threshold is the t quantile at alpha / pairs (14.09 for 10 pairs
