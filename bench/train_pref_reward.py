@@ -9,6 +9,8 @@
    training caption, and a random training caption). `--annotator strict` grades as the strict score judges
    (`graded(..., strict=True)`: the strict pass, and extra objects and specks cost credit); `geneval` (the default,
    the shipped reward_pref's) as the GenEval-style pass.
+   `--edits K` adds K edited copies of every training sample (one of its objects copied to an empty place, or
+   painted over with the background), graded the same way: pairs one object apart, which sampled pairs rarely are.
 3. Preference pairs: two images of one caption (HPS's pairs), or one image under two training captions, whose
    graded scores differ by at least `--margin`; the preferred one is the higher. A `ToyReward` scorer is trained
    with the Bradley-Terry loss -log sigmoid(r_win - r_lose).
@@ -88,6 +90,62 @@ def cached_generate(
     meta = {"made": json.dumps(made), "prompts": json.dumps(prompts)}
     save_tensors_atomic({"images": torch.from_numpy(images)}, path, metadata=meta)
     return images, prompts
+
+
+def _object_components(img: np.ndarray) -> list[np.ndarray]:
+    """(y, x) pixels of each object the evaluator detects in a (3, H, W) image (its foreground components)."""
+    from leapalign_fast.toy.evaluator import FOREGROUND, MIN_AREA, _components
+
+    return [pix for pix in _components(img.max(0) >= FOREGROUND) if len(pix) >= MIN_AREA]
+
+
+def edit_object(img: np.ndarray, rng: random.Random, add: bool) -> np.ndarray | None:
+    """The same (3, H, W) image with one of its detected objects copied to an empty place (`add`), or painted over
+    with the background (not `add`); None when there is no object, or no empty place for the copy. The copy brings
+    the object's soft edge (up to SPECK_MARGIN px) and blends by its brightness, so the generator's own rendering of
+    a shape is what the annotator sees twice; the pair (image, edited image) differs in one object only."""
+    from leapalign_fast.toy.evaluator import FOREGROUND, SPECK_LEVEL, SPECK_MARGIN, _dilate
+
+    comps = _object_components(img)
+    if not comps:
+        return None
+    pix = comps[rng.randrange(len(comps))]
+    mask = np.zeros(img.shape[1:], dtype=bool)
+    mask[pix[:, 0], pix[:, 1]] = True
+    mask = _dilate(mask, SPECK_MARGIN)
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    out = img.copy()
+    ink = _dilate(img.max(0) >= SPECK_LEVEL, SPECK_MARGIN)  # every mark and its margin: not empty
+    if not add:
+        background = np.median(img[:, ~ink], axis=1) if (~ink).any() else np.zeros(img.shape[0], img.dtype)
+        out[:, mask] = background[:, None]
+        return out
+    h, w = y1 - y0, x1 - x0
+    H, W = mask.shape
+    alpha = np.clip(img[:, y0:y1, x0:x1].max(0) / FOREGROUND, 0.0, 1.0) * mask[y0:y1, x0:x1]
+    for _ in range(50):
+        ty, tx = rng.randrange(0, H - h + 1), rng.randrange(0, W - w + 1)
+        if not ink[ty : ty + h, tx : tx + w].any():
+            region = out[:, ty : ty + h, tx : tx + w]
+            out[:, ty : ty + h, tx : tx + w] = alpha * img[:, y0:y1, x0:x1] + (1 - alpha) * region
+            return out
+    return None
+
+
+def edited_copies(images: np.ndarray, prompts: list[str], k: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Up to k edited copies of each image (`edit_object`, adding and removing an object in turn), with their
+    captions: counterfactuals one object apart that the annotator grades like any sample, so the scorer sees pairs
+    that differ only in how many objects there are (a sampled pair differs in everything)."""
+    rng = random.Random(seed)
+    out, caps = [], []
+    for im, p in zip(images, prompts):
+        for j in range(k):
+            e = edit_object(im, rng, add=j % 2 == 0)
+            if e is not None:
+                out.append(e)
+                caps.append(p)
+    return (np.stack(out).astype(np.float32) if out else images[:0]), caps
 
 
 def annotate(
@@ -254,6 +312,13 @@ def main(argv=None) -> int:
         default="geneval",
         help="what the annotator wants: the GenEval-style pass (the shipped reward_pref) or the strict score",
     )
+    p.add_argument(
+        "--edits",
+        type=int,
+        default=0,
+        help="edited copies per training sample, one object added or removed (counterfactual pairs for counting); "
+        "annotated like the samples, never used for the validation agreement",
+    )
     p.add_argument("--val-per-caption", type=int, default=8)
     p.add_argument(
         "--compare",
@@ -289,10 +354,15 @@ def main(argv=None) -> int:
         10_000 * (args.seed + 1),
     )
     log(f"generated {len(images)} training-caption samples [{time.perf_counter() - t0:.0f} s]")
+    n_samples = len(images)
+    if args.edits:
+        edited, edited_prompts = edited_copies(images, prompts, args.edits, args.seed)
+        images, prompts = np.concatenate([images, edited]), prompts + edited_prompts
+        log(f"{len(edited)} edited copies (one object added or removed) [{time.perf_counter() - t0:.0f} s]")
     strict = args.annotator == "strict"
     rows = annotate(images, prompts, train_specs, args.relabel, random.Random(args.seed), strict)
     pairs, n_caption = preference_pairs(rows, args.margin)
-    own = np.array([s for (_, _, s) in rows[:: args.relabel + 1]])
+    own = np.array([s for (_, _, s) in rows[:: args.relabel + 1]])[:n_samples]  # the samples, not their edits
     log(
         f"{len(rows)} annotations, {len(pairs)} preference pairs ({n_caption} same-caption); own-caption pass rate "
         f"{np.mean(own >= 0.5):.3f} [{time.perf_counter() - t0:.0f} s]"
@@ -301,7 +371,7 @@ def main(argv=None) -> int:
     model = train_bt(images, pairs, args.steps, args.batch, args.lr, args.dim, args.smooth, args.seed, log, groups)
     train_seconds = time.perf_counter() - t0
     save_toy_reward(model, args.out)
-    own_r = scores_of(model, images, prompts)  # the scale a hinge margin `lam` is set against
+    own_r = scores_of(model, images[:n_samples], prompts[:n_samples])  # the scale a hinge margin `lam` is set against
     quantiles = {f"p{q}": float(np.percentile(own_r, q)) for q in (5, 50, 95, 99)}
     # held-out agreement: validation captions, fresh noise, never annotated for training
     vimages, vprompts = cached_generate(
@@ -344,7 +414,9 @@ def main(argv=None) -> int:
             "dim": args.dim,
             "smooth": args.smooth,
             "balance": args.balance,
-            "train_images": len(images),
+            "edits": args.edits,
+            "train_images": n_samples,
+            "edited_images": len(images) - n_samples,
             "annotations": len(rows),
             "pairs": len(pairs),
             "same_caption_pairs": n_caption,

@@ -506,6 +506,37 @@ def test_preference_pairs_agreement_and_lr_choice():
     }
 
 
+def test_object_edits_add_or_remove_exactly_one_object_and_the_strict_annotator_sees_it():
+    """bench/train_pref_reward.py --edits: an added copy is one more object of the same shape and colour, away from
+    the others; a removed object leaves none behind (no specks either); the strict grade ranks the edit as the
+    annotator should (an extra circle below the right image; for "two green circles", adding the missing one above)."""
+    import torch
+
+    from bench.train_pref_reward import edit_object, edited_copies
+    from leapalign_fast.toy.evaluator import graded
+    from leapalign_fast.toy.reward import gaussian_blur
+
+    green = Spec("colours", (("green", "circle"),))
+    soft = gaussian_blur(torch.from_numpy(render([Obj("circle", "green", 20, 20, 14)])[None]), 1.0)[0].numpy()
+    for seed in range(5):
+        added = edit_object(soft, random.Random(seed), add=True)
+        found = detect(added)
+        assert len(found) == 2 and {(f.colour, f.shape) for f in found} == {("green", "circle")}
+        assert abs(found[0].cx - found[1].cx) + abs(found[0].cy - found[1].cy) > 14 and specks(added) == 0
+        assert graded(added, green, strict=True) < graded(soft, green, strict=True)
+        two = Spec("counting", (("green", "circle"),), count=2)
+        assert assess(added, two).strict and graded(added, two, strict=True) > graded(soft, two, strict=True)
+    removed = edit_object(soft, random.Random(0), add=False)
+    assert detect(removed) == [] and specks(removed) == 0 and np.abs(removed).max() < 1e-3
+    assert edit_object(np.zeros((3, 64, 64), np.float32), random.Random(0), add=True) is None
+    full = render([Obj("square", "red", x, y, 20) for x in (10, 32, 54) for y in (10, 32, 54)])  # no empty place
+    assert edit_object(full, random.Random(0), add=True) is None
+    images = np.stack([soft, np.zeros_like(soft)])
+    edited, caps = edited_copies(images, ["a green circle", "a red square"], 2, seed=0)
+    assert len(edited) == 2 and caps == ["a green circle"] * 2  # the empty image has nothing to edit
+    assert [len(detect(e)) for e in edited] == [2, 0]  # add, then remove, in turn
+
+
 @pytest.mark.slow
 def test_preference_reward_sample_cache_gives_the_same_reward_and_refuses_other_arguments(tmp_path):
     """bench/train_pref_reward.py --samples: the second run reads the samples back and trains bit-identical weights;
@@ -529,6 +560,17 @@ def test_preference_reward_sample_cache_gives_the_same_reward_and_refuses_other_
     assert (tmp_path / "s_train.safetensors").is_file() and (tmp_path / "s_val.safetensors").is_file()
     with pytest.raises(SystemExit, match="made with other arguments"):
         main([*base[:-2], "--samples", str(tmp_path / "s"), "--per-caption", "4", "--out", str(tmp_path / "r3.st")])
+    # --edits on the same samples: the edited copies are annotated and trained on, the samples' own count is kept
+    import json
+
+    assert main([*base, "--edits", "2", "--out", str(tmp_path / "e.safetensors")]) == 0
+    record = json.loads((tmp_path / "e.json").read_text())
+    first = json.loads((tmp_path / "r1.json").read_text())
+    assert record["train_images"] == first["train_images"] and 0 < record["edited_images"] <= 2 * first["train_images"]
+    assert (
+        record["annotations"]
+        == first["annotations"] * (record["train_images"] + record["edited_images"]) // (first["train_images"])
+    )
 
 
 def test_rescore_reads_committed_grids_in_caption_order(tmp_path):
