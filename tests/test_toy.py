@@ -674,3 +674,23 @@ def test_quality_pools_runs_files_and_refuses_runs_that_differ(tmp_path):
     assert per_method_overrides([t1, t2]) == {"leapalign": ["lr=2.5e-5"], "refl": ["lr=5e-5"], "draft": ["lr=1e-4"]}
     with pytest.raises(SystemExit, match=r"t3\.json sets leapalign to \['lr=1e-4'\]"):
         per_method_overrides([t1, t3])
+
+
+def test_reward_variants_table_from_committed_records(tmp_path):
+    """bench/reward_variants.py: a row per record with its agreement and interval; records scored on other
+    validation pairs (another generator) are refused, not tabulated side by side."""
+    import json
+    from pathlib import Path
+
+    from bench.reward_variants import table
+
+    folder = Path(__file__).resolve().parent.parent / "bench/results/toy_reward_strict_variants"
+    v1, v2 = (json.loads((folder / f"{v}.json").read_text()) for v in ("v1", "v2"))
+    text = table({"a": v1, "b": v2})
+    a = v2["agreement"]["validation"]
+    lo, hi = a["pairwise_accuracy_ci"]
+    assert f"| b | 0 | {a['pairwise_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |" in text
+    counting = v1["agreement"]["validation_by_category"]["counting"]
+    assert f"{counting['pairwise_accuracy']:.2f} / {counting['auc']:.2f}" in text.splitlines()[2]
+    with pytest.raises(SystemExit, match="b: model is 'elsewhere'"):
+        table({"a": v1, "b": {**v2, "model": "elsewhere"}})
