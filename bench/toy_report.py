@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from leapalign_fast.io import write_text_atomic  # noqa: E402
+
 COLUMNS = (
     ("overall", "Δ GenEval-style"),
     ("strict", "Δ strict"),
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     text = report(json.loads(args.result.read_text()))
     cmd = "python bench/toy_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / f"{args.name}.md").write_text(f"Made by `{cmd}` from `{args.result}`.\n\n" + text)
+    write_text_atomic(args.out / f"{args.name}.md", f"Made by `{cmd}` from `{args.result}`.\n\n" + text)
     print(text)
     return 0
 

@@ -92,21 +92,14 @@ def cached_generate(
     return images, prompts
 
 
-def _object_components(img: np.ndarray) -> list[np.ndarray]:
-    """(y, x) pixels of each object the evaluator detects in a (3, H, W) image (its foreground components)."""
-    from leapalign_fast.toy.evaluator import FOREGROUND, MIN_AREA, _components
-
-    return [pix for pix in _components(img.max(0) >= FOREGROUND) if len(pix) >= MIN_AREA]
-
-
 def edit_object(img: np.ndarray, rng: random.Random, add: bool) -> np.ndarray | None:
     """The same (3, H, W) image with one of its detected objects copied to an empty place (`add`), or painted over
     with the background (not `add`); None when there is no object, or no empty place for the copy. The copy brings
     the object's soft edge (up to SPECK_MARGIN px) and blends by its brightness, so the generator's own rendering of
     a shape is what the annotator sees twice; the pair (image, edited image) differs in one object only."""
-    from leapalign_fast.toy.evaluator import FOREGROUND, SPECK_LEVEL, SPECK_MARGIN, _dilate
+    from leapalign_fast.toy.evaluator import FOREGROUND, SPECK_LEVEL, SPECK_MARGIN, _dilate, object_components
 
-    comps = _object_components(img)
+    comps = object_components(img)
     if not comps:
         return None
     pix = comps[rng.randrange(len(comps))]

@@ -694,3 +694,10 @@ def test_reward_variants_table_from_committed_records(tmp_path):
     assert f"{counting['pairwise_accuracy']:.2f} / {counting['auc']:.2f}" in text.splitlines()[2]
     with pytest.raises(SystemExit, match="b: model is 'elsewhere'"):
         table({"a": v1, "b": {**v2, "model": "elsewhere"}})
+    other_pairs = {**v2, "agreement": {**v2["agreement"], "validation": {**a, "graded_pairs": a["graded_pairs"] + 1}}}
+    with pytest.raises(SystemExit, match="b: other validation pairs than a's"):
+        table({"a": v1, "b": other_pairs})
+    from bench.reward_variants import main
+
+    with pytest.raises(SystemExit, match="give NAME=PATH"):
+        main([str(folder / "v1.json"), "--out", str(tmp_path / "t.md")])

@@ -86,6 +86,12 @@ def detect(image: np.ndarray) -> list[Found]:
     return _detect(np.asarray(image, dtype=np.float32))[0]
 
 
+def object_components(img: np.ndarray) -> list[np.ndarray]:
+    """(y, x) pixels of each object `detect` finds in a (3, H, W) image: the foreground components of MIN_AREA or
+    more pixels."""
+    return [pix for pix in _components(img.max(0) >= FOREGROUND) if len(pix) >= MIN_AREA]
+
+
 def _detect(img: np.ndarray) -> tuple[list[Found], np.ndarray]:
     """`detect`, with the (H, W) mask of the detected objects' pixels."""
     palette = np.asarray(list(COLOURS.values()), dtype=np.float32)  # (K, 3)
@@ -94,9 +100,7 @@ def _detect(img: np.ndarray) -> tuple[list[Found], np.ndarray]:
     names = list(COLOURS)
     found = []
     objects = np.zeros(img.shape[1:], dtype=bool)
-    for pix in _components(img.max(0) >= FOREGROUND):
-        if len(pix) < MIN_AREA:
-            continue
+    for pix in object_components(img):
         objects[pix[:, 0], pix[:, 1]] = True
         votes = np.bincount(nearest[pix[:, 0], pix[:, 1]] + 1, minlength=len(names) + 1)[1:]
         colour = names[int(votes.argmax())] if votes.max() >= MIN_PURITY * len(pix) else "mixed"
